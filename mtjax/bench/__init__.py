@@ -1,0 +1,134 @@
+"""``mtjax bench``: benchmarks that print one JSON object on stdout and a table on stderr.
+
+Usage::
+
+    mtjax bench train [--smoke] [--steps N] [--warmup N] [--peak-flops F] [--output FILE.json]
+                      [--config FILE] [KEY=VALUE ...]
+    mtjax bench all   (same flags: every registered benchmark on the configured model)
+
+A benchmark is a function ``run(config, options) -> dict`` registered in :data:`BENCHMARKS`;
+``all`` runs them in registration order, so data, checkpoint and decode benchmarks plug in with
+one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mtjax import config as config_lib
+
+# The peer comparison's shape (benchmarks/README.md): T5 1.1 small-ish, batch 8, 512/128, AdamW.
+# Applied before the user's overrides, and only without --config.
+DEFAULT_OVERRIDES = ("model.name=t5_1_1_small", "train.batch_size=8", "data.inputs_length=512",
+                     "data.targets_length=128", "optim.name=adamw")
+# CI: compiles in seconds on a CPU. Applied after the defaults, before the user's overrides.
+SMOKE_OVERRIDES = ("model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=32",
+                   "data.targets_length=16")
+SMOKE_STEPS, SMOKE_WARMUP, SMOKE_MATMUL = 3, 1, 512
+
+Benchmark = Callable[[config_lib.Config, Any], dict[str, Any]]
+
+
+def _train(config: config_lib.Config, options: Any) -> dict[str, Any]:
+    from mtjax.bench import train  # imports JAX: only when a benchmark runs
+
+    return train.run(config, options)
+
+
+# name -> benchmark; `all` runs every entry. Add data/checkpoint/decode here.
+BENCHMARKS: dict[str, Benchmark] = {"train": _train}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtjax bench", description="Time mtjax on synthetic data; JSON on stdout.")
+    parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny model and lengths, {SMOKE_STEPS} timed steps (CI)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps after compilation (default 2)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="peak FLOP/s for MFU (default: chip table, or a measured matmul "
+                        "on CPU)")
+    parser.add_argument("--output", default=None, metavar="FILE.json",
+                        help="also write the JSON here")
+    parser.add_argument("--config", default=None,
+                        help="a Python config file (default: the peer shape, see --help)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, as for `mtjax train`")
+    return parser
+
+
+def resolve(args: argparse.Namespace):
+    """The config and options a command line asks for.
+
+    Returns:
+        (Config, train.BenchOptions).
+
+    Raises:
+        config_lib.ConfigError: a bad key, value or flag.
+    """
+    from mtjax.bench.train import BenchOptions
+
+    overrides = [] if args.config else list(DEFAULT_OVERRIDES)
+    if args.smoke:
+        overrides += SMOKE_OVERRIDES
+    config = config_lib.load(args.config, overrides + list(args.overrides))
+    options = BenchOptions()
+    if args.smoke:
+        options = dataclasses.replace(options, steps=SMOKE_STEPS, warmup=SMOKE_WARMUP,
+                                      matmul_size=SMOKE_MATMUL)
+    if args.steps is not None:
+        options = dataclasses.replace(options, steps=args.steps)
+    if args.warmup is not None:
+        options = dataclasses.replace(options, warmup=args.warmup)
+    if options.steps < 1 or options.warmup < 0:
+        raise config_lib.ConfigError("--steps must be >= 1 and --warmup >= 0")
+    return config, dataclasses.replace(options, peak_flops=args.peak_flops)
+
+
+def run(names: list[str], config: config_lib.Config, options: Any) -> dict[str, dict[str, Any]]:
+    """Run the named benchmarks in order, printing each table to stderr; name -> result."""
+    from mtjax.bench import report
+
+    results = {}
+    for name in names:
+        results[name] = BENCHMARKS[name](config, options)
+        print(report.format_table(name, results[name]), file=sys.stderr, flush=True)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``mtjax bench``; ``argv`` is what follows ``bench`` on the command line.
+
+    Returns:
+        0 on success, 2 on a config mistake (message on stderr).
+    """
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        config, options = resolve(args)
+        names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+        from mtjax.model.sizes import UnknownModelError
+        from mtjax.parallel.mesh import MeshError
+
+        try:
+            results = run(names, config, options)
+        except (UnknownModelError, MeshError) as e:
+            raise config_lib.ConfigError(str(e)) from None
+    except config_lib.ConfigError as e:
+        print(f"mtjax bench: error: {e}", file=sys.stderr)
+        return 2
+    # `train` prints its result; `all` nests them so new benchmarks add keys, not shapes.
+    result = results[args.benchmark] if args.benchmark in BENCHMARKS else {"benchmarks": results}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        pathlib.Path(args.output).write_text(text + "\n")
+    return 0

@@ -1,0 +1,89 @@
+"""What every benchmark result carries: timing statistics, memory, versions; and the human table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import resource
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of per-step wall times (the median resists one-off stalls)."""
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+
+
+def host_peak_memory_bytes() -> int:
+    """Peak resident memory of this process (``getrusage`` maxrss, whole process lifetime)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def device_peak_memory_bytes() -> int | None:
+    """Peak bytes in use on the first local device, or None where the backend does not say."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's own memory plan of a compiled step (known on every backend, CPU included)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not implemented on every backend/version
+        return None
+    if analysis is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the device the benchmark ran on."""
+    import jax
+
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    device = jax.devices()[0]
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def _human(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        magnitude = abs(value)
+        for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+            if magnitude >= scale:
+                return f"{value / scale:.3g}{suffix}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(name: str, rows: dict[str, Any]) -> str:
+    """A two-column text table of the scalar fields of one result (for stderr)."""
+    scalars = {k: v for k, v in rows.items() if not isinstance(v, dict | list)}
+    width = max(len(k) for k in scalars)
+    lines = [f"== bench {name} ==", *(f"{k:<{width}}  {_human(v)}" for k, v in scalars.items())]
+    return "\n".join(lines)

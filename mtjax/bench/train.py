@@ -1,0 +1,167 @@
+"""``mtjax bench train``: the compiled train step alone, on synthetic full-length batches.
+
+No input pipeline, no checkpointing, no metric fetching between steps: what is timed is the step
+the trainer compiles (same model, optimizer, shardings and donation), so changes to the model or
+step show up here undiluted. Nothing imports seqio or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtjax import config as config_lib
+from mtjax.bench import peak as peak_lib
+from mtjax.bench import report
+from mtjax.model import sizes
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import optim
+from mtjax.train import state as state_lib
+from mtjax.train.step import make_train_step
+from mtjax.train.trainer import model_config
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """Command-line options shared by every benchmark."""
+
+    steps: int = 10  # timed steps; the median is reported
+    warmup: int = 2  # untimed steps after compilation (allocator and cache warm-up)
+    peak_flops: float | None = None  # overrides the table / measured peak for MFU
+    matmul_size: int = 2048  # side of the CPU peak matmul
+
+
+def synthetic_batch(batch_size: int, inputs_length: int, targets_length: int,
+                    vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch with every position filled (one segment per row, no padding).
+
+    Full length is the worst case a packed batch approaches, and keeps tokens/s comparable with
+    peers that run unpacked full-length sequences.
+    """
+    rng = np.random.default_rng(seed)
+
+    def tokens(length: int) -> np.ndarray:
+        return rng.integers(1, vocab_size, (batch_size, length), dtype=np.int32)
+
+    def positions(length: int) -> np.ndarray:
+        return np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)).copy()
+
+    ones_S = np.ones((batch_size, inputs_length), np.int32)
+    ones_T = np.ones((batch_size, targets_length), np.int32)
+    targets_BT = tokens(targets_length)
+    # Teacher forcing: the decoder sees the targets shifted right, starting from token 0.
+    decoder_inputs_BT = np.concatenate(
+        [np.zeros((batch_size, 1), np.int32), targets_BT[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": tokens(inputs_length),
+        "encoder_segment_ids": ones_S,
+        "encoder_positions": positions(inputs_length),
+        "decoder_target_tokens": targets_BT,
+        "decoder_input_tokens": decoder_inputs_BT,
+        "decoder_loss_weights": ones_T.copy(),
+        "decoder_segment_ids": ones_T.copy(),
+        "decoder_positions": positions(targets_length),
+        "decoder_task_ids": ones_T.copy(),  # task id 1: the single synthetic task
+    }
+
+
+def _timed_steps(compiled, state, batch, count: int):
+    """Run ``count`` steps, blocking after each; returns (state, seconds per step, last metrics)."""
+    seconds, metrics = [], None
+    for _ in range(count):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - start)
+    return state, seconds, metrics
+
+
+def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
+    """Compile and time the train step of ``config``.
+
+    Args:
+        config: the resolved config (model, batch, lengths, optimizer, mesh, remat, dtype).
+        options: steps, warm-up and peak settings.
+
+    Returns:
+        A JSON-ready dict: compile seconds, step time statistics, tokens/s, model FLOPs,
+        achieved FLOP/s, MFU and its peak, memory, environment and the resolved config.
+    """
+    vocab_size = sizes.get_config(config.model.name).vocab_size
+    cfg = model_config(config, vocab_size)
+    b, s, t = config.train.batch_size, config.data.inputs_length, config.data.targets_length
+
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(config.mesh.data, config.mesh.fsdp,
+                                                 config.mesh.tensor))
+    rules = mesh_lib.get_rules(config.mesh.rules)
+    # The schedule's length only shapes the learning rate, not the cost of a step.
+    tx, schedule = optim.make_optimizer(config.optim, max(options.warmup + options.steps, 1))
+    model_def, abstract_state, shardings = state_lib.state_shardings(
+        cfg, tx, mesh, rules, config.train.seed)
+    step_fn = make_train_step(
+        model_def, tx, schedule, num_tasks=1, z_loss=config.train.z_loss,
+        microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
+        seed=config.train.seed)
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Exactly the trainer's jit: state by its shardings and donated, batch split over
+    # data*fsdp, metrics replicated.
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+    host_batch = synthetic_batch(b // jax.process_count(), s, t, vocab_size, config.train.seed)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+             for k, v in host_batch.items()}
+
+    with mesh_lib.activate(mesh, rules):
+        # Ahead-of-time: lower and compile on shapes alone, so the time is compilation only.
+        start = time.perf_counter()
+        lowered = jitted.lower(abstract_state, batch)
+        lower_s = time.perf_counter() - start
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+        state = state_lib.init_train_state(model_def, tx, shardings, mesh, rules,
+                                           config.train.seed)
+        state, _, _ = _timed_steps(compiled, state, batch, options.warmup)
+        state, seconds, metrics = _timed_steps(compiled, state, batch, options.steps)
+    loss = float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"]))
+    del state
+
+    env = report.environment()
+    step_s = report.timing_stats(seconds)
+    tokens_per_step = b * (s + t)
+    flops = sizes.train_flops_per_step(cfg, b, s, t)
+    achieved = flops / step_s["median"]
+    peak, peak_source = peak_lib.resolve_peak(
+        env["device_kind"], env["platform"], config.model.dtype, options.peak_flops,
+        options.matmul_size)
+    # The table peak is per chip; the step runs on all of them.
+    peak_total = peak * (jax.device_count() if peak_source == "table" else 1)
+    return {
+        "benchmark": "train",
+        "model": config.model.name,
+        "num_params": sizes.count_params(cfg),
+        "batch_size": b, "inputs_length": s, "targets_length": t,
+        "dtype": config.model.dtype, "optimizer": config.optim.name,
+        "microbatches": config.train.microbatches, "remat": config.model.remat,
+        "lower_s": lower_s, "compile_s": compile_s,
+        "steps": options.steps, "warmup": options.warmup,
+        "step_s": step_s, "step_s_median": step_s["median"],
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step / step_s["median"],
+        "model_flops_per_step": flops,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak_total, "peak_source": peak_source,
+        "mfu": achieved / peak_total,
+        "loss": loss if math.isfinite(loss) else None,
+        "host_peak_memory_bytes": report.host_peak_memory_bytes(),
+        "device_peak_memory_bytes": report.device_peak_memory_bytes(),
+        "compiled_memory": report.compiled_memory(compiled),
+        "environment": env,
+        "config": config_lib.to_dict(config),
+    }

@@ -1,0 +1,236 @@
+"""The config schema: frozen, typed dataclasses; loading, dotted overrides, validation, dumping.
+
+A config file in ``configs/`` is a Python file defining ``get_config() -> Config``. On the command
+line, ``section.key=value`` overrides are parsed to the field's type; a misspelt key or a value of
+the wrong type raises :class:`ConfigError` naming the key (and the closest valid key), which the
+CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from mtjax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global, across all hosts
+    seed: int = 0
+    microbatches: int = 1  # gradient accumulation inside the compiled step
+    z_loss: float = 1e-4
+    on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    mixture: str = "mtjax_demo"
+    inputs_length: int = 128
+    targets_length: int = 64
+    pack: bool = True
+    tasks_module: str | None = None  # module path or .py file registering the user's tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "t5_1_1_tiny"
+    dtype: str = "float32"  # activations; parameters stay float32
+    dropout_rate: float = 0.0
+    remat: str = "none"  # "none" | "dots_saveable" | "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adafactor"  # "adafactor" (T5's rsqrt schedule) | "adamw" (warmup + cosine)
+    learning_rate: float = 0.01
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all remaining devices
+    tensor: int = 1
+    rules: str = "fsdp"  # logical axis rules preset: "data" | "fsdp" | "fsdp_tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    log: LogConfig = LogConfig()
+
+
+_CHOICES = {
+    "optim.name": ("adafactor", "adamw"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "dots_saveable", "full"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "mesh.rules": ("data", "fsdp", "fsdp_tensor"),
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.inputs_length",
+             "data.targets_length", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps")
+
+
+def all_keys(config: Config | None = None) -> list[str]:
+    """Every dotted key, e.g. ``train.steps``."""
+    config = config or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(config)
+            for f in dataclasses.fields(getattr(config, s.name))]
+
+
+def _field_type(section_cls: type, name: str) -> Any:
+    return typing.get_type_hints(section_cls)[name]
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Parse ``text`` to ``annotation`` (int, float, bool, str or Optional of one)."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = True, args[0]
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        return str(text)
+    except ValueError:
+        raise ConfigError(
+            f"config key {key!r} expects {annotation.__name__}, got {text!r}"
+        ) from None
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(all_keys())}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings, type-checked."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        section_name, _, field_name = key.partition(".")
+        section = getattr(config, section_name, None) if section_name else None
+        if (section is None or not dataclasses.is_dataclass(section)
+                or field_name not in {f.name for f in dataclasses.fields(section)}):
+            raise _unknown_key(key)
+        value = _parse_value(key, text.strip(), _field_type(type(section), field_name))
+        config = dataclasses.replace(
+            config, **{section_name: dataclasses.replace(section, **{field_name: value})})
+    return validate(config)
+
+
+def validate(config: Config) -> Config:
+    """Check choices and ranges; returns ``config`` unchanged when valid."""
+    for key, choices in _CHOICES.items():
+        value = get(config, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
+    for key in _POSITIVE:
+        if get(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {get(config, key)}")
+    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+        if get(config, key) == 0 or get(config, key) < -1:
+            raise ConfigError(f"config key {key!r} must be positive or -1, got {get(config, key)}")
+    if config.train.batch_size % config.train.microbatches:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not divisible by "
+            f"train.microbatches={config.train.microbatches}"
+        )
+    return config
+
+
+def get(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a config file (``get_config()``; default: the demo) and apply overrides."""
+    config = Config()
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"mtjax_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - a broken user file is a config error
+            raise ConfigError(f"config file {str(path)!r} failed to load: {e}") from e
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+        config = module.get_config()
+        if not isinstance(config, Config):
+            raise ConfigError(
+                f"get_config() in {str(path)!r} returned {type(config).__name__}, not mtjax Config"
+            )
+    return apply_overrides(validate(config), overrides)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_dict`; unknown keys are an error."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name]
+        values = dict(data.get(f.name, {}))
+        known = {g.name for g in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise _unknown_key(f"{f.name}.{key}")
+        sections[f.name] = cls(**values)
+    return validate(Config(**sections))
+
+
+def dump(config: Config, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

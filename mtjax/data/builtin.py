@@ -1,0 +1,208 @@
+"""Built-in generated text-to-text tasks and the `mtjax_demo` mixture; registered on import.
+
+Every task's data is generated lazily, in Python, from a fixed seed per (task, split) and fed
+through `tf.data.Dataset.from_tensor_slices`, so the stream is reproducible and its iterator can
+be saved with `tf.train.Checkpoint` (which `from_generator` would not allow). Words are
+pseudo-words built from syllables, so no data or vocabulary is ever downloaded.
+"""
+
+import functools
+import random
+from collections.abc import Callable
+
+import seqio
+import tensorflow as tf
+
+from mtjax.data.vocab import get_vocabulary
+
+DEFAULT_MIXTURE = "mtjax_demo"
+SPLIT_SIZES = {"train": 20_000, "validation": 500}
+NOISE_DENSITY = 0.15
+MEAN_NOISE_SPAN_LENGTH = 3.0
+
+
+@functools.cache
+def _lexicon(name: str, size: int, onsets: str, vowels: str) -> tuple[str, ...]:
+    """Returns `size` distinct pseudo-words of 2-3 syllables, the same every run."""
+    rng = random.Random(f"mtjax-lexicon-{name}")
+    words: dict[str, None] = {}
+    while len(words) < size:
+        n = rng.choice((2, 2, 3))
+        words["".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(n))] = None
+    return tuple(words)
+
+
+def source_words() -> tuple[str, ...]:
+    """The 200 source-language words: nouns [0:100], adjectives [100:150], verbs [150:200]."""
+    return _lexicon("source", 200, "bdfgklmnprstvz", "aeiou")
+
+
+def target_words() -> tuple[str, ...]:
+    """The target-language word for each source word, at the same index."""
+    return _lexicon("target", 200, "chjqwxy", "aeiouy")
+
+
+@functools.cache
+def _source_index() -> dict[str, int]:
+    return {w: i for i, w in enumerate(source_words())}
+
+
+def translate(sentence: str) -> str:
+    """The synthetic translation rule: map each word, and put adjectives after their noun."""
+    tgt, index = target_words(), _source_index()
+    out: list[str] = []
+    pending_adjective = None
+    for word in sentence.split():
+        i = index[word]
+        if 100 <= i < 150:  # adjective: emit after the noun that follows it
+            pending_adjective = tgt[i]
+            continue
+        out.append(tgt[i])
+        if pending_adjective is not None:
+            out.append(pending_adjective)
+            pending_adjective = None
+    return " ".join(out)
+
+
+def _sentence(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(source_words()) for _ in range(rng.randint(lo, hi))]
+
+
+def _noun_phrase(rng: random.Random) -> list[str]:
+    words = source_words()
+    phrase = [rng.choice(words[100:150])] if rng.random() < 0.6 else []
+    return phrase + [rng.choice(words[:100])]
+
+
+def _make_example(task: str, rng: random.Random) -> tuple[str, str]:
+    """One (inputs, targets) pair of `task`; inputs <= ~100 bytes, targets <= ~60 bytes."""
+    if task == "add":
+        a, b = rng.randint(0, 99_999), rng.randint(0, 99_999)
+        return f"add: {a} + {b}", str(a + b)
+    if task == "translate":
+        words = _noun_phrase(rng) + [rng.choice(source_words()[150:])] + _noun_phrase(rng)
+        return "translate: " + " ".join(words), translate(" ".join(words))
+    if task == "span_corruption":
+        return "", " ".join(_sentence(rng, 8, 14))
+    words = _sentence(rng, 3, 8)
+    target = {"copy": words, "reverse": words[::-1], "sort": sorted(words)}[task]
+    return f"{task}: " + " ".join(words), " ".join(target)
+
+
+@functools.cache
+def generate(task: str, split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Returns (inputs, targets) of a built-in task's split; deterministic, cached."""
+    rng = random.Random(f"mtjax-{task}-{split}")
+    pairs = [_make_example(task, rng) for _ in range(SPLIT_SIZES[split])]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def _dataset_fn(task: str) -> Callable[..., tf.data.Dataset]:
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # one in-memory "file"; the Task shuffles examples
+        inputs, targets = generate(task, split)
+        if task == "span_corruption":  # inputs are made from targets by the preprocessor
+            return tf.data.Dataset.from_tensor_slices({"targets": list(targets)})
+        return tf.data.Dataset.from_tensor_slices(
+            {"inputs": list(inputs), "targets": list(targets)}
+        )
+
+    return dataset_fn
+
+
+# Rules the targets obey, as a function of the inputs text (span corruption is checked on ids).
+RULES: dict[str, Callable[[str, str], bool]] = {
+    "mtjax_copy": lambda i, t: t == i.removeprefix("copy: "),
+    "mtjax_reverse": lambda i, t: t.split() == i.removeprefix("reverse: ").split()[::-1],
+    "mtjax_sort": lambda i, t: t.split() == sorted(i.removeprefix("sort: ").split()),
+    "mtjax_add": lambda i, t: int(t) == sum(int(x) for x in i.removeprefix("add: ").split("+")),
+    "mtjax_translate": lambda i, t: t == translate(i.removeprefix("translate: ")),
+}
+
+
+def exact_match(targets: list[str], predictions: list[str]) -> dict[str, float]:
+    """seqio metric fn: percentage of predictions equal to their target."""
+    hits = sum(t == p for t, p in zip(targets, predictions, strict=True))
+    return {"exact_match": 100.0 * hits / max(len(targets), 1)}
+
+
+# --- T5 span corruption (Raffel et al. 2020, §3.1.4), in TF ops so it resamples every epoch ---
+
+
+def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed) -> tf.Tensor:
+    """Splits `num_items` into `num_segments` random non-empty parts; returns their lengths."""
+    is_first = tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32)
+    order = tf.argsort(tf.random.stateless_uniform([num_items - 1], seed=seed))
+    first_in_segment = tf.pad(tf.gather(is_first, order), [[1, 0]])
+    segment_id = tf.cumsum(first_in_segment)
+    return tf.math.segment_sum(tf.ones_like(segment_id), segment_id)
+
+
+def random_spans_noise_mask(length: tf.Tensor, seed) -> tf.Tensor:
+    """Boolean [length] mask: about NOISE_DENSITY noise, in spans of mean MEAN_NOISE_SPAN_LENGTH.
+
+    Spans alternate non-noise, noise, ..., starting with non-noise, as in T5.
+    """
+    lengthf = tf.cast(length, tf.float32)
+    num_noise = tf.cast(tf.round(lengthf * NOISE_DENSITY), tf.int32)
+    num_noise = tf.clip_by_value(num_noise, 1, length - 1)
+    num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / MEAN_NOISE_SPAN_LENGTH), tf.int32)
+    num_spans = tf.clip_by_value(num_spans, 1, num_noise)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
+    nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
+    interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
+    span_starts = tf.cumsum(interleaved)[:-1]
+    starts = tf.math.unsorted_segment_sum(tf.ones_like(span_starts), span_starts, length)
+    return tf.math.floormod(tf.cumsum(starts), 2) == 1
+
+
+def _replace_spans_with_sentinels(tokens, noise_mask, vocab_size):
+    """Each noise span becomes one sentinel; sentinels count down from vocab_size - 1 (ByT5)."""
+    previous = tf.pad(noise_mask[:-1], [[1, 0]])
+    first = tf.logical_and(noise_mask, tf.logical_not(previous))
+    sentinels = vocab_size - tf.cumsum(tf.cast(first, tokens.dtype))
+    tokens = tf.where(first, sentinels, tokens)
+    return tf.boolean_mask(tokens, tf.logical_not(tf.logical_and(noise_mask, previous)))
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def span_corruption(features, seed, output_features):
+    """Tokenized `targets` -> `inputs` with spans replaced by sentinels, `targets` the spans."""
+    tokens = features["targets"]
+    vocab_size = output_features["targets"].vocabulary.vocab_size
+    mask = random_spans_noise_mask(tf.size(tokens), seed)
+    return {
+        "inputs": _replace_spans_with_sentinels(tokens, mask, vocab_size),
+        "targets": _replace_spans_with_sentinels(tokens, tf.logical_not(mask), vocab_size),
+    }
+
+
+TASK_NAMES = tuple(
+    f"mtjax_{t}" for t in ("copy", "reverse", "sort", "add", "translate", "span_corruption")
+)
+
+
+def register() -> None:
+    """Registers the built-in tasks and the `mtjax_demo` mixture; idempotent."""
+    vocab = get_vocabulary("byte")
+    features = {k: seqio.Feature(vocabulary=vocab, add_eos=True) for k in ("inputs", "targets")}
+    for name in TASK_NAMES:
+        if name in seqio.TaskRegistry.names():
+            continue
+        task = name.removeprefix("mtjax_")
+        preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+        if task == "span_corruption":
+            preprocessors.insert(1, span_corruption)
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES)),
+            output_features=features,
+            preprocessors=preprocessors,
+            metric_fns=[exact_match],
+        )
+    if DEFAULT_MIXTURE not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add(DEFAULT_MIXTURE, list(TASK_NAMES), default_rate=1.0)
+
+
+register()

@@ -1,0 +1,227 @@
+"""The host input pipeline: a SeqIO mixture -> packed numpy batches with per-token task ids."""
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from mtjax.data.mixing import mixture_rates
+from mtjax.errors import UserError
+
+# Keys of every batch, each an int32 array [batch_size, length].
+BATCH_KEYS = (
+    "encoder_input_tokens",  # [B, L_enc] input token ids, 0 = padding
+    "encoder_segment_ids",  # [B, L_enc] 1, 2, ... per packed example, 0 = padding
+    "encoder_positions",  # [B, L_enc] position within its example, 0 on padding
+    "decoder_target_tokens",  # [B, L_dec] target ids (with EOS), 0 = padding
+    "decoder_input_tokens",  # [B, L_dec] targets shifted right, 0 (BOS) at each example start
+    "decoder_loss_weights",  # [B, L_dec] 1 on target tokens, 0 on padding
+    "decoder_segment_ids",  # [B, L_dec] as encoder_segment_ids; equal ids pair up across sides
+    "decoder_positions",  # [B, L_dec] position within its example
+    "decoder_task_ids",  # [B, L_dec] i + 1 for task_names[i], 0 on padding
+)
+
+
+class UnknownTaskError(UserError, ValueError):
+    """A task or mixture name that neither seqio registry knows."""
+
+
+def _lookup(name: str) -> seqio.Task | seqio.Mixture:
+    """Returns the registered task or mixture, or raises UnknownTaskError with suggestions."""
+    tasks, mixtures = seqio.TaskRegistry.names(), seqio.MixtureRegistry.names()
+    if name in mixtures:
+        return seqio.MixtureRegistry.get(name)
+    if name in tasks:
+        return seqio.TaskRegistry.get(name)
+    known = sorted(set(tasks) | set(mixtures))
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownTaskError(
+        f"Unknown task or mixture {name!r}.{hint} If it is your own task, pass the module that "
+        f"registers it with --tasks-module. Registered: {len(known)} names "
+        f"(e.g. {', '.join(known[:8])})."
+    )
+
+
+def resolve_task_names(mixture: str) -> list[str]:
+    """The tasks of a mixture (flattened, sorted by name) or [mixture] for a task.
+
+    Raises:
+        UnknownTaskError: the name is not registered.
+    """
+    provider = _lookup(mixture)
+    return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [mixture]
+
+
+class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
+    """`EncDecFeatureConverter` that also packs a per-token `task_ids` feature.
+
+    Each task example carries `task_ids`, an int32 sequence as long as `targets`, filled with
+    the task's index + 1. It is trimmed and packed together with `targets` (seqio packs all
+    features of an example at the same offsets), so every decoder token keeps its task's id,
+    and comes out as `decoder_task_ids`, 0 on padding.
+
+    Example (pack=True, task_feature_lengths {"inputs": 10, "targets": 7, "task_ids": 7}):
+
+        ds = [{"inputs": [7, 8, 5, 1], "targets": [3, 9, 1], "task_ids": [2, 2, 2]},
+              {"inputs": [8, 4, 9, 3, 1], "targets": [4, 1], "task_ids": [1, 1]}]
+
+        converted_ds = [{
+             "encoder_input_tokens": [7, 8, 5, 1, 8, 4, 9, 3, 1, 0],
+              "encoder_segment_ids": [1, 1, 1, 1, 2, 2, 2, 2, 2, 0],
+                "encoder_positions": [0, 1, 2, 3, 0, 1, 2, 3, 4, 0],
+            "decoder_target_tokens": [3, 9, 1, 4, 1, 0, 0],
+             "decoder_input_tokens": [0, 3, 9, 0, 4, 0, 0],
+             "decoder_loss_weights": [1, 1, 1, 1, 1, 0, 0],
+              "decoder_segment_ids": [1, 1, 1, 2, 2, 0, 0],
+                "decoder_positions": [0, 1, 2, 0, 1, 0, 0],
+                 "decoder_task_ids": [2, 2, 2, 1, 1, 0, 0],
+        }]
+
+    With pack=False each row holds one example, padded; only the first five keys and
+    `decoder_task_ids` are produced (InputPipeline fills in the segment and position keys).
+    """
+
+    TASK_FEATURES = {
+        **seqio.EncDecFeatureConverter.TASK_FEATURES,
+        "task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    MODEL_FEATURES = {
+        **seqio.EncDecFeatureConverter.MODEL_FEATURES,
+        "decoder_task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+
+    def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+        # The packer also made task_ids_segment_ids/_positions; they equal the targets' ones.
+        return {**super()._convert_example(features), "decoder_task_ids": features["task_ids"]}
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        if task_feature_lengths["task_ids"] != task_feature_lengths["targets"]:
+            raise ValueError(f"task_ids must be as long as targets: {task_feature_lengths}")
+        lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+        lengths["decoder_task_ids"] = task_feature_lengths["task_ids"]
+        return lengths
+
+
+def _add_unpacked_segments(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Unpacked rows: segment id 1 on tokens, 0 on padding; positions count from 0."""
+    for side, tokens in (("encoder", "encoder_input_tokens"), ("decoder", "decoder_target_tokens")):
+        mask = tf.cast(ex[tokens] != 0, tf.int32)
+        ex[f"{side}_segment_ids"] = mask
+        ex[f"{side}_positions"] = tf.range(tf.shape(mask)[-1], dtype=tf.int32) * mask
+    return ex
+
+
+class InputPipeline:
+    """Per-host stream of batches from a seqio mixture (or task), checkpointable.
+
+    Attributes:
+        task_names: tasks of the mixture; `decoder_task_ids` == i + 1 means task_names[i].
+        vocab_size: the raw size of the mixture's output vocabulary.
+        rates: normalized sampling rate per task name.
+        output_shapes: shape of every batch key, (batch_size, length).
+    """
+
+    def __init__(
+        self,
+        mixture: str,
+        *,
+        inputs_length: int,
+        targets_length: int,
+        batch_size: int,
+        pack: bool = True,
+        seed: int = 0,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        split: str = "train",
+    ):
+        self.task_names = resolve_task_names(mixture)
+        tasks = [seqio.TaskRegistry.get(n) for n in self.task_names]
+        self.vocab_size = _shared_vocab_size(mixture, tasks)
+        self.rates = mixture_rates(mixture)
+        lengths = {"inputs": inputs_length, "targets": targets_length}
+        shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+
+        datasets = []
+        for i, task in enumerate(tasks):
+            ds = task.get_dataset(
+                lengths, split=split, shuffle=True, seed=seed, shard_info=shard,
+                num_epochs=None, try_in_mem_cache=False,  # sources are in memory already
+            )
+            datasets.append(ds.map(_with_task_id(i + 1), num_parallel_calls=tf.data.AUTOTUNE))
+        weights = [self.rates[n] for n in self.task_names]
+        ds = tf.data.Dataset.sample_from_datasets(datasets, weights=weights, seed=seed)
+        converter = TaskIdEncDecFeatureConverter(pack=pack)
+        ds = converter(ds, {**lengths, "task_ids": targets_length})
+        if not pack:
+            ds = ds.map(_add_unpacked_segments, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = True  # same seed, same stream: exact resume relies on it
+        self._dataset = ds.with_options(options)
+        self._iterator = iter(self._dataset)
+        self.output_shapes = {k: tuple(v.shape) for k, v in self._dataset.element_spec.items()}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def save(self, path: str) -> None:
+        """Writes the iterator position (incl. shuffle and prefetch buffers) into directory path."""
+        tf.io.gfile.makedirs(path)
+        tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(path, "iterator"))
+
+    def restore(self, path: str) -> None:
+        """Restores a position written by `save` of a pipeline built with the same arguments."""
+        checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
+
+
+def _with_task_id(task_id: int):
+    def add(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # Keep only the model features so every task's elements have the same structure.
+        targets = ex["targets"]
+        task_ids = tf.fill(tf.shape(targets), tf.constant(task_id, tf.int32))
+        return {"inputs": ex["inputs"], "targets": targets, "task_ids": task_ids}
+
+    return add
+
+
+def _shared_vocab_size(mixture: str, tasks: list[seqio.Task]) -> int:
+    """The vocabulary size all tasks share on inputs and targets; ValueError if they differ."""
+    vocabs = {
+        (t.name, k): t.output_features[k].vocabulary for t in tasks for k in ("inputs", "targets")
+    }
+    first = next(iter(vocabs.values()))
+    differing = [f"{n}:{k}={v}" for (n, k), v in vocabs.items() if v != first]
+    if differing:
+        raise ValueError(
+            f"Tasks of mixture {mixture!r} disagree on the output vocabulary: expected {first}, "
+            f"got {', '.join(differing)}. All tasks of a mixture must share one vocabulary."
+        )
+    return first.vocab_size
+
+
+def decode_packed_row(
+    batch: Mapping[str, np.ndarray], row: int, vocab: seqio.Vocabulary
+) -> list[tuple[int, list[int], list[int], str, str]]:
+    """Splits one batch row into its examples, for tests and previews.
+
+    Returns:
+        One (task_id, input_ids, target_ids, inputs_text, targets_text) per segment; ids
+        without padding (with EOS), texts decoded up to EOS.
+    """
+    out = []
+    enc_seg, dec_seg = batch["encoder_segment_ids"][row], batch["decoder_segment_ids"][row]
+    for s in sorted(set(dec_seg.tolist()) - {0}):
+        input_ids = batch["encoder_input_tokens"][row][enc_seg == s].tolist()
+        target_ids = batch["decoder_target_tokens"][row][dec_seg == s].tolist()
+        task_id = int(batch["decoder_task_ids"][row][dec_seg == s][0])
+        out.append((task_id, input_ids, target_ids, vocab.decode(input_ids),
+                    vocab.decode(target_ids)))
+    return out

@@ -1,0 +1,261 @@
+"""T5 building blocks in Flax NNX: dense, embedding, RMS norm, relative position bias, attention,
+MLP.
+
+Numerically follows the reference T5 (Mesh TensorFlow, Hugging Face ``T5Attention`` et al.): no
+biases, no 1/sqrt(d) scaling of attention scores (folded into the query initialiser), RMS norm
+without mean subtraction, tanh-approximated GELU. Initialisers follow T5X.
+
+Every parameter carries logical axis names (``out_sharding`` metadata), and key activations are
+constrained by logical name with ``constrain``; the mapping to mesh axes lives in
+``mtjax.parallel.mesh`` and reaches this module only through ``nnx.logical_axis_rules``.
+
+Letter legend: B batch, L length (Q query, S key/source length), D embed, H heads, K head dim,
+F mlp, V vocab, N relative position buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
+
+# Attention bias of masked pairs, as in T5X; finite so that fully masked rows stay finite.
+MASK_BIAS = -1e10
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain the sharding of activation ``x`` by logical axis names.
+
+    Names map to mesh axes with the current ``nnx.logical_axis_rules``. A no-op when no mesh is
+    active, so the model also runs outside any mesh. A mesh axis already used by an earlier
+    dimension is dropped (e.g. ``embed`` -> ``fsdp`` when ``batch`` already uses ``fsdp``), as
+    Flax's own rule resolution does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        target = rules.get(name) if name is not None else None
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a in mesh.axis_names and a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype,
+           names: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def fan_in_init(scale: float = 1.0) -> Initializer:
+    """T5X's dense initialiser: truncated normal with variance ``scale / fan_in``."""
+    return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel`` without bias; matmul in ``dtype``, optional wider output."""
+
+    def __init__(self, in_features: int, out_features: int, *, names: tuple[str, str],
+                 init: Initializer, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel = _param(init, rngs, (in_features, out_features), param_dtype, names)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype)
+        return y if out_dtype is None else y.astype(out_dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]: lookup by gather, and ``attend`` for a tied output layer."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embedding = _param(jax.nn.initializers.normal(stddev=1.0), rngs,
+                                (vocab_size, features), param_dtype, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        # A gather, not a one-hot matmul: 0 FLOPs instead of 2*V*D per token.
+        return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Logits [B, L, V] in float32 with the embedding as output layer."""
+        embedding_VD = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("BLD,VD->BLV", x_BLD.astype(self.dtype), embedding_VD,
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """T5LayerNorm: scale * x / sqrt(mean(x^2) + eps), no mean subtraction, no bias."""
+
+    def __init__(self, features: int, *, epsilon: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("embed",))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Variance in float32 even for bfloat16 activations, as the reference does.
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(variance + self.epsilon)
+        scale = self.scale[...].astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return y.astype(self.dtype) * scale
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> jax.Array:
+    """Bucket of each relative position ``key - query``, as HF ``T5Attention`` computes it.
+
+    Half the buckets hold exact small distances, the rest grow logarithmically up to
+    ``max_distance``; bidirectional splits the buckets between keys before and after the query,
+    causal maps every key after the query to bucket 0.
+
+    Args:
+        relative_position: int array of ``key_position - query_position``.
+        bidirectional: True for the encoder, False for the decoder.
+        num_buckets: number of buckets.
+        max_distance: distances at or beyond this share the last bucket.
+
+    Returns:
+        int32 array of the same shape, values in ``[0, num_buckets)``.
+    """
+    relative_position = relative_position.astype(jnp.int32)
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # max(distance, 1) keeps log finite where the small branch is taken anyway.
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+    if_large = max_exact + (
+        log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)  # truncation toward zero, like torch .to(long); values are >= 0 here
+    if_large = jnp.minimum(if_large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, if_large)
+
+
+class RelativePositionBias(nnx.Module):
+    """Learned bias per (head, relative position bucket), added to the attention scores."""
+
+    def __init__(self, num_heads: int, *, num_buckets: int, max_distance: int, bidirectional: bool,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        # T5X: fan_avg uniform initialiser, table stored [H, N].
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        self.rel_embedding = _param(init, rngs, (num_heads, num_buckets), param_dtype,
+                                    ("heads", "relpos_buckets"))
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def __call__(self, query_length: int, key_length: int) -> jax.Array:
+        """Bias [1, H, Q, S] in float32 for positions ``arange(Q)`` against ``arange(S)``."""
+        # Differences of aranges are invariant within a contiguous packed segment, so a packed
+        # example gets the same bias as alone; cross-segment pairs are masked anyway.
+        relative_QS = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+        bucket_QS = relative_position_bucket(
+            relative_QS, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        bias_HQS = jnp.take(self.rel_embedding[...].astype(jnp.float32), bucket_QS, axis=1)
+        return bias_HQS[None]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention, T5 style: no biases, no score scaling, float32 softmax."""
+
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, dropout_rate: float,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        inner = num_heads * d_kv
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The 1/sqrt(d_kv) of scaled dot-product attention lives in the query initialiser.
+        self.query = Dense(d_model, inner, names=("embed", "joined_kv"),
+                           init=fan_in_init(1.0 / d_kv), **dense)
+        self.key = Dense(d_model, inner, names=("embed", "joined_kv"), init=fan_in_init(), **dense)
+        self.value = Dense(d_model, inner, names=("embed", "joined_kv"), init=fan_in_init(),
+                           **dense)
+        self.out = Dense(inner, d_model, names=("joined_kv", "embed"), init=fan_in_init(),
+                         **dense)
+        self.dropout = nnx.Dropout(dropout_rate)
+        self.num_heads = num_heads
+        self.d_kv = d_kv
+        self.dtype = dtype
+
+    def _heads(self, x_BLF: jax.Array) -> jax.Array:
+        b, length, _ = x_BLF.shape
+        x_BLHK = x_BLF.reshape(b, length, self.num_heads, self.d_kv)
+        return constrain(x_BLHK, ("batch", "length", "heads", "kv"))
+
+    def __call__(self, x_BQD: jax.Array, memory_BSD: jax.Array, bias_BHQS: jax.Array, *,
+                 deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        """Attend from ``x`` to ``memory`` (the same array for self-attention).
+
+        Args:
+            x_BQD: queries' input.
+            memory_BSD: keys' and values' input.
+            bias_BHQS: float32 additive bias: relative positions plus ``MASK_BIAS`` where masked;
+                any dimension may be 1 to broadcast.
+            deterministic: skip dropout.
+            rngs: dropout randomness when not deterministic.
+        """
+        q_BQHK = self._heads(self.query(x_BQD))
+        k_BSHK = self._heads(self.key(memory_BSD))
+        v_BSHK = self._heads(self.value(memory_BSD))
+        scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
+                                 preferred_element_type=jnp.float32)
+        probs_BHQS = jax.nn.softmax(scores_BHQS + bias_BHQS, axis=-1)
+        probs_BHQS = self.dropout(probs_BHQS, deterministic=deterministic, rngs=rngs)
+        y_BQHK = jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS.astype(self.dtype), v_BSHK)
+        y_BQHK = constrain(y_BQHK, ("batch", "length", "heads", "kv"))
+        b, q_len = y_BQHK.shape[:2]
+        return self.out(y_BQHK.reshape(b, q_len, self.num_heads * self.d_kv))
+
+
+_ACTIVATIONS = {
+    # HF `gelu_new` is the tanh approximation.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: ``wo(act(wi_0 x) * wi_1 x)`` when gated, ``wo(act(wi x))`` otherwise."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, dropout_rate: float,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.gated = activation.startswith("gated-")
+        self.activation = activation.removeprefix("gated-")
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if self.gated:
+            self.wi_0 = Dense(d_model, d_ff, names=("embed", "mlp"), init=fan_in_init(), **dense)
+            self.wi_1 = Dense(d_model, d_ff, names=("embed", "mlp"), init=fan_in_init(), **dense)
+        else:
+            self.wi = Dense(d_model, d_ff, names=("embed", "mlp"), init=fan_in_init(), **dense)
+        self.wo = Dense(d_ff, d_model, names=("mlp", "embed"), init=fan_in_init(), **dense)
+        self.dropout = nnx.Dropout(dropout_rate)
+
+    def __call__(self, x_BLD: jax.Array, *, deterministic: bool,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        act = _ACTIVATIONS[self.activation]
+        if self.gated:
+            h_BLF = act(self.wi_0(x_BLD)) * self.wi_1(x_BLD)
+        else:
+            h_BLF = act(self.wi(x_BLD))
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+        h_BLF = self.dropout(h_BLF, deterministic=deterministic, rngs=rngs)
+        return self.wo(h_BLF)

@@ -1,0 +1,130 @@
+"""The pure training step: loss, gradients (with microbatch accumulation), update, metrics.
+
+``make_train_step`` returns a function ``step(state, batch) -> (state, metrics)`` that the
+trainer compiles once with ``jax.jit`` and explicit shardings. Metrics are sums and counts (not
+ratios) so that hosts, microbatches and logging windows combine them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mtjax.train.state import ModelDef, TrainState
+
+Batch = dict[str, jax.Array]
+
+MODEL_INPUTS = (
+    "encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids",
+    "encoder_positions", "decoder_positions",
+)
+
+
+def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array,
+                              z_loss: float) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy plus T5X's z-loss ``z_loss * log(Z)**2``, in float32.
+
+    Returns:
+      (total per-token loss [B, L], z-loss part [B, L]).
+    """
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    z_BL = z_loss * jnp.square(log_z_BL)
+    return log_z_BL - target_logit_BL + z_BL, z_BL
+
+
+def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
+                 dropout_key: jax.Array | None) -> jax.Array:
+    """The model's float32 logits for ``batch`` (dropout on when a key is given)."""
+    model = model_def.merge(params)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if dropout_key is None:
+        return model(**inputs, deterministic=True)
+    return model(**inputs, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+
+
+def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int,
+                  z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The mean loss to differentiate and the metric sums of one (micro)batch."""
+    targets_BL = batch["decoder_target_tokens"]
+    weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
+    loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    # One-hot over tasks: [B, L, T]; task id 0 is padding, task i is id i + 1.
+    task_BLT = (batch["decoder_task_ids"][..., None]
+                == jnp.arange(1, num_tasks + 1)[None, None, :]
+                ).astype(jnp.float32) * weights_BL[..., None]
+    sums = {
+        "loss_sum": jnp.sum(loss_BL * weights_BL),
+        "z_loss_sum": jnp.sum(z_BL * weights_BL),
+        "correct_sum": jnp.sum(correct_BL * weights_BL),
+        "weight_sum": jnp.sum(weights_BL),
+        "task_loss_sum": jnp.einsum("bl,blt->t", loss_BL, task_BLT),
+        "task_correct_sum": jnp.einsum("bl,blt->t", correct_BL, task_BLT),
+        "task_weight_sum": jnp.sum(task_BLT, axis=(0, 1)),
+    }
+    return sums["loss_sum"], sums
+
+
+def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, num_tasks: int, z_loss: float,
+                    microbatches: int = 1, dropout: bool = False, seed: int = 0,
+                    skip_nonfinite: bool = False) -> Callable[[TrainState, Batch],
+                                                              tuple[TrainState, dict]]:
+    """The pure step function; compile it with ``jax.jit`` (see ``Trainer``)."""
+    base_key = jax.random.key(seed)
+
+    def grads_and_sums(params, batch, key):
+        def loss_fn(p):
+            logits = model_logits(model_def, p, batch, key)
+            loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss)
+            return loss_sum, sums
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(base_key, state.step) if dropout else None
+        if microbatches == 1:
+            grad_sums, sums = grads_and_sums(state.params, batch, key)
+        else:
+            # Split the batch into microbatches and accumulate summed gradients in a scan:
+            # memory of one microbatch, same result as the full batch.
+            micro = jax.tree.map(
+                lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]),
+                batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                k = None if key is None else jax.random.fold_in(key, i)
+                g, s = grads_and_sums(state.params, mb, k)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.eval_shape(grads_and_sums, state.params,
+                                   jax.tree.map(lambda x: x[0], micro), key)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grad_sums, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
+
+        # Mean over loss-weighted tokens: T5X's "sum / number of target tokens".
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(sums["loss_sum"])
+        if skip_nonfinite:
+            new_params, new_opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (new_params, new_opt_state), (state.params, state.opt_state))
+        new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
+        metrics = dict(sums)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(new_params)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        metrics["finite"] = finite
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,308 @@
+"""The training loop, top to bottom in named sections.
+
+Start-up order (a decision, numbered): 1. resume from the run's latest checkpoint, 2. else warm
+start from ``--init-from`` (weights only), 3. else initialise from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtjax import config as config_lib
+from mtjax.checkpoint import CheckpointError, RunCheckpoints
+from mtjax.model import sizes
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import metrics as metrics_lib
+from mtjax.train import optim
+from mtjax.train import state as state_lib
+from mtjax.train.step import make_train_step
+
+# Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
+PREEMPTED_EXIT_CODE = 42
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, mismatched batch); the message says why."""
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once the checkpoint is written; the CLI exits with 42."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: pathlib.Path
+    start_step: int
+    step: int
+    metrics: dict[str, float]
+    tokens_per_s: float
+    wall_s: float
+    task_names: list[str]
+
+
+def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
+    """The named model size with the run's vocabulary, dtype, dropout and remat."""
+    try:
+        base = sizes.get_config(config.model.name)
+    except KeyError as e:
+        raise config_lib.ConfigError(str(e.args[0]) if e.args else str(e)) from None
+    return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
+                               dropout_rate=config.model.dropout_rate, remat=config.model.remat)
+
+
+def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train"):
+    """The host's input pipeline (imports seqio/TF lazily: the model path does not need them)."""
+    from mtjax.data import pipeline as pipeline_lib
+
+    if config.data.tasks_module:
+        from mtjax.data import tasks as tasks_lib
+
+        tasks_lib.import_tasks_module(config.data.tasks_module)
+    import mtjax.data.builtin  # noqa: F401 - registers the built-in tasks
+
+    return pipeline_lib.InputPipeline(
+        config.data.mixture, inputs_length=config.data.inputs_length,
+        targets_length=config.data.targets_length, batch_size=per_host_batch,
+        pack=config.data.pack, seed=config.train.seed, shard_index=jax.process_index(),
+        num_shards=jax.process_count(), split=split)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _check_batch_divides(config: config_lib.Config, mesh) -> None:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (batch_shards * config.train.microbatches):
+        raise config_lib.ConfigError(
+            f"train.batch_size={config.train.batch_size} must be divisible by "
+            f"mesh.data*mesh.fsdp*train.microbatches={batch_shards * config.train.microbatches}")
+    if config.train.batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"train.batch_size={config.train.batch_size} must be divisible by the number of "
+            f"processes ({jax.process_count()})")
+
+
+def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Drop records past the resumed step so a resumed run's JSONL reads like an unbroken one."""
+    if jax.process_index() != 0 or not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
+          init_from: str | None = None, progress: bool = True) -> TrainResult:
+    """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint."""
+    t_start = time.time()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # --- Mesh ---------------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(config.mesh.data, config.mesh.fsdp,
+                                                 config.mesh.tensor))
+    rules = mesh_lib.get_rules(config.mesh.rules)
+    _check_batch_divides(config, mesh)
+    _log(mesh_lib.describe(mesh))
+
+    # --- Data ---------------------------------------------------------------------------------
+    per_host_batch = config.train.batch_size // jax.process_count()
+    pipeline = make_pipeline(config, per_host_batch)
+    task_names = list(pipeline.task_names)
+    # The embedding rounds the mixture's vocabulary up to a multiple of 128 (accelerator tiles).
+    vocab_size = -(-pipeline.vocab_size // 128) * 128
+
+    # --- Model, optimizer, state shapes ---------------------------------------------------------
+    model_cfg = model_config(config, vocab_size)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+    model_def, abstract_state, shardings = state_lib.state_shardings(
+        model_cfg, tx, mesh, rules, config.train.seed)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    _log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
+         f"mixture {config.data.mixture}: {', '.join(task_names)}")
+
+    config_dict = config_lib.to_dict(config)
+    if jax.process_index() == 0:
+        config_lib.dump(config, workdir / "config.json")
+
+    # --- State: 1. resume > 2. warm start > 3. scratch -----------------------------------------
+    checkpoints = RunCheckpoints(workdir, every_steps=config.checkpoint.every_steps,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    latest = checkpoints.latest_step()
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    if latest is not None:
+        _check_resumable(checkpoints.restore_config(latest), config_dict, checkpoints, latest)
+        state = checkpoints.restore(latest, target, pipeline)
+        _log(f"resuming from {checkpoints.directory / str(latest)}")
+        _truncate_metrics(workdir / "metrics.jsonl", latest)
+    else:
+        state = state_lib.init_train_state(model_def, tx, shardings, mesh, rules,
+                                           config.train.seed)
+        if init_from:
+            from mtjax.checkpoint import restore_params
+
+            state = state.replace(params=restore_params(init_from, target.params))
+            _log(f"initialised weights from {init_from}")
+    start_step = int(jax.device_get(state.step))
+
+    # --- Compile the step ---------------------------------------------------------------------
+    step_fn = make_train_step(
+        model_def, tx, schedule, num_tasks=len(task_names), z_loss=config.train.z_loss,
+        microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
+        seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip")
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # in: the state where its shardings say (params by their logical rules), the batch split
+    # over data*fsdp; out: the same state shardings (so donation reuses buffers), metrics
+    # replicated (tiny scalars and per-task vectors).
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+    def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in host_batch.items()}
+
+    # --- Loop ---------------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+    sigterm = _SigtermFlag()
+    bar = _progress_bar(start_step, config.train.steps, progress)
+    window, pending = None, None
+    last_summary: dict[str, float] = {}
+    tokens_in_window, window_start = 0, time.time()
+    total_tokens, loop_start, first_step_done = 0, None, False
+    step = start_step
+    try:
+        with mesh_lib.activate(mesh, rules):
+            while step < config.train.steps:
+                host_batch = next(pipeline)
+                tokens = (np.count_nonzero(host_batch["encoder_input_tokens"])
+                          + np.count_nonzero(host_batch["decoder_target_tokens"])
+                          ) * jax.process_count()
+                state, step_metrics = jitted(state, to_global(host_batch))
+                step += 1
+                # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
+                if pending is not None:
+                    window = _absorb(window, pending, config)
+                pending = (step, step_metrics)
+                tokens_in_window += tokens
+                if not first_step_done:
+                    # The first step includes compilation: keep it out of tokens/s.
+                    jax.block_until_ready(step_metrics)
+                    first_step_done, loop_start = True, time.time()
+                    tokens_in_window, window_start = 0, time.time()
+                else:
+                    total_tokens += tokens
+                is_last = step == config.train.steps
+                must_save = checkpoints.save_due(step) or is_last or sigterm.raised
+                if step % config.log.every_steps == 0 or is_last or must_save:
+                    window = _absorb(window, pending, config)
+                    pending = None
+                    if window is not None:
+                        elapsed = max(time.time() - window_start, 1e-9)
+                        last_summary = metrics_lib.summarize(window, task_names)
+                        last_summary["tokens_per_s"] = tokens_in_window / elapsed
+                        writer.write(step, last_summary)
+                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
+                                        tok_s=f"{last_summary['tokens_per_s']:.0f}")
+                    window, tokens_in_window, window_start = None, 0, time.time()
+                if must_save:
+                    checkpoints.save(step, state, pipeline, config_dict,
+                                     metrics=_finite_only(last_summary), force=True)
+                bar.update(1)
+                if sigterm.raised and not is_last:
+                    checkpoints.wait()
+                    _log(f"SIGTERM: saved step {step}; exiting with code {PREEMPTED_EXIT_CODE}")
+                    raise Preempted(step)
+    finally:
+        bar.close()
+        sigterm.restore()
+        checkpoints.close()
+        writer.close()
+
+    loop_s = (time.time() - loop_start) if loop_start else 0.0
+    result = TrainResult(
+        workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
+        tokens_per_s=total_tokens / loop_s if loop_s > 0 else 0.0,
+        wall_s=time.time() - t_start, task_names=task_names)
+    _write_summary(result)
+    return result
+
+
+def _absorb(window, pending, config: config_lib.Config):
+    """Add a fetched step's metrics to the window; stop or warn on a non-finite loss."""
+    if pending is None:
+        return window
+    step, device_metrics = pending
+    host = jax.device_get(device_metrics)
+    if not bool(host["finite"]):
+        if config.train.on_nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite loss at step {step}; the last good checkpoint stays the latest. "
+                f"Lower optim.learning_rate, or set train.on_nonfinite=skip to skip such updates")
+        _log(f"step {step}: non-finite loss, update skipped")
+        return window
+    return metrics_lib.accumulate(window, {k: v for k, v in host.items() if k != "finite"})
+
+
+def _finite_only(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
+    """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
+    keys = [("model", "name"), ("data", "mixture"), ("optim", "name")]
+    differ = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {current[s][k]!r}"
+              for s, k in keys if saved.get(s, {}).get(k) != current[s][k]]
+    if differ:
+        raise CheckpointError(
+            f"{checkpoints.directory / str(step)} was written by a different run ("
+            + "; ".join(differ) + "). Use another --workdir, or --init-from for weights only")
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                disable=not enabled or jax.process_index() != 0, file=sys.stderr)
+
+
+def _write_summary(result: TrainResult) -> None:
+    if jax.process_index() != 0:
+        return
+    summary = {
+        "step": result.step, "start_step": result.start_step,
+        "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
+        "metrics": result.metrics, "tasks": result.task_names,
+        "checkpoints": str(result.workdir.absolute() / "checkpoints"),
+        "metrics_jsonl": str(result.workdir.absolute() / "metrics.jsonl"),
+    }
+    (result.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

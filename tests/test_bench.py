@@ -1,0 +1,171 @@
+"""mtjax bench: the smoke run's JSON, the FLOP formula against counted matmuls, the peak table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtjax import bench
+from mtjax.bench import peak as peak_lib
+from mtjax.bench import train as train_bench
+from mtjax.model import sizes, t5
+from mtjax.parallel import mesh as mesh_lib
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_smoke_train_prints_complete_json(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["train", "--smoke", "--output", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    for key in ("compile_s", "lower_s", "step_s_median", "tokens_per_s", "model_flops_per_step",
+                "achieved_flops_per_s", "peak_flops_per_s", "mfu", "host_peak_memory_bytes",
+                "num_params", "loss"):
+        assert _positive(result[key]), (key, result[key])
+    assert result["steps"] == bench.SMOKE_STEPS
+    step = result["step_s"]
+    assert 0 < step["min"] <= step["median"] <= step["max"]
+    assert result["tokens_per_step"] == 2 * (32 + 16)
+    assert result["peak_source"] == "measured_matmul"  # CPU in tests
+    assert "device_peak_memory_bytes" in result  # None on CPU
+    assert set(result["environment"]["versions"]) >= {"jax", "jaxlib", "flax", "optax"}
+    assert result["environment"]["device_kind"]
+    assert result["config"]["model"]["name"] == "t5_1_1_test"
+    assert result["config"]["optim"]["name"] == "adamw"
+
+
+def test_all_runs_every_registered_benchmark(monkeypatch, capsys):
+    calls = []
+
+    def fake(name):
+        def run(config, options):
+            calls.append((name, config.model.name, options.steps))
+            return {"benchmark": name, "value": 1.0}
+        return run
+
+    monkeypatch.setattr(bench, "BENCHMARKS", {"train": fake("train"), "data": fake("data")})
+    assert bench.main(["all", "--smoke", "--steps", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["benchmarks"]) == ["train", "data"]
+    assert calls == [("train", "t5_1_1_test", 4), ("data", "t5_1_1_test", 4)]
+
+
+def test_defaults_are_the_peer_shape_and_overrides_win():
+    args = bench.build_parser().parse_intermixed_args(
+        ["train", "--warmup", "0", "train.batch_size=4", "--steps", "10", "data.pack=true"])
+    config, options = bench.resolve(args)
+    assert (config.model.name, config.train.batch_size) == ("t5_1_1_small", 4)
+    assert (config.data.inputs_length, config.data.targets_length) == (512, 128)
+    assert config.optim.name == "adamw"
+    assert (options.steps, options.warmup) == (10, 0)
+
+
+@pytest.mark.parametrize("argv", [["train", "modl.name=x"], ["train", "model.name=t5_nope"],
+                                  ["train", "--steps", "0"]])
+def test_user_mistakes_exit_2(argv, capsys):
+    assert bench.main(argv) == 2
+    assert "mtjax bench: error:" in capsys.readouterr().err
+
+
+def test_synthetic_batch_is_full_length_and_teacher_forced():
+    batch = train_bench.synthetic_batch(3, 8, 5, vocab_size=100)
+    assert batch["encoder_input_tokens"].shape == (3, 8)
+    assert (batch["encoder_input_tokens"] > 0).all() and (batch["decoder_loss_weights"] == 1).all()
+    np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:],
+                                  batch["decoder_target_tokens"][:, :-1])
+    assert all(v.dtype == np.int32 for v in batch.values())
+
+
+@pytest.mark.parametrize("kind,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("TPU v5p", "float32", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+    ("cpu", "float32", None),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", None),
+])
+def test_peak_table_lookup(kind, dtype, expected):
+    assert peak_lib.lookup_peak(kind, dtype) == expected
+
+
+def test_resolve_peak_order():
+    assert peak_lib.resolve_peak("NVIDIA H200", "gpu", "bfloat16", 1e15) == (1e15, "override")
+    assert peak_lib.resolve_peak("NVIDIA H200", "gpu", "bfloat16") == (989e12, "table")
+    flops, source = peak_lib.resolve_peak("cpu", "cpu", "float32", matmul_size=256)
+    assert source == "measured_matmul" and _positive(flops)
+
+
+# --- The FLOP formula against an independent count ----------------------------------------------
+
+def _dot_flops(jaxpr) -> float:
+    """2*m*n*k summed over every dot_general in a jaxpr and its sub-jaxprs (scans times length)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            free_rhs = [d for i, d in enumerate(rhs) if i not in rhs_contract + rhs_batch]
+            total += 2.0 * np.prod(lhs) * np.prod(free_rhs)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += times * _dot_flops(inner)
+    return total
+
+
+def _grad_jaxpr_and_params(cfg: sizes.T5Config, b: int, s: int, t: int):
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+    with mesh_lib.activate(mesh, mesh_lib.get_rules("data")):
+        model = t5.T5(cfg, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        enc = jnp.ones((b, s), jnp.int32)
+        dec = jnp.ones((b, t), jnp.int32)
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(enc, dec))
+
+        return jax.make_jaxpr(jax.grad(loss))(params), loss, params
+
+
+@pytest.mark.parametrize("variant", [{}, {"mlp_activation": "relu", "tie_embeddings": True},
+                                     {"num_encoder_layers": 3, "num_decoder_layers": 1}])
+def test_flop_formula_equals_counted_matmuls(variant):
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=512, **variant)
+    b, s, t = 2, 24, 8
+    jaxpr, _, _ = _grad_jaxpr_and_params(cfg, b, s, t)
+    counted = _dot_flops(jaxpr.jaxpr)
+    formula = sizes.train_flops_per_step(cfg, b, s, t)
+    # Forward + backward matmuls are exactly what the formula counts; 1% allows for rounding.
+    assert formula == pytest.approx(counted, rel=0.01), (formula, counted)
+
+
+def test_flop_formula_near_xla_cost_analysis():
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=512)
+    b, s, t = 2, 24, 8
+    _, loss, params = _grad_jaxpr_and_params(cfg, b, s, t)
+    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    xla_flops = cost.get("flops") if cost else None
+    if not xla_flops:
+        pytest.skip("this backend reports no cost analysis")
+    # XLA also counts elementwise work (softmax, norms, GELU): a loose factor only.
+    formula = sizes.train_flops_per_step(cfg, b, s, t)
+    assert 0.5 < xla_flops / formula < 3.0, (xla_flops, formula)

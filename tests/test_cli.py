@@ -1,0 +1,53 @@
+"""The command line: user mistakes exit 2 with one line naming the problem, no traceback."""
+
+import pytest
+
+from mtjax import cli
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_key_exits_2_naming_the_key(capsys, tmp_path):
+    code, _, err = run(["train", "--workdir", str(tmp_path), "train.stesp=3"], capsys)
+    assert code == 2
+    assert "train.stesp" in err and "train.steps" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_mistyped_value_exits_2(capsys, tmp_path):
+    code, _, err = run(["train", "--workdir", str(tmp_path), "train.batch_size=big"], capsys)
+    assert code == 2 and "train.batch_size" in err
+
+
+def test_unknown_model_exits_2_with_suggestion(capsys):
+    code, _, err = run(["model", "info", "t5_1_1_bse"], capsys)
+    assert code == 2 and "t5_1_1_base" in err
+
+
+def test_model_info_reports_published_size(capsys):
+    import json
+
+    code, out, _ = run(["model", "info", "t5_1_1_base"], capsys)
+    info = json.loads(out)
+    assert code == 0
+    assert abs(info["params"] - 247.6e6) / 247.6e6 < 0.01
+    from mtjax.model import sizes
+
+    cfg = sizes.get_config("t5_1_1_base")
+    assert info["train_flops_per_token"] == pytest.approx(
+        sizes.train_flops_per_step(cfg, 1, 512, 114) / (512 + 114))
+    assert info["param_bytes"] == 4 * info["params"]  # float32 parameters
+    # AdamW keeps two float32 moments; Adafactor's factored statistics are far smaller.
+    assert info["adamw_state_bytes"] >= 2 * info["param_bytes"]
+    assert info["adafactor_state_bytes"] < 0.05 * info["param_bytes"]
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    assert "--workdir" in capsys.readouterr().out
