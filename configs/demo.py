@@ -3,8 +3,9 @@
     mtjax train --config configs/demo.py            # same as plain `mtjax train`
     mtjax train --config configs/demo.py train.steps=50 --workdir /tmp/demo   # a quicker look
 
-
-
+Expect the loss to fall from about 5.9 (uniform over the byte vocabulary) to about 1.5 within
+200 steps, with per-task losses for the add, copy, reverse, sort, span-corruption and translate
+tasks.
 """
 
 from mtjax.config import Config
