@@ -20,6 +20,7 @@ import numpy as np
 
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
+from mtjax.errors import TrainingError
 from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import metrics as metrics_lib
@@ -29,10 +30,6 @@ from mtjax.train.step import make_train_step
 
 # Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
 PREEMPTED_EXIT_CODE = 42
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, mismatched batch); the message says why."""
 
 
 class Preempted(Exception):

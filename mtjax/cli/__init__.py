@@ -1,0 +1,64 @@
+"""The ``mtjax`` command: parse, initialise, call a library function. Nothing else.
+
+Each subcommand lives in its own module ``mtjax/cli/<name>.py`` defining
+
+    HELP: str                                   one line for ``mtjax --help``
+    def add_arguments(parser) -> None           its flags
+    def run(args) -> int                        calls the library; returns the exit code
+
+Modules are discovered, so a new command is a new file. Exit codes: 0 success; 1 training
+stopped (non-finite loss); 2 a user mistake (config key, unknown task or model, bad checkpoint),
+printed as one line without a traceback; 42 preempted by SIGTERM after saving a checkpoint
+(launchers requeue on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+USER_ERROR_EXIT_CODE = 2
+TRAINING_ERROR_EXIT_CODE = 1
+
+
+def _command_modules() -> dict[str, ModuleType]:
+    modules = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        modules[info.name] = importlib.import_module(f"{__name__}.{info.name}")
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtjax", description="Train T5 models on multitask SeqIO mixtures with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in _command_modules().items():
+        kwargs = getattr(module, "PARSER_KWARGS", {})
+        command = sub.add_parser(name, help=module.HELP, description=module.__doc__, **kwargs)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mtjax.errors import TrainingError, UserError
+
+    try:
+        return args._run(args)
+    except UserError as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mtjax: error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except TrainingError as e:
+        print(f"mtjax: training stopped: {e}", file=sys.stderr)
+        return TRAINING_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

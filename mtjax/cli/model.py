@@ -1,0 +1,33 @@
+"""Named model sizes: `mtjax model list`, and `mtjax model info NAME` (parameters, training
+FLOPs per token, bytes of parameters and optimizer state; computed without allocating)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "model sizes and their cost"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model_command", required=True)
+    info = sub.add_parser("info", help="parameters, FLOPs and memory of a named model")
+    info.add_argument("name", help="a named model, e.g. t5_1_1_base")
+    info.add_argument("--inputs-length", type=int, default=512)
+    info.add_argument("--targets-length", type=int, default=114)
+    sub.add_parser("list", help="all named models")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtjax.model import sizes
+
+    if args.model_command == "list":
+        for name in sizes.MODEL_SIZES:
+            print(name)
+        return 0
+    from mtjax.train.footprint import model_info
+
+    info = model_info(args.name, inputs_length=args.inputs_length,
+                      targets_length=args.targets_length)
+    print(json.dumps(info, indent=2))
+    return 0
