@@ -42,6 +42,9 @@ class DataConfig:
     targets_length: int = 64
     pack: bool = True
     tasks_module: str | None = None  # module path or .py file registering the user's tasks
+    # "byte" or a local SentencePiece .model file, for tasks built from files and for models
+    # converted from other frameworks; None: the mixture's own output-feature vocabulary.
+    vocabulary: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,10 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100
-    keep: int = 3
+    keep: int = 3  # the latest K are kept ...
+    keep_best: int = 0  # ... plus the best M by best_metric (0: none)
+    best_metric: str = "loss"  # a key of metrics.jsonl at the saved step, e.g. eval/<task>/...
+    best_mode: str = "min"  # "min" | "max"
     async_save: bool = True
 
 
@@ -73,7 +79,12 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
-    rules: str = "fsdp"  # logical axis rules preset: "data" | "fsdp" | "fsdp_tensor"
+    # A preset ("data" | "fsdp" | "fsdp_tensor") or a table "logical=axis[+axis],..."
+    rules: str = "fsdp"
+    # Across slices (TPU multi-slice) or hosts (GPU nodes): each axis's total size is ici * dcn.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +109,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
     "train.on_nonfinite": ("stop", "skip"),
-    "mesh.rules": ("data", "fsdp", "fsdp_tensor"),
+    "checkpoint.best_mode": ("min", "max"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.inputs_length",
              "data.targets_length", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps")
@@ -178,12 +189,34 @@ def validate(config: Config) -> Config:
     for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
         if get(config, key) == 0 or get(config, key) < -1:
             raise ConfigError(f"config key {key!r} must be positive or -1, got {get(config, key)}")
+    for key in ("mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor"):
+        if get(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be positive, got {get(config, key)}")
+    if config.checkpoint.keep_best < 0:
+        raise ConfigError("config key 'checkpoint.keep_best' must be >= 0")
+    _validate_rules(config.mesh.rules)
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "
             f"train.microbatches={config.train.microbatches}"
         )
     return config
+
+
+def _validate_rules(rules: str) -> None:
+    presets = ("data", "fsdp", "fsdp_tensor")
+    if "=" not in rules:
+        if rules not in presets:
+            raise ConfigError(f"config key 'mesh.rules' must be a preset {presets} or a table "
+                              f"'logical=axis,...' (e.g. 'batch=data+fsdp,embed=fsdp'), "
+                              f"got {rules!r}")
+        return
+    from mtjax.parallel import mesh as mesh_lib  # imports JAX: only for user-written tables
+
+    try:
+        mesh_lib.get_rules(rules)
+    except mesh_lib.MeshError as e:
+        raise ConfigError(str(e)) from None
 
 
 def get(config: Config, key: str) -> Any:

@@ -20,10 +20,7 @@ from mtjax.bench import peak as peak_lib
 from mtjax.bench import report
 from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
-from mtjax.train import optim
-from mtjax.train import state as state_lib
-from mtjax.train.step import make_train_step
-from mtjax.train.trainer import model_config
+from mtjax.train import setup as setup_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,26 +90,14 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         achieved FLOP/s, MFU and its peak, memory, environment and the resolved config.
     """
     vocab_size = sizes.get_config(config.model.name).vocab_size
-    cfg = model_config(config, vocab_size)
+    cfg = setup_lib.model_config(config, vocab_size)
     b, s, t = config.train.batch_size, config.data.inputs_length, config.data.targets_length
 
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(config.mesh.data, config.mesh.fsdp,
-                                                 config.mesh.tensor))
-    rules = mesh_lib.get_rules(config.mesh.rules)
     # The schedule's length only shapes the learning rate, not the cost of a step.
-    tx, schedule = optim.make_optimizer(config.optim, max(options.warmup + options.steps, 1))
-    model_def, abstract_state, shardings = state_lib.state_shardings(
-        cfg, tx, mesh, rules, config.train.seed)
-    step_fn = make_train_step(
-        model_def, tx, schedule, num_tasks=1, z_loss=config.train.z_loss,
-        microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
-        seed=config.train.seed)
-    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Exactly the trainer's jit: state by its shardings and donated, batch split over
-    # data*fsdp, metrics replicated.
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    setup = setup_lib.build(config, vocab_size=vocab_size, num_tasks=1,
+                            total_steps=max(options.warmup + options.steps, 1))
+    mesh, rules, batch_sharding = setup.mesh, setup.rules, setup.batch_sharding
+    abstract_state, jitted = setup.abstract_state, setup.step
 
     host_batch = synthetic_batch(b // jax.process_count(), s, t, vocab_size, config.train.seed)
     batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -125,8 +110,7 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         lower_s = time.perf_counter() - start
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
-        state = state_lib.init_train_state(model_def, tx, shardings, mesh, rules,
-                                           config.train.seed)
+        state = setup.init_state(config.train.seed)
         state, _, _ = _timed_steps(compiled, state, batch, options.warmup)
         state, seconds, metrics = _timed_steps(compiled, state, batch, options.steps)
     loss = float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"]))

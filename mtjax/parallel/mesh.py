@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -59,9 +60,20 @@ class MeshError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
+    """Axis sizes. ``data``/``fsdp``/``tensor`` are within a slice or host (fast ICI/NVLink);
+    ``dcn_*`` multiply them across slices or hosts (slow data-centre network). A mesh axis's
+    total size is ``ici * dcn``."""
+
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+    @property
+    def dcn(self) -> tuple[int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
 
 
 def resolve_axis_sizes(shape: MeshShape, num_devices: int) -> tuple[int, int, int]:
@@ -88,26 +100,74 @@ def resolve_axis_sizes(shape: MeshShape, num_devices: int) -> tuple[int, int, in
 
 
 def make_mesh(shape: MeshShape = MeshShape(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (or the given) devices with axes ``data``, ``fsdp``, ``tensor``."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_axis_sizes(shape, len(devices))
-    if len(devices) == jax.device_count() and devices == list(jax.devices()):
-        from jax.experimental import mesh_utils
+    """A mesh over all (or the given) devices with axes ``data``, ``fsdp``, ``tensor``.
 
-        device_array = mesh_utils.create_device_mesh(sizes, devices=devices)
+    With any ``dcn_*`` size above 1 the mesh is hybrid: ``mesh_utils.create_hybrid_device_mesh``
+    keeps each ICI group inside one slice (TPU multi-slice) or one process (GPU hosts), so only
+    the ``dcn_*`` part of an axis crosses the slow network.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = shape.dcn
+    if any(d < 1 for d in dcn):
+        raise MeshError(f"mesh: dcn_data/dcn_fsdp/dcn_tensor must be >= 1, got {dcn}")
+    num_granules = int(np.prod(dcn))
+    if len(devices) % num_granules:
+        raise MeshError(f"mesh: {len(devices)} devices cannot be split into "
+                        f"dcn_data*dcn_fsdp*dcn_tensor = {num_granules} slices/hosts")
+    ici = resolve_axis_sizes(shape, len(devices) // num_granules)
+    if num_granules > 1:
+        by_slice = getattr(devices[0], "slice_index", None) is not None and len(
+            {getattr(d, "slice_index", 0) for d in devices}) > 1
+        try:
+            device_array = mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices=devices, process_is_granule=not by_slice,
+                allow_split_physical_axes=True)
+        except ValueError as e:
+            raise MeshError(f"mesh: cannot lay out ici {ici} x dcn {dcn} over the devices of "
+                            f"{jax.process_count()} process(es): {e}") from None
+    elif len(devices) == jax.device_count() and devices == list(jax.devices()):
+        device_array = mesh_utils.create_device_mesh(ici, devices=devices)
     else:
-        device_array = np.asarray(devices).reshape(sizes)
+        device_array = np.asarray(devices).reshape(ici)
     # Auto axes: shardings come from jit in/out shardings and constraints, not sharding-in-types.
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def parse_rules(text: str) -> AxisRules:
+    """A user table written as ``logical=axis[+axis],...``; unnamed logical axes replicate.
+
+    Example: ``batch=data+fsdp,embed=fsdp,heads=tensor,mlp=tensor`` (``logical=`` with nothing
+    after it, or ``none``, replicates that axis).
+    """
+    table: dict[str, str | tuple[str, ...] | None] = dict.fromkeys(LOGICAL_AXES)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        logical, sep, target = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise MeshError(f"mesh.rules: {item!r} is not logical=axis; write e.g. "
+                            f"'batch=data+fsdp,embed=fsdp' or name a preset {sorted(RULE_PRESETS)}")
+        if logical not in LOGICAL_AXES:
+            close = difflib.get_close_matches(logical, LOGICAL_AXES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MeshError(f"mesh.rules: unknown logical axis {logical!r}{hint}; logical axes "
+                            f"are {LOGICAL_AXES}")
+        axes = tuple(a for a in target.split("+") if a and a != "none")
+        table[logical] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())
+
+
 def get_rules(preset_or_rules: str | AxisRules) -> AxisRules:
-    """A rules table from a preset name or a user table, checked against the mesh axes."""
+    """A rules table from a preset name, a ``logical=axis,...`` string or a table of pairs,
+    checked against the mesh axes."""
     if isinstance(preset_or_rules, str):
+        if "=" in preset_or_rules:
+            return get_rules(parse_rules(preset_or_rules))
         if preset_or_rules not in RULE_PRESETS:
             raise MeshError(
                 f"mesh.rules: unknown preset {preset_or_rules!r}; choose one of "
-                f"{sorted(RULE_PRESETS)} or give a table of (logical, mesh axis) pairs"
+                f"{sorted(RULE_PRESETS)} or write a table 'logical=axis,...' "
+                f"(e.g. 'batch=data+fsdp,embed=fsdp,heads=tensor')"
             )
         return RULE_PRESETS[preset_or_rules]
     rules = tuple((str(k), v if v is None or isinstance(v, str) else tuple(v))
@@ -145,9 +205,12 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int = 2) -> NamedSharding
 
 
 def describe(mesh: Mesh) -> str:
-    """The mesh as a small table: axis, size, devices."""
-    lines = ["axis    size", "------  ----"]
-    lines += [f"{name:<6}  {size:>4}" for name, size in mesh.shape.items()]
+    """The mesh as a small table: axis, size, and the devices along it (first row)."""
+    lines = ["axis    size  devices along the axis", "------  ----  ----------------------"]
+    for i, (name, size) in enumerate(mesh.shape.items()):
+        along = np.moveaxis(mesh.devices, i, 0).reshape(size, -1)[:, 0]
+        ids = ",".join(str(d.id) for d in along[:8]) + (",..." if size > 8 else "")
+        lines.append(f"{name:<6}  {size:>4}  {ids}")
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
     lines.append(f"devices: {mesh.devices.size} ({', '.join(kinds)}) on "
                  f"{jax.process_count()} process(es)")

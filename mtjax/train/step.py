@@ -19,6 +19,14 @@ from mtjax.train.state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
 
+# The step's input contract: int32 [B, L] arrays named as SeqIO's EncDecFeatureConverter
+# names them (packed), plus per-token task ids for per-task metrics.
+BATCH_KEYS = (
+    "encoder_input_tokens", "encoder_segment_ids", "encoder_positions", "decoder_target_tokens",
+    "decoder_input_tokens", "decoder_loss_weights", "decoder_segment_ids", "decoder_positions",
+    "decoder_task_ids",
+)
+
 MODEL_INPUTS = (
     "encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids",
     "encoder_positions", "decoder_positions",

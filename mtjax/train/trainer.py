@@ -21,12 +21,10 @@ import numpy as np
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
 from mtjax.errors import TrainingError
-from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import metrics as metrics_lib
-from mtjax.train import optim
-from mtjax.train import state as state_lib
-from mtjax.train.step import make_train_step
+from mtjax.train import setup as setup_lib
+from mtjax.train.setup import model_config  # noqa: F401 - re-exported
 
 # Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
 PREEMPTED_EXIT_CODE = 42
@@ -45,16 +43,6 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     task_names: list[str]
-
-
-def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
-    """The named model size with the run's vocabulary, dtype, dropout and remat."""
-    try:
-        base = sizes.get_config(config.model.name)
-    except KeyError as e:
-        raise config_lib.ConfigError(str(e.args[0]) if e.args else str(e)) from None
-    return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
-                               dropout_rate=config.model.dropout_rate, remat=config.model.remat)
 
 
 def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train"):
@@ -77,18 +65,6 @@ def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
-
-
-def _check_batch_divides(config: config_lib.Config, mesh) -> None:
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % (batch_shards * config.train.microbatches):
-        raise config_lib.ConfigError(
-            f"train.batch_size={config.train.batch_size} must be divisible by "
-            f"mesh.data*mesh.fsdp*train.microbatches={batch_shards * config.train.microbatches}")
-    if config.train.batch_size % jax.process_count():
-        raise config_lib.ConfigError(
-            f"train.batch_size={config.train.batch_size} must be divisible by the number of "
-            f"processes ({jax.process_count()})")
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
@@ -123,10 +99,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     workdir.mkdir(parents=True, exist_ok=True)
 
     # --- Mesh ---------------------------------------------------------------------------------
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(config.mesh.data, config.mesh.fsdp,
-                                                 config.mesh.tensor))
-    rules = mesh_lib.get_rules(config.mesh.rules)
-    _check_batch_divides(config, mesh)
+    mesh, rules = setup_lib.mesh_and_rules(config)
     _log(mesh_lib.describe(mesh))
 
     # --- Data ---------------------------------------------------------------------------------
@@ -136,11 +109,10 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     # The embedding rounds the mixture's vocabulary up to a multiple of 128 (accelerator tiles).
     vocab_size = -(-pipeline.vocab_size // 128) * 128
 
-    # --- Model, optimizer, state shapes ---------------------------------------------------------
-    model_cfg = model_config(config, vocab_size)
-    tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-    model_def, abstract_state, shardings = state_lib.state_shardings(
-        model_cfg, tx, mesh, rules, config.train.seed)
+    # --- Model, optimizer, state shapes, the jitted step -----------------------------------------
+    setup = setup_lib.build(config, vocab_size=vocab_size, num_tasks=len(task_names),
+                            mesh=mesh, rules=rules)
+    abstract_state = setup.abstract_state
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     _log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
          f"mixture {config.data.mixture}: {', '.join(task_names)}")
@@ -154,16 +126,14 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     latest = checkpoints.latest_step()
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+    target = setup.target()
     if latest is not None:
         _check_resumable(checkpoints.restore_config(latest), config_dict, checkpoints, latest)
         state = checkpoints.restore(latest, target, pipeline)
         _log(f"resuming from {checkpoints.directory / str(latest)}")
         _truncate_metrics(workdir / "metrics.jsonl", latest)
     else:
-        state = state_lib.init_train_state(model_def, tx, shardings, mesh, rules,
-                                           config.train.seed)
+        state = setup.init_state(config.train.seed)
         if init_from:
             from mtjax.checkpoint import restore_params
 
@@ -171,18 +141,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
             _log(f"initialised weights from {init_from}")
     start_step = int(jax.device_get(state.step))
 
-    # --- Compile the step ---------------------------------------------------------------------
-    step_fn = make_train_step(
-        model_def, tx, schedule, num_tasks=len(task_names), z_loss=config.train.z_loss,
-        microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
-        seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip")
-    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # in: the state where its shardings say (params by their logical rules), the batch split
-    # over data*fsdp; out: the same state shardings (so donation reuses buffers), metrics
-    # replicated (tiny scalars and per-task vectors).
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    jitted, batch_sharding = setup.step, setup.batch_sharding
 
     def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sharding, v)

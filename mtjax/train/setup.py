@@ -1,0 +1,120 @@
+"""Everything the trainer, the dry run and the benchmark build before the first step: the mesh,
+the rules, the model's shapes, the state's shardings and the jitted step. One place, so that what
+``mtjax bench train`` and ``mtjax train --dry-run`` compile is what ``mtjax train`` runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtjax import config as config_lib
+from mtjax.model import sizes
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import optim
+from mtjax.train import state as state_lib
+from mtjax.train.step import make_train_step
+
+
+def mesh_and_rules(config: config_lib.Config,
+                   devices: list[jax.Device] | None = None) -> tuple[Mesh, mesh_lib.AxisRules]:
+    """The configured mesh and rules, checked against the batch before anything compiles."""
+    m = config.mesh
+    mesh = mesh_lib.make_mesh(
+        mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor),
+        devices=devices)
+    rules = mesh_lib.get_rules(config.mesh.rules)
+    check_batch_divides(config, mesh, rules)
+    return mesh, rules
+
+
+def check_batch_divides(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> None:
+    """The global batch (per microbatch) must split evenly over the mesh axes of ``batch``."""
+    batch_axes = dict(rules).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    shards = 1
+    for axis in batch_axes:
+        shards *= mesh.shape[axis]
+    needed = shards * config.train.microbatches
+    if config.train.batch_size % needed:
+        names = "*".join(f"mesh.{a}" for a in batch_axes) or "1"
+        raise config_lib.ConfigError(
+            f"train.batch_size={config.train.batch_size} must be divisible by {names}"
+            f"*train.microbatches = {needed} (mesh {dict(mesh.shape)}); change the batch or "
+            f"the mesh")
+    if config.train.batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"train.batch_size={config.train.batch_size} must be divisible by the number of "
+            f"processes ({jax.process_count()})")
+
+
+def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
+    """The named model size with the run's vocabulary, dtype, dropout and remat."""
+    try:
+        base = sizes.get_config(config.model.name)
+    except KeyError as e:
+        raise config_lib.ConfigError(str(e.args[0]) if e.args else str(e)) from None
+    return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
+                               dropout_rate=config.model.dropout_rate, remat=config.model.remat)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    mesh: Mesh
+    rules: mesh_lib.AxisRules
+    model_cfg: sizes.T5Config
+    model_def: state_lib.ModelDef
+    tx: optax.GradientTransformation
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs
+    shardings: state_lib.TrainState  # NamedShardings
+    batch_sharding: NamedSharding
+    step: Any  # jax.jit(step_fn) with in/out shardings and donation
+
+    def target(self) -> state_lib.TrainState:
+        """Abstract state carrying its shardings: what Orbax restores onto."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.shardings)
+
+    def init_state(self, seed: int) -> state_lib.TrainState:
+        return state_lib.init_train_state(self.model_def, self.tx, self.shardings, self.mesh,
+                                          self.rules, seed)
+
+    def abstract_batch(self, batch_size: int, inputs_length: int,
+                       targets_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        from mtjax.train.step import BATCH_KEYS
+
+        def spec(key: str) -> jax.ShapeDtypeStruct:
+            length = inputs_length if key.startswith("encoder") else targets_length
+            return jax.ShapeDtypeStruct((batch_size, length), jax.numpy.int32,
+                                        sharding=self.batch_sharding)
+
+        return {k: spec(k) for k in BATCH_KEYS}
+
+
+def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
+          total_steps: int | None = None, mesh: Mesh | None = None,
+          rules: mesh_lib.AxisRules | None = None) -> TrainSetup:
+    """Shapes, shardings and the jitted train step for ``config``; allocates nothing."""
+    if mesh is None or rules is None:
+        mesh, rules = mesh_and_rules(config)
+    model_cfg = model_config(config, vocab_size)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps)
+    model_def, abstract_state, shardings = state_lib.state_shardings(
+        model_cfg, tx, mesh, rules, config.train.seed)
+    step_fn = make_train_step(
+        model_def, tx, schedule, num_tasks=num_tasks, z_loss=config.train.z_loss,
+        microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
+        seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip")
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # in: the state where its shardings say (params by their logical rules, optimizer state
+    # mirroring them), the batch split over the mesh axes of `batch`; out: the same state
+    # shardings (so donation reuses the buffers), metrics replicated (scalars, per-task vectors).
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return TrainSetup(mesh=mesh, rules=rules, model_cfg=model_cfg, model_def=model_def, tx=tx,
+                      abstract_state=abstract_state, shardings=shardings,
+                      batch_sharding=batch_sharding, step=jitted)
