@@ -1,14 +1,18 @@
 """Orbax checkpoints of a run: train state, input-pipeline position per host, config, metrics.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,config}`` written by one Orbax
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config,metrics}`` written by one Orbax
 ``CheckpointManager``. Orbax writes each step into a temporary directory and commits it by
-renaming, so a save killed half-way is never listed as a step.
+renaming, so a save killed half-way is never listed as a step. A step directory that is there but
+incomplete or unreadable anyway (copied half-way, disk full, files lost) is moved aside to
+``<step>.incomplete`` with a message, and the run resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import sys
 import tempfile
 from typing import Any, Protocol
 
@@ -106,18 +110,69 @@ class PipelineRestore(ocp.args.CheckpointArgs):
 # The run's checkpoint manager.
 # ---------------------------------------------------------------------------------------------
 
+# Files Orbax writes last when it commits a step and an item (see ``_is_complete``).
+_COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/commit_success.txt",
+                   "config/commit_success.txt")
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def _is_complete(step_dir: pathlib.Path) -> bool:
+    return all((step_dir / marker).exists() for marker in _COMMIT_MARKERS)
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"mtjax: {message}", file=sys.stderr, flush=True)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def metric_key_fn(metric: str, mode: str):
+    """The value Orbax ranks a checkpoint's metrics by; a missing or NaN metric ranks worst."""
+    worst = math.inf if mode == "min" else -math.inf
+
+    def get(metrics: dict[str, float]) -> float:
+        value = metrics.get(metric) if metrics else None
+        return worst if value is None or not math.isfinite(value) else float(value)
+
+    return get
+
+
 class RunCheckpoints:
-    """Saves and restores a run's checkpoints in ``<workdir>/checkpoints``."""
+    """Saves and restores a run's checkpoints in ``<workdir>/checkpoints``.
+
+    Keeps the latest ``keep`` steps plus the best ``keep_best`` by ``best_metric`` (a key of the
+    metrics saved with each step, ``best_mode`` "min" or "max"); Orbax never deletes the latest.
+    """
 
     def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int,
-                 async_save: bool = True):
+                 async_save: bool = True, keep_best: int = 0, best_metric: str = "loss",
+                 best_mode: str = "min", read_only: bool = False):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.every_steps = every_steps
+        self.best_metric, self.best_mode = best_metric, best_mode
+        if not read_only:
+            self._set_aside_incomplete()
+        policies = ocp.checkpoint_managers
+        latest = policies.LatestN(n=keep)
+        preservation = latest if not keep_best else policies.AnyPreservationPolicy([
+            latest,
+            # BestN keeps the end of an ascending sort: reverse it when smaller is better.
+            policies.BestN(get_metric_fn=metric_key_fn(best_metric, best_mode),
+                           reverse=best_mode == "min", n=keep_best)])
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
-            max_to_keep=keep,
+            preservation_policy=None if read_only else preservation,
+            # best_fn makes Orbax store each step's metrics (the `metrics` item).
+            best_fn=metric_key_fn(best_metric, best_mode), best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -125,6 +180,23 @@ class RunCheckpoints:
                            "data": PipelineHandler(),
                            "config": ocp.JsonCheckpointHandler()},
         )
+
+    def _set_aside_incomplete(self) -> None:
+        """Rename step directories that lack Orbax's commit markers; process 0 does it."""
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for step_dir in sorted(self.directory.iterdir()):
+                if step_dir.name.isdigit() and not _is_complete(step_dir):
+                    self._quarantine(int(step_dir.name), "is incomplete (a save was cut short?)")
+        _sync("mtjax_checkpoint_scan")
+
+    def _quarantine(self, step: int, why: str) -> None:
+        step_dir = self.directory / str(step)
+        target = step_dir.with_name(step_dir.name + INCOMPLETE_SUFFIX)
+        n = 1
+        while target.exists():
+            target, n = step_dir.with_name(f"{step_dir.name}{INCOMPLETE_SUFFIX}{n}"), n + 1
+        step_dir.rename(target)
+        _log(f"checkpoint {step_dir} {why}; moved aside to {target.name}, not used")
 
     def save_due(self, step: int) -> bool:
         return step % self.every_steps == 0
@@ -147,6 +219,46 @@ class RunCheckpoints:
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                                   force=force)
 
+    def best_step(self) -> int | None:
+        """The saved step with the best ``best_metric`` (None without checkpoints)."""
+        return self._manager.best_step()
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        return self._manager.metrics(step)
+
+    def saved_process_count(self, step: int) -> int:
+        """How many hosts wrote an input-pipeline position into ``step`` (0: none)."""
+        data = self.directory / str(step) / "data"
+        return len(list(data.glob("process_*"))) if data.is_dir() else 0
+
+    def restore_latest(self, abstract_state: Any, pipeline: Checkpointable | None,
+                       check=None) -> tuple[int, Any, bool] | None:
+        """The newest checkpoint that restores, as (step, state, whether ``pipeline`` was moved
+        to its saved position); None when there is none.
+
+        ``check(step, saved_config)`` may raise to refuse a checkpoint of another run (that is
+        the user's error, not damage). A checkpoint that fails to read is moved aside with a
+        message and the next older one is tried.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            if check is not None:
+                check(step, self.restore_config(step))
+            if pipeline is not None and self.saved_process_count(step) != jax.process_count():
+                _log(f"checkpoint {step} was written by {self.saved_process_count(step)} "
+                     f"host(s), this run has {jax.process_count()}: the input stream restarts "
+                     f"from a fresh shuffle (seeded by the step) instead of its exact position")
+                pipeline = None
+            try:
+                return step, self.restore(step, abstract_state, pipeline), pipeline is not None
+            except CheckpointError as e:
+                if not isinstance(e.__cause__, (OSError, ValueError)) or _looks_mismatched(e):
+                    raise
+                if jax.process_index() == 0:
+                    self._quarantine(step, f"cannot be read ({e.__cause__})")
+                _sync(f"mtjax_quarantine_{step}")
+                self._manager.reload()
+        return None
+
     def restore(self, step: int, abstract_state: Any, pipeline: Checkpointable | None) -> Any:
         """Restore ``step`` onto ``abstract_state``'s shapes and shardings; moves ``pipeline``."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -154,7 +266,7 @@ class RunCheckpoints:
             items["data"] = PipelineRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not fit this run "
                 f"(changed model, optimizer or data?): {e}. Use a new --workdir, or "
@@ -173,6 +285,13 @@ class RunCheckpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _looks_mismatched(error: CheckpointError) -> bool:
+    """A shape or tree mismatch (the user's change), as opposed to unreadable files."""
+    text = str(error.__cause__).lower()
+    return any(word in text for word in ("shape", "structure", "mismatch", "missing key",
+                                         "dtype"))
 
 
 def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:

@@ -45,6 +45,12 @@ class DataConfig:
     # "byte" or a local SentencePiece .model file, for tasks built from files and for models
     # converted from other frameworks; None: the mixture's own output-feature vocabulary.
     vocabulary: str | None = None
+    # T5 §3.5.2 mixing: "mixture" (the registered mixture's own rates), "examples_proportional"
+    # (min(e_m, K)), "temperature" (proportional rates ** 1/T), "equal"; over the leaf tasks.
+    mixing: str = "mixture"
+    mixing_cap: int | None = None  # K for examples_proportional/temperature; None: no cap
+    mixing_temperature: float = 2.0  # T for "temperature"
+    on_malformed: str = "fail"  # "fail" | "skip": malformed lines in file tasks (helper default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,22 @@ class MeshConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # Every host also writes processes/process_<i>.jsonl (its loss, hashes of the examples it
+    # read): for checking multi-host runs.
+    all_processes: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # Each task's seqio metric_fns on its eval split (seqio.Evaluator), decoded with the cache.
+    every_steps: int = 0  # evaluate every N steps during training; 0: never periodically
+    at_end: bool = False  # also evaluate after the last step
+    split: str = "validation"
+    max_examples: int = 100  # first N examples of each task's split; 0: all
+    batch_size: int = 32  # sequences per decoding/scoring batch (global)
+    beam_size: int = 1  # 1: greedy
+    alpha: float = 0.6  # beam search length penalty ((5 + len) / 6) ** alpha
+    max_decode_length: int = 0  # 0: the longest target of the eval examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +124,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 _CHOICES = {
@@ -109,6 +132,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
     "train.on_nonfinite": ("stop", "skip"),
+    "data.mixing": ("mixture", "examples_proportional", "temperature", "equal"),
+    "data.on_malformed": ("fail", "skip"),
     "checkpoint.best_mode": ("min", "max"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.inputs_length",
@@ -195,6 +220,12 @@ def validate(config: Config) -> Config:
     if config.checkpoint.keep_best < 0:
         raise ConfigError("config key 'checkpoint.keep_best' must be >= 0")
     _validate_rules(config.mesh.rules)
+    for key in ("eval.every_steps", "eval.max_examples", "eval.max_decode_length", "eval.alpha"):
+        if get(config, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {get(config, key)}")
+    for key in ("eval.batch_size", "eval.beam_size"):
+        if get(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be positive, got {get(config, key)}")
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "

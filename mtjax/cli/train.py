@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="module path or .py file registering your own SeqIO tasks "
                         "(same as data.tasks_module=...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh, per-device memory and parameter shardings, "
+                        "compile the step, and exit without training (JSON on stdout)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from mtjax.parallel import distributed
 
     distributed.initialize_from_env()
+    if args.dry_run:
+        return _dry_run(config)
     from mtjax.train import trainer
 
     workdir = args.workdir or DEFAULT_WORKDIR
@@ -53,6 +58,19 @@ def run(args: argparse.Namespace) -> int:
     except trainer.Preempted:
         return trainer.PREEMPTED_EXIT_CODE
     _print_summary(result)
+    return 0
+
+
+def _dry_run(config: config_lib.Config) -> int:
+    import json
+
+    from mtjax.parallel import mesh as mesh_lib
+    from mtjax.train import dryrun, setup
+
+    mesh, _ = setup.mesh_and_rules(config)
+    report = dryrun.dry_run(config)
+    print(dryrun.format_report(report, mesh_lib.describe(mesh)), file=sys.stderr)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -13,6 +13,7 @@ import pathlib
 import signal
 import sys
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -45,8 +46,11 @@ class TrainResult:
     task_names: list[str]
 
 
-def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train"):
-    """The host's input pipeline (imports seqio/TF lazily: the model path does not need them)."""
+def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train",
+                  seed_offset: int = 0):
+    """The host's input pipeline (imports seqio/TF lazily: the model path does not need them).
+
+    ``seed_offset`` reshuffles the stream (a resumed run whose host count changed)."""
     from mtjax.data import pipeline as pipeline_lib
 
     if config.data.tasks_module:
@@ -58,8 +62,8 @@ def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "
     return pipeline_lib.InputPipeline(
         config.data.mixture, inputs_length=config.data.inputs_length,
         targets_length=config.data.targets_length, batch_size=per_host_batch,
-        pack=config.data.pack, seed=config.train.seed, shard_index=jax.process_index(),
-        num_shards=jax.process_count(), split=split)
+        pack=config.data.pack, seed=config.train.seed + seed_offset,
+        shard_index=jax.process_index(), num_shards=jax.process_count(), split=split)
 
 
 def _log(msg: str) -> None:
@@ -76,19 +80,64 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+class _Preemption:
+    """SIGTERM (what SLURM, Kubernetes and TPU maintenance send) -> stop at a step every host
+    agrees on. One process: a flag set by our handler. Several: JAX's preemption sync point (the
+    coordination service spreads the notice and picks the step), called at every step."""
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._handle)
+        self._multihost = jax.process_count() > 1 and _preemption_service_running()
+        self._previous = None
+        if not self._multihost:
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
 
+    def reached(self, step: int) -> bool:
+        if self._multihost:
+            from jax.experimental import multihost_utils
+
+            self.raised = self.raised or multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
+
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _HostLog:
+    """``log.all_processes``: every host writes ``processes/process_<i>.jsonl`` with the loss
+    it sees and a hash of each example it read, to check multi-host runs (same global loss,
+    disjoint data shards)."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        directory = workdir / "processes"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = open(directory / f"process_{jax.process_index()}.jsonl", "a")  # noqa: SIM115
+        self._hashes: list[int] = []
+
+    def add_batch(self, host_batch: dict[str, np.ndarray]) -> None:
+        tokens_BS, segments_BS = host_batch["encoder_input_tokens"], host_batch[
+            "encoder_segment_ids"]
+        for tokens_S, segments_S in zip(tokens_BS, segments_BS, strict=True):
+            for segment in np.unique(segments_S[segments_S > 0]):
+                self._hashes.append(zlib.crc32(tokens_S[segments_S == segment].tobytes()))
+
+    def write(self, step: int, summary: dict[str, float]) -> None:
+        record = {"step": step, "process": jax.process_index(), "loss": summary.get("loss"),
+                  "example_hashes": self._hashes}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._hashes = []
+
+
+def _preemption_service_running() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager is not None
 
 
 def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
@@ -122,14 +171,18 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         config_lib.dump(config, workdir / "config.json")
 
     # --- State: 1. resume > 2. warm start > 3. scratch -----------------------------------------
-    checkpoints = RunCheckpoints(workdir, every_steps=config.checkpoint.every_steps,
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-    latest = checkpoints.latest_step()
+    ck = config.checkpoint
+    checkpoints = RunCheckpoints(workdir, every_steps=ck.every_steps, keep=ck.keep,
+                                 async_save=ck.async_save, keep_best=ck.keep_best,
+                                 best_metric=ck.best_metric, best_mode=ck.best_mode)
     target = setup.target()
-    if latest is not None:
-        _check_resumable(checkpoints.restore_config(latest), config_dict, checkpoints, latest)
-        state = checkpoints.restore(latest, target, pipeline)
+    resumed = checkpoints.restore_latest(
+        target, pipeline,
+        check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
+    if resumed is not None:
+        latest, state, data_restored = resumed
+        if not data_restored:
+            pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
         _log(f"resuming from {checkpoints.directory / str(latest)}")
         _truncate_metrics(workdir / "metrics.jsonl", latest)
     else:
@@ -149,7 +202,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
 
     # --- Loop ---------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
-    sigterm = _SigtermFlag()
+    preemption = _Preemption()
+    host_log = _HostLog(workdir) if config.log.all_processes else None
     bar = _progress_bar(start_step, config.train.steps, progress)
     window, pending = None, None
     last_summary: dict[str, float] = {}
@@ -160,6 +214,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         with mesh_lib.activate(mesh, rules):
             while step < config.train.steps:
                 host_batch = next(pipeline)
+                if host_log is not None:
+                    host_log.add_batch(host_batch)
                 tokens = (np.count_nonzero(host_batch["encoder_input_tokens"])
                           + np.count_nonzero(host_batch["decoder_target_tokens"])
                           ) * jax.process_count()
@@ -178,7 +234,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                 else:
                     total_tokens += tokens
                 is_last = step == config.train.steps
-                must_save = checkpoints.save_due(step) or is_last or sigterm.raised
+                preempted = preemption.reached(step)
+                must_save = checkpoints.save_due(step) or is_last or preempted
                 if step % config.log.every_steps == 0 or is_last or must_save:
                     window = _absorb(window, pending, config)
                     pending = None
@@ -187,6 +244,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                         last_summary = metrics_lib.summarize(window, task_names)
                         last_summary["tokens_per_s"] = tokens_in_window / elapsed
                         writer.write(step, last_summary)
+                        if host_log is not None:
+                            host_log.write(step, last_summary)
                         bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
                                         tok_s=f"{last_summary['tokens_per_s']:.0f}")
                     window, tokens_in_window, window_start = None, 0, time.time()
@@ -194,13 +253,13 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                     checkpoints.save(step, state, pipeline, config_dict,
                                      metrics=_finite_only(last_summary), force=True)
                 bar.update(1)
-                if sigterm.raised and not is_last:
+                if preempted and not is_last:
                     checkpoints.wait()
                     _log(f"SIGTERM: saved step {step}; exiting with code {PREEMPTED_EXIT_CODE}")
                     raise Preempted(step)
     finally:
         bar.close()
-        sigterm.restore()
+        preemption.restore()
         checkpoints.close()
         writer.close()
 

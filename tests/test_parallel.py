@@ -1,0 +1,220 @@
+"""Meshes and logical sharding on 8 fake CPU devices (subprocesses, so XLA_FLAGS take effect):
+sharded training equals single-device training, shardings follow the rules, bad meshes fail
+early, and two processes train as one multi-host run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_python
+
+from mtjax import config as config_lib
+from mtjax.parallel import mesh as mesh_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["model.name=t5_1_1_test", "train.batch_size=8", "data.inputs_length=32",
+        "data.targets_length=16", "optim.name=adamw", "optim.learning_rate=0.003",
+        "optim.warmup_steps=2"]
+MESHES = {
+    "single": ("1", "1", "1", "fsdp"),
+    "data8": ("8", "1", "1", "data"),
+    "data2_fsdp4": ("2", "4", "1", "fsdp"),
+    "data2_fsdp2_tensor2": ("2", "2", "2", "fsdp_tensor"),
+    "fsdp4_tensor2": ("1", "4", "2", "fsdp_tensor"),
+}
+
+# Runs 5 steps of the real jitted train step on every mesh, same packed batches; prints JSON.
+EQUIVALENCE = """
+import json, sys
+import jax, numpy as np
+from mtjax import config as config_lib
+from mtjax.train import setup as setup_lib
+from mtjax.train.dryrun import dry_run
+
+tiny, meshes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+
+def packed_batches(n, b=8, s=32, t=16, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        batch = {}
+        for side, length in (("encoder", s), ("decoder", t)):
+            cut, end = length // 2, length - 3  # two examples per row, then padding
+            seg = np.zeros((b, length), np.int32); seg[:, :cut] = 1; seg[:, cut:end] = 2
+            pos = np.where(seg == 1, np.arange(length), np.arange(length) - cut) * (seg > 0)
+            batch[f"{side}_segment_ids"], batch[f"{side}_positions"] = seg, pos.astype(np.int32)
+        tok = lambda shape: rng.integers(2, vocab, shape, dtype=np.int32)
+        batch["encoder_input_tokens"] = tok((b, s)) * (batch["encoder_segment_ids"] > 0)
+        seg = batch["decoder_segment_ids"]
+        targets = tok((b, t)) * (seg > 0)
+        inputs = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1)
+        inputs[batch["decoder_positions"] == 0] = 0  # BOS at each example start
+        batch.update(decoder_target_tokens=targets, decoder_input_tokens=inputs * (seg > 0),
+                     decoder_loss_weights=(seg > 0).astype(np.int32),
+                     decoder_task_ids=np.where(seg > 0, seg, 0).astype(np.int32))
+        out.append(batch)
+    return out
+
+results = {}
+batches = packed_batches(1) * 5  # one batch, seen 5 times: the loss must fall
+for name, (data, fsdp, tensor, rules) in meshes.items():
+    config = config_lib.load(None, tiny + [f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                                           f"mesh.tensor={tensor}", f"mesh.rules={rules}"])
+    devices = jax.devices()[:1] if name == "single" else None
+    mesh, rules_table = setup_lib.mesh_and_rules(config, devices=devices)
+    setup = setup_lib.build(config, vocab_size=256, num_tasks=2, mesh=mesh, rules=rules_table)
+    state = setup.init_state(config.train.seed)
+    losses = []
+    for batch in batches:
+        batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
+        state, metrics = setup.step(state, batch)
+        losses.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
+    params = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    specs = jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda a: str(tuple(a.sharding.spec)), state.params))[0]
+    opt_specs = [str(tuple(x.sharding.spec)) for x in jax.tree.leaves(state.opt_state)
+                 if hasattr(x, "sharding") and x.ndim == 2]
+    report = dry_run(config, vocab_size=256, compile_step=False, mesh=mesh, rules=rules_table)
+    results[name] = {
+        "losses": losses,
+        "params": {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in params},
+        "specs": {jax.tree_util.keystr(k): v for k, v in specs},
+        "opt_specs": opt_specs,
+        "param_bytes_per_device": report["param_bytes_per_device"],
+        "param_bytes_total": report["param_bytes_total"],
+        "opt_bytes_per_device": report["opt_state_bytes_per_device"],
+        "opt_bytes_total": report["opt_state_bytes_total"],
+    }
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_runs():
+    out = run_python(EQUIVALENCE, json.dumps(TINY), json.dumps(MESHES), devices=8).stdout
+    return json.loads(out.split("RESULTS", 1)[1])
+
+
+@pytest.mark.parametrize("mesh", [m for m in MESHES if m != "single"])
+def test_sharded_training_equals_single_device(mesh_runs, mesh):
+    single, sharded = mesh_runs["single"], mesh_runs[mesh]
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
+    assert single["losses"][-1] < single["losses"][0]  # the steps really train
+    for name, value in single["params"].items():
+        np.testing.assert_allclose(np.asarray(sharded["params"][name]), np.asarray(value),
+                                   rtol=2e-4, atol=2e-6, err_msg=f"{mesh}: {name}")
+
+
+def test_parameter_shardings_follow_the_rules(mesh_runs):
+    query = "['encoder']['layers'][0]['attention']['query']['kernel']"
+    wo = "['decoder']['layers'][1]['mlp']['wo']['kernel']"
+    assert mesh_runs["data8"]["specs"][query] == "(None, None)"
+    assert mesh_runs["data2_fsdp4"]["specs"][query] == "('fsdp', None)"
+    assert mesh_runs["data2_fsdp2_tensor2"]["specs"][query] == "('fsdp', 'tensor')"
+    assert mesh_runs["fsdp4_tensor2"]["specs"][wo] == "('tensor', 'fsdp')"
+    # AdamW's two moments mirror the parameters' shardings (ZeRO-3: optimizer state sharded).
+    run = mesh_runs["data2_fsdp4"]
+    matrix_specs = [spec for name, spec in run["specs"].items()
+                    if np.asarray(run["params"][name]).ndim == 2]
+    assert sorted(run["opt_specs"]) == sorted(matrix_specs * 2)
+    assert sum("fsdp" in spec for spec in matrix_specs) >= len(matrix_specs) - 2  # not relpos
+
+
+def test_fsdp_divides_per_device_memory(mesh_runs):
+    data = mesh_runs["data8"]
+    assert data["param_bytes_per_device"] == data["param_bytes_total"]  # replicated
+    for mesh, factor in (("data2_fsdp4", 4), ("data2_fsdp2_tensor2", 4), ("fsdp4_tensor2", 8)):
+        run = mesh_runs[mesh]
+        # Norm scales and the tiny relative-bias tables may stay replicated: allow 10%.
+        assert run["param_bytes_per_device"] <= 1.1 * run["param_bytes_total"] / factor, mesh
+        assert run["opt_bytes_per_device"] <= 1.1 * run["opt_bytes_total"] / factor, mesh
+
+
+BAD_MESH = """
+import sys
+from mtjax import config as config_lib
+from mtjax.train import setup as setup_lib
+for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
+                  ["mesh.data=3", "mesh.fsdp=1"], ["mesh.data=2", "mesh.fsdp=2"]):
+    try:
+        setup_lib.mesh_and_rules(config_lib.load(None, overrides))
+    except Exception as e:
+        print(type(e).__name__, "|", e)
+"""
+
+
+def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
+    lines = subprocess_python(BAD_MESH, devices=8).stdout.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("ConfigError") and "train.batch_size=6" in lines[0]
+    assert "mesh.data*mesh.fsdp" in lines[0]
+    assert lines[1].startswith("MeshError") and "8 devices" in lines[1]
+    assert lines[2].startswith("MeshError") and "-1 to fill" in lines[2]
+
+
+def test_rules_table_and_unknown_axis():
+    rules = dict(mesh_lib.get_rules("batch=data+fsdp,embed=fsdp,heads=tensor"))
+    assert rules["batch"] == ("data", "fsdp") and rules["heads"] == "tensor"
+    assert rules["mlp"] is None  # unnamed logical axes replicate
+    with pytest.raises(config_lib.ConfigError, match="unknown mesh axis 'fsdpp'"):
+        config_lib.load(None, ["mesh.rules=embed=fsdpp"])
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'heads'"):
+        config_lib.load(None, ["mesh.rules=head=tensor"])
+
+
+def test_cli_dry_run_reports_plan_without_training(tmp_path, capsys):
+    from mtjax import cli
+
+    code = cli.main(["train", "--dry-run", "--workdir", str(tmp_path / "run"), *TINY])
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert code == 0 and not (tmp_path / "run").exists()
+    assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert report["param_bytes_per_device"] == report["param_bytes_total"] == 4 * report["params"]
+    assert report["compile_s"] > 0 and report["compiled_memory_per_device"]
+    names = {g["name"] for g in report["parameter_groups"]}
+    assert "encoder.layers.*.attention.query.kernel" in names
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_run(tmp_path):
+    """2 processes x 4 CPU devices through launch/local_multiprocess.sh and gloo: same global
+    loss on both hosts, the loss falls, disjoint data shards; the checkpoint then restores in
+    one process on another mesh and continues from its step."""
+    workdir = tmp_path / "run"
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="8",
+               MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
+    args = [*TINY, "train.steps=20", "log.every_steps=2", "log.all_processes=true",
+            "log.tensorboard=false", "checkpoint.every_steps=10", "mesh.data=2",
+            "mesh.fsdp=-1", "mesh.dcn_data=1"]
+    proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
+                           "--workdir", str(workdir), "--no-progress", *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hosts = [[json.loads(line) for line in (workdir / f"processes/process_{i}.jsonl")
+              .read_text().splitlines()] for i in (0, 1)]
+    assert [r["step"] for r in hosts[0]] == list(range(2, 21, 2))
+    assert [r["loss"] for r in hosts[0]] == [r["loss"] for r in hosts[1]]
+    assert hosts[0][-1]["loss"] < 0.9 * hosts[0][0]["loss"]
+    seen = [{h for r in host for h in r["example_hashes"]} for host in hosts]
+    overlap = len(seen[0] & seen[1]) / min(len(seen[0]), len(seen[1]))
+    assert overlap < 0.2, overlap  # the same shard would overlap ~100%
+    assert (workdir / "checkpoints/20/data/process_1").is_dir()
+
+    # One process, 8 devices, another mesh: restores step 20 and trains on to 24.
+    one = subprocess.run(
+        [sys.executable, "-m", "mtjax", "train", "--workdir", str(workdir), "--no-progress",
+         *TINY, "train.steps=24", "log.every_steps=2", "log.tensorboard=false",
+         "checkpoint.every_steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+         "mesh.rules=fsdp_tensor"],
+        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming from" in one.stderr and "written by 2 host(s)" in one.stderr
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records][-2:] == [22, 24]
+    assert records[-1]["loss"] < 1.2 * hosts[0][-1]["loss"]
