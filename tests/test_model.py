@@ -129,8 +129,14 @@ def test_count_params_matches_instantiated_model(model):
     assert 1e6 < real_tiny < 30e6
 
 
+# Published counts: the T5 (Hugging Face's exact counts for 1.0), mT5 and ByT5 papers.
 @pytest.mark.parametrize("name, published", [
     ("t5_1_1_base", 247.6e6), ("t5_1_1_large", 783e6), ("t5_1_0_base", 222.9e6),
+    ("t5_1_0_small", 60.5e6), ("t5_1_0_large", 737.7e6), ("t5_1_0_3b", 2.85e9),
+    ("t5_1_0_11b", 11.3e9), ("t5_1_1_xl", 2.85e9), ("t5_1_1_xxl", 11.1e9),
+    ("mt5_small", 300e6), ("mt5_base", 582e6), ("mt5_large", 1.23e9), ("mt5_xl", 3.74e9),
+    ("mt5_xxl", 12.9e9), ("byt5_small", 300e6), ("byt5_base", 582e6), ("byt5_large", 1.23e9),
+    ("byt5_xl", 3.74e9), ("byt5_xxl", 12.9e9),
 ])
 def test_published_param_counts(name, published):
     assert abs(sizes.count_params(sizes.get_config(name)) - published) / published < 0.01

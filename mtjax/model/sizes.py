@@ -128,6 +128,9 @@ MODEL_SIZES: dict[str, T5Config] = {
     **_sizes("t5_1_1", _T5_1_1, 32128),
     **_sizes("mt5", _T5_1_1, 250112),
     **_sizes("byt5", _BYT5, 384),
+    # UMT5 (released small, base, xl, xxl): mT5 shapes, a bias table per layer, 256,384 rows.
+    **_sizes("umt5", {k: v for k, v in _T5_1_1.items() if k != "large"}, 256384,
+             per_layer_relative_bias=True),
     # The `mtjax train` default: a few million parameters, trains on a CPU.
     "t5_1_1_tiny": T5Config(
         vocab_size=32128, d_model=256, d_ff=512, num_heads=4, d_kv=64,
