@@ -254,7 +254,7 @@ class RunCheckpoints:
                 if not isinstance(e.__cause__, (OSError, ValueError)) or _looks_mismatched(e):
                     raise
                 if jax.process_index() == 0:
-                    self._quarantine(step, f"cannot be read ({e.__cause__})")
+                    self._quarantine(step, f"cannot be read ({_short(e.__cause__)})")
                 _sync(f"mtjax_quarantine_{step}")
                 self._manager.reload()
         return None
@@ -269,7 +269,7 @@ class RunCheckpoints:
         except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not fit this run "
-                f"(changed model, optimizer or data?): {e}. Use a new --workdir, or "
+                f"(changed model, optimizer or data?): {_short(e)}. Use a new --workdir, or "
                 f"--init-from to start from its weights only") from e
         if pipeline is not None:
             load_pipeline(pipeline, restored["data"])
@@ -290,8 +290,16 @@ class RunCheckpoints:
 def _looks_mismatched(error: CheckpointError) -> bool:
     """A shape or tree mismatch (the user's change), as opposed to unreadable files."""
     text = str(error.__cause__).lower()
+    if any(word in text for word in ("not_found", "error reading", "data_loss", "corrupt",
+                                     "no such file", "unexpected end")):
+        return False  # files missing or damaged
     return any(word in text for word in ("shape", "structure", "mismatch", "missing key",
                                          "dtype"))
+
+
+def _short(error: BaseException | None, limit: int = 240) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -322,3 +330,58 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"cannot take weights from {state_dir}: {e}") from e
     return restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing a run's checkpoints (``mtjax checkpoints RUN_DIR``).
+# ---------------------------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
+    """Every checkpoint of a run: step, commit time, bytes, metrics; which is latest and best.
+
+    Reads files only (no Orbax manager, nothing moved). Directories set aside as incomplete are
+    listed under ``incomplete``.
+    """
+    import json
+
+    run_dir = pathlib.Path(run_dir).absolute()
+    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    if not root.is_dir():
+        raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
+    config = {}
+    rows, incomplete = [], []
+    for step_dir in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not step_dir.name.isdigit():
+            if INCOMPLETE_SUFFIX in step_dir.name or ".orbax-checkpoint-tmp" in step_dir.name:
+                incomplete.append(step_dir.name)
+            continue
+        if not _is_complete(step_dir):
+            incomplete.append(step_dir.name)
+            continue
+        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+        metrics_file = step_dir / "metrics" / "metrics"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        rows.append({
+            "step": int(step_dir.name),
+            "time": meta.get("commit_timestamp_nsecs", 0) / 1e9,
+            "bytes": sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file()),
+            "metrics": metrics,
+            "hosts": len(list((step_dir / "data").glob("process_*"))),
+            "path": str(step_dir),
+        })
+        config_file = step_dir / "config" / "metadata"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+    rows.sort(key=lambda r: r["step"])
+    checkpoint_config = config.get("checkpoint", {})
+    metric = checkpoint_config.get("best_metric", "loss")
+    mode = checkpoint_config.get("best_mode", "min")
+    ranked = [r for r in rows if metric in r["metrics"]
+              and math.isfinite(r["metrics"][metric])]
+    best = None
+    if ranked:
+        pick = min if mode == "min" else max
+        best = pick(ranked, key=lambda r: r["metrics"][metric])["step"]
+    return {"run_dir": str(run_dir), "checkpoints": rows, "incomplete": incomplete,
+            "latest": rows[-1]["step"] if rows else None, "best": best,
+            "best_metric": metric, "best_mode": mode}

@@ -139,9 +139,12 @@ import sys
 from mtjax import config as config_lib
 from mtjax.train import setup as setup_lib
 for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
-                  ["mesh.data=3", "mesh.fsdp=1"], ["mesh.data=2", "mesh.fsdp=2"]):
+                  ["mesh.data=3", "mesh.fsdp=1"], ["mesh.data=2", "mesh.fsdp=2"],
+                  ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4", "mesh.rules=fsdp_tensor",
+                   "model.name=t5_1_1_test"]):
     try:
-        setup_lib.mesh_and_rules(config_lib.load(None, overrides))
+        config = config_lib.load(None, overrides)
+        setup_lib.build(config, vocab_size=384, num_tasks=1)
     except Exception as e:
         print(type(e).__name__, "|", e)
 """
@@ -149,11 +152,14 @@ for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
 
 def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     lines = subprocess_python(BAD_MESH, devices=8).stdout.strip().splitlines()
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert lines[0].startswith("ConfigError") and "train.batch_size=6" in lines[0]
     assert "mesh.data*mesh.fsdp" in lines[0]
     assert lines[1].startswith("MeshError") and "8 devices" in lines[1]
     assert lines[2].startswith("MeshError") and "-1 to fill" in lines[2]
+    # t5_1_1_test has 2 heads: tensor=4 cannot split them; named before compiling.
+    assert lines[3].startswith("MeshError") and "mesh.tensor = 4" in lines[3]
+    assert "relpos_bias" in lines[3] or "heads" in lines[3]
 
 
 def test_rules_table_and_unknown_axis():

@@ -51,6 +51,24 @@ def check_batch_divides(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.A
             f"processes ({jax.process_count()})")
 
 
+def check_params_divide(abstract_params: Any, shardings: Any, model_name: str) -> None:
+    """Every sharded parameter dimension must split evenly over its mesh axes (else XLA fails
+    deep inside compilation)."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
+        for dim, axes in zip(leaf.shape, sharding.spec, strict=False):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            parts = 1
+            for axis in axes:
+                parts *= sharding.mesh.shape[axis]
+            if dim % parts:
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise mesh_lib.MeshError(
+                    f"mesh: {model_name}'s {name} has shape {tuple(leaf.shape)}; its dimension "
+                    f"{dim} cannot be split over {'*'.join(f'mesh.{a}' for a in axes)} = {parts}; "
+                    f"use a smaller mesh.{axes[-1]} or other mesh.rules")
+
+
 def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
     """The named model size with the run's vocabulary, dtype, dropout and remat."""
     try:
@@ -104,6 +122,7 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
     tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps)
     model_def, abstract_state, shardings = state_lib.state_shardings(
         model_cfg, tx, mesh, rules, config.train.seed)
+    check_params_divide(abstract_state.params, shardings.params, config.model.name)
     step_fn = make_train_step(
         model_def, tx, schedule, num_tasks=num_tasks, z_loss=config.train.z_loss,
         microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,

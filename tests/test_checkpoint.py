@@ -1,0 +1,193 @@
+"""Checkpoints for long runs: exact resume after SIGKILL and SIGTERM (fresh processes, random
+step), incomplete or unreadable checkpoints skipped with a message, keep-latest-plus-best, the
+`mtjax checkpoints` listing, and restore onto another mesh."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import run_python
+
+from mtjax import cli
+from mtjax import config as config_lib
+from mtjax.train import metrics as metrics_lib
+
+TINY = ["model.name=t5_1_1_test", "data.inputs_length=32", "data.targets_length=16",
+        "train.batch_size=4", "log.tensorboard=false"]
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "mtjax", "train", "--workdir", str(workdir), "--no-progress",
+            *TINY, *overrides]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def _wait_for_step(proc, metrics_file, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        if metrics_file.exists():
+            steps = [json.loads(x)["step"] for x in metrics_file.read_text().splitlines() if x]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def _params(run_dir, step):
+    import jax
+    import orbax.checkpoint as ocp
+
+    state = ocp.PyTreeCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
+    """An uninterrupted 16-step run vs runs stopped at a random step by SIGKILL or SIGTERM and
+    restarted with the same command: identical per-step losses and final parameters."""
+    overrides = ["train.steps=16", "checkpoint.every_steps=4", "log.every_steps=1"]
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(whole, *overrides), env=_env(), check=True, capture_output=True)
+    expected = metrics_lib.read_jsonl(whole / "metrics.jsonl")
+    rng = random.Random()
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        stop_at = rng.randint(5, 13)
+        workdir = tmp_path / sig.name
+        proc = subprocess.Popen(_train_cmd(workdir, *overrides), env=_env(),
+                                stderr=subprocess.PIPE, text=True)
+        seen = _wait_for_step(proc, workdir / "metrics.jsonl", stop_at)
+        while not (workdir / "checkpoints" / "4" / "commit_success.txt").exists():
+            time.sleep(0.05)  # at least one committed checkpoint to resume from
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+        if sig == signal.SIGTERM:
+            assert code == 42, (code, err[-2000:])
+            saved = int(err.split("SIGTERM: saved step ")[1].split(";")[0])
+            assert saved >= seen and (workdir / "checkpoints" / str(saved)).is_dir()
+        else:
+            assert code == -signal.SIGKILL
+        again = subprocess.run(_train_cmd(workdir, *overrides), env=_env(),
+                               capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resuming from" in again.stderr
+        got = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+        message = f"{sig.name} after step {seen} (random stop {stop_at})"
+        assert [r["step"] for r in got] == list(range(1, 17)), message
+        assert [r["loss"] for r in got] == [r["loss"] for r in expected], message
+        for a, b in zip(_params(workdir, 16), _params(whole, 16), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=message)
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+    """10 steps saved every 2, keeping the latest 1 plus the best 1 by the *highest* loss
+    (so that best and latest differ: the loss falls)."""
+    from mtjax.train import trainer
+
+    workdir = tmp_path_factory.mktemp("kept")
+    config = config_lib.load(None, TINY + [
+        "train.steps=10", "checkpoint.every_steps=2", "checkpoint.keep=1",
+        "checkpoint.keep_best=1", "checkpoint.best_mode=max", "log.every_steps=2"])
+    trainer.train(config, workdir, progress=False)
+    return workdir
+
+
+def test_keeps_latest_plus_best_and_lists_them(kept_run, capsys):
+    assert cli.main(["checkpoints", str(kept_run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    steps = [c["step"] for c in listing["checkpoints"]]
+    losses = {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(kept_run / "metrics.jsonl")}
+    worst = max(losses, key=losses.get)
+    assert steps == sorted({worst, 10}), (steps, losses)
+    assert listing["latest"] == 10 and listing["best"] == worst
+    for c in listing["checkpoints"]:
+        assert c["bytes"] > 0 and c["metrics"]["loss"] == pytest.approx(losses[c["step"]])
+    assert cli.main(["checkpoints", str(kept_run)]) == 0
+    table = capsys.readouterr().out
+    assert "latest" in table and "best" in table
+
+
+def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, capsys):
+    from mtjax.train import trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    ckpts = run / "checkpoints"
+    # 12: cut short (no commit markers); 14: committed but its array files are gone.
+    shutil.copytree(ckpts / "10", ckpts / "12")
+    (ckpts / "12" / "_CHECKPOINT_METADATA").unlink()
+    shutil.copytree(ckpts / "10", ckpts / "14")
+    for chunk in (ckpts / "14" / "state").rglob("d/*"):
+        chunk.unlink()
+    config = config_lib.load(None, TINY + [
+        "train.steps=12", "checkpoint.every_steps=2", "checkpoint.keep=1",
+        "checkpoint.keep_best=1", "checkpoint.best_mode=max", "log.every_steps=2"])
+    result = trainer.train(config, run, progress=False)
+    err = capsys.readouterr().err
+    assert "12 is incomplete" in err and "14 cannot be read" in err, err[-2000:]
+    assert result.start_step == 10 and result.step == 12
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert "12.incomplete" in names and "14.incomplete" in names and "12" in names
+    assert cli.main(["checkpoints", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["checkpoints", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+TOPOLOGY = """
+import json, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from mtjax import config as config_lib
+from mtjax.checkpoint import RunCheckpoints
+from mtjax.train import setup as setup_lib, trainer
+
+tiny, workdir = json.loads(sys.argv[1]), sys.argv[2]
+saved = config_lib.load(None, tiny + ["train.steps=4", "checkpoint.every_steps=4",
+                                      "mesh.data=2", "mesh.fsdp=4"])
+trainer.train(saved, workdir, progress=False)
+reference = ocp.PyTreeCheckpointer().restore(workdir + "/checkpoints/4/state")
+out = {}
+for name, overrides, devices in (("one_device", ["mesh.fsdp=1"], jax.devices()[:1]),
+                                 ("data4_tensor2", ["mesh.data=4", "mesh.fsdp=1", "mesh.tensor=2",
+                                                    "mesh.rules=fsdp_tensor"], None)):
+    config = config_lib.load(None, tiny + overrides)
+    mesh, rules = setup_lib.mesh_and_rules(config, devices=devices)
+    setup = setup_lib.build(config, vocab_size=384, num_tasks=6, mesh=mesh, rules=rules)
+    step, state, _ = RunCheckpoints(workdir, every_steps=4, keep=3).restore_latest(
+        setup.target(), None)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(state.params), jax.tree.leaves(reference["params"]),
+                   strict=True))
+    placed = all(a.sharding == s for a, s in zip(jax.tree.leaves(state.params),
+                                                 jax.tree.leaves(setup.shardings.params)))
+    out[name] = {"step": step, "same": same, "placed": placed,
+                 "devices": len(state.params["lm_head"]["kernel"].sharding.device_set)}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    """Saved on 8 devices (data=2, fsdp=4), restored onto 1 device and onto data=4/tensor=2:
+    equal values, laid out by the new shardings."""
+    out = run_python(TOPOLOGY, json.dumps(TINY + ["train.batch_size=8"]), tmp_path / "run",
+                     devices=8).stdout
+    result = json.loads(out.split("RESULT", 1)[1])
+    assert result["one_device"] == {"step": 4, "same": True, "placed": True, "devices": 1}
+    assert result["data4_tensor2"] == {"step": 4, "same": True, "placed": True, "devices": 8}
