@@ -191,3 +191,14 @@ def test_restore_onto_another_mesh(tmp_path):
     result = json.loads(out.split("RESULT", 1)[1])
     assert result["one_device"] == {"step": 4, "same": True, "placed": True, "devices": 1}
     assert result["data4_tensor2"] == {"step": 4, "same": True, "placed": True, "devices": 8}
+
+
+def test_bench_checkpoint_smoke(capsys):
+    from mtjax import bench
+
+    assert bench.main(["checkpoint", "--smoke"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["state_bytes"] > 0 and result["saves"] == 3
+    for key in ("save_mb_per_s", "restore_mb_per_s", "step_s_without_saving",
+                "step_s_with_saving", "overhead_every_100_steps"):
+        assert np.isfinite(result[key]) and result[key] >= 0, key
