@@ -45,6 +45,15 @@ def _train(config: config_lib.Config, options: Any) -> dict[str, Any]:
 BENCHMARKS: dict[str, Benchmark] = {"train": _train}
 
 
+def _checkpoint(config: config_lib.Config, options: Any) -> dict[str, Any]:
+    from mtjax.bench import checkpoint  # imports JAX and Orbax: only when a benchmark runs
+
+    return checkpoint.run(config, options)
+
+
+BENCHMARKS["checkpoint"] = _checkpoint
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtjax bench", description="Time mtjax on synthetic data; JSON on stdout.")
