@@ -202,3 +202,27 @@ def test_bench_checkpoint_smoke(capsys):
     for key in ("save_mb_per_s", "restore_mb_per_s", "step_s_without_saving",
                 "step_s_with_saving", "overhead_every_100_steps"):
         assert np.isfinite(result[key]) and result[key] >= 0, key
+
+
+# A learning rate of 1e30 (warming up over 1e6 steps) blows the parameters up by step 3.
+EXPLODING = TINY + ["optim.name=adamw", "optim.learning_rate=1e30", "optim.warmup_steps=1000000",
+                    "optim.grad_clip_norm=0", "checkpoint.every_steps=1", "log.every_steps=1"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from mtjax.errors import TrainingError
+    from mtjax.train import trainer
+
+    config = config_lib.load(None, EXPLODING + ["train.steps=8"])
+    with pytest.raises(TrainingError, match="non-finite loss at step 3"):
+        trainer.train(config, tmp_path / "stop", progress=False)
+    steps = sorted(int(p.name) for p in (tmp_path / "stop/checkpoints").iterdir())
+    assert steps == [1, 2]
+    assert all(np.isfinite(a).all() for a in _params(tmp_path / "stop", 2))
+
+    skip = config_lib.load(None, EXPLODING + ["train.steps=5", "train.on_nonfinite=skip",
+                                             "checkpoint.keep=10"])
+    trainer.train(skip, tmp_path / "skip", progress=False)
+    # Every update from step 3 on is non-finite and skipped: parameters stay those of step 2.
+    for a, b in zip(_params(tmp_path / "skip", 5), _params(tmp_path / "skip", 2), strict=True):
+        np.testing.assert_array_equal(a, b)
