@@ -45,10 +45,13 @@ trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    code=$?
+  code=0
+  wait "${pids[$i]}" || code=$?
+  if (( code != 0 )); then
     (( status == 0 )) && status=$code
-    (( i > 0 )) && echo "$0: process $i exited with $code; log: $LOG_DIR/mtjax_process_$i.log" >&2
+    if (( i > 0 )); then
+      echo "$0: process $i exited with $code; log: $LOG_DIR/mtjax_process_$i.log" >&2
+    fi
   fi
 done
 exit $status

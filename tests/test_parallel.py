@@ -224,3 +224,48 @@ def test_two_processes_train_as_one_run(tmp_path):
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-2:] == [22, 24]
     assert records[-1]["loss"] < 1.2 * hosts[0][-1]["loss"]
+
+
+def _process_with_id(process_id: int) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"mtjax" in cmdline and f"MTJAX_PROCESS_ID={process_id}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_all_hosts_at_one_step(tmp_path):
+    """SIGTERM to process 1 only: both processes save the same step (JAX's preemption sync
+    point) and the launcher exits 42; the next run resumes from that step."""
+    import time
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="4", MTJAX_LOG_DIR=str(tmp_path),
+               MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
+    args = ["--workdir", str(workdir), "--no-progress", *TINY, "train.batch_size=4",
+            "train.steps=500", "log.every_steps=1", "log.tensorboard=false",
+            "checkpoint.every_steps=1000"]
+    launcher = subprocess.Popen(["bash", str(REPO / "launch/local_multiprocess.sh"), "2", *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
+        time.sleep(0.1)
+    os.kill(_process_with_id(1), 15)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 42, output[-3000:]
+    saved = int(output.split("SIGTERM: saved step ")[1].split(";")[0])
+    assert 3 <= saved < 500
+    step_dir = workdir / "checkpoints" / str(saved)
+    assert (step_dir / "data/process_0").is_dir() and (step_dir / "data/process_1").is_dir()
+    assert f"Reached preemption sync point, step={saved}" in (
+        tmp_path / "mtjax_process_1.log").read_text()
