@@ -195,12 +195,13 @@ def test_two_processes_train_as_one_run(tmp_path):
     env = dict(os.environ, MTJAX_LOCAL_DEVICES="8",
                MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
     args = [*TINY, "train.steps=20", "log.every_steps=2", "log.all_processes=true",
-            "log.tensorboard=false", "checkpoint.every_steps=10", "mesh.data=2",
-            "mesh.fsdp=-1", "mesh.dcn_data=1"]
+            "log.tensorboard=false", "checkpoint.every_steps=10",
+            "mesh.data=1", "mesh.fsdp=-1", "mesh.dcn_data=2"]  # hybrid: data across hosts
     proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
                            "--workdir", str(workdir), "--no-progress", *args],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data       2" in proc.stderr and "fsdp       4" in proc.stderr  # the hybrid mesh
     hosts = [[json.loads(line) for line in (workdir / f"processes/process_{i}.jsonl")
               .read_text().splitlines()] for i in (0, 1)]
     assert [r["step"] for r in hosts[0]] == list(range(2, 21, 2))
