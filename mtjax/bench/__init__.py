@@ -52,6 +52,7 @@ def _checkpoint(config: config_lib.Config, options: Any) -> dict[str, Any]:
 
 
 BENCHMARKS["checkpoint"] = _checkpoint
+BENCHMARKS["data"] = lambda config, options: __import__("mtjax.bench.data").bench.data.run(config, options)  # noqa: E501 - imports TF only when run
 
 
 def build_parser() -> argparse.ArgumentParser:

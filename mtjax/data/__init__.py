@@ -21,10 +21,13 @@ from mtjax.data.mixing import (  # noqa: E402
 )
 from mtjax.data.pipeline import (  # noqa: E402
     BATCH_KEYS,
+    DataError,
     InputPipeline,
     TaskIdEncDecFeatureConverter,
     UnknownTaskError,
+    VocabularyMismatchError,
     decode_packed_row,
+    from_config,
     resolve_task_names,
 )
 from mtjax.data.vocab import get_vocabulary, padded_vocab_size  # noqa: E402
@@ -32,10 +35,13 @@ from mtjax.data.vocab import get_vocabulary, padded_vocab_size  # noqa: E402
 __all__ = [
     "BATCH_KEYS",
     "DEFAULT_MIXTURE",
+    "DataError",
     "InputPipeline",
     "TaskIdEncDecFeatureConverter",
     "UnknownTaskError",
+    "VocabularyMismatchError",
     "decode_packed_row",
+    "from_config",
     "equal",
     "examples_proportional",
     "get_vocabulary",

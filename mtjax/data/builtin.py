@@ -126,6 +126,12 @@ def exact_match(targets: list[str], predictions: list[str]) -> dict[str, float]:
     return {"exact_match": 100.0 * hits / max(len(targets), 1)}
 
 
+def log_likelihood(targets: list[str], scores: list[float]) -> dict[str, float]:
+    """seqio score metric fn: mean log-likelihood of the targets (sum over tokens, with EOS)."""
+    del targets
+    return {"log_likelihood": float(sum(scores)) / max(len(scores), 1)}
+
+
 # --- T5 span corruption (Raffel et al. 2020, §3.1.4), in TF ops so it resamples every epoch ---
 
 
@@ -199,10 +205,16 @@ def register() -> None:
             source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES)),
             output_features=features,
             preprocessors=preprocessors,
-            metric_fns=[exact_match],
+            # Span corruption's `targets_pretokenized` is the uncorrupted text, not the spans
+            # the model predicts, so only its likelihood is a meaningful metric.
+            metric_fns=([log_likelihood] if task == "span_corruption"
+                        else [exact_match, log_likelihood]),
         )
     if DEFAULT_MIXTURE not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add(DEFAULT_MIXTURE, list(TASK_NAMES), default_rate=1.0)
+    from mtjax.data import knowledge  # the knowledge-base suite (transfer between tasks)
+
+    knowledge.register()
 
 
 register()

@@ -1,14 +1,21 @@
 """The host input pipeline: a SeqIO mixture -> packed numpy batches with per-token task ids."""
 
+from __future__ import annotations
+
 import difflib
+import logging
 import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from mtjax.data.mixing import mixture_rates
+from mtjax.data import files as files_lib
+from mtjax.data import mixing as mixing_lib
+from mtjax.data import packing
+from mtjax.data import vocab as vocab_lib
 from mtjax.errors import UserError
 
 # Keys of every batch, each an int32 array [batch_size, length].
@@ -25,11 +32,34 @@ BATCH_KEYS = (
 )
 
 
+class _NoUncachedSourceWarning(logging.Filter):
+    """Drops seqio's warning about uncached FunctionDataSources, printed once per task.
+
+    Why: it advises caching against poor shuffling across restarts; here sources are in memory,
+    the Task shuffles examples, and the iterator position is checkpointed, so restarts resume
+    the exact stream and the advice does not apply.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoUncachedSourceWarning())
+
+
 class UnknownTaskError(UserError, ValueError):
     """A task or mixture name that neither seqio registry knows."""
 
 
-def _lookup(name: str) -> seqio.Task | seqio.Mixture:
+class DataError(UserError, ValueError):
+    """A task that cannot feed the run (features, split, data); the message names the task."""
+
+
+class VocabularyMismatchError(DataError):
+    """Tasks of a mixture, or the mixture and data.vocabulary, disagree on the vocabulary."""
+
+
+def lookup(name: str) -> seqio.Task | seqio.Mixture:
     """Returns the registered task or mixture, or raises UnknownTaskError with suggestions."""
     tasks, mixtures = seqio.TaskRegistry.names(), seqio.MixtureRegistry.names()
     if name in mixtures:
@@ -52,12 +82,12 @@ def resolve_task_names(mixture: str) -> list[str]:
     Raises:
         UnknownTaskError: the name is not registered.
     """
-    provider = _lookup(mixture)
+    provider = lookup(mixture)
     return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [mixture]
 
 
 class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
-    """`EncDecFeatureConverter` that also packs a per-token `task_ids` feature.
+    """`EncDecFeatureConverter` that also packs a per-token `task_ids` feature, first-fit.
 
     Each task example carries `task_ids`, an int32 sequence as long as `targets`, filled with
     the task's index + 1. It is trimmed and packed together with `targets` (seqio packs all
@@ -94,6 +124,12 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
         "decoder_task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
     }
 
+    def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]):
+        # First-fit into several open rows instead of seqio's one: same format, fuller rows.
+        if self.pack:
+            return packing.first_fit_pack(ds, packed_lengths)
+        return super()._pack_or_pad(ds, packed_lengths)
+
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
         # The packer also made task_ids_segment_ids/_positions; they equal the targets' ones.
         return {**super()._convert_example(features), "decoder_task_ids": features["task_ids"]}
@@ -121,7 +157,9 @@ class InputPipeline:
     Attributes:
         task_names: tasks of the mixture; `decoder_task_ids` == i + 1 means task_names[i].
         vocab_size: the raw size of the mixture's output vocabulary.
-        rates: normalized sampling rate per task name.
+        vocabulary: that seqio vocabulary; `vocabulary_id` names it (`vocab.describe`).
+        rates: normalized sampling rate per task name, under the `mixing` strategy.
+        num_examples: examples of each task's split (None where the source cannot tell).
         output_shapes: shape of every batch key, (batch_size, length).
     """
 
@@ -137,23 +175,37 @@ class InputPipeline:
         shard_index: int = 0,
         num_shards: int = 1,
         split: str = "train",
+        mixing: str = "mixture",
+        mixing_cap: int | None = None,
+        mixing_temperature: float = 2.0,
+        vocabulary: str | None = None,
     ):
         self.task_names = resolve_task_names(mixture)
         tasks = [seqio.TaskRegistry.get(n) for n in self.task_names]
-        self.vocab_size = _shared_vocab_size(mixture, tasks)
-        self.rates = mixture_rates(mixture)
+        for task in tasks:
+            check_task(task, split)
+        self.vocabulary = _shared_vocabulary(mixture, tasks, vocabulary)
+        self.vocab_size = self.vocabulary.vocab_size
+        self.vocabulary_id = vocab_lib.describe(self.vocabulary)
+        self.mixture, self.mixing, self.split = mixture, mixing, split
+        self.num_examples = {t.name: mixing_lib.num_examples(t, split) for t in tasks}
+        self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
+                                              temperature=mixing_temperature, split=split)
+        for name, n in self.num_examples.items():
+            if n == 0:
+                raise DataError(f"task {name!r}: split {split!r} is empty (0 examples)")
         lengths = {"inputs": inputs_length, "targets": targets_length}
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
 
         datasets = []
         for i, task in enumerate(tasks):
-            ds = task.get_dataset(
-                lengths, split=split, shuffle=True, seed=seed, shard_info=shard,
-                num_epochs=None, try_in_mem_cache=False,  # sources are in memory already
-            )
+            with _as_data_error(task.name, split):
+                ds = task.get_dataset(
+                    lengths, split=split, shuffle=True, seed=seed, shard_info=shard,
+                    num_epochs=None, try_in_mem_cache=False,  # sources are in memory already
+                )
             datasets.append(ds.map(_with_task_id(i + 1), num_parallel_calls=tf.data.AUTOTUNE))
-        weights = [self.rates[n] for n in self.task_names]
-        ds = tf.data.Dataset.sample_from_datasets(datasets, weights=weights, seed=seed)
+        ds = mix(datasets, [self.rates[n] for n in self.task_names], seed)
         converter = TaskIdEncDecFeatureConverter(pack=pack)
         ds = converter(ds, {**lengths, "task_ids": targets_length})
         if not pack:
@@ -169,7 +221,20 @@ class InputPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        try:
+            batch = next(self._iterator)
+        except (tf.errors.OutOfRangeError, StopIteration):
+            raise StopIteration from None
+        except tf.errors.OpError as e:  # broken data found mid-stream: one line, no TF trace
+            raise DataError(f"mixture {self.mixture!r}: reading data failed: "
+                            f"{_first_line(e.message)}") from None
+        return {k: v.numpy() for k, v in batch.items()}
+
+    def describe(self) -> str:
+        """A printable table of each task's examples and effective rate, for the run's start."""
+        title = (f"mixture {self.mixture} ({self.mixing} mixing, split {self.split}, "
+                 f"vocabulary {self.vocabulary_id}):")
+        return mixing_lib.rates_table(self.rates, self.num_examples, title)
 
     def save(self, path: str) -> None:
         """Writes the iterator position (incl. shuffle and prefetch buffers) into directory path."""
@@ -182,6 +247,85 @@ class InputPipeline:
         checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
 
 
+def mix(datasets: list[tf.data.Dataset], rates: list[float], seed: int) -> tf.data.Dataset:
+    """Samples each next example from datasets[i] with probability rates[i] (seeded)."""
+    return tf.data.Dataset.sample_from_datasets(datasets, weights=rates, seed=seed)
+
+
+def prepare(config: Any) -> None:
+    """Makes a run's tasks available: run defaults from `config.data`, then its tasks module.
+
+    The defaults (data.vocabulary, data.on_malformed) are set first so that task helpers called
+    while the user's module is imported see them.
+    """
+    vocab_lib.set_run_vocabulary(config.data.vocabulary)
+    files_lib.RUN_DEFAULTS["on_malformed"] = config.data.on_malformed
+    if config.data.tasks_module:
+        from mtjax.data import tasks as tasks_lib
+
+        tasks_lib.import_tasks_module(config.data.tasks_module)
+    import mtjax.data.builtin  # noqa: F401 - registers the built-in tasks
+
+
+def from_config(config: Any, batch_size: int, *, split: str = "train", shard_index: int = 0,
+                num_shards: int = 1, pack: bool | None = None) -> InputPipeline:
+    """The input pipeline a run's config describes (`prepare`, then `InputPipeline`).
+
+    Args:
+        config: an `mtjax.config.Config`.
+        batch_size: examples (rows) per batch on this host.
+        split: the split to read.
+        shard_index, num_shards: this host's shard (process index and count).
+        pack: overrides data.pack when given.
+    """
+    prepare(config)
+    data = config.data
+    return InputPipeline(
+        data.mixture, inputs_length=data.inputs_length, targets_length=data.targets_length,
+        batch_size=batch_size, pack=data.pack if pack is None else pack, seed=config.train.seed,
+        shard_index=shard_index, num_shards=num_shards, split=split, mixing=data.mixing,
+        mixing_cap=data.mixing_cap, mixing_temperature=data.mixing_temperature,
+        vocabulary=data.vocabulary)
+
+
+def check_task(task: seqio.Task, split: str) -> None:
+    """Raises DataError when `task` cannot feed an encoder-decoder run on `split`."""
+    missing = [k for k in ("inputs", "targets") if k not in task.output_features]
+    if missing:
+        raise DataError(
+            f"task {task.name!r} has output features {sorted(task.output_features)}, no "
+            f"{' or '.join(map(repr, missing))}: mtjax trains encoder-decoder models on "
+            "text-to-text tasks; map the task's text to 'inputs' and 'targets'")
+    with _as_data_error(task.name, split):
+        splits = list(task.splits)
+    if splits and split not in splits:
+        raise DataError(f"task {task.name!r} has no split {split!r} (splits: {splits})")
+
+
+class _as_data_error:  # noqa: N801 - used as a context manager
+    """Turns a task's failure to build its dataset into one DataError line naming the task."""
+
+    def __init__(self, task_name: str, split: str):
+        self.task_name, self.split = task_name, split
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, UserError):
+            return False
+        if isinstance(error, (ValueError, KeyError, TypeError, tf.errors.OpError)):
+            message = error.message if isinstance(error, tf.errors.OpError) else str(error)
+            raise DataError(f"task {self.task_name!r}, split {self.split!r}: "
+                            f"{_first_line(message)}") from error
+        return False
+
+
+def _first_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
 def _with_task_id(task_id: int):
     def add(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         # Keep only the model features so every task's elements have the same structure.
@@ -192,19 +336,36 @@ def _with_task_id(task_id: int):
     return add
 
 
-def _shared_vocab_size(mixture: str, tasks: list[seqio.Task]) -> int:
-    """The vocabulary size all tasks share on inputs and targets; ValueError if they differ."""
+def _shared_vocabulary(mixture: str, tasks: list[seqio.Task],
+                       configured: str | None = None) -> seqio.Vocabulary:
+    """The vocabulary all tasks share on inputs and targets, checked against `configured`."""
     vocabs = {
         (t.name, k): t.output_features[k].vocabulary for t in tasks for k in ("inputs", "targets")
     }
     first = next(iter(vocabs.values()))
-    differing = [f"{n}:{k}={v}" for (n, k), v in vocabs.items() if v != first]
+    differing = [f"{n}:{k}={vocab_lib.describe(v)}" for (n, k), v in vocabs.items()
+                 if v != first]
     if differing:
-        raise ValueError(
-            f"Tasks of mixture {mixture!r} disagree on the output vocabulary: expected {first}, "
-            f"got {', '.join(differing)}. All tasks of a mixture must share one vocabulary."
-        )
-    return first.vocab_size
+        raise VocabularyMismatchError(
+            f"Tasks of mixture {mixture!r} disagree on the output vocabulary: expected "
+            f"{vocab_lib.describe(first)} ({tasks[0].name}), got {', '.join(differing)}. All "
+            "tasks of a mixture must share one vocabulary.")
+    if configured is not None:
+        try:
+            wanted = vocab_lib.get_vocabulary(configured)
+        except FileNotFoundError as e:
+            raise VocabularyMismatchError(f"data.vocabulary: {e}") from None
+        if wanted != first:
+            raise VocabularyMismatchError(
+                f"data.vocabulary={configured!r} ({vocab_lib.describe(wanted)}) but the tasks of "
+                f"{mixture!r} use {vocab_lib.describe(first)}. Unset data.vocabulary to use the "
+                "mixture's own, or define the tasks with that vocabulary")
+    return first
+
+
+def _shared_vocab_size(mixture: str, tasks: list[seqio.Task]) -> int:
+    """The vocabulary size all tasks share; VocabularyMismatchError if they differ."""
+    return _shared_vocabulary(mixture, tasks).vocab_size
 
 
 def decode_packed_row(

@@ -1,14 +1,43 @@
-"""Helpers to bring the user's own SeqIO tasks into a run."""
+"""Helpers to bring the user's own SeqIO tasks into a run, each in one call.
+
+    from mtjax.data import tasks
+    tasks.add_file_task("my_qa", {"train": "qa_train.tsv", "validation": "qa_dev.tsv"},
+                        columns={"inputs": "question", "targets": "answer"}, header=True)
+    tasks.add_tfds_task("cola", "glue/cola:2.0.0",
+                        columns={"inputs": "sentence", "targets": "label"}, inputs_prefix="cola: ")
+    tasks.add_file_task("my_text_sc", "corpus/*.txt", objective="span_corruption")
+    tasks.add_span_corruption_task("my_qa_sc", "my_qa", text_key=("inputs", "targets"))
+    tasks.add_mixture("my_mix", ["my_qa", "my_text_sc"], mixing="examples_proportional", cap=2**16)
+
+Every helper registers a `seqio.Task` (replacing one of the same name) whose output features are
+`inputs` and `targets` with EOS, and returns it. Sources are TF ops (files, TFDS, in-memory
+tensors), never `from_generator`, so the run's input iterator can be checkpointed.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import pathlib
 import sys
 import types
+from collections.abc import Callable, Mapping, Sequence
 
+import seqio
+import tensorflow as tf
+
+from mtjax.data import objectives
+from mtjax.data.files import FileSource, infer_format
+from mtjax.data.mixing import add_mixture  # noqa: F401 - re-exported: one import for users
+from mtjax.data.vocab import get_vocabulary, run_vocabulary
 from mtjax.errors import UserError
+
+OBJECTIVES = ("span_corruption", "prefix_lm")
+
+
+class TaskDefinitionError(UserError, ValueError):
+    """A task helper called with arguments that cannot make a task; the message says why."""
 
 
 class TasksModuleError(UserError, ImportError):
@@ -44,3 +73,288 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
             f"tasks module {name_or_path!r} not found ({e}); give an importable module path "
             f"or a .py file") from e
 
+
+
+# --- Helpers -------------------------------------------------------------------------------------
+
+Files = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+
+
+def add_file_task(name: str, files: Files, *, columns: Mapping[str, int | str] | None = None,
+                  format: str | None = None, header: bool | None = None,  # noqa: A002
+                  objective: str | None = None, inputs_prefix: str = "",
+                  vocabulary: str | None = None, on_malformed: str | None = None,
+                  metric_fns: Sequence[Callable] = (), noise_density: float | None = None,
+                  mean_noise_span_length: float = objectives.MEAN_NOISE_SPAN_LENGTH
+                  ) -> seqio.Task:
+    """Registers a task over local TSV, JSONL or text files.
+
+    Args:
+        name: the task's name.
+        files: file pattern(s) of the train split, or a mapping split -> pattern(s).
+        columns: output feature -> TSV column (index, or header name with header=True) or
+            JSONL key. Default: {"inputs": 0, "targets": 1} (TSV), {"inputs": "inputs",
+            "targets": "targets"} (JSONL), the line (text). With an `objective`, map one
+            column only, e.g. {"text": "body"}.
+        format: "tsv", "jsonl" or "text"; default from the extension (.tsv, .jsonl, .txt).
+        header: TSV files start with a header line (default: when a column is named).
+        objective: None (supervised: needs inputs and targets), "span_corruption" or
+            "prefix_lm" (pretraining over one text column).
+        inputs_prefix: text put before every input, e.g. "question: ".
+        vocabulary: "byte" or a SentencePiece .model path; None: the run's (data.vocabulary).
+        on_malformed: "fail" or "skip" malformed lines; None: the run's (data.on_malformed).
+        metric_fns: seqio metric functions for evaluation.
+        noise_density: of the objective (default 0.15 for span corruption, 0.5 prefix LM).
+        mean_noise_span_length: of span corruption.
+
+    Returns:
+        The registered seqio.Task.
+    """
+    splits = _split_map(files)
+    fmt = format or infer_format(_first_pattern(splits))
+    if columns is None:
+        columns = ({"text": 0} if fmt == "text" or objective else
+                   {"inputs": 0, "targets": 1} if fmt == "tsv" else
+                   {"inputs": "inputs", "targets": "targets"})
+    if header is None:
+        header = fmt == "tsv" and any(isinstance(c, str) for c in columns.values())
+    if fmt == "text" and len(columns) != 1:
+        raise TaskDefinitionError(f"task {name!r}: a text file has one column (the line); "
+                                  f"got columns {dict(columns)}")
+    source = FileSource(splits, fmt, columns, header=header, on_malformed=on_malformed,
+                        task_name=name)
+    if objective is None:
+        _require_supervised(name, columns, fmt)
+        preprocessors = _supervised(inputs_prefix)
+    else:
+        if len(columns) != 1:
+            raise TaskDefinitionError(f"task {name!r}: objective {objective!r} reads one "
+                                      f"text column; got {dict(columns)}")
+        preprocessors = [_text_field(next(iter(columns)), name), seqio.preprocessors.tokenize,
+                         _objective(objective, noise_density, mean_noise_span_length),
+                         seqio.preprocessors.append_eos_after_trim]
+    return _register(name, source, preprocessors, _vocab(vocabulary), metric_fns)
+
+
+def add_tfds_task(name: str, tfds_name: str, *, columns: Mapping[str, str],
+                  splits: Sequence[str] | Mapping[str, str] | None = None,
+                  data_dir: str | None = None, objective: str | None = None,
+                  inputs_prefix: str = "", vocabulary: str | None = None,
+                  metric_fns: Sequence[Callable] = (), noise_density: float | None = None,
+                  mean_noise_span_length: float = objectives.MEAN_NOISE_SPAN_LENGTH
+                  ) -> seqio.Task:
+    """Registers a task over a TFDS dataset already prepared on this machine (no download).
+
+    Args:
+        name: the task's name.
+        tfds_name: e.g. "glue/cola:2.0.0".
+        columns: output feature -> TFDS feature, e.g. {"inputs": "sentence", "targets": "label"};
+            class labels become their names, numbers their decimal text. With an objective,
+            one entry, e.g. {"text": "text"}.
+        splits: split names, or a mapping of split -> TFDS split (e.g. {"validation":
+            "train[:5%]"}); None: all of the dataset's splits.
+        data_dir: TFDS data directory (default: TFDS's).
+        objective, inputs_prefix, vocabulary, metric_fns, noise_density,
+        mean_noise_span_length: as for `add_file_task`.
+
+    Returns:
+        The registered seqio.Task.
+    """
+    source = TfdsSource(tfds_name, tfds_data_dir=data_dir, splits=splits)
+    select = _tfds_columns(source, dict(columns), name)
+    if objective is None:
+        _require_supervised(name, columns, "TFDS")
+        preprocessors = [select, *_supervised(inputs_prefix)]
+    else:
+        if len(columns) != 1:
+            raise TaskDefinitionError(f"task {name!r}: objective {objective!r} reads one "
+                                      f"text column; got {dict(columns)}")
+        preprocessors = [select, _text_field(next(iter(columns)), name),
+                         seqio.preprocessors.tokenize,
+                         _objective(objective, noise_density, mean_noise_span_length),
+                         seqio.preprocessors.append_eos_after_trim]
+    return _register(name, source, preprocessors, _vocab(vocabulary), metric_fns)
+
+
+def add_span_corruption_task(name: str, text_task: str, *,
+                             text_key: str | Sequence[str] | None = None,
+                             noise_density: float = objectives.NOISE_DENSITY,
+                             mean_noise_span_length: float = objectives.MEAN_NOISE_SPAN_LENGTH,
+                             vocabulary: str | None = None) -> seqio.Task:
+    """Registers T5 span corruption over the text of any registered task.
+
+    Args:
+        name: the new task's name.
+        text_task: a registered task; its source and its preprocessors up to tokenization are
+            reused.
+        text_key: the raw feature holding the text, or several joined by a space; None:
+            "text" if the examples have it, else "targets".
+        noise_density: fraction of tokens masked (T5: 0.15).
+        mean_noise_span_length: mean masked span length (T5: 3).
+        vocabulary: None: the text task's targets vocabulary.
+
+    Returns:
+        The registered seqio.Task.
+    """
+    return _derived(name, text_task, text_key, vocabulary, objectives.span_corruption(
+        noise_density, mean_noise_span_length))
+
+
+def add_prefix_lm_task(name: str, text_task: str, *, text_key: str | Sequence[str] | None = None,
+                       noise_density: float = 0.5, vocabulary: str | None = None) -> seqio.Task:
+    """Registers prefix-LM pretraining (T5) over the text of any registered task.
+
+    Arguments as for `add_span_corruption_task`; `noise_density` is the largest fraction of a
+    chunk that becomes targets.
+    """
+    return _derived(name, text_task, text_key, vocabulary, objectives.prefix_lm(noise_density))
+
+
+class TfdsSource(seqio.TfdsDataSource):
+    """`seqio.TfdsDataSource` that copes with TFDS metadata lacking split information.
+
+    Its size is then None (not a KeyError), and its split one shard, so hosts shard examples.
+    """
+
+    def num_input_examples(self, split: str) -> int | None:
+        try:
+            return super().num_input_examples(split)
+        except KeyError:
+            return None
+
+    def list_shards(self, split: str):
+        try:
+            return super().list_shards(split)
+        except KeyError:
+            return [split]
+
+
+# --- Internals -----------------------------------------------------------------------------------
+
+
+def _split_map(files: Files) -> dict[str, str | Sequence[str]]:
+    if isinstance(files, Mapping):
+        return dict(files)
+    return {"train": files}
+
+
+def _first_pattern(splits: Mapping[str, str | Sequence[str]]) -> str:
+    first = next(iter(splits.values()))
+    return first if isinstance(first, str) else first[0]
+
+
+def _vocab(name: str | None) -> seqio.Vocabulary:
+    return run_vocabulary() if name is None else get_vocabulary(name)
+
+
+def _require_supervised(name: str, columns: Mapping, where: str) -> None:
+    missing = [k for k in ("inputs", "targets") if k not in columns]
+    if missing:
+        raise TaskDefinitionError(
+            f"task {name!r}: columns {dict(columns)} map no {' or '.join(missing)}; a "
+            f"supervised {where} task needs both 'inputs' and 'targets' (or pass "
+            f"objective={OBJECTIVES[0]!r} or {OBJECTIVES[1]!r} with one text column)")
+
+
+def _supervised(inputs_prefix: str) -> list:
+    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+    if inputs_prefix:
+        @seqio.map_over_dataset
+        def add_prefix(ex):
+            return {**ex, "inputs": tf.strings.join([inputs_prefix, ex["inputs"]])}
+
+        preprocessors.insert(0, add_prefix)
+    return preprocessors
+
+
+def _objective(objective: str, noise_density: float | None, mean_noise_span_length: float):
+    if objective == "span_corruption":
+        return objectives.span_corruption(
+            objectives.NOISE_DENSITY if noise_density is None else noise_density,
+            mean_noise_span_length)
+    if objective == "prefix_lm":
+        return objectives.prefix_lm(0.5 if noise_density is None else noise_density)
+    raise TaskDefinitionError(f"objective must be one of {OBJECTIVES} or None, got {objective!r}")
+
+
+def _text_field(text_key: str | Sequence[str] | None, task_name: str):
+    """Preprocessor: raw examples -> {"targets": text}, checked against the examples' keys."""
+
+    def preprocessor(dataset: tf.data.Dataset) -> tf.data.Dataset:
+        keys = sorted(dataset.element_spec)
+        wanted = text_key or ("text" if "text" in keys else "targets")
+        wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+        missing = [k for k in wanted if k not in keys]
+        if missing:
+            raise TaskDefinitionError(
+                f"task {task_name!r}: text_key {missing} not among the examples' features "
+                f"{keys}; pass text_key=")
+        return dataset.map(
+            lambda ex: {"targets": tf.strings.reduce_join([ex[k] for k in wanted], separator=" ")},
+            num_parallel_calls=tf.data.AUTOTUNE)
+
+    return preprocessor
+
+
+def _tfds_columns(source: seqio.TfdsDataSource, columns: dict[str, str], task_name: str):
+    """Preprocessor: TFDS examples -> one string per mapped column (labels by name)."""
+
+    def preprocessor(dataset: tf.data.Dataset) -> tf.data.Dataset:
+        spec = dataset.element_spec
+        missing = [c for c in columns.values() if c not in spec]
+        if missing:
+            raise TaskDefinitionError(
+                f"task {task_name!r}: TFDS features {missing} not in {sorted(spec)}")
+        info_features = source.tfds_dataset.info.features
+        names = {c: tf.constant(info_features[c].names) for c in columns.values()
+                 if hasattr(info_features[c], "names")}
+
+        def select(ex):
+            out = {}
+            for key, column in columns.items():
+                value = ex[column]
+                if column in names:
+                    value = tf.gather(names[column], value)
+                elif value.dtype != tf.string:
+                    value = tf.strings.as_string(value)
+                out[key] = value
+            return out
+
+        return dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return preprocessor
+
+
+def _before_tokenization(task: seqio.Task) -> list:
+    """A task's preprocessors that run on raw text (those before its tokenize step)."""
+    out = []
+    for p in task.preprocessors:
+        fn = p.func if isinstance(p, functools.partial) else p
+        if fn in (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos):
+            break
+        if not isinstance(p, seqio.CacheDatasetPlaceholder):
+            out.append(p)
+    return out
+
+
+def _derived(name: str, text_task: str, text_key, vocabulary: str | None, objective) -> seqio.Task:
+    from mtjax.data.pipeline import lookup
+
+    base = lookup(text_task)
+    if isinstance(base, seqio.Mixture):
+        raise TaskDefinitionError(f"{text_task!r} is a mixture; give one of its tasks")
+    vocab = (base.output_features["targets"].vocabulary if vocabulary is None
+             else get_vocabulary(vocabulary))
+    preprocessors = [*_before_tokenization(base), _text_field(text_key, name),
+                     seqio.preprocessors.tokenize, objective,
+                     seqio.preprocessors.append_eos_after_trim]
+    return _register(name, base.source, preprocessors, vocab, ())
+
+
+def _register(name: str, source: seqio.DataSource, preprocessors: list,
+              vocab: seqio.Vocabulary, metric_fns: Sequence[Callable]) -> seqio.Task:
+    """Registers (or replaces) a text-to-text task with EOS on inputs and targets."""
+    features = {k: seqio.Feature(vocabulary=vocab, add_eos=True) for k in ("inputs", "targets")}
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, source=source, output_features=features,
+                                  preprocessors=preprocessors, metric_fns=list(metric_fns))

@@ -1,9 +1,29 @@
-"""Vocabularies: the byte vocabulary of the demo, or a local SentencePiece model."""
+"""Vocabularies: the byte vocabulary (ByT5), or a local SentencePiece model (T5 style).
+
+Nothing is downloaded: `mtjax vocab train` makes a SentencePiece model from local text files
+with T5's settings (unigram; pad 0, EOS 1, UNK 2, no BOS), and `get_vocabulary(path)` wraps it
+as `seqio.SentencePieceVocabulary(path, extra_ids=100)`, the 100 sentinels of span corruption.
+"""
+
+from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import pathlib
+import sys
+from collections.abc import Sequence
 
 import seqio
+
+from mtjax.errors import UserError
+
+EXTRA_IDS = 100  # T5's sentinels <extra_id_0> .. <extra_id_99>, the top ids of the vocabulary
+
+
+class VocabularyError(UserError, ValueError):
+    """A vocabulary that cannot be used as asked; the message says why and the fix."""
 
 
 @functools.cache
@@ -12,7 +32,7 @@ def get_vocabulary(name: str) -> seqio.Vocabulary:
 
     Args:
         name: `"byte"` for `seqio.ByteVocabulary()` (UTF-8 bytes, needs no download), or the path
-            of a local SentencePiece `.model` file.
+            of a local SentencePiece `.model` file (wrapped with T5's 100 extra ids).
 
     Returns:
         The seqio vocabulary.
@@ -25,9 +45,40 @@ def get_vocabulary(name: str) -> seqio.Vocabulary:
     if not os.path.isfile(name):
         raise FileNotFoundError(
             f"Vocabulary {name!r} is neither 'byte' nor an existing SentencePiece .model file. "
-            "mtjax never downloads vocabularies: copy the .model file to this machine first."
+            "mtjax never downloads vocabularies: copy the .model file to this machine first, "
+            "or make one with `mtjax vocab train`."
         )
-    return seqio.SentencePieceVocabulary(name)
+    return seqio.SentencePieceVocabulary(os.path.abspath(name), extra_ids=EXTRA_IDS)
+
+
+# The vocabulary that task helpers use when a task does not name one: config data.vocabulary,
+# set by `mtjax.data.pipeline.prepare` before the user's tasks module is imported.
+_RUN_VOCABULARY: list[str | None] = [None]
+
+
+def set_run_vocabulary(name: str | None) -> None:
+    """Sets the vocabulary helpers give tasks that name none (None: "byte")."""
+    _RUN_VOCABULARY[0] = name
+
+
+def run_vocabulary() -> seqio.Vocabulary:
+    """The vocabulary of tasks that name none: config data.vocabulary, else bytes."""
+    return get_vocabulary(_RUN_VOCABULARY[0] or "byte")
+
+
+def describe(vocab: seqio.Vocabulary) -> str:
+    """A short, stable identity of a vocabulary, e.g. `byte(259)` or `spm:3f2a9c01d2e4(8100)`.
+
+    SentencePiece models are named by a hash of their contents, so copies of one file agree
+    and a retrained file does not.
+    """
+    if isinstance(vocab, seqio.ByteVocabulary):
+        extra = f",extra_ids={vocab.extra_ids}" if vocab.extra_ids else ""
+        return f"byte({vocab.vocab_size}{extra})"
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        digest = hashlib.sha256(vocab.sp_model).hexdigest()[:12]
+        return f"spm:{digest}({vocab.vocab_size})"
+    return f"{type(vocab).__name__}({vocab.vocab_size})"
 
 
 def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = 128) -> int:
@@ -36,3 +87,67 @@ def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = 128) -> int:
     Why: embedding and logits matrices shard and tile better when the vocab axis divides evenly.
     """
     return -(-vocab.vocab_size // multiple) * multiple
+
+
+def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
+                        character_coverage: float = 1.0, max_sentences: int = 10_000_000,
+                        model_type: str = "unigram", quiet: bool = True,
+                        progress: bool = False) -> dict:
+    """Trains a SentencePiece model with T5's settings on local text files.
+
+    Args:
+        inputs: text files, one sentence or document per line.
+        size: number of pieces (T5: 32000); the seqio vocabulary adds 100 sentinels on top.
+        out_dir: where `spm.model`, `spm.vocab` and `vocab.json` are written.
+        character_coverage: fraction of characters covered (1.0 for small alphabets,
+            0.9995 for large ones such as CJK).
+        max_sentences: at most this many lines are sampled for training.
+        model_type: "unigram" (T5) or "bpe".
+        quiet: keep SentencePiece's own log off stderr.
+        progress: say on stderr what is being trained.
+
+    Returns:
+        A summary: model path, pieces, seqio vocab size (with extra ids), padded model size.
+
+    Raises:
+        VocabularyError: no input file, or a size the corpus cannot support.
+    """
+    import sentencepiece as spm
+
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if not inputs or missing:
+        raise VocabularyError(f"vocab train: input file(s) not found: {missing or '(none given)'}")
+    if size < 8:
+        raise VocabularyError(f"vocab train: --size must be at least 8, got {size}")
+    if progress:
+        print(f"training a {model_type} SentencePiece model of {size} pieces on "
+              f"{len(inputs)} file(s) ...", file=sys.stderr, flush=True)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = str(out / "spm")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(inputs), model_prefix=prefix, vocab_size=size,
+            model_type=model_type, character_coverage=character_coverage,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids; seqio relies on them
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            max_sentence_length=1 << 16, minloglevel=2 if quiet else 0,
+        )
+    except RuntimeError as e:
+        # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
+        reason = str(e).strip().rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        raise VocabularyError(f"vocab train: SentencePiece failed: {reason} (--size {size}, "
+                              f"{len(inputs)} input file(s))") from None
+    vocab = seqio.SentencePieceVocabulary(prefix + ".model", extra_ids=EXTRA_IDS)
+    summary = {
+        "model": os.path.abspath(prefix + ".model"),
+        "pieces": size,
+        "extra_ids": EXTRA_IDS,
+        "vocab_size": vocab.vocab_size,
+        "model_vocab_size": padded_vocab_size(vocab),
+        "id": describe(vocab),
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "config": f"data.vocabulary={os.path.abspath(prefix + '.model')}",
+    }
+    (out / "vocab.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -46,18 +46,11 @@ def parameter_groups(abstract_params: Any, shardings: Any) -> list[dict[str, Any
 
 def mixture_vocab_size(config: config_lib.Config) -> int:
     """The model's vocabulary: the mixture's, rounded up to a multiple of 128."""
-    from mtjax.data import tasks as tasks_lib
+    from mtjax.data import pipeline as pipeline_lib
     from mtjax.data import vocab as vocab_lib
 
-    if config.data.tasks_module:
-        tasks_lib.import_tasks_module(config.data.tasks_module)
-    import seqio
-
-    import mtjax.data.builtin  # noqa: F401 - registers the built-in tasks
-    from mtjax.data.pipeline import resolve_task_names
-
-    resolve_task_names(config.data.mixture)  # a clear error for an unknown name
-    task = seqio.get_mixture_or_task(config.data.mixture)
+    pipeline_lib.prepare(config)  # the run's vocabulary default, then the user's tasks module
+    task = pipeline_lib.lookup(config.data.mixture)  # a clear error for an unknown name
     vocab = task.output_features["targets"].vocabulary
     return vocab_lib.padded_vocab_size(vocab)
 

@@ -53,17 +53,12 @@ def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "
     ``seed_offset`` reshuffles the stream (a resumed run whose host count changed)."""
     from mtjax.data import pipeline as pipeline_lib
 
-    if config.data.tasks_module:
-        from mtjax.data import tasks as tasks_lib
-
-        tasks_lib.import_tasks_module(config.data.tasks_module)
-    import mtjax.data.builtin  # noqa: F401 - registers the built-in tasks
-
-    return pipeline_lib.InputPipeline(
-        config.data.mixture, inputs_length=config.data.inputs_length,
-        targets_length=config.data.targets_length, batch_size=per_host_batch,
-        pack=config.data.pack, seed=config.train.seed + seed_offset,
-        shard_index=jax.process_index(), num_shards=jax.process_count(), split=split)
+    if seed_offset:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, seed=config.train.seed + seed_offset))
+    return pipeline_lib.from_config(config, per_host_batch, split=split,
+                                    shard_index=jax.process_index(),
+                                    num_shards=jax.process_count())
 
 
 def _log(msg: str) -> None:
@@ -155,6 +150,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     per_host_batch = config.train.batch_size // jax.process_count()
     pipeline = make_pipeline(config, per_host_batch)
     task_names = list(pipeline.task_names)
+    _log(pipeline.describe())
+    _warn_truncation(config)
     # The embedding rounds the mixture's vocabulary up to a multiple of 128 (accelerator tiles).
     vocab_size = -(-pipeline.vocab_size // 128) * 128
 
@@ -288,13 +285,27 @@ def _absorb(window, pending, config: config_lib.Config):
     return metrics_lib.accumulate(window, {k: v for k, v in host.items() if k != "finite"})
 
 
+def _warn_truncation(config: config_lib.Config) -> None:
+    """Warn (process 0) when the configured lengths cut most examples of a task."""
+    if jax.process_index() != 0:
+        return
+    from mtjax.data import preview
+
+    lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
+    _, warnings = preview.mixture_length_report(config.data.mixture, lengths, n=256,
+                                                seed=config.train.seed)
+    for warning in warnings:
+        _log(f"warning: {warning}")
+
+
 def _finite_only(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
     """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
-    keys = [("model", "name"), ("data", "mixture"), ("optim", "name")]
+    keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
+            ("optim", "name")]
     differ = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {current[s][k]!r}"
               for s, k in keys if saved.get(s, {}).get(k) != current[s][k]]
     if differ:

@@ -1,0 +1,276 @@
+"""Data sources over local TSV, JSONL and text files, with malformed lines counted and located.
+
+TSV and text files stream through `tf.data.TextLineDataset` (any size, sharded by file across
+hosts when there are enough files); JSONL files are parsed in Python and held in memory (JSON has
+no TF parser). Either way the dataset is made of TF ops, so the input iterator can be saved in a
+checkpoint. The first use of a split scans its files once in Python to count examples (for
+examples-proportional mixing) and malformed lines, which then fail the run with their count and
+location, or are skipped, as `on_malformed` says.
+
+What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
+(or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
+to a list/object; any format, a line that is not UTF-8. Blank lines of text and JSONL files are
+skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from mtjax.errors import UserError
+
+FORMATS = ("tsv", "jsonl", "text")
+_EXTENSIONS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
+               ".text": "text"}
+_SHOWN_LOCATIONS = 5
+
+
+class DataFileError(UserError, ValueError):
+    """A data file is missing, empty, or has malformed lines; the message names it."""
+
+
+# What the run asks for when a helper leaves `on_malformed` unset (config data.on_malformed).
+RUN_DEFAULTS = {"on_malformed": "fail"}
+
+
+def infer_format(path: str) -> str:
+    """The format of a file from its extension (.tsv, .jsonl/.json, .txt/.text)."""
+    ext = os.path.splitext(path.removesuffix(".gz"))[1].lower()
+    if ext not in _EXTENSIONS:
+        raise DataFileError(
+            f"cannot tell the format of {path!r} from its extension; pass format= one of "
+            f"{FORMATS}")
+    return _EXTENSIONS[ext]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """What one pass over a split's files found."""
+
+    examples: int
+    malformed: int
+    locations: tuple[str, ...]  # the first few "file:line: reason"
+    header: tuple[str, ...] | None  # TSV column names when the files have a header
+    fields: int | None  # TSV fields per line: the header's, else the first line's
+
+
+def _lines(path: str):
+    """(line number, bytes without the line ending) for every line, as TextLineDataset splits."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            yield number, raw.rstrip(b"\n").rstrip(b"\r")
+
+
+@functools.cache
+def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tuple) -> Scan:
+    """Counts examples and malformed lines; `stamp` (mtimes) invalidates the cache on edits."""
+    del stamp
+    examples, malformed, locations = 0, 0, []
+    names, expected = None, None
+
+    def bad(path, number, reason):
+        nonlocal malformed
+        malformed += 1
+        if len(locations) < _SHOWN_LOCATIONS:
+            locations.append(f"{path}:{number}: {reason}")
+
+    for path in files:
+        for number, raw in _lines(path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad(path, number, "not UTF-8")
+                continue
+            if fmt == "tsv":
+                fields = line.split("\t")
+                if header and number == 1:
+                    if names is None:
+                        names, expected = tuple(fields), len(fields)
+                    elif tuple(fields) != names:
+                        bad(path, number, f"header {fields} differs from {list(names)}")
+                    continue
+                if expected is None:
+                    expected = len(fields)
+                if len(fields) != expected:
+                    bad(path, number, f"{len(fields)} tab-separated fields, expected {expected}")
+                    continue
+            elif not line.strip():
+                continue  # blank lines of text and JSONL files carry no example
+            elif fmt == "jsonl":
+                reason = _json_problem(line, keys)
+                if reason:
+                    bad(path, number, reason)
+                    continue
+            examples += 1
+    if fmt == "tsv" and header and names is not None:
+        missing = [k for k in keys if isinstance(k, str) and k not in names]
+        if missing:
+            raise DataFileError(
+                f"column(s) {missing} not in the header of {files[0]} (columns: {list(names)})")
+    if fmt == "tsv" and expected is not None:
+        too_far = [k for k in keys if isinstance(k, int) and not 0 <= k < expected]
+        if too_far:
+            raise DataFileError(
+                f"column index(es) {too_far} out of range: {files[0]} has {expected} "
+                "tab-separated fields per line")
+    return Scan(examples, malformed, tuple(locations), names, expected)
+
+
+def _json_problem(line: str, keys: tuple) -> str | None:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, expected an object"
+    for key in keys:
+        if key not in obj:
+            return f"no key {key!r} (keys: {sorted(obj)[:8]})"
+        if isinstance(obj[key], (dict, list)):
+            return f"key {key!r} holds a {type(obj[key]).__name__}, expected text or a number"
+    return None
+
+
+def _json_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class FileSource(seqio.FileDataSource):
+    """A seqio source yielding one string feature per entry of `columns`.
+
+    Args:
+        split_to_files: split -> file pattern(s) (globs allowed).
+        fmt: "tsv", "jsonl" or "text".
+        columns: output feature -> column: a TSV column index or header name, a JSONL key;
+            text files have one column, the line.
+        header: TSV files start with a header line of column names.
+        on_malformed: "fail", "skip", or None for the run's default (data.on_malformed).
+        task_name: named in messages.
+    """
+
+    def __init__(self, split_to_files: Mapping[str, str | Sequence[str]], fmt: str,
+                 columns: Mapping[str, int | str], *, header: bool = False,
+                 on_malformed: str | None = None, task_name: str = "?"):
+        if fmt not in FORMATS:
+            raise DataFileError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if on_malformed not in (None, "fail", "skip"):
+            raise DataFileError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
+        if fmt == "tsv" and not header and any(isinstance(c, str) for c in columns.values()):
+            raise DataFileError(
+                f"task {task_name!r}: TSV columns {dict(columns)} name header fields; pass "
+                "header=True, or give column indices")
+        self.fmt, self.columns, self.header = fmt, dict(columns), header
+        self._on_malformed, self.task_name = on_malformed, task_name
+        # Why a cycle length of 1: files are read one after another, so the interleave keeps no
+        # per-file buffers and the iterator checkpoint stays small.
+        super().__init__(read_file_fn=self._read_file, split_to_filepattern=dict(split_to_files),
+                         cycle_length=1, block_length=1)
+
+    @property
+    def on_malformed(self) -> str:
+        return self._on_malformed or RUN_DEFAULTS["on_malformed"]
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        if split not in self._split_to_filepattern:
+            raise DataFileError(
+                f"task {self.task_name!r} has no split {split!r} (splits: {list(self.splits)})")
+        files = super().list_shards(split)
+        if not files:
+            raise DataFileError(
+                f"task {self.task_name!r}, split {split!r}: no file matches "
+                f"{self._split_to_filepattern[split]!r}")
+        return files
+
+    def scan(self, split: str) -> Scan:
+        """Counts the split's examples and malformed lines (cached until a file changes)."""
+        files = tuple(self.list_shards(split))
+        stamp = tuple(tf.io.gfile.stat(f).mtime_nsec for f in files)
+        keys = tuple(self.columns.values())
+        return _scan(files, self.fmt, keys, self.header, stamp)
+
+    def num_input_examples(self, split: str) -> int:
+        return self.scan(split).examples
+
+    def check(self, split: str) -> Scan:
+        """Scans `split`; raises on malformed lines (unless skipping) or an empty split."""
+        scan = self.scan(split)
+        if scan.malformed:
+            where = "; ".join(scan.locations) + (" ..." if scan.malformed > len(scan.locations)
+                                                 else "")
+            if self.on_malformed == "fail":
+                raise DataFileError(
+                    f"task {self.task_name!r}, split {split!r}: {scan.malformed} malformed "
+                    f"line(s): {where}. Fix them, or skip them with on_malformed='skip' "
+                    "(config data.on_malformed=skip)")
+            _warn_once(f"mtjax: task {self.task_name!r}, split {split!r}: skipping "
+                       f"{scan.malformed} malformed line(s): {where}")
+        if scan.examples == 0:
+            raise DataFileError(
+                f"task {self.task_name!r}, split {split!r} is empty: no example in "
+                f"{', '.join(self.list_shards(split))}")
+        return scan
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
+        scan = self.check(split)
+        if self.fmt == "jsonl":
+            return self._jsonl_dataset(split, shuffle, seed, shard_info)
+        # The reader is traced when the interleave is built, i.e. inside this call.
+        self._reader = functools.partial(self._read_file, scan=scan)
+        return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
+
+    def _read_file(self, path: tf.Tensor, scan: Scan) -> tf.data.Dataset:
+        """TSV/text lines of one file -> examples; drops the lines the scan calls malformed."""
+        ds = tf.data.TextLineDataset(path).skip(1 if self.header else 0)
+        ds = ds.map(lambda line: tf.strings.regex_replace(line, "\r$", ""))
+        # Valid UTF-8 is what transcoding leaves unchanged.
+        ds = ds.filter(lambda line: tf.equal(
+            tf.strings.unicode_transcode(line, "UTF-8", "UTF-8", errors="replace"), line))
+        if self.fmt == "text":
+            (feature,) = self.columns
+            ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
+            return ds.map(lambda line: {feature: line})
+        index = {k: (scan.header.index(c) if isinstance(c, str) else c)
+                 for k, c in self.columns.items()}
+        ds = ds.map(lambda line: tf.strings.split(line, "\t"))
+        ds = ds.filter(lambda fields: tf.equal(tf.size(fields), scan.fields))
+        return ds.map(lambda fields: {k: fields[i] for k, i in index.items()})
+
+    def _jsonl_dataset(self, split, shuffle, seed, shard_info) -> tf.data.Dataset:
+        files = list(self.list_shards(split))
+        if shard_info and len(files) >= shard_info.num_shards:
+            files = files[shard_info.index::shard_info.num_shards]
+        if shuffle:
+            np.random.default_rng(seed).shuffle(files)
+        columns = {k: [] for k in self.columns}
+        for path in files:
+            for _, raw in _lines(path):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if not line.strip() or _json_problem(line, tuple(self.columns.values())):
+                    continue
+                obj = json.loads(line)
+                for k, key in self.columns.items():
+                    columns[k].append(_json_text(obj[key]))
+        return tf.data.Dataset.from_tensor_slices(
+            {k: tf.constant(v, tf.string, shape=[len(v)]) for k, v in columns.items()})
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,170 @@
+"""`mtjax tasks` and `mtjax vocab`, a user's task module training by path, per-task losses."""
+
+import dataclasses
+import json
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from mtjax import cli
+
+USER_TASKS = textwrap.dedent('''
+    """A user's tasks: a TSV question-answer task and span corruption over its text."""
+    import pathlib
+
+    from mtjax.data import tasks
+
+    HERE = pathlib.Path(__file__).parent
+    tasks.add_file_task("user_qa", str(HERE / "qa.tsv"),
+                        columns={"inputs": "question", "targets": "answer"})
+    tasks.add_span_corruption_task("user_qa_sc", "user_qa", text_key=("inputs", "targets"))
+    tasks.add_mixture("user_mix", ["user_qa", "user_qa_sc"], mixing="equal")
+''')
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory):
+    d = tmp_path_factory.mktemp("user")
+    rows = [f"what is {a} plus {b}?\t{a + b}" for a in range(30) for b in range(10)]
+    (d / "qa.tsv").write_text("question\tanswer\n" + "\n".join(rows) + "\n")
+    (d / "my_tasks.py").write_text(USER_TASKS)
+    return d / "my_tasks.py"
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tasks_list_show_preview(capsys, user_module):
+    code, out, _ = run(["tasks", "list", "--json", "--tasks-module", str(user_module)], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    names = {r["name"]: r["kind"] for r in rows}
+    assert code == 0 and names["user_mix"] == "mixture" and names["user_qa"] == "task"
+    assert names["mtjax_demo"] == "mixture" and names["mtjax_kb_qa"] == "task"
+
+    code, out, _ = run(["tasks", "show", "user_qa", "--tasks-module", str(user_module),
+                        "data.mixture=user_mix"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["splits"] == {"train": 300}
+    assert info["preprocessors"] == ["tokenize", "append_eos_after_trim"]
+    assert info["output_features"]["targets"]["vocabulary"] == "byte(259)"
+    assert info["rate"]["rate"] == pytest.approx(0.5) and "FileSource" in info["source"]
+
+    code, out, err = run(["tasks", "preview", "user_qa", "-n", "2", "--sample", "50",
+                          "--json", "--tasks-module", str(user_module),
+                          "data.inputs_length=16"], capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    examples, (stats,) = lines[:2], lines[2:]
+    assert code == 0 and examples[0]["inputs"].startswith("what is") and len(examples) == 2
+    assert examples[0]["inputs_truncated"] and examples[0]["inputs_tokens"] > 16
+    assert stats["stats"]["inputs"]["truncated"] == 1.0
+    assert "data.inputs_length=16 truncates 100% of user_qa" in err
+
+
+def test_tasks_preview_span_corruption_text(capsys):
+    code, out, _ = run(["tasks", "preview", "mtjax_kb_bio_span_corruption", "-n", "1",
+                        "--sample", "20"], capsys)
+    assert code == 0 and "<extra_id_0>" in out and "truncates   0.0%" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["tasks", "show", "mtjax_dmo"], "Did you mean: mtjax_demo"),
+    (["tasks", "preview", "user_nope", "--tasks-module", "/nonexistent/tasks.py"],
+     "does not exist"),
+    (["tasks", "show", "mtjax_kb", "data.mixing=temprature"], "data.mixing"),
+    (["vocab", "train", "--input", "/nonexistent.txt", "--out", "/tmp/x"], "not found"),
+])
+def test_mistakes_are_one_line(capsys, argv, needle):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vocab_cli_round_trip(capsys, tmp_path):
+    from mtjax.data import knowledge
+
+    corpus = tmp_path / "bios.txt"
+    corpus.write_text("\n".join(knowledge.biographies("validation")) + "\n")
+    code, out, _ = run(["vocab", "train", "--input", str(corpus), "--size", "150", "--out",
+                        str(tmp_path / "v")], capsys)
+    summary = json.loads(out)
+    assert code == 0 and summary["vocab_size"] == 250
+    code, out, _ = run(["vocab", "encode", summary["model"], "kopido lives in cuxaca."], capsys)
+    encoded = json.loads(out)
+    assert encoded["decoded"] == "kopido lives in cuxaca." and encoded["ids"][-1] != 1
+
+
+def test_user_task_module_trains_by_path(capsys, tmp_path, user_module):
+    code, _, err = run([
+        "train", "--workdir", str(tmp_path), "--tasks-module", str(user_module), "--no-progress",
+        "data.mixture=user_mix", "model.name=t5_1_1_test", "train.steps=2",
+        "train.batch_size=2", "data.inputs_length=32", "data.targets_length=16",
+        "log.every_steps=1", "log.tensorboard=false", "checkpoint.every_steps=2",
+        "eval.every_steps=0"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["tasks"] == ["user_qa", "user_qa_sc"]
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(last["loss/user_qa"]) and np.isfinite(last["loss/user_qa_sc"])
+
+
+def test_per_task_loss_equals_the_task_alone():
+    """Each task's loss in a packed mixture batch equals its examples' loss in a batch alone."""
+    from mtjax.data import DEFAULT_MIXTURE, InputPipeline, decode_packed_row, get_vocabulary
+    from mtjax.infer.batching import score_batch_arrays
+    from mtjax.model import sizes
+    from mtjax.parallel import mesh as mesh_lib
+    from mtjax.train import state as state_lib
+    from mtjax.train import step as step_lib
+
+    pipeline = InputPipeline(DEFAULT_MIXTURE, inputs_length=64, targets_length=32, batch_size=4)
+    batch = next(pipeline)
+    num_tasks = len(pipeline.task_names)
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=384)
+    mesh, rules = mesh_lib.make_mesh(mesh_lib.MeshShape()), mesh_lib.get_rules("fsdp")
+    tx = optax.sgd(0.1)
+    model_def, _, shardings = state_lib.state_shardings(cfg, tx, mesh, rules, 0)
+    params = state_lib.init_train_state(model_def, tx, shardings, mesh, rules, 0).params
+
+    @jax.jit
+    def sums(params, batch):
+        logits = step_lib.model_logits(model_def, params, batch, None)
+        return step_lib.batch_metrics(logits, batch, num_tasks, z_loss=1e-4)[1]
+
+    with mesh_lib.activate(mesh, rules):
+        packed = jax.device_get(sums(params, batch))
+        by_task: dict[int, list] = {}
+        for row in range(len(batch["decoder_target_tokens"])):
+            for task_id, input_ids, target_ids, _, _ in decode_packed_row(
+                    batch, row, get_vocabulary("byte")):
+                by_task.setdefault(task_id, []).append((input_ids, target_ids))
+        assert len(by_task) >= 3
+        rows = max(len(v) for v in by_task.values())
+        for task_id, examples in by_task.items():
+            alone = score_batch_arrays([e[0] for e in examples], [e[1] for e in examples],
+                                       inputs_length=64, targets_length=32)
+            alone = {k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in alone.items()}
+            alone["decoder_task_ids"] = alone["decoder_loss_weights"] * task_id
+            single = jax.device_get(sums(params, alone))
+            i = task_id - 1
+            assert packed["task_weight_sum"][i] == single["weight_sum"]
+            np.testing.assert_allclose(
+                packed["task_loss_sum"][i] / packed["task_weight_sum"][i],
+                single["loss_sum"] / single["weight_sum"], rtol=1e-5)
+
+
+def test_bench_data_smoke(capsys):
+    from mtjax import bench
+
+    assert bench.main(["data", "--smoke"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["cases"]) == {"mixture", "span_corruption"}
+    for case in result["cases"].values():
+        assert case["batches"] == 30 and case["examples_per_s"] > 0
+        assert 0 < case["packing_efficiency"] <= case["binding_side_efficiency"] <= 1
+    assert result["cases"]["mixture"]["mixture"] == "mtjax_demo"

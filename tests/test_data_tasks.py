@@ -1,0 +1,355 @@
+"""Task helpers (files, TFDS, objectives), vocabularies, mixing strategies and data errors."""
+
+import json
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mtjax.data import files as files_lib
+from mtjax.data import knowledge, mixing, objectives, preview, tasks
+from mtjax.data import vocab as vocab_lib
+from mtjax.data.pipeline import DataError, InputPipeline, VocabularyMismatchError
+from mtjax.errors import UserError
+
+LENGTHS = {"inputs": 64, "targets": 32}
+
+
+def _examples(task, split="train", lengths=None, n=1000):
+    ds = task.get_dataset(lengths or LENGTHS, split=split, shuffle=False)
+    return list(ds.take(n).as_numpy_iterator())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "qa.tsv").write_text(
+        "question\tanswer\nwhat is one\tone\nbad line\nwhat is two\ttwo\n\n"
+        "what is three\tthree\textra\nwhat is four\tfour\r\n")
+    (d / "qa.jsonl").write_text(
+        '{"q": "a?", "a": "b"}\n{"q": 3, "a": "c"}\nnot json\n\n{"q": "x"}\n'
+        '{"q": ["l"], "a": "d"}\n')
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    (d / "corpus.txt").write_text("".join(
+        " ".join(rng.choice(words, rng.integers(5, 80))) + "\n" for _ in range(400)))
+    for name, n in (("small", 200), ("medium", 1_000), ("large", 4_000)):
+        (d / f"{name}.tsv").write_text("".join(f"{name} {i}\t{i % 7}\n" for i in range(n)))
+    return d
+
+
+def test_tsv_malformed_lines_fail_with_count_and_location(data_dir):
+    task = tasks.add_file_task("t_tsv_fail", str(data_dir / "qa.tsv"),
+                               columns={"inputs": "question", "targets": "answer"})
+    with pytest.raises(files_lib.DataFileError) as info:
+        _examples(task)
+    message = str(info.value)
+    assert "3 malformed line(s)" in message and "t_tsv_fail" in message
+    assert "qa.tsv:3: 1 tab-separated fields, expected 2" in message
+    assert "qa.tsv:6: 3 tab-separated fields" in message and "on_malformed='skip'" in message
+    # The same error reaches a run as one DataError line (a UserError), not a TF trace.
+    with pytest.raises(files_lib.DataFileError):
+        InputPipeline("t_tsv_fail", inputs_length=32, targets_length=8, batch_size=2)
+
+
+def test_tsv_skip_keeps_the_good_lines(data_dir, capsys):
+    task = tasks.add_file_task("t_tsv_skip", str(data_dir / "qa.tsv"),
+                               columns={"inputs": "question", "targets": "answer"},
+                               inputs_prefix="q: ", on_malformed="skip")
+    got = [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+           for ex in _examples(task)]
+    assert got == [("q: what is one", "one"), ("q: what is two", "two"),
+                   ("q: what is four", "four")]
+    assert "skipping 3 malformed line(s)" in capsys.readouterr().err
+    assert task.num_input_examples("train") == 3
+
+
+def test_run_default_on_malformed(data_dir):
+    task = tasks.add_file_task("t_tsv_default", str(data_dir / "qa.tsv"),
+                               columns={"inputs": "question", "targets": "answer"})
+    files_lib.RUN_DEFAULTS["on_malformed"] = "skip"  # what data.on_malformed=skip sets
+    try:
+        assert len(_examples(task)) == 3
+    finally:
+        files_lib.RUN_DEFAULTS["on_malformed"] = "fail"
+
+
+def test_jsonl_task_with_column_mapping(data_dir):
+    task = tasks.add_file_task("t_jsonl", str(data_dir / "qa.jsonl"),
+                               columns={"inputs": "q", "targets": "a"}, on_malformed="skip")
+    got = [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+           for ex in _examples(task)]
+    assert got == [("a?", "b"), ("3", "c")]
+    scan = task.source.scan("train")
+    assert scan.malformed == 3 and scan.examples == 2
+    assert any("qa.jsonl:3: invalid JSON" in x for x in scan.locations)
+    assert any("qa.jsonl:5: no key 'a'" in x for x in scan.locations)
+
+
+def test_file_task_definition_errors(data_dir):
+    with pytest.raises(tasks.TaskDefinitionError, match="needs both 'inputs' and 'targets'"):
+        tasks.add_file_task("t_bad", str(data_dir / "qa.jsonl"), columns={"inputs": "q"})
+    with pytest.raises(files_lib.DataFileError, match="cannot tell the format"):
+        tasks.add_file_task("t_bad", str(data_dir / "qa.csv"))
+    tasks.add_file_task("t_missing", str(data_dir / "nothing*.tsv"))
+    with pytest.raises(UserError, match="no file matches"):
+        InputPipeline("t_missing", inputs_length=32, targets_length=8, batch_size=2)
+    (data_dir / "empty.tsv").write_text("")
+    tasks.add_file_task("t_empty", str(data_dir / "empty.tsv"))
+    with pytest.raises(UserError, match="is empty"):
+        InputPipeline("t_empty", inputs_length=32, targets_length=8, batch_size=2)
+    with pytest.raises(DataError, match="no split 'validation'"):
+        InputPipeline("t_tsv_skip", inputs_length=32, targets_length=8, batch_size=2,
+                      split="validation")
+
+
+def test_task_without_targets_is_a_clear_error():
+    name = "t_inputs_only"
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(lambda split, shuffle_files: None, ["train"]),
+        output_features={"inputs": seqio.Feature(vocab_lib.get_vocabulary("byte"))})
+    with pytest.raises(DataError, match="no 'targets'"):
+        InputPipeline(name, inputs_length=32, targets_length=8, batch_size=2)
+
+
+def test_random_spans_helper_matches_t5():
+    assert objectives.random_spans_helper(512) == (568, 114)
+
+
+def _uncorrupt(inputs, targets, vocab_size):
+    """Puts the spans back; returns (tokens, noise count, spans)."""
+    spans, current = {}, None
+    for t in targets:
+        if t >= vocab_size - 40:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    out = []
+    for t in inputs:
+        out.extend(spans[t] if t >= vocab_size - 40 else [t])
+    return out, sum(map(len, spans.values())), len(spans)
+
+
+@pytest.mark.parametrize("density,mean_span", [(0.15, 3.0), (0.3, 8.0)])
+def test_span_corruption_matches_its_parameters(data_dir, density, mean_span):
+    task = tasks.add_file_task(f"t_sc_{density}", str(data_dir / "corpus.txt"),
+                               objective="span_corruption", noise_density=density,
+                               mean_noise_span_length=mean_span)
+    vocab = task.output_features["targets"].vocabulary
+    lengths = {"inputs": 256, "targets": 128}
+    examples = _examples(task, lengths=lengths, n=200)
+    chunk, targets_length = objectives.random_spans_helper(256, density, mean_span)
+    noise = total = spans = 0
+    for ex in examples:
+        assert ex["inputs"][-1] == 1 and ex["targets"][-1] == 1  # EOS on both
+        tokens, n_noise, n_spans = _uncorrupt(ex["inputs"][:-1], ex["targets"][:-1],
+                                              vocab.vocab_size)
+        assert len(tokens) <= chunk and ex["targets"][0] == vocab.vocab_size - 1
+        assert set(vocab.decode(tokens)) <= set("abcdeghilmnopstz ")  # the corpus, restored
+        noise, total, spans = noise + n_noise, total + len(tokens), spans + n_spans
+        if len(tokens) == chunk:  # a full chunk fills the inputs exactly, as T5 sizes them
+            assert len(ex["inputs"]) == 256 and len(ex["targets"]) == targets_length
+    assert len(examples) > 50
+    assert abs(noise / total - density) < 0.01, noise / total
+    assert abs(noise / spans - mean_span) < 0.1 * mean_span, noise / spans
+
+
+def test_prefix_lm_splits_a_chunk_without_truncation(data_dir):
+    base = tasks.add_file_task("t_text", str(data_dir / "corpus.txt"), objective="prefix_lm")
+    lengths = {"inputs": 64, "targets": 32}
+    stats = preview.length_stats(preview.untrimmed_examples(base, "train", lengths, 200), lengths)
+    assert stats["truncated"] == 0.0
+    assert stats["targets"]["max"] <= 32 and stats["inputs"]["max"] <= 64
+
+
+def test_span_corruption_over_another_task():
+    task = tasks.add_span_corruption_task("t_kb_qa_sc", "mtjax_kb_qa",
+                                          text_key=("inputs", "targets"))
+    (ex, *_) = _examples(task, n=3)
+    vocab = task.output_features["targets"].vocabulary
+    assert 258 in ex["inputs"] and ex["targets"][0] == 258
+    text = preview.decode(vocab, ex["inputs"], 64)[0]
+    assert "question:" in text or "<extra_id_0>" in text
+    with pytest.raises(tasks.TaskDefinitionError, match="text_key"):
+        _examples(tasks.add_prefix_lm_task("t_bad_key", "mtjax_kb_qa", text_key="body"))
+
+
+def test_tfds_task_with_mock_data():
+    task = tasks.add_tfds_task("t_cola", "glue/cola:2.0.0",
+                               columns={"inputs": "sentence", "targets": "label"},
+                               splits=["train", "validation"], inputs_prefix="cola: ")
+    with tfds.testing.mock_data(num_examples=8):
+        examples = _examples(task)
+        assert len(examples) == 8
+        for ex in examples:
+            assert ex["inputs_pretokenized"].startswith(b"cola: ")
+            assert ex["targets_pretokenized"] in (b"acceptable", b"unacceptable")
+        batch = next(InputPipeline("t_cola", inputs_length=64, targets_length=8, batch_size=2))
+        assert batch["decoder_task_ids"].max() == 1
+
+
+@pytest.fixture(scope="module")
+def spm_model(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vocab")
+    corpus = out / "bios.txt"
+    corpus.write_text("\n".join(knowledge.biographies("validation")) + "\n")
+    return vocab_lib.train_sentencepiece([str(corpus)], 200, str(out))
+
+
+def test_vocab_train_round_trip(spm_model):
+    assert spm_model["vocab_size"] == 200 + 100 and spm_model["model_vocab_size"] == 384
+    vocab = vocab_lib.get_vocabulary(spm_model["model"])
+    assert (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
+    text = knowledge.biographies("train")[0]
+    assert vocab.decode(vocab.encode(text)) == text
+    with pytest.raises(vocab_lib.VocabularyError, match="Vocabulary size too high"):
+        vocab_lib.train_sentencepiece([spm_model["inputs"][0]], 5000, spm_model["model"] + "d")
+
+
+def test_run_vocabulary_and_conflicts(data_dir, spm_model):
+    vocab_lib.set_run_vocabulary(spm_model["model"])  # what data.vocabulary=... sets
+    try:
+        task = tasks.add_file_task("t_spm_sc", str(data_dir / "corpus.txt"),
+                                   objective="span_corruption")
+    finally:
+        vocab_lib.set_run_vocabulary(None)
+    vocab = task.output_features["targets"].vocabulary
+    assert vocab.vocab_size == 300
+    ex = _examples(task, n=1)[0]
+    assert ex["targets"][0] == 299  # <extra_id_0>
+    assert preview.decode(vocab, ex["targets"], 32)[0].startswith("<extra_id_0>")
+    pipeline = InputPipeline("t_spm_sc", inputs_length=64, targets_length=32, batch_size=2,
+                             vocabulary=spm_model["model"])
+    assert pipeline.vocabulary_id.startswith("spm:") and pipeline.vocab_size == 300
+    with pytest.raises(VocabularyMismatchError, match="data.vocabulary"):
+        InputPipeline("mtjax_kb_qa", inputs_length=64, targets_length=32, batch_size=2,
+                      vocabulary=spm_model["model"])
+    tasks.add_mixture("t_two_vocabs", ["t_spm_sc", "mtjax_kb_qa"])
+    with pytest.raises(VocabularyMismatchError, match="disagree"):
+        InputPipeline("t_two_vocabs", inputs_length=64, targets_length=32, batch_size=2)
+
+
+def _chi2(observed, expected_rates) -> float:
+    expected = np.sum(observed) * np.asarray(expected_rates)
+    return float(np.sum((np.asarray(observed) - expected) ** 2 / expected))
+
+
+CHI2_P001_DOF2 = 13.8  # chi-square critical value, 2 degrees of freedom, p = 0.001
+
+
+@pytest.fixture(scope="module")
+def three_tasks(data_dir):
+    """Tasks of 200, 1,000 and 4,000 examples in a mixture with explicit weights 1:3:6."""
+    for name in ("small", "medium", "large"):
+        tasks.add_file_task(f"t_{name}", str(data_dir / f"{name}.tsv"))
+    tasks.add_mixture("t_three", [("t_small", 1), ("t_medium", 3), ("t_large", 6)],
+                      mixing="explicit")
+    return ["t_small", "t_medium", "t_large"]
+
+
+@pytest.mark.parametrize("strategy,kwargs,expected", [
+    ("examples_proportional", {"cap": 2_000}, [200, 1_000, 2_000]),
+    ("temperature", {"temperature": 2.0}, np.sqrt([200, 1_000, 4_000])),
+    ("equal", {}, [1, 1, 1]),
+    ("mixture", {}, [1, 3, 6]),  # the registered mixture's explicit weights
+])
+def test_sampling_rates_match_the_formula(three_tasks, strategy, kwargs, expected):
+    from mtjax.data.pipeline import mix
+
+    expected = np.asarray(expected, float) / np.sum(expected)
+    rates = mixing.resolve_rates("t_three", strategy, **kwargs)
+    assert [rates[n] for n in three_tasks] == pytest.approx(expected)
+    # 10,000 draws of the pipeline's sampler over streams that yield their task's index.
+    streams = [tf.data.Dataset.from_tensors(i).repeat() for i in range(3)]
+    draws = next(iter(mix(streams, [rates[n] for n in three_tasks], 0).batch(10_000))).numpy()
+    assert _chi2(np.bincount(draws, minlength=3), expected) < CHI2_P001_DOF2
+
+
+def test_pipeline_samples_at_the_configured_rates(three_tasks):
+    pipeline = InputPipeline("t_three", inputs_length=16, targets_length=8, batch_size=1_000,
+                             pack=False, seed=1, mixing="temperature", mixing_temperature=2.0)
+    counts = np.zeros(4, int)
+    for _ in range(10):  # 10,000 examples, one per unpacked row
+        counts += np.bincount(next(pipeline)["decoder_task_ids"][:, 0], minlength=4)
+    expected = np.sqrt([200, 1_000, 4_000]) / np.sqrt([200, 1_000, 4_000]).sum()
+    order = [pipeline.task_names.index(n) + 1 for n in three_tasks]
+    assert counts[0] == 0 and _chi2(counts[order], expected) < CHI2_P001_DOF2
+
+
+def test_mixture_of_mixtures_with_strategies(three_tasks):
+    tasks.add_mixture("t_inner", ["t_small", "t_medium"], mixing="examples_proportional")
+    tasks.add_mixture("t_outer", ["t_inner", "t_large"], mixing="equal")
+    rates = mixing.mixture_rates("t_outer")
+    assert rates == pytest.approx({"t_small": 0.5 / 6, "t_medium": 0.5 * 5 / 6,
+                                   "t_large": 0.5})
+    tasks.add_mixture("t_outer_t", ["t_inner", "t_large"], mixing="temperature",
+                      temperature=1.0)  # T = 1: proportional to 1,200 vs 4,000 examples
+    assert mixing.mixture_rates("t_outer_t")["t_large"] == pytest.approx(4_000 / 5_200)
+    table = InputPipeline("t_outer", inputs_length=16, targets_length=8, batch_size=2).describe()
+    assert "t_large" in table and "50.0%" in table and "4,000" in table
+
+
+def test_knowledge_suite_holds_out_qa_people():
+    train = {q.split()[-1] for q in knowledge.questions("train")[0]}
+    held_out = {p["name"] for p in knowledge.qa_people("validation")}
+    bios = " ".join(knowledge.biographies("train"))
+    assert held_out and all(f"{name} " in bios for name in held_out)  # facts only in the text
+    assert not any(name + "?" in train for name in held_out)
+    person = knowledge.qa_people("validation")[0]
+    assert f"{person['name']} lives in {person['city']}." in bios or (
+        f"{person['name']} has a home in {person['city']}." in bios)
+    assert 0 < knowledge.majority_baseline() < 25
+    assert json.dumps(knowledge.knowledge_base()[0])  # plain data
+
+
+def test_truncation_warning_names_the_rate():
+    stats, warnings = preview.mixture_length_report(
+        "mtjax_kb_qa", {"inputs": 16, "targets": 8}, n=50)
+    assert stats["mtjax_kb_qa"]["truncated"] == 1.0
+    (warning,) = warnings
+    assert "data.inputs_length=16 truncates 100%" in warning
+
+
+def test_first_fit_packing_worked_example_and_round_trip():
+    from mtjax.data.packing import first_fit_pack
+
+    def packed(examples, lengths, window):
+        ds = tf.data.Dataset.from_tensor_slices(
+            {k: tf.ragged.constant([e[k] for e in examples]) for k in lengths})
+        ds = ds.map(lambda ex: {k: v for k, v in ex.items()})
+        return list(first_fit_pack(ds, lengths, window).as_numpy_iterator())
+
+    docstring = [{"inputs": [5, 6, 7, 1], "targets": [8, 1]},
+                 {"inputs": [9, 9, 9, 9, 1], "targets": [3, 3, 1]},
+                 {"inputs": [4, 1], "targets": [2, 1]}]
+    row0, row1 = packed(docstring, {"inputs": 6, "targets": 4}, 3)
+    assert row0["inputs"].tolist() == [5, 6, 7, 1, 4, 1]
+    assert row0["inputs_segment_ids"].tolist() == [1, 1, 1, 1, 2, 2]
+    assert row0["inputs_positions"].tolist() == [0, 1, 2, 3, 0, 1]
+    assert row0["targets"].tolist() == [8, 1, 2, 1]
+    assert row0["targets_segment_ids"].tolist() == [1, 1, 2, 2]
+    assert row1["inputs"].tolist() == [9, 9, 9, 9, 1, 0]
+    assert row1["targets_segment_ids"].tolist() == [1, 1, 1, 0]
+
+    rng = np.random.default_rng(0)
+    examples = [{k: rng.integers(2, 50, rng.integers(1, n)).tolist() + [1] for k, n in
+                 (("inputs", 30), ("targets", 12))} for _ in range(300)]
+    rows = packed(examples, {"inputs": 32, "targets": 16}, 300)
+    restored = []
+    for row in rows:
+        for s in range(1, row["targets_segment_ids"].max() + 1):
+            restored.append(tuple(tuple(row[k][row[f"{k}_segment_ids"] == s].tolist())
+                                  for k in ("inputs", "targets")))
+            for k in ("inputs", "targets"):
+                positions = row[f"{k}_positions"][row[f"{k}_segment_ids"] == s]
+                assert positions.tolist() == list(range(len(positions)))
+    assert sorted(restored) == sorted((tuple(e["inputs"]), tuple(e["targets"]))
+                                      for e in examples)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {k: tf.ragged.constant([e[k] for e in examples]) for k in ("inputs", "targets")})
+    seqio_rows = len(list(seqio.utils.trim_and_pack_dataset(
+        ds.map(lambda ex: dict(ex)), {"inputs": 32, "targets": 16})))
+    assert len(rows) < 0.9 * seqio_rows, (len(rows), seqio_rows)  # fuller rows than seqio's
