@@ -51,7 +51,14 @@ def _checkpoint(config: config_lib.Config, options: Any) -> dict[str, Any]:
     return checkpoint.run(config, options)
 
 
+def _decode(config: config_lib.Config, options: Any) -> dict[str, Any]:
+    from mtjax.bench import decode  # imports JAX: only when a benchmark runs
+
+    return decode.run(config, options)
+
+
 BENCHMARKS["checkpoint"] = _checkpoint
+BENCHMARKS["decode"] = _decode
 BENCHMARKS["data"] = lambda config, options: __import__("mtjax.bench.data").bench.data.run(config, options)  # noqa: E501 - imports TF only when run
 
 

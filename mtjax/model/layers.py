@@ -162,11 +162,14 @@ class RelativePositionBias(nnx.Module):
         self.max_distance = max_distance
         self.bidirectional = bidirectional
 
-    def __call__(self, query_length: int, key_length: int) -> jax.Array:
-        """Bias [1, H, Q, S] in float32 for positions ``arange(Q)`` against ``arange(S)``."""
+    def __call__(self, query_length: int, key_length: int,
+                 query_offset: jax.Array | int = 0) -> jax.Array:
+        """Bias [1, H, Q, S] in float32 for positions ``query_offset + arange(Q)`` against
+        ``arange(S)``; a decoding step passes its position as ``query_offset`` (may be traced)."""
         # Differences of aranges are invariant within a contiguous packed segment, so a packed
         # example gets the same bias as alone; cross-segment pairs are masked anyway.
-        relative_QS = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+        query_positions_Q = jnp.arange(query_length) + query_offset
+        relative_QS = jnp.arange(key_length)[None, :] - query_positions_Q[:, None]
         bucket_QS = relative_position_bucket(
             relative_QS, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
             max_distance=self.max_distance,
@@ -212,9 +215,19 @@ class Attention(nnx.Module):
             deterministic: skip dropout.
             rngs: dropout randomness when not deterministic.
         """
+        k_BSHK, v_BSHK = self.keys_values(memory_BSD)
+        return self.attend(x_BQD, k_BSHK, v_BSHK, bias_BHQS, deterministic=deterministic,
+                           rngs=rngs)
+
+    def keys_values(self, memory_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, H, K] of ``memory``; decoding caches them."""
+        return self._heads(self.key(memory_BSD)), self._heads(self.value(memory_BSD))
+
+    def attend(self, x_BQD: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+               bias_BHQS: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Attend from ``x`` to given keys and values (see ``__call__``)."""
         q_BQHK = self._heads(self.query(x_BQD))
-        k_BSHK = self._heads(self.key(memory_BSD))
-        v_BSHK = self._heads(self.value(memory_BSD))
         scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
                                  preferred_element_type=jnp.float32)
         probs_BHQS = jax.nn.softmax(scores_BHQS + bias_BHQS, axis=-1)

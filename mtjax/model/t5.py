@@ -166,6 +166,37 @@ class DecoderLayer(nnx.Module):
         h_BTD = self.mlp(self.pre_mlp_layer_norm(y_BTD), **drop)
         return constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
 
+    def step(self, y_B1D, cache, index, self_mask_bias_B11T, cross_mask_bias_B11S,
+             shared_bias_1H1T):
+        """One decoding position against cached keys/values; returns (y, updated cache).
+
+        Writes this position's self-attention key/value at ``index`` of the cache, attends over
+        all cached positions (later ones masked by ``self_mask_bias``), and to the cached
+        cross-attention keys/values. No dropout (inference only).
+        """
+        max_length = cache["self_k"].shape[1]
+        position_bias = (self.relpos_bias(1, max_length, index) if shared_bias_1H1T is None
+                         else shared_bias_1H1T)
+        h_B1D = self.pre_self_attention_layer_norm(y_B1D)
+        k_B1HK, v_B1HK = self.self_attention.keys_values(h_B1D)
+        self_k = jax.lax.dynamic_update_slice_in_dim(
+            cache["self_k"], k_B1HK.astype(cache["self_k"].dtype), index, axis=1)
+        self_v = jax.lax.dynamic_update_slice_in_dim(
+            cache["self_v"], v_B1HK.astype(cache["self_v"].dtype), index, axis=1)
+        h_B1D = self.self_attention.attend(h_B1D, self_k, self_v,
+                                           position_bias + self_mask_bias_B11T)
+        y_B1D = constrain(y_B1D + h_B1D, _RESIDUAL)
+        h_B1D = self.pre_cross_attention_layer_norm(y_B1D)
+        # Several decodes per input (beams, adjacent rows) share its cross keys/values: attend
+        # with them as that input's queries rather than keep a copy of the cache per decode.
+        n, b = h_B1D.shape[0], cache["cross_k"].shape[0]
+        h_BND = self.encoder_decoder_attention.attend(
+            h_B1D.reshape(b, n // b, -1), cache["cross_k"], cache["cross_v"],
+            cross_mask_bias_B11S)
+        y_B1D = constrain(y_B1D + h_BND.reshape(n, 1, -1), _RESIDUAL)
+        h_B1D = self.mlp(self.pre_mlp_layer_norm(y_B1D), deterministic=True, rngs=None)
+        return constrain(y_B1D + h_B1D, _RESIDUAL), dict(cache, self_k=self_k, self_v=self_v)
+
 
 class Encoder(nnx.Module):
     """Embedded tokens -> layers -> final norm; holds the shared relative position bias."""
@@ -213,6 +244,19 @@ class Decoder(nnx.Module):
             y_BTD = _call_layer(self.cfg, layer, y_BTD, encoded_BSD, self_mask_bias_BHTT,
                                 cross_mask_bias_BHTS, shared_bias, **drop)
         return self.dropout(self.decoder_norm(y_BTD), **drop)
+
+    def step(self, y_B1D, layer_caches, index, self_mask_bias_B11T, cross_mask_bias_B11S):
+        """One decoding position through every layer; returns (normed y, updated caches)."""
+        max_length = layer_caches[0]["self_k"].shape[1]
+        shared_bias = (None if self.cfg.per_layer_relative_bias
+                       else self.relpos_bias(1, max_length, index))
+        y_B1D = constrain(y_B1D, _RESIDUAL)
+        new_caches = []
+        for layer, cache in zip(self.layers, layer_caches, strict=True):
+            y_B1D, cache = layer.step(y_B1D, cache, index, self_mask_bias_B11T,
+                                      cross_mask_bias_B11S, shared_bias)
+            new_caches.append(cache)
+        return self.decoder_norm(y_B1D), new_caches
 
 
 class T5(nnx.Module):
@@ -286,12 +330,67 @@ class T5(nnx.Module):
                                               decoder_segment_ids, encoder_segment_ids))
         y_BTD = self.decoder(y_BTD, encoded, self_bias, cross_bias, deterministic=deterministic,
                              rngs=rngs)
+        return self._logits(y_BTD)
+
+    def _logits(self, y_BTD: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, V] of the decoder output."""
         if self.config.tie_embeddings:
             # T5 1.0 rescales before the tied projection (Mesh TF / HF T5).
             logits_BTV = self.token_embedder.attend(y_BTD * (self.config.d_model ** -0.5))
         else:
             logits_BTV = self.lm_head(y_BTD, out_dtype=jnp.float32)
         return constrain(logits_BTV, ("batch", "length", "vocab"))
+
+    def init_cache(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+                   max_length: int, num_decodes: int = 1) -> dict:
+        """The decoding cache for ``decode_step``: a pytree of arrays.
+
+        ``layers[i]`` holds ``self_k``/``self_v`` [B * num_decodes, max_length, H, K] (zeros,
+        filled one position per step) and ``cross_k``/``cross_v`` [B, S, H, K] (the encoder
+        output's cross-attention keys/values, computed once); ``cross_bias`` [B, 1, 1, S] masks
+        encoder padding. Only the ``self_*`` entries depend on the decoded prefix (beam search
+        reorders them); the rest depend on the input alone.
+
+        Args:
+            encoded: ``encode(...)`` output [B, S, D] of unpacked inputs.
+            encoder_input_tokens: int32 [B, S]; 0 is padding.
+            max_length: decoder positions to cache.
+            num_decodes: sequences decoded per input (beams), rows ``b * num_decodes + i``.
+        """
+        cfg = self.config
+        b = encoded.shape[0] * num_decodes
+        zeros_BTHK = constrain(
+            jnp.zeros((b, max_length, cfg.num_heads, cfg.d_kv), jnp.dtype(cfg.dtype)),
+            ("batch", "length", "heads", "kv"))
+        layers = []
+        for layer in self.decoder.layers:
+            cross_k, cross_v = layer.encoder_decoder_attention.keys_values(encoded)
+            layers.append({"self_k": zeros_BTHK, "self_v": zeros_BTHK,
+                           "cross_k": cross_k, "cross_v": cross_v})
+        cross_bias_B11S = _mask_to_bias((encoder_input_tokens > 0)[:, None, :])
+        return {"layers": layers, "cross_bias": cross_bias_B11S}
+
+    def decode_step(self, decoder_input_tokens: jax.Array, cache: dict,
+                    index: jax.Array | int) -> tuple[jax.Array, dict]:
+        """Logits for one decoder position with the KV cache: equals ``decode`` at ``index``.
+
+        Args:
+            decoder_input_tokens: int32 [B * num_decodes, 1], the token at position ``index``
+                of the decoder input (0 at index 0, then the previous output token).
+            cache: ``init_cache(...)``, or the cache this method returned for ``index - 1``.
+            index: the position, int32 scalar (may be traced).
+
+        Returns:
+            (float32 logits [B, V], the cache with this position's keys/values written).
+        """
+        max_length = cache["layers"][0]["self_k"].shape[1]
+        y_B1D = self.token_embedder(decoder_input_tokens)
+        # Causal: keys at positions after ``index`` are still zeros in the cache; mask them.
+        self_bias_T = jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)
+        self_bias_B11T = self_bias_T.astype(jnp.float32)[None, None, None, :]
+        y_B1D, layers = self.decoder.step(y_B1D, cache["layers"], index, self_bias_B11T,
+                                          cache["cross_bias"])
+        return self._logits(y_B1D)[:, 0], {**cache, "layers": layers}
 
     def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
                  encoder_segment_ids: jax.Array | None = None,

@@ -1,0 +1,62 @@
+"""Flags and start-up shared by the commands that read a checkpoint (eval, infer, score)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a run directory (its latest checkpoint) or one checkpoint "
+                        "directory (<run>/checkpoints/<step>)")
+    parser.add_argument("--tasks-module", default=None, metavar="MODULE",
+                        help="module path or .py file registering your own SeqIO tasks "
+                        "(default: the one the run was trained with)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="sequences per compiled batch (default 32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+
+
+def load(args: argparse.Namespace):
+    """Start multi-host JAX if configured, then load the checkpoint (params only)."""
+    from mtjax.config import ConfigError
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    from mtjax.parallel import distributed
+
+    distributed.initialize_from_env()
+    from mtjax.infer import load as load_lib
+
+    model = load_lib.load(args.checkpoint)
+    if args.tasks_module:
+        from mtjax.data import tasks as tasks_lib
+
+        tasks_lib.import_tasks_module(args.tasks_module)
+    _log(args, f"mtjax: loaded {model.config.model.name} from {model.step_dir}")
+    return model
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.no_progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def progress_bar(args: argparse.Namespace, total: int, unit: str) -> Iterator:
+    """A tqdm bar on stderr; yields ``update(done)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+               disable=args.no_progress)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()

@@ -1,0 +1,53 @@
+"""Evaluate a checkpoint with seqio.Evaluator: every task of the run's mixture (or --mixture)
+that has metric_fns, on its validation split; prints (and with --output writes) JSON mapping
+task -> metric -> value."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from mtjax.cli import _inference
+
+HELP = "per-task metrics of a checkpoint (JSON: task -> metric -> value)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _inference.add_checkpoint_arguments(parser)
+    parser.add_argument("--output", default=None, metavar="FILE.json",
+                        help="also write the JSON here")
+    parser.add_argument("--mixture", default=None,
+                        help="task or mixture to evaluate (default: the run's data.mixture)")
+    parser.add_argument("--split", default="validation", help="eval split (default validation)")
+    parser.add_argument("--max-examples", type=int, default=0,
+                        help="first N examples of each task (default 0: all)")
+    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy (default)")
+    parser.add_argument("--alpha", type=float, default=0.6,
+                        help="beam search length penalty ((5+len)/6)**alpha (default 0.6)")
+    parser.add_argument("--max-decode-length", type=int, default=0,
+                        help="default 0: the longest target of the eval examples")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mtjax import config as config_lib
+    from mtjax.infer import evaluate
+
+    model = _inference.load(args)
+    config = model.config
+    data = dataclasses.replace(config.data, mixture=args.mixture or config.data.mixture)
+    eval_config = dataclasses.replace(
+        config.eval, split=args.split, max_examples=args.max_examples,
+        batch_size=args.batch_size, beam_size=args.beam_size, alpha=args.alpha,
+        max_decode_length=args.max_decode_length)
+    config = config_lib.validate(dataclasses.replace(config, data=data, eval=eval_config))
+    evaluator = evaluate.make_evaluator(config, model.mesh, model.rules, model.model_def,
+                                        progress=not args.no_progress)
+    results = evaluator(model.params, model.step)
+    text = json.dumps(results, indent=2, sort_keys=True)
+    print(text)
+    if args.output:
+        pathlib.Path(args.output).write_text(text + "\n")
+    return 0

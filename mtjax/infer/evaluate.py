@@ -1,0 +1,165 @@
+"""Per-task metrics with ``seqio.Evaluator``: each task's ``metric_fns`` on its eval split.
+
+The evaluator caches each task's examples once (unpacked, ``EncDecFeatureConverter(pack=False)``)
+and, per evaluation, asks for predictions (KV-cache decoding, greedy or beam search) when a task
+has prediction metrics (exact match, BLEU, ROUGE, ...) and for scores (target log-likelihoods,
+as ``mtjax score``) when it has score metrics. Results map task -> metric -> value.
+
+During training, the trainer calls the object :func:`make_evaluator` returns every
+``eval.every_steps`` steps; ``mtjax eval --checkpoint DIR`` runs it on a saved checkpoint.
+Every host runs the same evaluation on the full eval set (batches are replicated on the way in
+and split over the mesh); only the caller decides who writes results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from mtjax import config as config_lib
+from mtjax.infer.decode import DecodeOptions, Decoder
+from mtjax.infer.score import Scorer
+from mtjax.parallel import mesh as mesh_lib
+
+Results = dict[str, dict[str, float]]
+
+
+def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(indices [b], features [b, L]) numpy batches of an enumerated seqio eval dataset."""
+    yield from dataset.batch(batch_size).as_numpy_iterator()
+
+
+def _scalar(value: Any) -> float | None:
+    """A metric value as a float, or None for non-scalar values (text, histograms)."""
+    value = getattr(value, "value", value)  # seqio.metrics.Scalar
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return float(array) if array.ndim == 0 else None
+
+
+def flatten(results: Mapping[str, Mapping[str, float]], prefix: str = "eval") -> dict[str, float]:
+    """``{task: {metric: v}}`` -> ``{"eval/<task>/<metric>": v}`` for metric writers."""
+    return {f"{prefix}/{task}/{metric}": value
+            for task, metrics in results.items() for metric, value in metrics.items()}
+
+
+class Evaluator:
+    """Evaluate a model's parameters on every task of a mixture that has metrics.
+
+    Args:
+        mixture: a registered seqio task or mixture name.
+        model_def: anything with ``merge(params) -> T5``.
+        mesh: the mesh the parameters live on.
+        rules: the model's logical axis rules.
+        split: the eval split of each task.
+        max_examples: the first N examples of each task (None or 0: all).
+        batch_size: sequences per decoding / scoring batch.
+        options: decoding options (default greedy).
+        max_decode_length: decoded length (None: the longest target of the eval set).
+        sequence_length: feature lengths for tasks whose preprocessors need them (None: the
+            longest example, no truncation).
+        progress: report each model pass on stderr.
+    """
+
+    def __init__(self, mixture: str, model_def: Any, mesh: Mesh, rules: mesh_lib.AxisRules, *,
+                 split: str = "validation", max_examples: int | None = None,
+                 batch_size: int = 32, options: DecodeOptions | None = None,
+                 max_decode_length: int | None = None,
+                 sequence_length: Mapping[str, int] | None = None, progress: bool = False):
+        import seqio
+
+        self.batch_size = batch_size
+        self.options = options or DecodeOptions()
+        self.max_decode_length = max_decode_length
+        self.progress = progress
+        self.decoder = Decoder(model_def, mesh, rules)
+        self.scorer = Scorer(model_def, mesh, rules)
+        self._seqio = seqio.Evaluator(
+            mixture, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+            sequence_length=sequence_length, num_examples=max_examples or None,
+            use_memory_cache=True, async_compute_metrics=False)
+        self.task_names = [t.name for t in self._seqio.eval_tasks]
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def _predict_fn(self, params: Any) -> Callable:
+        def predict(dataset) -> list[tuple[int, list[int]]]:
+            out = []
+            for indices, features in _batches(dataset, self.batch_size):
+                tokens_BS = features["encoder_input_tokens"]
+                length = (self.max_decode_length
+                          or features["decoder_target_tokens"].shape[1])
+                options = dataclasses.replace(self.options, max_decode_length=length)
+                tokens_BT, _ = self.decoder(params, tokens_BS, options,
+                                            batch_size=self.batch_size)
+                # Whole rows (0 after EOS): seqio stacks them into one array and its
+                # vocabulary decodes up to EOS.
+                out += [(int(i), row.tolist()) for i, row in zip(indices, tokens_BT, strict=True)]
+            self._log(f"eval: decoded {len(out)} examples")
+            return out
+
+        return predict
+
+    def _score_fn(self, params: Any) -> Callable:
+        def score(dataset) -> list[tuple[int, float]]:
+            out = []
+            for indices, features in _batches(dataset, self.batch_size):
+                batch = {k: features[k] for k in ("encoder_input_tokens", "decoder_input_tokens",
+                                                   "decoder_target_tokens",
+                                                   "decoder_loss_weights")}
+                scores_B, _ = self.scorer(params, batch, batch_size=self.batch_size)
+                out += [(int(i), float(s)) for i, s in zip(indices, scores_B, strict=True)]
+            self._log(f"eval: scored {len(out)} examples")
+            return out
+
+        return score
+
+    def __call__(self, params: Any, step: int | None = None) -> Results:
+        """Run every task's metrics with ``params``; returns task -> metric -> value."""
+        future, _ = self._seqio.evaluate(compute_metrics=True, step=step,
+                                         predict_fn=self._predict_fn(params),
+                                         score_fn=self._score_fn(params))
+        results: Results = {}
+        for task, metrics in (future.result() or {}).items():
+            values = {name: _scalar(v) for name, v in metrics.items()}
+            results[task] = {name: v for name, v in values.items() if v is not None}
+        return results
+
+
+def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules,
+                   model_def: Any, *, progress: bool = False) -> Evaluator:
+    """The evaluator of a run: its mixture's tasks, with the run's ``eval`` settings.
+
+    Call the result as ``evaluator(params, step) -> {task: {metric: value}}``; see
+    :func:`flatten` for metric-writer keys ``eval/<task>/<metric>``.
+    """
+    if config.data.tasks_module:
+        from mtjax.data import tasks as tasks_lib
+
+        tasks_lib.import_tasks_module(config.data.tasks_module)
+    import mtjax.data  # noqa: F401 - registers the built-in tasks
+    from mtjax.data import pipeline
+
+    pipeline.resolve_task_names(config.data.mixture)  # a clear error for unknown names
+    options = DecodeOptions(beam_size=config.eval.beam_size, alpha=config.eval.alpha)
+    lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
+    kwargs = dict(split=config.eval.split, max_examples=config.eval.max_examples,
+                  batch_size=config.eval.batch_size, options=options,
+                  max_decode_length=config.eval.max_decode_length or None, progress=progress)
+    try:
+        return Evaluator(config.data.mixture, model_def, mesh, rules, **kwargs)
+    except ValueError as e:
+        if "sequence_length" not in str(e):
+            raise
+        # A task's preprocessor needs feature lengths: use the run's.
+        return Evaluator(config.data.mixture, model_def, mesh, rules, sequence_length=lengths,
+                         **kwargs)

@@ -1,0 +1,229 @@
+"""A model for inference from a checkpoint: config, parameters, vocabulary, mesh.
+
+Every command that takes ``--checkpoint DIR`` loads through :func:`load`. DIR may be a run
+directory (its latest checkpoint), its ``checkpoints/`` folder, or one step directory
+``checkpoints/<step>/``; the step directory holds the Orbax items ``state`` (parameters, and for
+training runs the optimizer state) and ``config`` (the run's ``Config.to_dict()``), as written by
+``mtjax train`` and by checkpoint converters. Only the parameters are restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtjax import checkpoint as checkpoint_lib
+from mtjax import config as config_lib
+from mtjax.checkpoint import CheckpointError
+from mtjax.errors import UserError
+from mtjax.model import sizes, t5
+from mtjax.parallel import mesh as mesh_lib
+
+# Written by converters next to ``checkpoints/``: the exact architecture ({"t5_config": {...}}).
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class VocabularyError(UserError, FileNotFoundError):
+    """The checkpoint's vocabulary file cannot be found; the message says where it looked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static half of the model (as ``mtjax.train.state.ModelDef``): ``merge(params)``."""
+
+    graphdef: Any
+    config: sizes.T5Config
+
+    def merge(self, params: dict[str, Any]) -> t5.T5:
+        return nnx.merge(self.graphdef, nnx.State(params))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint ready for decoding and scoring.
+
+    Attributes:
+        config: the run's config, as saved with the checkpoint.
+        model_def: ``merge(params)`` gives the T5 module.
+        params: parameters placed on ``mesh`` by ``rules``.
+        mesh: the mesh the parameters live on.
+        rules: the logical axis rules.
+        step_dir: the checkpoint step directory loaded.
+        step: its step number (None when the directory name is not a number).
+    """
+
+    config: config_lib.Config
+    model_def: ModelDef
+    params: Any
+    mesh: Mesh
+    rules: mesh_lib.AxisRules
+    step_dir: pathlib.Path
+    step: int | None
+
+    @property
+    def vocabulary(self):
+        """The seqio vocabulary (see :func:`resolve_vocabulary`)."""
+        return resolve_vocabulary(self.config, self.step_dir)
+
+
+def model_config(config: config_lib.Config, vocab_size: int,
+                 step_dir: pathlib.Path | None = None) -> sizes.T5Config:
+    """The model's architecture with the checkpoint's vocabulary size and dtype; no dropout.
+
+    The named size ``config.model.name``, unless the run directory holds the exact architecture
+    in ``model_config.json`` (converted checkpoints of sizes without a name).
+    """
+    exact = None if step_dir is None else _run_dir(step_dir) / MODEL_CONFIG_FILE
+    if exact is not None and exact.is_file():
+        base = sizes.T5Config(**json.loads(exact.read_text())["t5_config"])
+    else:
+        try:
+            base = sizes.get_config(config.model.name)
+        except KeyError as e:
+            raise config_lib.ConfigError(str(e)) from None
+    return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
+                               dropout_rate=0.0, remat="none")
+
+
+def abstract_model(model_cfg: sizes.T5Config, mesh: Mesh, rules: mesh_lib.AxisRules):
+    """(ModelDef, parameters as ShapeDtypeStructs carrying their NamedShardings)."""
+    with mesh_lib.activate(mesh, rules):
+        abstract = nnx.eval_shape(lambda: t5.T5(model_cfg, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(abstract, nnx.Param)
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    params = nnx.to_pure_dict(params)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          params, shardings)
+    return ModelDef(graphdef=graphdef, config=model_cfg), target
+
+
+def init_params(model_def: ModelDef, target: Any, mesh: Mesh, rules: mesh_lib.AxisRules,
+                seed: int = 0) -> Any:
+    """Fresh random parameters created directly with ``target``'s shardings (tests, bench)."""
+    shardings = jax.tree.map(lambda a: a.sharding, target)
+
+    def init():
+        model = t5.T5(model_def.config, rngs=nnx.Rngs(seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    with mesh_lib.activate(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)()
+
+
+def _run_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
+def find_step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """The checkpoint step directory of a run dir, its ``checkpoints/`` or a step dir."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a run directory "
+                              f"or one of its checkpoints/<step> directories")
+    return checkpoint_lib.find_state_dir(path).parent
+
+
+def read_config(step_dir: pathlib.Path) -> config_lib.Config:
+    """The run config saved next to the checkpoint's ``state``."""
+    if not (step_dir / "config").is_dir():
+        raise CheckpointError(
+            f"checkpoint {step_dir} has no 'config' item (written by mtjax train or a converter "
+            f"next to 'state'); cannot tell which model it holds")
+    data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
+    return config_lib.from_dict(data)
+
+
+def checkpoint_vocab_size(step_dir: pathlib.Path) -> int:
+    """Rows of the saved token embedding: the model's (padded) vocabulary size."""
+    metadata = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    try:
+        return int(tree["params"]["token_embedder"]["embedding"].shape[0])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds no params.token_embedder.embedding") from e
+
+
+def _import_tasks(config: config_lib.Config) -> None:
+    if config.data.tasks_module:
+        from mtjax.data import tasks as tasks_lib
+
+        tasks_lib.import_tasks_module(config.data.tasks_module)
+    import mtjax.data  # noqa: F401 - registers the built-in tasks
+
+
+def resolve_vocabulary(config: config_lib.Config, step_dir: pathlib.Path):
+    """The checkpoint's vocabulary.
+
+    ``config.data.vocabulary`` when set: ``"byte"``, or a SentencePiece file; a relative path is
+    looked up in the step directory, the run directory (where converters put it) and the current
+    directory, in that order.
+    Otherwise the output vocabulary of the config's mixture.
+    """
+    _import_tasks(config)
+    from mtjax.data import vocab as vocab_lib
+
+    name = config.data.vocabulary
+    if name is None:
+        import seqio
+
+        from mtjax.data import pipeline
+
+        first = pipeline.resolve_task_names(config.data.mixture)[0]
+        return seqio.get_mixture_or_task(first).output_features["targets"].vocabulary
+    if name == "byte":
+        return vocab_lib.get_vocabulary("byte")
+    path = pathlib.Path(name)
+    candidates = [path] if path.is_absolute() else [
+        step_dir / path, _run_dir(step_dir) / path, path.absolute()]
+    for candidate in candidates:
+        if candidate.is_file():
+            return vocab_lib.get_vocabulary(str(candidate))
+    raise VocabularyError(
+        f"vocabulary {name!r} of checkpoint {step_dir} not found (looked in "
+        f"{', '.join(str(c) for c in candidates)}); copy the .model file there")
+
+
+def inference_mesh(config: config_lib.Config) -> Mesh:
+    """The run's mesh shape if it fits the devices here, else all devices on ``fsdp``."""
+    m = config.mesh
+    shape = mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor)
+    try:
+        return mesh_lib.make_mesh(shape)
+    except mesh_lib.MeshError:
+        return mesh_lib.make_mesh(mesh_lib.MeshShape())
+
+
+def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
+         rules: mesh_lib.AxisRules | None = None) -> LoadedModel:
+    """Load the parameters and config of a checkpoint for inference.
+
+    Args:
+        path: a run directory (latest checkpoint), its ``checkpoints/``, or one step directory.
+        mesh: where to place the parameters (default: the run's mesh shape if it fits the
+            devices here, else every device on ``fsdp``).
+        rules: logical axis rules (default: the run's ``mesh.rules`` preset).
+
+    Raises:
+        CheckpointError: no checkpoint there, no config item, or parameters that do not fit.
+        ConfigError: the saved config names an unknown model.
+    """
+    step_dir = find_step_dir(path)
+    config = read_config(step_dir)
+    mesh = mesh if mesh is not None else inference_mesh(config)
+    rules = rules if rules is not None else mesh_lib.get_rules(config.mesh.rules)
+    model_cfg = model_config(config, checkpoint_vocab_size(step_dir), step_dir)
+    model_def, target = abstract_model(model_cfg, mesh, rules)
+    params = checkpoint_lib.restore_params(step_dir, target)
+    step = int(step_dir.name) if step_dir.name.isdigit() else None
+    return LoadedModel(config=config, model_def=model_def, params=params, mesh=mesh,
+                       rules=rules, step_dir=step_dir, step=step)

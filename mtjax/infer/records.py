@@ -1,0 +1,197 @@
+"""Text in, JSON records out: what ``mtjax score`` and ``mtjax infer`` do with a loaded model.
+
+Inputs are encoded with the checkpoint's vocabulary plus EOS (as seqio features with
+``add_eos=True``), or, with a task name, by that task's own preprocessors (and its
+postprocessor turns predictions back into the task's output). Batches have a fixed number of rows
+and a power-of-two length, so a file needs only a few compilations.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mtjax.errors import UserError
+from mtjax.infer import batching
+from mtjax.infer.decode import EOS_ID, DecodeOptions, Decoder, trim_at_eos
+from mtjax.infer.load import LoadedModel
+from mtjax.infer.score import Scorer
+
+
+class InputError(UserError, ValueError):
+    """An input file that is missing or malformed; the message names the file and line."""
+
+
+def read_records(path: str, *, required: Sequence[str] = ("inputs",),
+                 allow_text: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSONL file (or ``-`` for stdin).
+
+    Args:
+        path: the file, or ``-``.
+        required: keys every record must have, with string values.
+        allow_text: a line that is not a JSON object is the ``inputs`` text itself.
+
+    Raises:
+        InputError: missing file, malformed line or missing key (with the line number).
+    """
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        file = pathlib.Path(path)
+        if not file.is_file():
+            raise InputError(f"input file {path!r} does not exist")
+        lines = file.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = None
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not allow_text:
+                    raise InputError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        if record is None:
+            if not allow_text:
+                raise InputError(f"{path}:{number}: expected a JSON object with "
+                                 f"{', '.join(map(repr, required))}")
+            record = {"inputs": line}
+        for key in required:
+            if not isinstance(record.get(key), str):
+                raise InputError(f"{path}:{number}: missing string field {key!r} "
+                                 f"(expected keys: {', '.join(required)})")
+        records.append(record)
+    return records
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def encode_texts(vocabulary, texts: Iterable[str]) -> list[list[int]]:
+    """Token ids of each text followed by EOS."""
+    eos = EOS_ID if vocabulary.eos_id is None else vocabulary.eos_id
+    return [list(vocabulary.encode(text)) + [eos] for text in texts]
+
+
+class TaskText:
+    """A seqio task's preprocessing of raw records, and its postprocessing of predictions."""
+
+    def __init__(self, name: str):
+        import seqio
+
+        from mtjax.data import pipeline
+
+        if name not in seqio.TaskRegistry.names():
+            pipeline.resolve_task_names(name)  # "did you mean" for unknown names
+            raise InputError(f"--task {name!r} is a mixture; give one of its tasks")
+        self.task = seqio.TaskRegistry.get(name)
+
+    def encode(self, records: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[dict]]:
+        """(input ids, preprocessed examples) of records holding the task source's fields."""
+        import tensorflow as tf
+
+        keys = sorted({k for r in records for k, v in r.items() if isinstance(v, str)})
+        columns = {k: [r.get(k, "") for r in records] for k in keys}
+        columns.setdefault("targets", [""] * len(records))
+        dataset = tf.data.Dataset.from_tensor_slices(columns)
+        dataset = self.task.preprocess_precache(dataset, seed=0)
+        dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=0)
+        examples = list(dataset.as_numpy_iterator())
+        if len(examples) != len(records):
+            raise InputError(f"task {self.task.name!r} preprocessing turned {len(records)} "
+                             f"records into {len(examples)} examples; cannot pair them up")
+        return [[int(x) for x in ex["inputs"]] for ex in examples], examples
+
+    def postprocess(self, text: str, example: dict) -> Any:
+        return self.task.postprocess_fn(text, example=example, is_target=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: DecodeOptions, *,
+            batch_size: int = 32, task: str | None = None, scores: bool = False,
+            progress=None) -> Iterator[dict[str, Any]]:
+    """Decode each record's ``inputs``; yields ``{"inputs", "prediction"[, "score"]}`` in order.
+
+    Args:
+        model: a loaded checkpoint.
+        records: dicts with ``inputs`` (and, with ``task``, the task source's other fields).
+        options: decoding options.
+        batch_size: rows per compiled batch.
+        task: apply this seqio task's preprocessors to the records and its postprocessor to
+            the predictions.
+        scores: add ``score`` (log-probability sum; beam search: length-normalised).
+        progress: called with the number of records done after each batch.
+    """
+    vocabulary = model.vocabulary
+    task_text = TaskText(task) if task else None
+    decoder = Decoder(model.model_def, model.mesh, model.rules)
+    done = 0
+    for chunk in _chunks(records, batch_size):
+        if task_text:
+            ids, examples = task_text.encode(chunk)
+        else:
+            ids, examples = encode_texts(vocabulary, (r["inputs"] for r in chunk)), None
+        tokens_BS = batching.pad_ids(ids, batching.bucket_length(max(map(len, ids))))
+        tokens_BT, scores_B = decoder(model.params, tokens_BS, options, batch_size=batch_size)
+        for i, record in enumerate(chunk):
+            text = vocabulary.decode(trim_at_eos(tokens_BT[i], options.eos_id))
+            prediction = task_text.postprocess(text, examples[i]) if task_text else text
+            inputs = record["inputs"] if "inputs" in record else vocabulary.decode(ids[i])
+            out = {"inputs": inputs, "prediction": _jsonable(prediction)}
+            if scores:
+                out["score"] = float(scores_B[i])
+            yield out
+        done += len(chunk)
+        if progress:
+            progress(done)
+
+
+def score(model: LoadedModel, records: Sequence[dict[str, Any]], *, batch_size: int = 32,
+          progress=None) -> Iterator[dict[str, Any]]:
+    """Score each record's ``targets`` given its ``inputs``; yields the record plus ``score``
+    (float32 sum of target token log-likelihoods, EOS included) and ``num_tokens``."""
+    vocabulary = model.vocabulary
+    scorer = Scorer(model.model_def, model.mesh, model.rules)
+    done = 0
+    for chunk in _chunks(records, batch_size):
+        inputs = encode_texts(vocabulary, (r["inputs"] for r in chunk))
+        targets = encode_texts(vocabulary, (r["targets"] for r in chunk))
+        batch = batching.score_batch_arrays(
+            inputs, targets, inputs_length=batching.bucket_length(max(map(len, inputs))),
+            targets_length=batching.bucket_length(max(map(len, targets))))
+        scores_B, counts_B = scorer(model.params, batch, batch_size=batch_size)
+        for record, value, count in zip(chunk, scores_B, counts_B, strict=True):
+            yield {**record, "score": float(value), "num_tokens": int(count)}
+        done += len(chunk)
+        if progress:
+            progress(done)
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | None) -> int:
+    """Write records as JSONL to ``path`` (None or ``-``: stdout), flushing each; returns count."""
+    out = sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")  # noqa: SIM115
+    count = 0
+    try:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            out.flush()
+            count += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return count
