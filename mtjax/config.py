@@ -106,7 +106,7 @@ class LogConfig:
 class EvalConfig:
     # Each task's seqio metric_fns on its eval split (seqio.Evaluator), decoded with the cache.
     every_steps: int = 0  # evaluate every N steps during training; 0: never periodically
-    at_end: bool = False  # also evaluate after the last step
+    at_end: bool = True  # also evaluate after the last step (per-task metrics in the summary)
     split: str = "validation"
     max_examples: int = 100  # first N examples of each task's split; 0: all
     batch_size: int = 32  # sequences per decoding/scoring batch (global)

@@ -19,7 +19,8 @@ from mtjax import cli
 from mtjax import config as config_lib
 from mtjax.train import metrics as metrics_lib
 
-TINY = ["model.name=t5_1_1_test", "data.inputs_length=32", "data.targets_length=16",
+TINY = ["model.name=t5_1_1_test", "eval.at_end=false",
+        "data.inputs_length=32", "data.targets_length=16",
         "train.batch_size=4", "log.tensorboard=false"]
 
 

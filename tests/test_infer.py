@@ -252,8 +252,8 @@ def trained_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("copy_run")
     config = config_lib.load(None, [
-        "model.name=t5_1_1_test", "data.mixture=mtjax_copy", "data.inputs_length=64",
-        "data.targets_length=32", "train.batch_size=8", "train.steps=20",
+        "model.name=t5_1_1_test", "eval.at_end=false", "data.mixture=mtjax_copy",
+        "data.inputs_length=64", "data.targets_length=32", "train.batch_size=8", "train.steps=20",
         "checkpoint.every_steps=20", "log.tensorboard=false", "eval.max_examples=16",
         "eval.batch_size=16"])
     trainer.train(config, workdir, progress=False)

@@ -16,7 +16,8 @@ from mtjax import config as config_lib
 from mtjax.parallel import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["model.name=t5_1_1_test", "train.batch_size=8", "data.inputs_length=32",
+TINY = ["model.name=t5_1_1_test", "eval.at_end=false",
+        "train.batch_size=8", "data.inputs_length=32",
         "data.targets_length=16", "optim.name=adamw", "optim.learning_rate=0.003",
         "optim.warmup_steps=2"]
 MESHES = {

@@ -9,7 +9,8 @@ from mtjax import config as config_lib
 from mtjax.train import metrics as metrics_lib
 
 TINY = ["model.name=t5_1_1_test", "data.inputs_length=64", "data.targets_length=32",
-        "train.batch_size=8", "log.every_steps=5", "log.tensorboard=false"]
+        "train.batch_size=8", "log.every_steps=5", "log.tensorboard=false",
+        "eval.max_examples=8", "eval.batch_size=8"]
 
 
 def tiny_config(*extra: str) -> config_lib.Config:
@@ -51,6 +52,15 @@ def test_run_directory_contract(trained_run):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 30
+    # eval.at_end: each task's seqio metrics on its validation split, in the last record and
+    # the summary (span corruption is scored by likelihood only).
+    for task in result.task_names:
+        assert f"eval/{task}/log_likelihood" in record, task
+        assert record[f"eval/{task}/log_likelihood"] < 0
+        if task != "mtjax_span_corruption":
+            assert 0 <= record[f"eval/{task}/exact_match"] <= 100
+    assert summary["metrics"]["eval/mtjax_copy/log_likelihood"] == record[
+        "eval/mtjax_copy/log_likelihood"]
 
 
 def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run):

@@ -142,13 +142,9 @@ def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRu
     Call the result as ``evaluator(params, step) -> {task: {metric: value}}``; see
     :func:`flatten` for metric-writer keys ``eval/<task>/<metric>``.
     """
-    if config.data.tasks_module:
-        from mtjax.data import tasks as tasks_lib
-
-        tasks_lib.import_tasks_module(config.data.tasks_module)
-    import mtjax.data  # noqa: F401 - registers the built-in tasks
     from mtjax.data import pipeline
 
+    pipeline.prepare(config)  # the run's vocabulary default, then the user's tasks module
     pipeline.resolve_task_names(config.data.mixture)  # a clear error for unknown names
     options = DecodeOptions(beam_size=config.eval.beam_size, alpha=config.eval.alpha)
     lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}

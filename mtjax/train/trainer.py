@@ -192,6 +192,12 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     start_step = int(jax.device_get(state.step))
 
     jitted, batch_sharding = setup.step, setup.batch_sharding
+    evaluator = None
+    if config.eval.every_steps or config.eval.at_end:
+        from mtjax.infer import evaluate as evaluate_lib
+
+        evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
+                                                progress=False)
 
     def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -206,6 +212,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     last_summary: dict[str, float] = {}
     tokens_in_window, window_start = 0, time.time()
     total_tokens, loop_start, first_step_done = 0, None, False
+    total_eval_s = 0.0
     step = start_step
     try:
         with mesh_lib.activate(mesh, rules):
@@ -233,13 +240,28 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                 is_last = step == config.train.steps
                 preempted = preemption.reached(step)
                 must_save = checkpoints.save_due(step) or is_last or preempted
-                if step % config.log.every_steps == 0 or is_last or must_save:
+                eval_results = {}
+                if evaluator is not None and (
+                        (config.eval.every_steps and step % config.eval.every_steps == 0)
+                        or (is_last and config.eval.at_end)):
+                    eval_start = time.time()
+                    eval_results = evaluate_lib.flatten(evaluator(state.params, step))
+                    # Evaluation time is not training time: keep it out of tokens/s.
+                    eval_s = time.time() - eval_start
+                    window_start += eval_s
+                    total_eval_s += eval_s
+                    _log(f"step {step} eval: " + ", ".join(
+                        f"{k.removeprefix('eval/')} {v:.3g}"
+                        for k, v in sorted(eval_results.items())))
+                if (step % config.log.every_steps == 0 or is_last or must_save
+                        or eval_results):
                     window = _absorb(window, pending, config)
                     pending = None
                     if window is not None:
                         elapsed = max(time.time() - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
                         last_summary["tokens_per_s"] = tokens_in_window / elapsed
+                        last_summary.update(eval_results)
                         writer.write(step, last_summary)
                         if host_log is not None:
                             host_log.write(step, last_summary)
@@ -260,7 +282,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         checkpoints.close()
         writer.close()
 
-    loop_s = (time.time() - loop_start) if loop_start else 0.0
+    loop_s = (time.time() - loop_start - total_eval_s) if loop_start else 0.0
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
         tokens_per_s=total_tokens / loop_s if loop_s > 0 else 0.0,
