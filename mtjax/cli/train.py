@@ -86,8 +86,11 @@ def _print_summary(result) -> None:
         lines.append(f"final loss {m['loss']:.4f}, token accuracy {m['accuracy']:.3f}")
     for task in result.task_names:
         if f"loss/{task}" in m:
+            evals = "".join(f"  {key.split('/')[-1]} {value:.3g}"
+                            for key, value in sorted(m.items())
+                            if key.startswith(f"eval/{task}/"))
             lines.append(f"  {task:<28} loss {m[f'loss/{task}']:.4f}  "
-                         f"accuracy {m[f'accuracy/{task}']:.3f}")
+                         f"accuracy {m[f'accuracy/{task}']:.3f}{evals}")
     wd = result.workdir.absolute()
     lines.append(f"run directory {wd}: config.json, metrics.jsonl, summary.json, tensorboard/, "
                  f"checkpoints/")
