@@ -51,3 +51,12 @@ def test_help_exits_0(capsys):
         cli.main(["train", "--help"])
     assert e.value.code == 0
     assert "--workdir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "model", "bench", "convert", "checkpoints", "tasks",
+                                     "vocab", "score", "eval", "infer"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # `mtjax bench` owns all of its flags, --help included
+        from mtjax import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     from mtjax.errors import TrainingError, UserError
 
