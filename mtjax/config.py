@@ -59,6 +59,12 @@ class ModelConfig:
     dtype: str = "float32"  # activations; parameters stay float32
     dropout_rate: float = 0.0
     remat: str = "none"  # "none" | "dots_saveable" | "full"
+    # Layers as one nnx.scan over stacked parameters (a leading "layers" axis): compile time no
+    # longer grows with depth. Checkpoints and conversions keep the unrolled layout either way.
+    scan_layers: bool = False
+    # "xla": mtjax's einsum/softmax; "dot_product": jax.nn.dot_product_attention (cuDNN flash
+    # attention on GPU in bf16 where the bias allows, else its XLA path). Same numbers (tested).
+    attention: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,9 @@ class OptimConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0  # 0 disables clipping
+    # Storage dtype of the optimizer's float state (Adam moments, Adafactor factors); the update
+    # itself is computed in float32. "bfloat16" halves the optimizer's memory.
+    state_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +140,8 @@ _CHOICES = {
     "optim.name": ("adafactor", "adamw"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
+    "model.attention": ("xla", "dot_product"),
+    "optim.state_dtype": ("float32", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),
     "data.mixing": ("mixture", "examples_proportional", "temperature", "equal"),
     "data.on_malformed": ("fail", "skip"),

@@ -64,7 +64,7 @@ def test_defaults_are_the_peer_shape_and_overrides_win():
     args = bench.build_parser().parse_intermixed_args(
         ["train", "--warmup", "0", "train.batch_size=4", "--steps", "10", "data.pack=true"])
     config, options = bench.resolve(args)
-    assert (config.model.name, config.train.batch_size) == ("t5_1_1_small", 4)
+    assert (config.model.name, config.train.batch_size) == ("t5_1_1_peer", 4)
     assert (config.data.inputs_length, config.data.targets_length) == (512, 128)
     assert config.optim.name == "adamw"
     assert (options.steps, options.warmup) == (10, 0)

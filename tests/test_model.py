@@ -246,5 +246,5 @@ def test_bfloat16_activations_give_float32_logits():
 def test_config_validation():
     with pytest.raises(ValueError, match="mlp_activation"):
         dataclasses.replace(CFG, mlp_activation="swish")
-    with pytest.raises(NotImplementedError, match="scan_layers"):
-        make_model(dataclasses.replace(CFG, scan_layers=True))
+    with pytest.raises(ValueError, match="attention"):
+        dataclasses.replace(CFG, attention="flash")

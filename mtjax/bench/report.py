@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import os
 import resource
 import statistics
 import sys
@@ -66,6 +67,7 @@ def environment() -> dict[str, Any]:
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # mtjax adds CPU defaults (xla_env.py)
     }
 
 

@@ -133,6 +133,8 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "batch_size": b, "inputs_length": s, "targets_length": t,
         "dtype": config.model.dtype, "optimizer": config.optim.name,
         "microbatches": config.train.microbatches, "remat": config.model.remat,
+        "scan_layers": config.model.scan_layers, "attention": config.model.attention,
+        "optimizer_state_dtype": config.optim.state_dtype,
         "lower_s": lower_s, "compile_s": compile_s,
         "steps": options.steps, "warmup": options.warmup,
         "step_s": step_s, "step_s_median": step_s["median"],

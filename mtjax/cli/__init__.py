@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from mtjax import xla_env
+
+    xla_env.set_cpu_defaults()  # before JAX starts a backend; never over the user's XLA_FLAGS
     if argv[:1] == ["bench"]:  # `mtjax bench` owns all of its flags, --help included
         from mtjax import bench
 

@@ -234,7 +234,7 @@ def t5_to_hf_config(cfg: T5Config, model_type: str | None = None) -> dict[str, A
 
 
 def _architecture(cfg: T5Config, with_vocab: bool) -> tuple:
-    skip = {"dropout_rate", "dtype", "param_dtype", "remat", "scan_layers"}
+    skip = {"dropout_rate", "dtype", "param_dtype", "remat", "scan_layers", "attention"}
     if not with_vocab:
         skip.add("vocab_size")
     return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip)

@@ -182,7 +182,7 @@ class Attention(nnx.Module):
     """Multi-head attention, T5 style: no biases, no score scaling, float32 softmax."""
 
     def __init__(self, d_model: int, num_heads: int, d_kv: int, *, dropout_rate: float,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+                 dtype, param_dtype, rngs: nnx.Rngs, kind: str = "xla"):
         inner = num_heads * d_kv
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # The 1/sqrt(d_kv) of scaled dot-product attention lives in the query initialiser.
@@ -197,6 +197,7 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.d_kv = d_kv
         self.dtype = dtype
+        self.kind = kind  # "xla" or "dot_product" (see T5Config.attention)
 
     def _heads(self, x_BLF: jax.Array) -> jax.Array:
         b, length, _ = x_BLF.shape
@@ -228,14 +229,54 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
         """Attend from ``x`` to given keys and values (see ``__call__``)."""
         q_BQHK = self._heads(self.query(x_BQD))
-        scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
-                                 preferred_element_type=jnp.float32)
-        probs_BHQS = jax.nn.softmax(scores_BHQS + bias_BHQS, axis=-1)
-        probs_BHQS = self.dropout(probs_BHQS, deterministic=deterministic, rngs=rngs)
-        y_BQHK = jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS.astype(self.dtype), v_BSHK)
+        if deterministic or self.dropout.rate == 0:
+            attend = dot_product_attention if self.kind == "dot_product" else xla_attention
+            y_BQHK = attend(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)
+        else:  # dropout on the probabilities: only the einsum path exposes them
+            def dropout(probs_BHQS):
+                return self.dropout(probs_BHQS, deterministic=deterministic, rngs=rngs)
+
+            y_BQHK = xla_attention(q_BQHK, k_BSHK, v_BSHK, bias_BHQS, dropout=dropout)
         y_BQHK = constrain(y_BQHK, ("batch", "length", "heads", "kv"))
         b, q_len = y_BQHK.shape[:2]
         return self.out(y_BQHK.reshape(b, q_len, self.num_heads * self.d_kv))
+
+
+def xla_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+                  bias_BHQS: jax.Array, dropout=None) -> jax.Array:
+    """T5 attention by einsum: float32 scores plus bias, float32 softmax, no score scaling.
+
+    Args:
+        q_BQHK, k_BSHK, v_BSHK: queries, keys, values in the activation dtype.
+        bias_BHQS: float32 additive bias; any dimension may be 1 to broadcast.
+        dropout: optional function applied to the probabilities (training dropout).
+    """
+    scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
+                             preferred_element_type=jnp.float32)
+    probs_BHQS = jax.nn.softmax(scores_BHQS + bias_BHQS, axis=-1)
+    if dropout is not None:
+        probs_BHQS = dropout(probs_BHQS)
+    return jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS.astype(v_BSHK.dtype), v_BSHK)
+
+
+def dot_product_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+                          bias_BHQS: jax.Array) -> jax.Array:
+    """T5 attention through ``jax.nn.dot_product_attention`` (scale 1: T5 folds it into the
+    query initialiser).
+
+    On GPU with bfloat16 activations it asks for cuDNN's fused (flash) attention, and falls back
+    to JAX's XLA implementation where cuDNN refuses the shapes or the bias; elsewhere it is the
+    XLA implementation, which computes what :func:`xla_attention` does.
+    """
+    if jax.default_backend() == "gpu" and q_BQHK.dtype == jnp.bfloat16:
+        try:
+            return jax.nn.dot_product_attention(
+                q_BQHK, k_BSHK, v_BSHK, bias=bias_BHQS.astype(q_BQHK.dtype), scale=1.0,
+                implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # unsupported by cuDNN here: the XLA path below
+    return jax.nn.dot_product_attention(q_BQHK, k_BSHK, v_BSHK, bias=bias_BHQS, scale=1.0,
+                                        implementation="xla")
 
 
 _ACTIVATIONS = {

@@ -13,6 +13,7 @@ from mtjax.errors import UserError
 
 MLP_ACTIVATIONS = ("gated-gelu", "relu", "gated-silu")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+ATTENTION_KINDS = ("xla", "dot_product")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -41,7 +42,12 @@ class T5Config:
         param_dtype: storage dtype of the parameters.
         remat: per-layer rematerialisation: "none", "dots_saveable" (keep matmul outputs) or
             "full" (keep only the layer inputs).
-        scan_layers: stack layers with nnx.scan (not implemented yet).
+        scan_layers: run each stack's layers as one ``jax.lax.scan`` over their parameters,
+            stacked inside the forward pass (the parameter tree keeps one entry per layer), so
+            compile time does not grow with depth.
+        attention: "xla" (mtjax's einsum and float32 softmax) or "dot_product"
+            (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU where supported,
+            else JAX's XLA implementation); same numbers.
     """
 
     vocab_size: int
@@ -62,6 +68,7 @@ class T5Config:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "xla"
 
     def __post_init__(self):
         # Fail at config time, with the field's name, rather than deep inside tracing.
@@ -71,6 +78,8 @@ class T5Config:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {ATTENTION_KINDS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}: {getattr(self, field)!r} is not one of {DTYPES}")
@@ -135,6 +144,12 @@ MODEL_SIZES: dict[str, T5Config] = {
     "t5_1_1_tiny": T5Config(
         vocab_size=32128, d_model=256, d_ff=512, num_heads=4, d_kv=64,
         num_encoder_layers=3, num_decoder_layers=3,
+    ),
+    # The peer-comparison shape of `mtjax bench train` (benchmarks/README.md): T5 1.1 style,
+    # 512 wide, gated GELU 1024, 8 heads x 64, 6+6 layers; what the peers' figures were taken at.
+    "t5_1_1_peer": T5Config(
+        vocab_size=32128, d_model=512, d_ff=1024, num_heads=8, d_kv=64,
+        num_encoder_layers=6, num_decoder_layers=6,
     ),
     # Unit tests: compiles in seconds.
     "t5_1_1_test": T5Config(

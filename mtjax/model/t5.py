@@ -91,6 +91,37 @@ def _call_layer(cfg: T5Config, layer: nnx.Module, *args, deterministic: bool,
     return nnx.remat(run, policy=_REMAT_POLICIES[cfg.remat])(layer, rngs, *args)
 
 
+def _run_layers(cfg: T5Config, layers: nnx.List, x: jax.Array, *args,
+                deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """Every layer of a stack in order: unrolled, or as one ``jax.lax.scan`` (``scan_layers``).
+
+    The scan stacks the layers' parameters inside the forward pass (gradients unstack), so the
+    parameter tree, checkpoints and conversions keep one entry per layer either way; the cost is
+    one copy of the stack's parameters and gradients per step. The layer is traced and compiled
+    once instead of once per layer. Dropout draws one key per layer from ``rngs``.
+    """
+    if not cfg.scan_layers:
+        for layer in layers:
+            x = _call_layer(cfg, layer, x, *args, deterministic=deterministic, rngs=rngs)
+        return x
+    graphdef, _ = nnx.split(layers[0])
+    params_LX = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *(nnx.to_pure_dict(nnx.state(layer)) for layer in layers))
+    keys_L = (jax.random.split(rngs.dropout(), len(layers))
+              if not deterministic and rngs is not None and cfg.dropout_rate > 0 else None)
+
+    def body(x, xs):
+        params, key = xs
+        layer = nnx.merge(graphdef, nnx.State(params))
+        layer_rngs = None if key is None else nnx.Rngs(dropout=key)
+        return layer(x, *args, deterministic=deterministic, rngs=layer_rngs), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+    x, _ = jax.lax.scan(body, x, (params_LX, keys_L))
+    return x
+
+
 def _relpos_bias(cfg: T5Config, *, bidirectional: bool, rngs: nnx.Rngs) -> RelativePositionBias:
     return RelativePositionBias(
         cfg.num_heads, num_buckets=cfg.relative_attention_num_buckets,
@@ -113,7 +144,8 @@ class EncoderLayer(nnx.Module):
             self.relpos_bias = _relpos_bias(cfg, bidirectional=True, rngs=rngs)
         self.pre_attention_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
         self.attention = Attention(cfg.d_model, cfg.num_heads, cfg.d_kv,
-                                   dropout_rate=cfg.dropout_rate, rngs=rngs, **common)
+                                   dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs,
+                                   **common)
         self.pre_mlp_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp_activation,
                        dropout_rate=cfg.dropout_rate, rngs=rngs, **common)
@@ -137,7 +169,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         common = _common(cfg)
         eps = cfg.layer_norm_epsilon
-        attention = dict(dropout_rate=cfg.dropout_rate, rngs=rngs, **common)
+        attention = dict(dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs, **common)
         if cfg.per_layer_relative_bias:
             self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
         self.pre_self_attention_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
@@ -216,8 +248,7 @@ class Encoder(nnx.Module):
         shared_bias = (None if self.cfg.per_layer_relative_bias
                        else self.relpos_bias(length, length))
         x_BSD = constrain(self.dropout(x_BSD, **drop), _RESIDUAL)
-        for layer in self.layers:
-            x_BSD = _call_layer(self.cfg, layer, x_BSD, mask_bias_BHSS, shared_bias, **drop)
+        x_BSD = _run_layers(self.cfg, self.layers, x_BSD, mask_bias_BHSS, shared_bias, **drop)
         return self.dropout(self.encoder_norm(x_BSD), **drop)
 
 
@@ -240,9 +271,8 @@ class Decoder(nnx.Module):
         shared_bias = (None if self.cfg.per_layer_relative_bias
                        else self.relpos_bias(length, length))
         y_BTD = constrain(self.dropout(y_BTD, **drop), _RESIDUAL)
-        for layer in self.layers:
-            y_BTD = _call_layer(self.cfg, layer, y_BTD, encoded_BSD, self_mask_bias_BHTT,
-                                cross_mask_bias_BHTS, shared_bias, **drop)
+        y_BTD = _run_layers(self.cfg, self.layers, y_BTD, encoded_BSD, self_mask_bias_BHTT,
+                            cross_mask_bias_BHTS, shared_bias, **drop)
         return self.dropout(self.decoder_norm(y_BTD), **drop)
 
     def step(self, y_B1D, layer_caches, index, self_mask_bias_B11T, cross_mask_bias_B11S):
@@ -272,11 +302,6 @@ class T5(nnx.Module):
     FEATURE_CONVERTER = FEATURE_CONVERTER
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        if config.scan_layers:
-            raise NotImplementedError(
-                "model.scan_layers=True is not implemented yet; layers are unrolled. "
-                "Set scan_layers=False (use remat to save memory)."
-            )
         self.config = config
         common = _common(config)
         self.token_embedder = Embed(config.vocab_size, config.d_model, rngs=rngs, **common)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -42,4 +43,29 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
         tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    if cfg.state_dtype != "float32":
+        tx = with_state_dtype(tx, jnp.dtype(cfg.state_dtype))
     return tx, schedule
+
+
+def with_state_dtype(tx: optax.GradientTransformation,
+                     dtype: jnp.dtype) -> optax.GradientTransformation:
+    """``tx`` with its floating-point state stored in ``dtype`` (e.g. bfloat16).
+
+    The update is computed in float32 from the upcast state and the new state is rounded back,
+    so only storage (and checkpoint size) shrinks; counters and other integer leaves are kept.
+    """
+    def is_float(x) -> bool:
+        return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if is_float(x) else x, tree)
+
+    def init(params):
+        return cast(tx.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)

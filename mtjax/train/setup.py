@@ -70,13 +70,16 @@ def check_params_divide(abstract_params: Any, shardings: Any, model_name: str) -
 
 
 def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
-    """The named model size with the run's vocabulary, dtype, dropout and remat."""
+    """The named model size with the run's vocabulary, dtype, dropout, remat, scan and attention
+    settings."""
     try:
         base = sizes.get_config(config.model.name)
     except KeyError as e:
         raise config_lib.ConfigError(str(e.args[0]) if e.args else str(e)) from None
     return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
-                               dropout_rate=config.model.dropout_rate, remat=config.model.remat)
+                               dropout_rate=config.model.dropout_rate, remat=config.model.remat,
+                               scan_layers=config.model.scan_layers,
+                               attention=config.model.attention)
 
 
 @dataclasses.dataclass

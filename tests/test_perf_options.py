@@ -1,0 +1,198 @@
+"""Throughput options keep the numbers: scan over layers, jax.nn.dot_product_attention,
+bfloat16 optimizer state, the CPU XLA defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mtjax import config as config_lib
+from mtjax import xla_env
+from mtjax.bench import train as train_bench
+from mtjax.model import layers, sizes, t5
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import optim
+from mtjax.train import setup as setup_lib
+
+VOCAB = 256
+CFG = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    m = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+    with mesh_lib.activate(m, mesh_lib.get_rules("data")):
+        yield m
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    enc = rng.integers(1, VOCAB, (2, 12)).astype(np.int32)
+    enc[1, 9:] = 0  # padding in one row
+    dec = rng.integers(1, VOCAB, (2, 6)).astype(np.int32)
+    dec[:, 0] = 0
+    return jnp.asarray(enc), jnp.asarray(dec)
+
+
+def _loss_and_grads(cfg: sizes.T5Config, batch, **call_kwargs):
+    """Loss and gradients of a fixed-seed model (same parameters for every cfg variant)."""
+    enc, dec = batch
+    graphdef, params, rest = nnx.split(t5.T5(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(enc, dec, **call_kwargs)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, dec))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_close(a, b, atol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    np.testing.assert_allclose(loss_a, loss_b, atol=atol, rtol=0)
+    assert jax.tree.structure(grads_a) == jax.tree.structure(grads_b)
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def reference(mesh, batch):
+    return _loss_and_grads(CFG, batch)
+
+
+@pytest.mark.parametrize("variant", [
+    {"scan_layers": True},
+    {"scan_layers": True, "remat": "full"},
+    {"scan_layers": True, "remat": "dots_saveable"},
+    {"attention": "dot_product"},
+    {"attention": "dot_product", "scan_layers": True},
+    {"remat": "dots_saveable"},
+])
+def test_variant_has_reference_loss_and_grads(mesh, batch, reference, variant):
+    _assert_close(_loss_and_grads(dataclasses.replace(CFG, **variant), batch), reference)
+
+
+def test_scan_with_per_layer_bias_and_relu(mesh, batch):
+    cfg = dataclasses.replace(CFG, per_layer_relative_bias=True, mlp_activation="relu",
+                              tie_embeddings=True, num_encoder_layers=3)
+    _assert_close(_loss_and_grads(dataclasses.replace(cfg, scan_layers=True), batch),
+                  _loss_and_grads(cfg, batch))
+
+
+def test_scan_keeps_the_parameter_tree(mesh):
+    def shapes(cfg):
+        model = nnx.eval_shape(lambda: t5.T5(cfg, rngs=nnx.Rngs(0)))
+        return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    assert shapes(dataclasses.replace(CFG, scan_layers=True)) == shapes(CFG)
+
+
+def test_scan_dropout_is_random_and_reproducible(mesh, batch):
+    cfg = dataclasses.replace(CFG, scan_layers=True, dropout_rate=0.5)
+    enc, dec = batch
+    graphdef, params, rest = nnx.split(t5.T5(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    @jax.jit
+    def run(seed):
+        model = nnx.merge(graphdef, params, rest)
+        dropped = model(enc, dec, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+        return dropped, model(enc, dec)
+
+    first, plain = run(jax.random.key(1))
+    np.testing.assert_array_equal(run(jax.random.key(1))[0], first)
+    assert not np.allclose(run(jax.random.key(2))[0], first)
+    assert not np.allclose(first, plain)
+
+
+def test_scan_model_decodes_with_the_cache_like_the_forward_pass(mesh, batch):
+    enc, dec = batch
+    graphdef, state = nnx.split(t5.T5(dataclasses.replace(CFG, scan_layers=True),
+                                      rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def forward_and_init(state):
+        model = nnx.merge(graphdef, state)
+        return model(enc, dec), model.init_cache(model.encode(enc), enc, dec.shape[1])
+
+    @jax.jit
+    def step(state, tokens, cache, index):
+        return nnx.merge(graphdef, state).decode_step(tokens, cache, index)
+
+    full_BTV, cache = forward_and_init(state)
+    for i in range(dec.shape[1]):
+        step_BV, cache = step(state, dec[:, i:i + 1], cache, i)
+        np.testing.assert_allclose(step_BV, full_BTV[:, i], atol=1e-5)
+
+
+def test_dot_product_attention_equals_xla_with_broadcast_bias(mesh):
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)), jnp.float32) for L in (5, 7, 7))
+    bias = jnp.asarray(rng.normal(size=(1, 3, 5, 7)), jnp.float32)
+    mask = jnp.where(jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3), 0.0, layers.MASK_BIAS)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias + mask),
+                               layers.xla_attention(q, k, v, bias + mask), atol=1e-6)
+
+
+def test_bfloat16_optimizer_state_stores_bf16_and_updates_like_f32():
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    grads = {"w": jnp.full((3, 4), 0.25)}
+    cfg = config_lib.OptimConfig(name="adamw", learning_rate=0.1, warmup_steps=1)
+    f32_tx, _ = optim.make_optimizer(cfg, 10)
+    bf16_tx, _ = optim.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"), 10)
+    f32_state, bf16_state = f32_tx.init(params), bf16_tx.init(params)
+    floats = [x for x in jax.tree.leaves(bf16_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+    assert any(x.dtype == jnp.int32 for x in jax.tree.leaves(bf16_state))  # counts kept
+    for _ in range(3):
+        f32_updates, f32_state = f32_tx.update(grads, f32_state, params)
+        bf16_updates, bf16_state = bf16_tx.update(grads, bf16_state, params)
+        np.testing.assert_allclose(bf16_updates["w"], f32_updates["w"], rtol=2e-2)
+
+
+def test_train_step_with_every_option(mesh):
+    """The configured step (scan, dot_product, bf16 optimizer state) trains like the default."""
+    base = config_lib.load(None, [
+        "model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=16",
+        "data.targets_length=8", "optim.name=adamw", "mesh.fsdp=1"])
+    fast = config_lib.apply_overrides(base, [
+        "model.scan_layers=true", "model.attention=dot_product", "optim.state_dtype=bfloat16"])
+    host = train_bench.synthetic_batch(2, 16, 8, VOCAB)
+    results = []
+    for config in (base, fast):
+        setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
+                                mesh=mesh, rules=mesh_lib.get_rules("data"))
+        assert setup.model_cfg.scan_layers == (config is fast)
+        state = setup.init_state(0)
+        losses = []
+        for _ in range(2):
+            state, metrics = setup.step(state, {k: jnp.asarray(v) for k, v in host.items()})
+            losses.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
+        results.append(losses)
+    # Step 1 sees identical parameters; step 2 follows a bf16-rounded optimizer state.
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-5)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-2)
+
+
+@pytest.mark.parametrize("existing,expected_added", [
+    ("", True),
+    ("--xla_force_host_platform_device_count=8", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,"
+     "LIBRARY_FUSION_TYPE_REDUCE", False),  # the user's own choice wins
+])
+def test_cpu_xla_defaults_respect_user_flags(existing, expected_added):
+    env = {"XLA_FLAGS": existing} if existing else {}
+    xla_env.set_cpu_defaults(env, jaxlib_version="0.10.2")
+    assert (xla_env.CPU_FLAG in env["XLA_FLAGS"].split()) == expected_added
+    assert existing in env["XLA_FLAGS"]
+    untouched = {"XLA_FLAGS": existing}
+    xla_env.set_cpu_defaults(untouched, jaxlib_version="0.99.0")  # unknown jaxlib: no flag
+    assert untouched == {"XLA_FLAGS": existing}
+    opted_out = {"XLA_FLAGS": existing, "MTJAX_XLA_DEFAULTS": "0"}
+    assert not xla_env.set_cpu_defaults(opted_out, jaxlib_version="0.10.2")
+    assert opted_out["XLA_FLAGS"] == existing
