@@ -174,8 +174,24 @@ class RelativePositionBias(nnx.Module):
             relative_QS, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
             max_distance=self.max_distance,
         )
-        bias_HQS = jnp.take(self.rel_embedding[...].astype(jnp.float32), bucket_QS, axis=1)
+        bias_HQS = lookup_relative_bias(self.rel_embedding[...].astype(jnp.float32), bucket_QS)
         return bias_HQS[None]
+
+
+def lookup_relative_bias(table_HN: jax.Array, bucket_QS: jax.Array) -> jax.Array:
+    """``table[:, bucket]`` as [H, Q, S], gathered one scalar at a time from the flat table.
+
+    ``jnp.take(table, bucket, axis=1)`` gathers H-wide columns: its output is [Q, S, H]
+    transposed, so the gradient (a scatter-add) wants the summed score gradients in [Q*S, H]
+    layout, and XLA fuses that transpose into the sum over batch and layers, a strided loop
+    9x slower than this form (0.4 s of a 13 s peer-shape step on 2 CPU cores). Indexing the
+    flat table with ``h * N + bucket`` gathers and scatters in the scores' own layout; the
+    values are the same.
+    """
+    num_heads, num_buckets = table_HN.shape
+    heads_H = jnp.arange(num_heads, dtype=bucket_QS.dtype)
+    index_HQS = heads_H[:, None, None] * num_buckets + bucket_QS[None]
+    return jnp.take(table_HN.reshape(-1), index_HQS, axis=0)
 
 
 class Attention(nnx.Module):
