@@ -17,8 +17,9 @@ from mtjax import xla_env
 from mtjax.bench import train as train_bench
 from mtjax.model import layers, sizes, t5
 from mtjax.parallel import mesh as mesh_lib
-from mtjax.train import optim
+from mtjax.train import layerwise, optim
 from mtjax.train import setup as setup_lib
+from mtjax.train import step as step_lib
 
 VOCAB = 256
 CFG = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=VOCAB)
@@ -196,3 +197,69 @@ def test_cpu_xla_defaults_respect_user_flags(existing, expected_added):
     opted_out = {"XLA_FLAGS": existing, "MTJAX_XLA_DEFAULTS": "0"}
     assert not xla_env.set_cpu_defaults(opted_out, jaxlib_version="0.10.2")
     assert opted_out["XLA_FLAGS"] == existing
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("adafactor", {}),
+    ("adamw", {"weight_decay": 0.01}),
+    ("adafactor", {"state_dtype": "bfloat16"}),
+])
+def test_layerwise_optimizer_matches_per_parameter_and_traces_less(mesh, name, extra):
+    """model.scan_layers' optimizer: the same state layout and updates, traced once per stack."""
+    params = nnx.to_pure_dict(nnx.state(t5.T5(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+    assert layerwise.find_layer_stacks(params) == [("decoder", "layers"), ("encoder", "layers")]
+    cfg = config_lib.OptimConfig(name=name, warmup_steps=1, **extra)
+    plain, _ = optim.make_optimizer(cfg, 10)
+    stacked, _ = optim.make_optimizer(cfg, 10, per_layer_kind=True)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, p.dtype), params)
+    states = [plain.init(params), stacked.init(params)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    trees = [params, params]
+    for _ in range(3):
+        for i, tx in enumerate((plain, stacked)):
+            updates, states[i] = jax.jit(tx.update)(grads, states[i], trees[i])
+            trees[i] = optax.apply_updates(trees[i], updates)
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    for a, b in zip(jax.tree.leaves((trees[0], states[0])),
+                    jax.tree.leaves((trees[1], states[1])), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=1e-6 if a.dtype == jnp.float32 else 1e-2, rtol=1e-5)
+
+    def op_count(tx, layers_each):
+        cfg = dataclasses.replace(CFG, num_encoder_layers=layers_each,
+                                  num_decoder_layers=layers_each)
+        p = nnx.to_pure_dict(nnx.state(t5.T5(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+        text = jax.jit(tx.update).lower(p, tx.init(p), p).as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+
+    # Per extra layer the plain update emits all its arithmetic again; the layerwise one only its
+    # stacking and slicing (cheap to compile): measured 0.29x (Adafactor), 0.51x (AdamW).
+    plain_per_layer = (op_count(plain, 4) - op_count(plain, 2)) / 4
+    stacked_per_layer = (op_count(stacked, 4) - op_count(stacked, 2)) / 4
+    assert stacked_per_layer < 0.6 * plain_per_layer, (stacked_per_layer, plain_per_layer)
+
+
+def test_relative_bias_lookup_and_gradient_equal_take(mesh):
+    table_HN = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
+    rel_QS = jnp.arange(9)[None, :] - jnp.arange(6)[:, None]
+    bucket_QS = layers.relative_position_bucket(rel_QS, bidirectional=True, num_buckets=8,
+                                                max_distance=16)
+    g_HQS = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6, 9)), jnp.float32)
+    np.testing.assert_array_equal(layers.lookup_relative_bias(table_HN, bucket_QS),
+                                  jnp.take(table_HN, bucket_QS, axis=1))
+    grad_new = jax.grad(lambda t: jnp.sum(layers.lookup_relative_bias(t, bucket_QS) * g_HQS))
+    grad_take = jax.grad(lambda t: jnp.sum(jnp.take(t, bucket_QS, axis=1) * g_HQS))
+    np.testing.assert_allclose(grad_new(table_HN), grad_take(table_HN), atol=1e-6)
+
+
+def test_cross_entropy_target_logit_equals_take_along_axis():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+    loss, z = step_lib.cross_entropy_with_z_loss(logits, targets, 1e-4)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    gold = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(loss - z, gold, atol=1e-6)
+    np.testing.assert_allclose(z, 1e-4 * log_z**2, rtol=1e-6)

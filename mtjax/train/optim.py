@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from mtjax.config import OptimConfig
+from mtjax.train import layerwise
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -27,9 +28,13 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-    """The optax transformation named by ``optim.name`` and its schedule."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, per_layer_kind: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transformation named by ``optim.name`` and its schedule.
+
+    ``per_layer_kind`` (on with ``model.scan_layers``) traces the per-parameter update once per
+    kind of layer (``mtjax.train.layerwise``): same state and numbers, far less to compile.
+    """
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adafactor":
         # T5 settings: factored second moments, no momentum, update clipping at 1.0,
@@ -41,6 +46,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
         )
     else:
         tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    if per_layer_kind:
+        tx = layerwise.layerwise(tx)  # before the clipping, which needs every gradient at once
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     if cfg.state_dtype != "float32":

@@ -122,7 +122,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
     if mesh is None or rules is None:
         mesh, rules = mesh_and_rules(config)
     model_cfg = model_config(config, vocab_size)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps,
+                                        per_layer_kind=config.model.scan_layers)
     model_def, abstract_state, shardings = state_lib.state_shardings(
         model_cfg, tx, mesh, rules, config.train.seed)
     check_params_divide(abstract_state.params, shardings.params, config.model.name)

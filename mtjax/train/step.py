@@ -45,8 +45,8 @@ def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array,
     # A masked sum rather than take_along_axis: its gradient is elementwise and fuses with the
     # softmax's, where take_along_axis's is a scatter into a [B, L, V] zero array.
     vocab_V = jnp.arange(logits_BLV.shape[-1], dtype=targets_BL.dtype)
-    target_logit_BL = jnp.sum(jnp.where(targets_BL[..., None] == vocab_V[None, None], logits_BLV, 0.0),
-                              axis=-1)
+    is_target_BLV = targets_BL[..., None] == vocab_V[None, None]
+    target_logit_BL = jnp.sum(jnp.where(is_target_BLV, logits_BLV, 0.0), axis=-1)
     z_BL = z_loss * jnp.square(log_z_BL)
     return log_z_BL - target_logit_BL + z_BL, z_BL
 
