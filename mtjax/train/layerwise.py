@@ -98,8 +98,9 @@ def _merge(rest: Any, stacked: list[Any], stacks: list[Path], sizes: list[int]) 
 def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` with the same state and results, traced once per layer stack (see the module).
 
-    Falls back to ``tx`` itself for trees without layer stacks, and for transformations whose
-    state does not mirror the parameter tree in the usual optax way (checked by shape).
+    Trees without layer stacks go to ``tx`` unchanged. State subtrees with the parameter tree's
+    structure (moments, factored statistics) are split like the parameters; every other state
+    leaf (step counts) is shared by all layers and must stay unbatched (vmap raises otherwise).
     """
 
     def init(params):
@@ -109,15 +110,8 @@ def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformation:
         stacks = find_layer_stacks(updates)
         if not stacks:
             return tx.update(updates, state, params)
-        params_def = jax.tree.structure(updates)
         sizes = [len(_get(updates, p)) for p in stacks]
-
-        def mirrors(node) -> bool:
-            try:
-                return jax.tree.structure(node) == params_def
-            except (ValueError, TypeError):
-                return False
-
+        mirrors = mirror_of(updates)
         nodes, state_def = jax.tree.flatten(state, is_leaf=mirrors)
         is_mirror = [mirrors(n) for n in nodes]
         split_nodes = [_split(n, stacks) if m else (n, None)
@@ -129,7 +123,7 @@ def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformation:
         # The parameters outside any stack: the transformation as usual.
         rest_state = jax.tree.unflatten(state_def, [r for r, _ in split_nodes])
         rest_out, rest_new_state = tx.update(rest_updates, rest_state, rest_params)
-        rest_new_nodes = jax.tree.leaves(rest_new_state, is_leaf=_mirror_of(rest_updates))
+        rest_new_nodes = jax.tree.leaves(rest_new_state, is_leaf=mirror_of(rest_updates))
 
         # Each stack: vmapped over its layers; state leaves that are not per-parameter (step
         # counts) are shared by all layers, so they go in and come out unbatched.
@@ -146,7 +140,7 @@ def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformation:
             out, new_state = run(stacked_updates[g], group_state, stacked_params[g])
             group_outs.append(out)
             group_new_nodes.append(jax.tree.leaves(new_state,
-                                                   is_leaf=_mirror_of(stacked_updates[g])))
+                                                   is_leaf=mirror_of(stacked_updates[g])))
 
         merged_nodes = []
         for i, m in enumerate(is_mirror):
@@ -161,8 +155,9 @@ def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _mirror_of(tree: Any):
-    """``is_leaf`` that stops at subtrees with ``tree``'s structure (an empty tree has none)."""
+def mirror_of(tree: Any):
+    """``is_leaf`` that is true for subtrees with ``tree``'s structure, such as the parts of an
+    optax state that mirror the parameters."""
     treedef = jax.tree.structure(tree)
 
     def is_leaf(node) -> bool:

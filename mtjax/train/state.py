@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mtjax.model import t5
 from mtjax.model.sizes import T5Config
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import layerwise
 
 
 @flax.struct.dataclass
@@ -78,14 +79,8 @@ def _opt_leaf_spec(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...],
 
 def opt_state_shardings(abstract_opt_state, abstract_params, p_shardings, mesh: Mesh):
     """Shard every optimizer-state subtree that mirrors the parameter tree like the parameters."""
-    params_def = jax.tree.structure(abstract_params)
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def mirrors_params(node) -> bool:
-        try:
-            return jax.tree.structure(node) == params_def
-        except Exception:  # noqa: BLE001 - non-pytree leaves simply do not mirror
-            return False
+    mirrors_params = layerwise.mirror_of(abstract_params)
 
     def shard(node):
         if mirrors_params(node):
