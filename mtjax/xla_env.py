@@ -1,11 +1,18 @@
 """XLA settings mtjax applies before JAX starts its backends (no JAX import here).
 
-CPU: XLA 0.10's CPU backend hands reductions to YNNPACK ("ynn_fusion") as well as matmuls; for
-T5's attention (softmax max/sum and the relative-position-bias gradient over [B, H, S, S]) those
-library reductions are several times slower than XLA's own loops. Keeping YNNPACK for matmuls
-only cut the peer-shape train step by about 13% on the 2-core test machine (benchmarks/README.md).
-The flag is experimental, so it is only added for jaxlib versions it was measured on, never over
-a value the user set, and not at all with ``MTJAX_XLA_DEFAULTS=0`` in the environment.
+CPU, both measured on the 2-core test machine (benchmarks/README.md), peer-shape train step:
+
+- XLA 0.10's CPU backend hands reductions to YNNPACK ("ynn_fusion") as well as matmuls; for
+  T5's attention (softmax max/sum and the relative-position-bias gradient over [B, H, S, S])
+  those library reductions are several times slower than XLA's own loops. Keeping YNNPACK for
+  matmuls only cut the step by about 13%.
+- XLA's CPU "concurrency optimized" scheduler orders the program so that independent ops can
+  run at once; with two cores, two library matmuls then share the cores and each runs at half
+  speed or worse. The plain schedule was 1.035-1.063x faster in four A/B sittings.
+
+The flags are experimental, so they are only added for jaxlib versions they were measured on,
+each never over a value the user set for it, and none at all with ``MTJAX_XLA_DEFAULTS=0`` in
+the environment.
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping
 
-CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
-_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
-# jaxlib versions whose XLA knows the flag (an unknown flag in XLA_FLAGS aborts the process).
+# Flag name -> value; the order is the order they are appended in.
+CPU_FLAGS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+    "xla_cpu_enable_concurrency_optimized_scheduler": "false",
+}
+# A flag is also left out when the user set one of these, which decide the same thing.
+_SAME_DECISION = {
+    "xla_cpu_enable_concurrency_optimized_scheduler": ("xla_cpu_scheduler_type",),
+}
+# jaxlib versions whose XLA knows the flags (an unknown flag in XLA_FLAGS aborts the process).
 _MEASURED_JAXLIB = ("0.10.",)
 
 
@@ -28,8 +42,8 @@ def _jaxlib_version() -> str:
 
 
 def set_cpu_defaults(env: MutableMapping[str, str] | None = None,
-                     jaxlib_version: str | None = None) -> bool:
-    """Add :data:`CPU_FLAG` to ``XLA_FLAGS`` unless the user chose a value or opted out.
+                     jaxlib_version: str | None = None) -> list[str]:
+    """Append :data:`CPU_FLAGS` to ``XLA_FLAGS``, except those the user already set.
 
     Takes effect only if called before JAX initialises its CPU backend (the first device query
     or computation); importing jax earlier is fine. ``mtjax``'s command line calls it first.
@@ -39,16 +53,17 @@ def set_cpu_defaults(env: MutableMapping[str, str] | None = None,
         jaxlib_version: the installed jaxlib's version (default: looked up).
 
     Returns:
-        True when the flag was added.
+        The flags added, as ``--name=value`` strings (empty when none was).
     """
     env = os.environ if env is None else env
     if env.get("MTJAX_XLA_DEFAULTS", "1") == "0":
-        return False
+        return []
     version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
     if not version.startswith(_MEASURED_JAXLIB):
-        return False
+        return []
     flags = env.get("XLA_FLAGS", "")
-    if _FLAG_NAME in flags:
-        return False
-    env["XLA_FLAGS"] = f"{flags} {CPU_FLAG}".strip()
-    return True
+    added = [f"--{name}={value}" for name, value in CPU_FLAGS.items()
+             if not any(n in flags for n in (name, *_SAME_DECISION.get(name, ())))]
+    if added:
+        env["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return added

@@ -180,22 +180,28 @@ def test_train_step_with_every_option(mesh):
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-2)
 
 
+YNN_DOT = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+PLAIN_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 @pytest.mark.parametrize("existing,expected_added", [
-    ("", True),
-    ("--xla_force_host_platform_device_count=8", True),
+    ("", [YNN_DOT, PLAIN_SCHEDULE]),
+    ("--xla_force_host_platform_device_count=8", [YNN_DOT, PLAIN_SCHEDULE]),
+    # The user's own choice of a flag wins; the other flag is still added.
     ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,"
-     "LIBRARY_FUSION_TYPE_REDUCE", False),  # the user's own choice wins
+     "LIBRARY_FUSION_TYPE_REDUCE", [PLAIN_SCHEDULE]),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", [YNN_DOT]),
+    ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", [YNN_DOT]),
 ])
 def test_cpu_xla_defaults_respect_user_flags(existing, expected_added):
     env = {"XLA_FLAGS": existing} if existing else {}
-    xla_env.set_cpu_defaults(env, jaxlib_version="0.10.2")
-    assert (xla_env.CPU_FLAG in env["XLA_FLAGS"].split()) == expected_added
-    assert existing in env["XLA_FLAGS"]
+    assert xla_env.set_cpu_defaults(env, jaxlib_version="0.10.2") == expected_added
+    assert env["XLA_FLAGS"].split() == existing.split() + expected_added
     untouched = {"XLA_FLAGS": existing}
-    xla_env.set_cpu_defaults(untouched, jaxlib_version="0.99.0")  # unknown jaxlib: no flag
+    assert xla_env.set_cpu_defaults(untouched, jaxlib_version="0.99.0") == []  # unknown jaxlib
     assert untouched == {"XLA_FLAGS": existing}
     opted_out = {"XLA_FLAGS": existing, "MTJAX_XLA_DEFAULTS": "0"}
-    assert not xla_env.set_cpu_defaults(opted_out, jaxlib_version="0.10.2")
+    assert xla_env.set_cpu_defaults(opted_out, jaxlib_version="0.10.2") == []
     assert opted_out["XLA_FLAGS"] == existing
 
 
