@@ -64,7 +64,8 @@ class ModelConfig:
     scan_layers: bool = False
     # "xla": mtjax's einsum/softmax; "dot_product": jax.nn.dot_product_attention (cuDNN flash
     # attention on GPU in bf16 where the bias allows, else its XLA path). Same numbers (tested).
-    attention: str = "xla"
+    # "auto": dot_product on GPU with bfloat16 activations (1.35x on an H200), else xla.
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ _CHOICES = {
     "optim.name": ("adafactor", "adamw"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
-    "model.attention": ("xla", "dot_product"),
+    "model.attention": ("auto", "xla", "dot_product"),
     "optim.state_dtype": ("float32", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),
     "data.mixing": ("mixture", "examples_proportional", "temperature", "equal"),

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mtjax.model import sizes
+from mtjax.model import t5 as t5_lib
 from mtjax.model.layers import relative_position_bucket
 from mtjax.model.t5 import FEATURE_CONVERTER, T5
 from mtjax.parallel import mesh as mesh_lib
@@ -211,6 +212,29 @@ def test_per_layer_bias_variant_counts():
     assert "relpos_bias" in state["encoder"]["layers"][0]
     assert "relpos_bias" not in state["encoder"]
     assert sizes.count_params(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("variant", [{}, {"tie_embeddings": True, "mlp_activation": "relu"},
+                                     {"per_layer_relative_bias": True, "num_decoder_layers": 3}])
+def test_layers_initialised_by_scan_equal_a_loop(monkeypatch, variant):
+    # make_layers compiles one layer's initialisers instead of every layer's; the values, and
+    # where the key stream stands afterwards (lm_head comes last), must not change.
+    cfg = dataclasses.replace(CFG, **variant)
+
+    def init():
+        return nnx.to_pure_dict(nnx.state(T5(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+
+    with activate():
+        scanned = jax.jit(init)()
+        monkeypatch.setattr(t5_lib, "make_layers",
+                            lambda make, n, rngs: nnx.List([make(rngs) for _ in range(n)]))
+        looped = jax.jit(init)()
+    assert jax.tree.structure(scanned) == jax.tree.structure(looped)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Different layers got different draws (the counter moved between them).
+    layers = scanned["encoder"]["layers"]
+    assert not np.array_equal(layers[0]["mlp"]["wo"]["kernel"], layers[1]["mlp"]["wo"]["kernel"])
 
 
 def test_remat_gives_same_loss_and_grads():

@@ -247,17 +247,26 @@ def test_layerwise_optimizer_matches_per_parameter_and_traces_less(mesh, name, e
     assert stacked_per_layer < 0.6 * plain_per_layer, (stacked_per_layer, plain_per_layer)
 
 
-def test_relative_bias_lookup_and_gradient_equal_take(mesh):
+@pytest.mark.parametrize("method", ["gather", "onehot"])
+def test_relative_bias_lookup_and_gradient_equal_take(mesh, method):
     table_HN = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
     rel_QS = jnp.arange(9)[None, :] - jnp.arange(6)[:, None]
     bucket_QS = layers.relative_position_bucket(rel_QS, bidirectional=True, num_buckets=8,
                                                 max_distance=16)
     g_HQS = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6, 9)), jnp.float32)
-    np.testing.assert_array_equal(layers.lookup_relative_bias(table_HN, bucket_QS),
+    np.testing.assert_array_equal(layers.lookup_relative_bias(table_HN, bucket_QS, method),
                                   jnp.take(table_HN, bucket_QS, axis=1))
-    grad_new = jax.grad(lambda t: jnp.sum(layers.lookup_relative_bias(t, bucket_QS) * g_HQS))
-    grad_take = jax.grad(lambda t: jnp.sum(jnp.take(t, bucket_QS, axis=1) * g_HQS))
-    np.testing.assert_allclose(grad_new(table_HN), grad_take(table_HN), atol=1e-6)
+
+    def grad(lookup):
+        return jax.grad(lambda t: jnp.sum(lookup(t) * g_HQS))(table_HN)
+
+    np.testing.assert_allclose(grad(lambda t: layers.lookup_relative_bias(t, bucket_QS, method)),
+                               grad(lambda t: jnp.take(t, bucket_QS, axis=1)), atol=1e-5)
+
+
+def test_relative_bias_lookup_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        layers.lookup_relative_bias(jnp.zeros((2, 4)), jnp.zeros((3, 3), jnp.int32), "scan")
 
 
 def test_cross_entropy_target_logit_equals_take_along_axis():
@@ -269,3 +278,50 @@ def test_cross_entropy_target_logit_equals_take_along_axis():
     gold = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(loss - z, gold, atol=1e-6)
     np.testing.assert_allclose(z, 1e-4 * log_z**2, rtol=1e-6)
+
+
+def test_auto_attention_is_cudnn_only_on_gpu_in_bfloat16(monkeypatch):
+    assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
+    assert layers.resolve_attention("dot_product", jnp.float32) == "dot_product"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_attention("auto", jnp.dtype("bfloat16")) == "dot_product"
+    assert layers.resolve_attention("auto", jnp.float32) == "xla"
+    assert layers.resolve_attention("xla", jnp.bfloat16) == "xla"
+
+
+@pytest.mark.parametrize("q_len, s_len, offset, bidirectional", [
+    (6, 9, 0, True), (9, 6, 0, False), (7, 7, 0, False), (1, 12, 5, False), (1, 12, 0, True)])
+def test_toeplitz_relative_bias_equals_lookup_in_value_and_gradient(q_len, s_len, offset,
+                                                                    bidirectional):
+    module = nnx.eval_shape(lambda: layers.RelativePositionBias(
+        3, num_buckets=8, max_distance=16, bidirectional=bidirectional, dtype=jnp.float32,
+        param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(module)
+    table_HN = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
+    g_HQS = jnp.asarray(np.random.default_rng(1).normal(size=(3, q_len, s_len)), jnp.float32)
+    relative_QS = jnp.arange(s_len)[None, :] - (jnp.arange(q_len) + offset)[:, None]
+    bucket_QS = layers.relative_position_bucket(relative_QS, bidirectional=bidirectional,
+                                                num_buckets=8, max_distance=16)
+
+    def toeplitz(table, query_offset):
+        bias = nnx.merge(graphdef, nnx.State({"rel_embedding": nnx.Param(table)}))
+        bias.method = "toeplitz"  # "auto" is "gather" on this CPU
+        return bias(q_len, s_len, query_offset)[0]
+
+    expected = jnp.take(table_HN, bucket_QS, axis=1)
+    np.testing.assert_array_equal(toeplitz(table_HN, offset), expected)
+    # The decoder passes a traced offset.
+    np.testing.assert_array_equal(jax.jit(toeplitz)(table_HN, jnp.int32(offset)), expected)
+    grad = jax.grad(lambda t: jnp.sum(toeplitz(t, offset) * g_HQS))(table_HN)
+    grad_take = jax.grad(lambda t: jnp.sum(jnp.take(t, bucket_QS, axis=1) * g_HQS))(table_HN)
+    np.testing.assert_allclose(grad, grad_take, atol=1e-5)
+
+
+def test_diagonal_sums_add_up_each_key_minus_query_diagonal():
+    x = np.random.default_rng(2).normal(size=(2, 4, 7))
+    expected = np.zeros((2, 4 + 7 - 1))
+    for q in range(4):
+        for s in range(7):
+            expected[:, s - q + 3] += x[:, q, s]
+    np.testing.assert_allclose(layers.diagonal_sums(jnp.asarray(x, jnp.float32)), expected,
+                               atol=1e-6)

@@ -13,7 +13,7 @@ from mtjax.errors import UserError
 
 MLP_ACTIVATIONS = ("gated-gelu", "relu", "gated-silu")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
-ATTENTION_KINDS = ("xla", "dot_product")
+ATTENTION_KINDS = ("auto", "xla", "dot_product")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -45,9 +45,10 @@ class T5Config:
         scan_layers: run each stack's layers as one ``jax.lax.scan`` over their parameters,
             stacked inside the forward pass (the parameter tree keeps one entry per layer), so
             compile time does not grow with depth.
-        attention: "xla" (mtjax's einsum and float32 softmax) or "dot_product"
+        attention: "xla" (mtjax's einsum and float32 softmax), "dot_product"
             (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU where supported,
-            else JAX's XLA implementation); same numbers.
+            else JAX's XLA implementation; same numbers), or "auto" ("dot_product" on GPU with
+            bfloat16 activations, where it is the fast path, else "xla").
     """
 
     vocab_size: int

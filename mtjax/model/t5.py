@@ -12,6 +12,8 @@ H heads, Q query length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -230,6 +232,46 @@ class DecoderLayer(nnx.Module):
         return constrain(y_B1D + h_B1D, _RESIDUAL), dict(cache, self_k=self_k, self_v=self_v)
 
 
+class _DrawCounter:
+    """Stands in for ``nnx.Rngs`` while a layer is built abstractly: counts its parameter keys."""
+
+    def __init__(self):
+        self.draws = 0
+
+    def params(self) -> jax.Array:
+        self.draws += 1
+        return jax.random.key(0)
+
+
+def make_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int,
+                rngs: nnx.Rngs) -> nnx.List:
+    """``nnx.List([make(rngs) for _ in range(count)])``, with the same parameter values, but
+    initialised by one ``jax.lax.scan`` over the layers.
+
+    Initialisers are costly to compile (a truncated normal is ~0.25 s of XLA:CPU time and about
+    4x that on a GPU), and a loop emits them once per layer: initialising t5_1_1_base compiled
+    for 231 s on an H200. The scan's body is compiled once per kind of layer. Layer ``i`` draws
+    the keys the loop would have drawn (the stream's counter at ``start + i * draws``), and the
+    stream's counter ends where the loop would leave it.
+    """
+    if count <= 1:
+        return nnx.List([make(rngs) for _ in range(count)])
+    counter = _DrawCounter()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(counter)))
+    stream = rngs.params  # the stream parameter initialisers draw from ("default" if none)
+    key, start = stream.key[...], stream.count[...]
+
+    def init_layer(_, i):
+        layer_rngs = nnx.Rngs(**{stream.tag: key})
+        layer_rngs.params.count[...] = start + i * counter.draws
+        return None, nnx.state(make(layer_rngs))
+
+    _, states = jax.lax.scan(init_layer, None, jnp.arange(count, dtype=start.dtype))
+    stream.count[...] = start + count * counter.draws
+    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], states))
+                     for i in range(count)])
+
+
 class Encoder(nnx.Module):
     """Embedded tokens -> layers -> final norm; holds the shared relative position bias."""
 
@@ -237,8 +279,8 @@ class Encoder(nnx.Module):
         self.cfg = cfg
         if not cfg.per_layer_relative_bias:
             self.relpos_bias = _relpos_bias(cfg, bidirectional=True, rngs=rngs)
-        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs)
-                                for _ in range(cfg.num_encoder_layers)])
+        self.layers = make_layers(lambda r: EncoderLayer(cfg, rngs=r), cfg.num_encoder_layers,
+                                  rngs)
         self.encoder_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, **_common(cfg))
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
@@ -259,8 +301,8 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         if not cfg.per_layer_relative_bias:
             self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs)
-                                for _ in range(cfg.num_decoder_layers)])
+        self.layers = make_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_decoder_layers,
+                                  rngs)
         self.decoder_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, **_common(cfg))
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
