@@ -56,8 +56,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="accumulate the gradient over this many equal slices of the batch "
+                        "(like mtjax's train.microbatches)")
     p.add_argument("--output", default=None)
     return p
+
+
+def check_microbatches(args: argparse.Namespace) -> None:
+    """Exit with a message unless ``--microbatches`` divides ``--batch-size``."""
+    if args.microbatches < 1 or args.batch_size % args.microbatches:
+        raise SystemExit(f"--microbatches {args.microbatches} must divide --batch-size "
+                         f"{args.batch_size}")
 
 
 def result(args: argparse.Namespace, *, peer: str, sizes, cfg, num_params: int,
@@ -73,7 +83,7 @@ def result(args: argparse.Namespace, *, peer: str, sizes, cfg, num_params: int,
         "benchmark": "train", "peer": peer,
         "model": args.model, "num_params": num_params,
         "batch_size": b, "inputs_length": s, "targets_length": t, "dtype": args.dtype,
-        "optimizer": "adamw",
+        "optimizer": "adamw", "microbatches": args.microbatches,
         "compile_s": compile_s, "first_step_s": first_step_s,
         "steps": args.steps, "warmup": args.warmup,
         "step_s": {"median": median, "min": min(seconds), "max": max(seconds)},

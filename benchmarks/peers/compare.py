@@ -30,10 +30,12 @@ _HERE = pathlib.Path(__file__).resolve().parent
 def _entries(args: argparse.Namespace) -> dict[str, list[str] | None]:
     shape = ["--model", args.model, "--batch-size", str(args.batch_size), "--inputs-length",
              str(args.inputs_length), "--targets-length", str(args.targets_length),
-             "--steps", str(args.steps), "--warmup", str(args.warmup)]
+             "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--microbatches", str(args.microbatches)]
     mtjax_shape = [f"model.name={args.model}", f"train.batch_size={args.batch_size}",
                    f"data.inputs_length={args.inputs_length}",
-                   f"data.targets_length={args.targets_length}", "optim.name=adamw"]
+                   f"data.targets_length={args.targets_length}", "optim.name=adamw",
+                   f"train.microbatches={args.microbatches}"]
     mtjax = (shlex.split(args.mtjax) + ["bench", "train", "--steps", str(args.steps),
                                         "--warmup", str(args.warmup), *mtjax_shape,
                                         *args.mtjax_overrides]) if args.mtjax else None
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets-length", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="gradient accumulation over this many slices of the batch, on every side")
     p.add_argument("--mtjax", default="mtjax", help="the mtjax command ('' to skip)")
     p.add_argument("--mtjax-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--torch-python", default=None, help="interpreter with torch + transformers")

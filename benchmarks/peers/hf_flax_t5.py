@@ -71,6 +71,7 @@ def _best_seconds(run, trials: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    _common.check_microbatches(args)
     sizes = _common.load_sizes()
     cfg = sizes.get_config(args.model)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -88,14 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     labels = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, t)), jnp.int32)
     decoder_input_ids = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), labels[:, :-1]], axis=1)
 
+    m = args.microbatches
+
+    def slices(x):
+        return x.reshape(m, b // m, *x.shape[1:])
+
     def step(params, opt_state, dropout_rng):
-        def loss_fn(p):
-            logits = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, params=p,
+        def loss_fn(p, inputs, decoder_inputs, targets):
+            logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs, params=p,
                            dropout_rng=dropout_rng, train=True).logits
             return optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), labels).mean()
+                logits.astype(jnp.float32), targets).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        def accumulate(carry, batch):  # gradient accumulation in the jitted step, as mtjax's
+            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            scaled = (loss / m, jax.tree.map(lambda g: g / m, grads))
+            return jax.tree.map(jnp.add, carry, scaled), None
+
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(
+            accumulate, zeros, (slices(input_ids), slices(decoder_input_ids), slices(labels)))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

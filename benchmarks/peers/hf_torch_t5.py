@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _common.parser(__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="torch.compile the step")
     args = parser.parse_args(argv)
+    _common.check_microbatches(args)
 
     sizes = _common.load_sizes()
     cfg = sizes.get_config(args.model)
@@ -58,11 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     input_ids = torch.randint(1, cfg.vocab_size, (b, s), generator=gen).to(device)
     labels = torch.randint(1, cfg.vocab_size, (b, t), generator=gen).to(device)
 
+    micro = b // args.microbatches
+
     def step():
         # Autocast for bf16 mirrors mtjax: float32 parameters, bf16 activations and matmuls.
-        with torch.autocast(device, dtype=dtype, enabled=dtype == torch.bfloat16):
-            loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
+        # Gradient accumulation: every slice has the same token count, so the mean of the
+        # slices' mean losses is the full batch's mean loss.
+        total = 0.0
+        for start in range(0, b, micro):
+            with torch.autocast(device, dtype=dtype, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=input_ids[start:start + micro],
+                             labels=labels[start:start + micro]).loss / args.microbatches
+            loss.backward()
+            total = total + loss.detach()
+        loss = total
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # mtjax clips at 1.0 too
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
