@@ -74,6 +74,8 @@ def reference(mesh, batch):
     {"attention": "dot_product"},
     {"attention": "dot_product", "scan_layers": True},
     {"remat": "dots_saveable"},
+    {"weight_grad": "transposed"},
+    {"weight_grad": "transposed", "scan_layers": True, "remat": "dots_saveable"},
 ])
 def test_variant_has_reference_loss_and_grads(mesh, batch, reference, variant):
     _assert_close(_loss_and_grads(dataclasses.replace(CFG, **variant), batch), reference)
@@ -278,6 +280,49 @@ def test_cross_entropy_target_logit_equals_take_along_axis():
     gold = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(loss - z, gold, atol=1e-6)
     np.testing.assert_allclose(z, 1e-4 * log_z**2, rtol=1e-6)
+
+
+def test_tied_embeddings_with_transposed_weight_grads_match_autodiff(mesh, batch):
+    tied = dataclasses.replace(CFG, tie_embeddings=True, mlp_activation="relu")
+    _assert_close(_loss_and_grads(dataclasses.replace(tied, weight_grad="transposed"), batch),
+                  _loss_and_grads(tied, batch))
+
+
+@pytest.mark.parametrize("dtype,out_dtype,tol", [
+    (jnp.float32, None, 1e-5), (jnp.float32, jnp.float32, 1e-5),
+    (jnp.bfloat16, jnp.float32, 1e-2), (jnp.bfloat16, None, 2e-2)])
+def test_matmul_with_transposed_weight_grad_equals_autodiff(dtype, out_dtype, tol):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, 4)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(4, 3)), dtype)
+    probe = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+
+    def loss(weight_grad):
+        def f(x, kernel):
+            y = layers.matmul(x, kernel, out_dtype=out_dtype, weight_grad=weight_grad)
+            assert y.dtype == (out_dtype or dtype)
+            return jnp.sum(y.astype(jnp.float32) * probe)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, kernel)
+
+    (value, (dx, dkernel)), (ref_value, (ref_dx, ref_dkernel)) = loss("transposed"), loss("xla")
+    assert dx.dtype == dtype and dkernel.dtype == dtype and dkernel.shape == (4, 3)
+    np.testing.assert_allclose(value, ref_value, rtol=tol)
+    for got, want in ((dx, ref_dx), (dkernel, ref_dkernel)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol)
+    # Against the definition, not only against autodiff: dK = x^T @ probe.
+    want = np.einsum("bli,blo->io", np.asarray(x, np.float32), np.asarray(probe))
+    np.testing.assert_allclose(np.asarray(dkernel, np.float32), want, rtol=2 * tol, atol=2 * tol)
+
+
+def test_auto_weight_grad_is_transposed_only_on_cpu(monkeypatch):
+    assert layers.resolve_weight_grad("auto") == "transposed"  # this CPU
+    assert layers.resolve_weight_grad("xla") == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_weight_grad("auto") == "xla"
+    assert layers.resolve_weight_grad("transposed") == "transposed"
+    with pytest.raises(ValueError, match="weight_grad"):
+        dataclasses.replace(CFG, weight_grad="folded")
 
 
 def test_auto_attention_is_cudnn_only_on_gpu_in_bfloat16(monkeypatch):

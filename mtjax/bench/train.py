@@ -151,6 +151,8 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "scan_layers": config.model.scan_layers, "attention": config.model.attention,
         "attention_kernel": layers.resolve_attention(config.model.attention,
                                                      jax.numpy.dtype(config.model.dtype)),
+        "weight_grad": config.model.weight_grad,
+        "weight_grad_layout": layers.resolve_weight_grad(config.model.weight_grad),
         "optimizer_state_dtype": config.optim.state_dtype,
         "lower_s": lower_s, "compile_s": compile_s,
         "steps": options.steps, "warmup": options.warmup,

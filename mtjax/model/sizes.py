@@ -14,6 +14,7 @@ from mtjax.errors import UserError
 MLP_ACTIVATIONS = ("gated-gelu", "relu", "gated-silu")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
 ATTENTION_KINDS = ("auto", "xla", "dot_product")
+WEIGHT_GRADS = ("auto", "xla", "transposed")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -49,6 +50,10 @@ class T5Config:
             (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU where supported,
             else JAX's XLA implementation; same numbers), or "auto" ("dot_product" on GPU with
             bfloat16 activations, where it is the fast path, else "xla").
+        weight_grad: how the backward pass forms each dense layer's kernel gradient: "xla"
+            (plain autodiff), "transposed" (the activations' transpose copied out first, so the
+            CPU's matmul library takes it; ``layers.matmul``) or "auto" ("transposed" on CPU,
+            else "xla"). Same numbers either way.
     """
 
     vocab_size: int
@@ -70,6 +75,7 @@ class T5Config:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "xla"
+    weight_grad: str = "xla"
 
     def __post_init__(self):
         # Fail at config time, with the field's name, rather than deep inside tracing.
@@ -81,6 +87,8 @@ class T5Config:
             raise ValueError(f"remat: {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention: {self.attention!r} is not one of {ATTENTION_KINDS}")
+        if self.weight_grad not in WEIGHT_GRADS:
+            raise ValueError(f"weight_grad: {self.weight_grad!r} is not one of {WEIGHT_GRADS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}: {getattr(self, field)!r} is not one of {DTYPES}")

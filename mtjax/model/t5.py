@@ -147,10 +147,11 @@ class EncoderLayer(nnx.Module):
         self.pre_attention_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
         self.attention = Attention(cfg.d_model, cfg.num_heads, cfg.d_kv,
                                    dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs,
-                                   **common)
+                                   weight_grad=cfg.weight_grad, **common)
         self.pre_mlp_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp_activation,
-                       dropout_rate=cfg.dropout_rate, rngs=rngs, **common)
+                       dropout_rate=cfg.dropout_rate, rngs=rngs, weight_grad=cfg.weight_grad,
+                       **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
     def __call__(self, x_BSD, mask_bias_BHSS, shared_bias_BHSS, *, deterministic, rngs):
@@ -171,7 +172,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         common = _common(cfg)
         eps = cfg.layer_norm_epsilon
-        attention = dict(dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs, **common)
+        attention = dict(dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs,
+                         weight_grad=cfg.weight_grad, **common)
         if cfg.per_layer_relative_bias:
             self.relpos_bias = _relpos_bias(cfg, bidirectional=False, rngs=rngs)
         self.pre_self_attention_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
@@ -181,7 +183,8 @@ class DecoderLayer(nnx.Module):
                                                    **attention)
         self.pre_mlp_layer_norm = RMSNorm(cfg.d_model, epsilon=eps, **common)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.mlp_activation,
-                       dropout_rate=cfg.dropout_rate, rngs=rngs, **common)
+                       dropout_rate=cfg.dropout_rate, rngs=rngs, weight_grad=cfg.weight_grad,
+                       **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
     def __call__(self, y_BTD, encoded_BSD, self_mask_bias_BHTT, cross_mask_bias_BHTS,
@@ -346,14 +349,15 @@ class T5(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.config = config
         common = _common(config)
-        self.token_embedder = Embed(config.vocab_size, config.d_model, rngs=rngs, **common)
+        self.token_embedder = Embed(config.vocab_size, config.d_model, rngs=rngs,
+                                    weight_grad=config.weight_grad, **common)
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = Dense(config.d_model, config.vocab_size, names=("embed", "vocab"),
                                  init=jax.nn.initializers.variance_scaling(
                                      1.0, "fan_in", "truncated_normal"),
-                                 rngs=rngs, **common)
+                                 rngs=rngs, weight_grad=config.weight_grad, **common)
 
     def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array | None = None,
                encoder_positions: jax.Array | None = None, *, deterministic: bool = True,

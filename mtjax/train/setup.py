@@ -79,7 +79,8 @@ def model_config(config: config_lib.Config, vocab_size: int) -> sizes.T5Config:
     return dataclasses.replace(base, vocab_size=vocab_size, dtype=config.model.dtype,
                                dropout_rate=config.model.dropout_rate, remat=config.model.remat,
                                scan_layers=config.model.scan_layers,
-                               attention=config.model.attention)
+                               attention=config.model.attention,
+                               weight_grad=config.model.weight_grad)
 
 
 @dataclasses.dataclass
