@@ -20,8 +20,9 @@ import json
 import statistics
 import time
 
-from mtjax import xla_env
+from mtjax import malloc_env, xla_env
 
+malloc_env.reexec_with_hugepages()  # as the mtjax command does (re-runs this script once)
 xla_env.set_cpu_defaults()
 
 import jax  # noqa: E402 - after the XLA flags

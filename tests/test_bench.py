@@ -111,6 +111,17 @@ def test_resolve_peak_order():
     assert source == "measured_matmul" and _positive(flops)
 
 
+def test_peak_timing_gives_up_on_a_slow_variant(monkeypatch):
+    clock = iter(range(100))  # each perf_counter() call is one "second" later
+    monkeypatch.setattr(peak_lib.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert peak_lib._best_seconds(lambda: calls.append(1), trials=5) == 1
+    assert len(calls) == 6  # warm-up + 5 trials
+    calls.clear()
+    assert peak_lib._best_seconds(lambda: calls.append(1), trials=5, give_up_after=0.5) == 1
+    assert len(calls) == 2  # warm-up + the one trial that was already too slow
+
+
 # --- The FLOP formula against an independent count ----------------------------------------------
 
 def _dot_flops(jaxpr) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -93,7 +94,8 @@ def result(args: argparse.Namespace, *, peer: str, sizes, cfg, num_params: int,
         "peak_source": source, "mfu": flops / median / peak_flops, "loss": loss,
         "host_peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device_peak_memory_bytes": device_peak_memory_bytes,
-        "environment": {"python": platform.python_version(), **environment},
+        "environment": {"python": platform.python_version(),
+                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **environment},
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -45,13 +46,22 @@ def _entries(args: argparse.Namespace) -> dict[str, list[str] | None]:
             "flax_t5": flax}
 
 
+# An entry named "<name>+hugepages" runs <name> with glibc asked for huge pages, as the `mtjax`
+# command does for itself (mtjax/malloc_env.py): the same allocator help for a peer.
+HUGEPAGES_SUFFIX = "+hugepages"
+
+
 def _run(name: str, command: list[str]) -> dict:
+    env = dict(os.environ)
+    if name.endswith(HUGEPAGES_SUFFIX):
+        tunables = env.get("GLIBC_TUNABLES", "")
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "result.json"
         print(f"[compare] {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         proc = subprocess.run([*command, "--output", str(out)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode or not out.exists():
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -78,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-python", default=None, help="interpreter with torch + transformers")
     p.add_argument("--flax-python", default=None,
                    help="interpreter with jax + flax + transformers 4.57 (FlaxT5)")
-    p.add_argument("--order", default="mtjax,torch_eager,torch_compile,flax_t5,mtjax")
+    p.add_argument("--order", default="mtjax,torch_eager,torch_compile,flax_t5,mtjax",
+                   help="entries in run order; append +hugepages to a peer's name to also run "
+                        "it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as mtjax runs itself")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
 
     entries = _entries(args)
     runs = []
     for name in args.order.split(","):
-        if entries.get(name):
-            runs.append({"name": name, **_run(name, entries[name])})
+        command = entries.get(name.removesuffix(HUGEPAGES_SUFFIX))
+        if command:
+            runs.append({"name": name, **_run(name, command)})
     ok = [r for r in runs if "error" not in r]
     mtjax_best = max((r["tokens_per_s"] for r in ok if r["name"] == "mtjax"), default=None)
     summary = {}

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mtjax import malloc_env
+
 
 def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
     """Median, min and max of per-step wall times (the median resists one-off stalls)."""
@@ -68,6 +70,9 @@ def environment() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # mtjax adds CPU defaults (xla_env.py)
+        # The command line asks glibc for huge pages (malloc_env.py); record what was in force.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "transparent_hugepage": malloc_env.transparent_hugepage_mode(),
     }
 
 

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line, not a call from Python: the process is ours
+        from mtjax import malloc_env
+
+        malloc_env.reexec_with_hugepages()  # returns only where nothing is to be done
     argv = sys.argv[1:] if argv is None else list(argv)
     from mtjax import xla_env
 
