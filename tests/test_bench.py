@@ -40,6 +40,8 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     assert "device_peak_memory_bytes" in result  # None on CPU
     assert set(result["environment"]["versions"]) >= {"jax", "jaxlib", "flax", "optax"}
     assert result["environment"]["device_kind"]
+    # What was in force for the allocator and XLA, so a figure can be reproduced.
+    assert {"xla_flags", "glibc_tunables", "transparent_hugepage"} <= set(result["environment"])
     assert result["config"]["model"]["name"] == "t5_1_1_test"
     assert result["config"]["optim"]["name"] == "adamw"
 
