@@ -1,5 +1,5 @@
 """Throughput options keep the numbers: scan over layers, jax.nn.dot_product_attention,
-bfloat16 optimizer state, the CPU XLA defaults."""
+the hand-written attention backward, bfloat16 optimizer state, the CPU XLA defaults."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mtjax import config as config_lib
 from mtjax import xla_env
 from mtjax.bench import train as train_bench
 from mtjax.model import layers, sizes, t5
+from mtjax.model import softmax as softmax_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import layerwise, optim
 from mtjax.train import setup as setup_lib
@@ -140,6 +141,58 @@ def test_dot_product_attention_equals_xla_with_broadcast_bias(mesh):
     mask = jnp.where(jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3), 0.0, layers.MASK_BIAS)
     np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias + mask),
                                layers.xla_attention(q, k, v, bias + mask), atol=1e-6)
+
+
+def _reference_attention(q, k, v, bias):
+    scores = jnp.einsum("BQHK,BSHK->BHQS", q, k, preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("BHQS,BSHK->BQHK", probs.astype(v.dtype), v)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 3, 5, 7), (1, 3, 5, 7), (2, 1, 1, 7)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_attention_equals_autodiff_of_softmax(bias_shape, dtype):
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)) * 2, dtype) for L in (5, 7, 7))
+    bias = jnp.asarray(rng.normal(size=bias_shape) * 3, jnp.float32)
+    bias = bias.at[..., -1].set(layers.MASK_BIAS)  # a masked key, as padding makes
+    probe = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+
+    def value_and_grads(attend, *args):
+        def loss(q, k, v, bias):
+            return jnp.sum(attend(q, k, v, bias).astype(jnp.float32) * probe)
+        out = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+        return [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
+
+    got = value_and_grads(layers.softmax_attention, q, k, v, bias)
+    want = value_and_grads(_reference_attention, q, k, v, bias)
+    for g, w, arg in zip(got, want, (jnp.zeros(()), q, k, v, bias)):
+        assert g.shape == w.shape == arg.shape
+    # The masked key gets no attention and no gradient.
+    np.testing.assert_array_equal(got[2][:, -1], 0.0)
+    if dtype == jnp.float32:
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, np.abs(w).max()))
+    else:  # bfloat16 rounds in different places: no further from float32 than autodiff is
+        exact = value_and_grads(_reference_attention,
+                                *(x.astype(jnp.float32) for x in (q, k, v)), bias)
+        for g, w, e in zip(got, want, exact):
+            assert np.abs(g - e).max() <= 3 * np.abs(w - e).max() + 1e-2 * np.abs(e).max()
+
+
+def test_row_max_and_softmax_equal_jax():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 4, 33)) * 5, jnp.float32)
+    for axis in (-1, 1):
+        np.testing.assert_array_equal(softmax_lib.row_max(x, axis), jnp.max(x, axis))
+        np.testing.assert_array_equal(softmax_lib.row_max(x, axis, keepdims=True),
+                                      jnp.max(x, axis, keepdims=True))
+        np.testing.assert_allclose(softmax_lib.softmax(x, axis), jax.nn.softmax(x, axis),
+                                   rtol=1e-6)
+    probe = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x, -1) * probe))(x)
+    np.testing.assert_allclose(grad(softmax_lib.softmax), grad(jax.nn.softmax), atol=1e-6)
+    assert softmax_lib.row_max(jnp.full((2, 3), -jnp.inf), -1).tolist() == [-np.inf, -np.inf]
 
 
 def test_bfloat16_optimizer_state_stores_bf16_and_updates_like_f32():
@@ -280,6 +333,15 @@ def test_cross_entropy_target_logit_equals_take_along_axis():
     gold = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(loss - z, gold, atol=1e-6)
     np.testing.assert_allclose(z, 1e-4 * log_z**2, rtol=1e-6)
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    rng = np.random.default_rng(1)
+    # Small integers: most rows have their maximum more than once.
+    logits = jnp.asarray(rng.integers(-3, 4, (3, 7, 19)), jnp.float32)
+    logits = logits.at[0, 0].set(-jnp.inf)  # an all -inf row: index 0, as argmax
+    np.testing.assert_array_equal(step_lib.first_argmax(logits), jnp.argmax(logits, axis=-1))
+    assert np.mean(np.sum(np.asarray(logits) == np.asarray(logits).max(-1, keepdims=True), -1) > 1) > 0.5
 
 
 def test_tied_embeddings_with_transposed_weight_grads_match_autodiff(mesh, batch):

@@ -25,6 +25,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
+from mtjax.model import softmax as softmax_lib
+
 # Attention bias of masked pairs, as in T5X; finite so that fully masked rows stay finite.
 MASK_BIAS = -1e10
 
@@ -420,12 +422,76 @@ def xla_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
         bias_BHQS: float32 additive bias; any dimension may be 1 to broadcast.
         dropout: optional function applied to the probabilities (training dropout).
     """
+    if dropout is None:
+        return softmax_attention(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)
     scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
                              preferred_element_type=jnp.float32)
-    probs_BHQS = jax.nn.softmax(scores_BHQS + bias_BHQS, axis=-1)
-    if dropout is not None:
-        probs_BHQS = dropout(probs_BHQS)
+    probs_BHQS = dropout(softmax_lib.softmax(scores_BHQS + bias_BHQS, axis=-1))
     return jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS.astype(v_BSHK.dtype), v_BSHK)
+
+
+def _softmax_attention_fwd(q_BQHK, k_BSHK, v_BSHK, bias_BHQS):
+    scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
+                             preferred_element_type=jnp.float32) + bias_BHQS
+    max_BHQ1 = softmax_lib.row_max(scores_BHQS, axis=-1, keepdims=True)
+    # Unnormalised probabilities; the 1/sum is applied to the [B, Q, H, K] output instead.
+    exp_BHQS = jnp.exp(scores_BHQS - max_BHQ1)
+    inv_sum_BQH1 = jnp.transpose(1.0 / jnp.sum(exp_BHQS, axis=-1), (0, 2, 1))[..., None]
+    y_BQHK = jnp.einsum("BHQS,BSHK->BQHK", exp_BHQS.astype(v_BSHK.dtype), v_BSHK,
+                        preferred_element_type=jnp.float32)
+    y_BQHK = (y_BQHK * inv_sum_BQH1).astype(v_BSHK.dtype)
+    # The backward pass needs only the bias's shape and dtype: an empty array carries them
+    # without keeping the (often [B, H, Q, S]) bias alive until then.
+    bias_spec = jnp.zeros((0, *bias_BHQS.shape), bias_BHQS.dtype)
+    return y_BQHK, (q_BQHK, k_BSHK, v_BSHK, bias_spec, y_BQHK, exp_BHQS, inv_sum_BQH1)
+
+
+@jax.custom_vjp
+def softmax_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+                      bias_BHQS: jax.Array) -> jax.Array:
+    """``softmax(q k^T + bias) v`` per head (no dropout) with a hand-written backward pass.
+
+    Same numbers as autodiff of the einsum-softmax-einsum chain, in fewer passes over the
+    [B, H, Q, S] arrays, which dominate attention's cost on CPU: the softmax is never
+    normalised in place (its 1/sum scales the [B, Q, H, K] output and the incoming gradient),
+    and in float32 the backward pass takes ``rowsum(P * dP)`` as ``rowsum(dY * Y)`` over the
+    head dim (FlashAttention's identity) instead of reducing over S. Encoder self-attention at the peer
+    shape (B 8, S 512, H 8, K 64), forward plus backward: 97 -> 85 ms on the Zen 5 machine.
+    """
+    return _softmax_attention_fwd(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)[0]
+
+
+def _softmax_attention_bwd(residuals, dy_BQHK):
+    q_BQHK, k_BSHK, v_BSHK, bias_spec, y_BQHK, exp_BHQS, inv_sum_BQH1 = residuals
+    bias_shape = bias_spec.shape[1:]
+    # With P = exp / sum: dScores = P * (dY v^T - rowsum(P * dY v^T)) = exp * (dY' v^T - D'),
+    # where dY' = dY / sum.
+    dy_scaled_BQHK = (dy_BQHK.astype(jnp.float32) * inv_sum_BQH1).astype(v_BSHK.dtype)
+    dprobs_BHQS = jnp.einsum("BQHK,BSHK->BHQS", dy_scaled_BQHK, v_BSHK,
+                             preferred_element_type=jnp.float32)
+    if v_BSHK.dtype == jnp.float32:
+        # D' = rowsum(dY' * Y) over the head dim: a [B, Q, H, K] reduction in place of one over
+        # [B, H, Q, S] (FlashAttention's identity, exact when Y = P v is held in float32).
+        d_BHQ1 = jnp.transpose(jnp.sum(dy_scaled_BQHK * y_BQHK, axis=-1), (0, 2, 1))[..., None]
+    else:  # a rounded Y would break the identity: reduce over S as autodiff does
+        inv_sum_BHQ1 = jnp.transpose(inv_sum_BQH1[..., 0], (0, 2, 1))[..., None]
+        d_BHQ1 = jnp.sum(exp_BHQS * dprobs_BHQS, axis=-1, keepdims=True) * inv_sum_BHQ1
+    dscores_BHQS = exp_BHQS * (dprobs_BHQS - d_BHQ1)
+    dq_BQHK = jnp.einsum("BHQS,BSHK->BQHK", dscores_BHQS.astype(k_BSHK.dtype), k_BSHK,
+                         preferred_element_type=jnp.float32)
+    dk_BSHK = jnp.einsum("BHQS,BQHK->BSHK", dscores_BHQS.astype(q_BQHK.dtype), q_BQHK,
+                         preferred_element_type=jnp.float32)
+    dv_BSHK = jnp.einsum("BHQS,BQHK->BSHK", exp_BHQS.astype(v_BSHK.dtype), dy_scaled_BQHK,
+                         preferred_element_type=jnp.float32)
+    # Sum over the dimensions the bias was broadcast along (same rank: no rank promotion).
+    broadcast_axes = tuple(i for i, n in enumerate(bias_shape)
+                           if n == 1 and dscores_BHQS.shape[i] != 1)
+    dbias = jnp.sum(dscores_BHQS, axis=broadcast_axes, keepdims=True)
+    return (dq_BQHK.astype(q_BQHK.dtype), dk_BSHK.astype(k_BSHK.dtype),
+            dv_BSHK.astype(v_BSHK.dtype), dbias.astype(bias_spec.dtype))
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def dot_product_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,

@@ -51,6 +51,20 @@ def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array,
     return log_z_BL - target_logit_BL + z_BL, z_BL
 
 
+def first_argmax(logits_BLV: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits_BLV, axis=-1)`` (the first index of the maximum) for finite logits.
+
+    A max, then a min over the indices that reach it. XLA:CPU runs argmax's (value, index)
+    reduce as a scalar loop: 67 ms on [8, 128, 32128] where these two vectorized reductions take
+    21 ms, and the max is shared with the loss's logsumexp. A row with a NaN gives ``V`` (never a
+    token id), where argmax gives the NaN's index.
+    """
+    max_BL1 = jnp.max(logits_BLV, axis=-1, keepdims=True)
+    vocab_size = logits_BLV.shape[-1]
+    vocab_V = jnp.arange(vocab_size, dtype=jnp.int32)
+    return jnp.min(jnp.where(logits_BLV == max_BL1, vocab_V, vocab_size), axis=-1)
+
+
 def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
                  dropout_key: jax.Array | None) -> jax.Array:
     """The model's float32 logits for ``batch`` (dropout on when a key is given)."""
@@ -67,7 +81,7 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int,
     targets_BL = batch["decoder_target_tokens"]
     weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
     loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    correct_BL = (first_argmax(logits_BLV) == targets_BL).astype(jnp.float32)
     # One-hot over tasks: [B, L, T]; task id 0 is padding, task i is id i + 1.
     task_BLT = (batch["decoder_task_ids"][..., None]
                 == jnp.arange(1, num_tasks + 1)[None, None, :]
