@@ -166,17 +166,17 @@ def test_softmax_attention_equals_autodiff_of_softmax(bias_shape, dtype):
 
     got = value_and_grads(layers.softmax_attention, q, k, v, bias)
     want = value_and_grads(_reference_attention, q, k, v, bias)
-    for g, w, arg in zip(got, want, (jnp.zeros(()), q, k, v, bias)):
+    for g, w, arg in zip(got, want, (jnp.zeros(()), q, k, v, bias), strict=True):
         assert g.shape == w.shape == arg.shape
     # The masked key gets no attention and no gradient.
     np.testing.assert_array_equal(got[2][:, -1], 0.0)
     if dtype == jnp.float32:
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, np.abs(w).max()))
     else:  # bfloat16 rounds in different places: no further from float32 than autodiff is
         exact = value_and_grads(_reference_attention,
                                 *(x.astype(jnp.float32) for x in (q, k, v)), bias)
-        for g, w, e in zip(got, want, exact):
+        for g, w, e in zip(got, want, exact, strict=True):
             assert np.abs(g - e).max() <= 3 * np.abs(w - e).max() + 1e-2 * np.abs(e).max()
 
 
@@ -341,7 +341,8 @@ def test_first_argmax_equals_argmax_with_ties():
     logits = jnp.asarray(rng.integers(-3, 4, (3, 7, 19)), jnp.float32)
     logits = logits.at[0, 0].set(-jnp.inf)  # an all -inf row: index 0, as argmax
     np.testing.assert_array_equal(step_lib.first_argmax(logits), jnp.argmax(logits, axis=-1))
-    assert np.mean(np.sum(np.asarray(logits) == np.asarray(logits).max(-1, keepdims=True), -1) > 1) > 0.5
+    logits_np = np.asarray(logits)
+    assert np.mean(np.sum(logits_np == logits_np.max(-1, keepdims=True), -1) > 1) > 0.5
 
 
 def test_tied_embeddings_with_transposed_weight_grads_match_autodiff(mesh, batch):

@@ -455,8 +455,9 @@ def softmax_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
     [B, H, Q, S] arrays, which dominate attention's cost on CPU: the softmax is never
     normalised in place (its 1/sum scales the [B, Q, H, K] output and the incoming gradient),
     and in float32 the backward pass takes ``rowsum(P * dP)`` as ``rowsum(dY * Y)`` over the
-    head dim (FlashAttention's identity) instead of reducing over S. Encoder self-attention at the peer
-    shape (B 8, S 512, H 8, K 64), forward plus backward: 97 -> 85 ms on the Zen 5 machine.
+    head dim (FlashAttention's identity) instead of reducing over S. Encoder self-attention at
+    the peer shape (B 8, S 512, H 8, K 64), forward plus backward: 97 -> 85 ms on the Zen 5
+    machine.
     """
     return _softmax_attention_fwd(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)[0]
 
