@@ -4,6 +4,7 @@ the hand-written attention backward, bfloat16 optimizer state, the CPU XLA defau
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -351,14 +352,15 @@ def test_tied_embeddings_with_transposed_weight_grads_match_autodiff(mesh, batch
                   _loss_and_grads(tied, batch))
 
 
-@pytest.mark.parametrize("dtype,out_dtype,tol", [
-    (jnp.float32, None, 1e-5), (jnp.float32, jnp.float32, 1e-5),
-    (jnp.bfloat16, jnp.float32, 1e-2), (jnp.bfloat16, None, 2e-2)])
-def test_matmul_with_transposed_weight_grad_equals_autodiff(dtype, out_dtype, tol):
+@pytest.mark.parametrize("dtype,out_dtype,tol,rows", [
+    (jnp.float32, None, 1e-5, 5), (jnp.float32, jnp.float32, 1e-5, 5),
+    (jnp.float32, None, 1e-5, 16),  # 32 rows: transpose_2d's tiled path
+    (jnp.bfloat16, jnp.float32, 1e-2, 5), (jnp.bfloat16, None, 2e-2, 5)])
+def test_matmul_with_transposed_weight_grad_equals_autodiff(dtype, out_dtype, tol, rows):
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(2, 5, 4)), dtype)
+    x = jnp.asarray(rng.normal(size=(2, rows, 4)), dtype)
     kernel = jnp.asarray(rng.normal(size=(4, 3)), dtype)
-    probe = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, rows, 3)), jnp.float32)
 
     def loss(weight_grad):
         def f(x, kernel):
@@ -373,9 +375,30 @@ def test_matmul_with_transposed_weight_grad_equals_autodiff(dtype, out_dtype, to
     for got, want in ((dx, ref_dx), (dkernel, ref_dkernel)):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                    rtol=tol, atol=tol)
+    if dtype == jnp.float32 and rows == 16:  # the tiled transpose changes no bit of dK
+        with mock.patch.object(layers, "transpose_2d", lambda x: x.T):
+            _, (_, plain_dkernel) = loss("transposed")
+        np.testing.assert_array_equal(dkernel, plain_dkernel)
     # Against the definition, not only against autodiff: dK = x^T @ probe.
     want = np.einsum("bli,blo->io", np.asarray(x, np.float32), np.asarray(probe))
     np.testing.assert_allclose(np.asarray(dkernel, np.float32), want, rtol=2 * tol, atol=2 * tol)
+
+
+@pytest.mark.parametrize("shape", [(32, 7), (4096 // 64, 512 // 8), (48, 1), (10, 3), (17, 16)])
+def test_transpose_2d_is_exactly_the_transpose(shape):
+    rng = np.random.default_rng(8)
+    # Normal values spanning many binades: the identity products give every bit back.
+    x = rng.normal(size=shape) * np.exp2(rng.integers(-100, 100, size=shape))
+    x = jnp.asarray(x, jnp.float32)
+    got = jax.jit(layers.transpose_2d)(x)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
+                                  np.asarray(x).T.view(np.uint32))
+    if shape[0] % 16 == 0:  # the tiled path: the matmuls flush denormals, -0 becomes +0
+        edge = x.at[0, 0].set(-0.0).at[-1, -1].set(1e-45)
+        got = np.asarray(jax.jit(layers.transpose_2d)(edge))
+        assert got[0, 0] == 0 and got[-1, -1] == 0 and not np.signbit(got[0, 0])
+    bf16 = x.astype(jnp.bfloat16)  # other dtypes take the plain transpose
+    np.testing.assert_array_equal(layers.transpose_2d(bf16), bf16.T)
 
 
 def test_auto_weight_grad_is_transposed_only_on_cpu(monkeypatch):

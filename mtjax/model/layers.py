@@ -117,13 +117,36 @@ def _matmul_twg_bwd(out_dtype, residuals, dy_NO):
     # The input gradient exactly as autodiff writes it.
     _, x_vjp = jax.vjp(lambda x: jnp.dot(x, kernel_IO, preferred_element_type=out_dtype), x_NI)
     (dx_NI,) = x_vjp(dy_NO)
-    xt_IM = jax.lax.optimization_barrier(x_NI.reshape(-1, x_NI.shape[-1]).T)
+    xt_IM = jax.lax.optimization_barrier(transpose_2d(x_NI.reshape(-1, x_NI.shape[-1])))
     dkernel_IO = jax.lax.dot_general(xt_IM, dy_NO.reshape(-1, dy_NO.shape[-1]),
                                      (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
     return dx_NI, dkernel_IO.astype(kernel_IO.dtype)
 
 
 _matmul_transposed_weight_grad.defvjp(_matmul_twg_fwd, _matmul_twg_bwd)
+
+# Rows per tile of ``transpose_2d``'s identity products.
+_TRANSPOSE_TILE = 16
+
+
+def transpose_2d(x_MN: jax.Array) -> jax.Array:
+    """``x.T``, computed in float32 as tiny identity matmuls plus a copy of 64-byte rows.
+
+    XLA:CPU emits a transpose as a strided element-by-element copy: 3.35 ms for a [4096, 512]
+    float32 array on the Zen 5 machine, against 0.17 ms for a plain copy. Transposing each
+    16-row tile with a [16, 16] identity matmul (exact: one product by 1, the rest by 0) leaves
+    a copy whose contiguous runs are 16 floats long: 1.32 ms. A non-finite entry turns the
+    other 15 entries of its tile column into NaN, where a plain transpose would keep them.
+    """
+    m, n = x_MN.shape
+    b = _TRANSPOSE_TILE
+    if x_MN.dtype != jnp.float32 or m % b or jax.default_backend() != "cpu":
+        return x_MN.T
+    tiles_TKN = x_MN.reshape(m // b, b, n)
+    eye_KB = jnp.eye(b, dtype=x_MN.dtype)
+    tiles_TNB = jnp.einsum("TKN,KB->TNB", tiles_TKN, eye_KB,
+                           precision=jax.lax.Precision.HIGHEST)
+    return jnp.transpose(tiles_TNB, (1, 0, 2)).reshape(n, m)
 
 
 class Dense(nnx.Module):
