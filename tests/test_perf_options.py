@@ -384,7 +384,7 @@ def test_matmul_with_transposed_weight_grad_equals_autodiff(dtype, out_dtype, to
     np.testing.assert_allclose(np.asarray(dkernel, np.float32), want, rtol=2 * tol, atol=2 * tol)
 
 
-@pytest.mark.parametrize("shape", [(32, 7), (4096 // 64, 512 // 8), (48, 1), (10, 3), (17, 16)])
+@pytest.mark.parametrize("shape", [(32, 7), (64, 64), (48, 1), (10, 3), (17, 16)])
 def test_transpose_2d_is_exactly_the_transpose(shape):
     rng = np.random.default_rng(8)
     # Normal values spanning many binades: the identity products give every bit back.
