@@ -456,3 +456,86 @@ def test_diagonal_sums_add_up_each_key_minus_query_diagonal():
             expected[:, s - q + 3] += x[:, q, s]
     np.testing.assert_allclose(layers.diagonal_sums(jnp.asarray(x, jnp.float32)), expected,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_scale_features_gradient_is_the_column_sum(monkeypatch, backend, dtype, tol):
+    """The scale's gradient sums dy * x over every leading axis (a ones-vector product on CPU,
+    a plain sum elsewhere); x's gradient is dy * scale, as autodiff's."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 7, 6)), dtype)
+    scale = jnp.asarray(rng.normal(size=(6,)), dtype)
+    probe = jnp.asarray(rng.normal(size=(3, 7, 6)), jnp.float32)
+
+    def grads(fn):
+        def f(x, scale):
+            return jnp.sum(fn(x, scale).astype(jnp.float32) * probe)
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, scale)
+
+    (dx, dscale), (ref_dx, ref_dscale) = grads(layers.scale_features), grads(
+        lambda x, s: x * s[None, None, :])
+    assert dx.dtype == dtype and dscale.dtype == dtype and dscale.shape == (6,)
+    np.testing.assert_array_equal(dx, ref_dx)
+    want = np.einsum("bld,bld->d", np.asarray(x, np.float32),
+                     np.asarray(probe.astype(dtype), np.float32))
+    np.testing.assert_allclose(np.asarray(dscale, np.float32), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dscale, np.float32),
+                               np.asarray(ref_dscale, np.float32), rtol=tol, atol=tol)
+
+
+def test_global_norm_and_clipping_equal_optax():
+    rng = np.random.default_rng(6)
+    tree = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
+            "s": jnp.asarray(-2.5, jnp.float32),
+            "stacked": jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)}
+    norm = optim.global_norm(tree)
+    assert norm.dtype == jnp.float32
+    exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    np.testing.assert_allclose(norm, exact, rtol=1e-6)  # float32 sums, also of the bf16 leaf
+    np.testing.assert_allclose(norm, optax.tree.norm(tree), rtol=1e-3)  # optax squares in bf16
+    for max_norm in (0.5 * float(norm), 2.0 * float(norm)):  # clipped, then untouched
+        ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        got, got_state = ours.update(tree, ours.init(tree))
+        want, want_state = theirs.update(tree, theirs.init(tree))
+        assert jax.tree.structure(got_state) == jax.tree.structure(want_state)  # checkpoints
+        for a, b, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(tree),
+                           strict=True):
+            assert a.dtype == b.dtype == x.dtype
+            if max_norm > norm:
+                np.testing.assert_array_equal(a, x)
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=1e-2 if x.dtype == jnp.bfloat16 else 1e-3)
+        np.testing.assert_allclose(optim.global_norm(got), min(max_norm, float(norm)),
+                                   rtol=1e-2)  # the bf16 leaf rounds
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches):
+    """grad_norm is the norm of the gradient of (weighted loss sum / weighted token count),
+    also when the batch runs as microbatches with different token counts each."""
+    config = config_lib.load(None, [
+        "model.name=t5_1_1_test", "train.batch_size=4", "data.inputs_length=16",
+        "data.targets_length=8", "optim.name=adamw", "mesh.fsdp=1",
+        f"train.microbatches={microbatches}"])
+    setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
+                            mesh=mesh, rules=mesh_lib.get_rules("data"))
+    host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
+    weights = np.ones((4, 8), np.int32)
+    weights[0, 5:] = 0  # the first microbatch weighs 7 tokens, the second 16
+    weights[1, 2:] = 0
+    host["decoder_loss_weights"] = weights
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    state = setup.init_state(0)
+
+    def mean_loss(params):
+        logits = step_lib.model_logits(setup.model_def, params, batch, None)
+        loss_sum, sums = step_lib.batch_metrics(logits, batch, 1, config.train.z_loss)
+        return loss_sum / sums["weight_sum"]
+
+    want = optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.params))
+    _, metrics = setup.step(state, batch)
+    assert float(metrics["weight_sum"]) == 23.0
+    np.testing.assert_allclose(metrics["grad_norm"], want, rtol=2e-5)

@@ -202,8 +202,46 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(variance + self.epsilon)
-        scale = self.scale[...].astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-        return y.astype(self.dtype) * scale
+        return scale_features(y.astype(self.dtype), self.scale[...].astype(self.dtype))
+
+
+def column_sum(x_ND: jax.Array) -> jax.Array:
+    """``x.sum(axis=0)`` of a 2-D array, accumulated in float32 (result in ``x``'s dtype).
+
+    On CPU as a product with a vector of ones: XLA:CPU reduces over the leading axis with a
+    tree of strided reduce-windows, 2.65 ms for a [4096, 512] float32 array on the Zen 5
+    machine, where the matrix-vector product takes 0.43 ms. Elsewhere a plain sum.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.sum(x_ND, axis=0, dtype=jnp.float32).astype(x_ND.dtype)
+    ones_N = jnp.ones((x_ND.shape[0],), x_ND.dtype)
+    return jnp.dot(ones_N, x_ND, preferred_element_type=jnp.float32).astype(x_ND.dtype)
+
+
+@jax.custom_vjp
+def scale_features(x: jax.Array, scale_D: jax.Array) -> jax.Array:
+    """``x * scale`` along the last axis; the gradient of ``scale`` sums over every other axis
+    by :func:`column_sum` (autodiff's reduce is the slow kind on CPU: each layer norm's scale
+    gradient took 2.7 ms at the peer shape)."""
+    return x * _along_last_axis(scale_D, x.ndim)
+
+
+def _along_last_axis(scale_D: jax.Array, ndim: int) -> jax.Array:
+    return scale_D.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _scale_features_fwd(x, scale_D):
+    return scale_features(x, scale_D), (x, scale_D)
+
+
+def _scale_features_bwd(residuals, dy):
+    x, scale_D = residuals
+    rows = math.prod(x.shape[:-1])
+    dscale_D = column_sum((dy * x).reshape(rows, x.shape[-1]))
+    return dy * _along_last_axis(scale_D, x.ndim), dscale_D.astype(scale_D.dtype)
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,

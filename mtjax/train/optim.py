@@ -49,10 +49,40 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *, per_layer_kind: bool =
     if per_layer_kind:
         tx = layerwise.layerwise(tx)  # before the clipping, which needs every gradient at once
     if cfg.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+        tx = optax.chain(clip_by_global_norm(cfg.grad_clip_norm), tx)
     if cfg.state_dtype != "float32":
         tx = with_state_dtype(tx, jnp.dtype(cfg.state_dtype))
     return tx, schedule
+
+
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all of ``tree``'s leaves together (``optax.tree.norm``), in float32.
+
+    Each leaf's sum of squares is one dot contracting all its axes: XLA:CPU reads the leaf
+    once for it (19 ms over the 283 MB of the peer model's parameters on the Zen 5 machine),
+    where the square-then-reduce of ``optax.tree.norm`` costs 29 ms. On a sharded leaf the dot
+    leaves partial sums that the partitioner adds up, like the reduce's.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        axes = tuple(range(leaf.ndim))
+        total += jax.lax.dot_general(leaf, leaf, ((axes, axes), ((), ())),
+                                     preferred_element_type=jnp.float32)
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` with the norm from :func:`global_norm`, so that the train
+    step's ``grad_norm`` metric is the same computation (XLA computes it once)."""
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        updates = jax.tree.map(
+            lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates)
+        return updates, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def with_state_dtype(tx: optax.GradientTransformation,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mtjax.train import optim
 from mtjax.train.state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
@@ -106,17 +107,23 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     """The pure step function; compile it with ``jax.jit`` (see ``Trainer``)."""
     base_key = jax.random.key(seed)
 
-    def grads_and_sums(params, batch, key):
+    def grads_and_sums(params, batch, key, inv_denom):
         def loss_fn(p):
             logits = model_logits(model_def, p, batch, key)
             loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss)
-            return loss_sum, sums
+            return loss_sum * inv_denom, sums
         return jax.grad(loss_fn, has_aux=True)(params)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(base_key, state.step) if dropout else None
+        # Mean over loss-weighted tokens: T5X's "sum / number of target tokens". The whole
+        # batch's count is known before the forward pass, so the backward pass starts from
+        # 1 / count and yields the mean's gradients directly, in the arrays it writes anyway
+        # (dividing summed gradients afterwards was one more pass over every gradient).
+        denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+        inv_denom = 1.0 / denom
         if microbatches == 1:
-            grad_sums, sums = grads_and_sums(state.params, batch, key)
+            grads, sums = grads_and_sums(state.params, batch, key, inv_denom)
         else:
             # Split the batch into microbatches and accumulate summed gradients in a scan:
             # memory of one microbatch, same result as the full batch.
@@ -127,17 +134,14 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
             def body(carry, xs):
                 i, mb = xs
                 k = None if key is None else jax.random.fold_in(key, i)
-                g, s = grads_and_sums(state.params, mb, k)
+                g, s = grads_and_sums(state.params, mb, k, inv_denom)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zeros = jax.eval_shape(grads_and_sums, state.params,
-                                   jax.tree.map(lambda x: x[0], micro), key)
+                                   jax.tree.map(lambda x: x[0], micro), key, inv_denom)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grad_sums, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
+            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
 
-        # Mean over loss-weighted tokens: T5X's "sum / number of target tokens".
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sums)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(sums["loss_sum"])
@@ -147,8 +151,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                 (new_params, new_opt_state), (state.params, state.opt_state))
         new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
         metrics = dict(sums)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["param_norm"] = optax.tree.norm(new_params)
+        metrics["grad_norm"] = optim.global_norm(grads)
+        metrics["param_norm"] = optim.global_norm(new_params)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["finite"] = finite
         return new_state, metrics
