@@ -125,7 +125,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         if microbatches == 1:
             grads, sums = grads_and_sums(state.params, batch, key, inv_denom)
         else:
-            # Split the batch into microbatches and accumulate summed gradients in a scan:
+            # Split the batch into microbatches and add up their gradients (each already over
+            # the whole batch's count) in a scan:
             # memory of one microbatch, same result as the full batch.
             micro = jax.tree.map(
                 lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]),
