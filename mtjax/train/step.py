@@ -78,7 +78,8 @@ def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
 
 def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int,
                   z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The mean loss to differentiate and the metric sums of one (micro)batch."""
+    """The weighted loss sum to differentiate (the step scales it by 1 / the whole batch's
+    weighted token count) and the metric sums of one (micro)batch."""
     targets_BL = batch["decoder_target_tokens"]
     weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
     loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
