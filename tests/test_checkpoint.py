@@ -33,16 +33,21 @@ def _env():
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
-def _wait_for_step(proc, metrics_file, step, timeout=300):
+def _wait_for_step_and_checkpoint(proc, run_dir, step, timeout=300):
+    """Polls until the run has logged `step` (or later) and committed at least one checkpoint,
+    then returns the last logged step. Both are checked in one poll so that the signal follows
+    at once: the run keeps going meanwhile, and a tiny model's step takes milliseconds."""
+    metrics_file = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        if metrics_file.exists():
+        committed = list((run_dir / "checkpoints").glob("*/commit_success.txt"))
+        if committed and metrics_file.exists():
             steps = [json.loads(x)["step"] for x in metrics_file.read_text().splitlines() if x]
             if steps and steps[-1] >= step:
                 return steps[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} and committed checkpoint within {timeout}s")
 
 
 def _params(run_dir, step):
@@ -55,9 +60,14 @@ def _params(run_dir, step):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
-    """An uninterrupted 16-step run vs runs stopped at a random step by SIGKILL or SIGTERM and
-    restarted with the same command: identical per-step losses and final parameters."""
-    overrides = ["train.steps=16", "checkpoint.every_steps=4", "log.every_steps=1"]
+    """An uninterrupted run vs runs stopped at a random step by SIGKILL or SIGTERM and
+    restarted with the same command: identical per-step losses and final parameters.
+
+    The run is 48 steps though the stop comes within the first 13: the signal must land before
+    the run ends, and the tiny model goes through a step in tens of milliseconds (a 16-step run
+    once finished between the test's polls on a loaded CI machine)."""
+    total = 48
+    overrides = [f"train.steps={total}", "checkpoint.every_steps=4", "log.every_steps=1"]
     whole = tmp_path / "whole"
     subprocess.run(_train_cmd(whole, *overrides), env=_env(), check=True, capture_output=True)
     expected = metrics_lib.read_jsonl(whole / "metrics.jsonl")
@@ -67,9 +77,7 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
         workdir = tmp_path / sig.name
         proc = subprocess.Popen(_train_cmd(workdir, *overrides), env=_env(),
                                 stderr=subprocess.PIPE, text=True)
-        seen = _wait_for_step(proc, workdir / "metrics.jsonl", stop_at)
-        while not (workdir / "checkpoints" / "4" / "commit_success.txt").exists():
-            time.sleep(0.05)  # at least one committed checkpoint to resume from
+        seen = _wait_for_step_and_checkpoint(proc, workdir, stop_at)
         proc.send_signal(sig)
         code = proc.wait(timeout=120)
         err = proc.stderr.read()
@@ -85,9 +93,9 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
         assert "resuming from" in again.stderr
         got = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
         message = f"{sig.name} after step {seen} (random stop {stop_at})"
-        assert [r["step"] for r in got] == list(range(1, 17)), message
+        assert [r["step"] for r in got] == list(range(1, total + 1)), message
         assert [r["loss"] for r in got] == [r["loss"] for r in expected], message
-        for a, b in zip(_params(workdir, 16), _params(whole, 16), strict=True):
+        for a, b in zip(_params(workdir, total), _params(whole, total), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=message)
 
 
