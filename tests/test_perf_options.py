@@ -181,6 +181,19 @@ def test_softmax_attention_equals_autodiff_of_softmax(bias_shape, dtype):
             assert np.abs(g - e).max() <= 3 * np.abs(w - e).max() + 1e-2 * np.abs(e).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scores_times_heads_equals_einsum(dtype):
+    """The heads-major product behind a barrier (CPU) computes the einsum it replaces, for
+    cross-attention shapes (Q != S) too."""
+    rng = np.random.default_rng(8)
+    a = jnp.asarray(rng.normal(size=(2, 3, 5, 7)), dtype)
+    x = jnp.asarray(rng.normal(size=(2, 7, 3, 4)), dtype)
+    got = jax.jit(layers._scores_times_heads)(a, x)
+    want = jnp.einsum("BHQS,BSHK->BQHK", a, x, preferred_element_type=jnp.float32)
+    assert got.shape == (2, 5, 3, 4) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_row_max_and_softmax_equal_jax():
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(size=(3, 4, 33)) * 5, jnp.float32)
