@@ -14,6 +14,7 @@ from flax import nnx
 
 from mtjax import bench
 from mtjax.bench import peak as peak_lib
+from mtjax.bench import report
 from mtjax.bench import train as train_bench
 from mtjax.model import sizes, t5
 from mtjax.parallel import mesh as mesh_lib
@@ -38,12 +39,24 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     assert result["tokens_per_step"] == 2 * (32 + 16)
     assert result["peak_source"] == "measured_matmul"  # CPU in tests
     assert "device_peak_memory_bytes" in result  # None on CPU
+    kernel = result["host_kernel_per_step"]
+    assert kernel["page_faults"] >= 0 and kernel["kernel_cpu_s"] >= 0
     assert set(result["environment"]["versions"]) >= {"jax", "jaxlib", "flax", "optax"}
     assert result["environment"]["device_kind"]
     # What was in force for the allocator and XLA, so a figure can be reproduced.
     assert {"xla_flags", "glibc_tunables", "transparent_hugepage"} <= set(result["environment"])
     assert result["config"]["model"]["name"] == "t5_1_1_test"
     assert result["config"]["optim"]["name"] == "adamw"
+
+
+def test_kernel_cost_per_step_divides_the_difference():
+    assert report.kernel_cost_per_step((100, 1.5), (700, 2.7), 4) == pytest.approx(
+        {"page_faults": 150.0, "kernel_cpu_s": 0.3})
+    faults, kernel_s = report.kernel_counters()
+    fresh = np.ones(64 * 2**20 // 8)  # 64 MiB written for the first time: pages faulted in
+    later = report.kernel_counters()
+    assert later[0] > faults and later[1] >= kernel_s
+    del fresh
 
 
 def test_all_runs_every_registered_benchmark(monkeypatch, capsys):

@@ -25,6 +25,23 @@ def host_peak_memory_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def kernel_counters() -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of this process so far (``getrusage``)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def kernel_cost_per_step(before: tuple[int, float], after: tuple[int, float],
+                         steps: int) -> dict[str, float]:
+    """Page faults and kernel CPU seconds per step between two :func:`kernel_counters` readings.
+
+    On CPU this is mostly the allocator's cost: XLA allocates a step's temporary buffer afresh
+    and the kernel faults in and zeroes every page of it again (README, Performance).
+    """
+    return {"page_faults": (after[0] - before[0]) / steps,
+            "kernel_cpu_s": (after[1] - before[1]) / steps}
+
+
 def device_peak_memory_bytes() -> int | None:
     """Peak bytes in use on the first local device, or None where the backend does not say."""
     import jax

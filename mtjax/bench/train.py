@@ -127,7 +127,11 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         state = setup.init_state(config.train.seed)
         for _ in range(options.warmup):
             state, _ = compiled(state, batch)
+        counters = report.kernel_counters()
         state, seconds, metrics = _timed_steps(compiled, state, batch, options.steps)
+        # _timed_steps executes steps + 2 steps between the two readings.
+        host_kernel = report.kernel_cost_per_step(counters, report.kernel_counters(),
+                                                  options.steps + 2)
     loss = float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"]))
     del state
 
@@ -165,6 +169,7 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "mfu": achieved / peak_total,
         "loss": loss if math.isfinite(loss) else None,
         "host_peak_memory_bytes": report.host_peak_memory_bytes(),
+        "host_kernel_per_step": host_kernel,
         "device_peak_memory_bytes": report.device_peak_memory_bytes(),
         "compiled_memory": report.compiled_memory(compiled),
         "environment": env,
