@@ -64,7 +64,9 @@ class ModelConfig:
     scan_layers: bool = False
     # "xla": mtjax's einsum/softmax; "dot_product": jax.nn.dot_product_attention (cuDNN flash
     # attention on GPU in bf16 where the bias allows, else its XLA path). Same numbers (tested).
-    # "auto": dot_product on GPU with bfloat16 activations (1.35x on an H200), else xla.
+    # "cpu_fused": mtjax's fused CPU kernel (mtjax/kernels; AVX-512, float32, one device).
+    # "auto": dot_product on GPU with bfloat16 activations (1.35x on an H200), cpu_fused where
+    # it can run, else xla.
     attention: str = "auto"
     # Kernel gradients of dense layers: "transposed" copies the activations' transpose out
     # first so XLA:CPU's matmul library takes the dot (1.20x on the CPU peer step); "auto":
@@ -145,7 +147,7 @@ _CHOICES = {
     "optim.name": ("adafactor", "adamw"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
-    "model.attention": ("auto", "xla", "dot_product"),
+    "model.attention": ("auto", "xla", "dot_product", "cpu_fused"),
     "model.weight_grad": ("auto", "xla", "transposed"),
     "optim.state_dtype": ("float32", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -397,6 +398,25 @@ def lookup_relative_bias(table_HN: jax.Array, bucket_QS: jax.Array,
     return jnp.take(table_HN.reshape(-1), index_HQS, axis=0)
 
 
+class AttentionBias(NamedTuple):
+    """An attention bias kept in its parts: the fused CPU kernel reads them as they are, where
+    the XLA paths add them into one float32 [B, H, Q, S] array (``dense``).
+
+    position: float32 relative position bias broadcastable to [1, H, Q, S], or None.
+    mask: bool [B, Q, S], True where a query may attend to a key, or None.
+    """
+
+    position: jax.Array | None
+    mask: jax.Array | None
+
+    def dense(self) -> jax.Array:
+        """``position + where(mask, 0, MASK_BIAS)``, broadcastable to [B, H, Q, S]."""
+        if self.mask is None:
+            return self.position
+        mask_bias = jnp.where(self.mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None]
+        return mask_bias if self.position is None else self.position + mask_bias
+
+
 class Attention(nnx.Module):
     """Multi-head attention, T5 style: no biases, no score scaling, float32 softmax."""
 
@@ -417,22 +437,24 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.d_kv = d_kv
         self.dtype = dtype
-        self.kind = kind  # "auto", "xla" or "dot_product" (see T5Config.attention)
+        self.kind = kind  # "auto", "xla", "dot_product" or "cpu_fused" (see T5Config.attention)
 
     def _heads(self, x_BLF: jax.Array) -> jax.Array:
         b, length, _ = x_BLF.shape
         x_BLHK = x_BLF.reshape(b, length, self.num_heads, self.d_kv)
         return constrain(x_BLHK, ("batch", "length", "heads", "kv"))
 
-    def __call__(self, x_BQD: jax.Array, memory_BSD: jax.Array, bias_BHQS: jax.Array, *,
-                 deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(self, x_BQD: jax.Array, memory_BSD: jax.Array,
+                 bias_BHQS: jax.Array | AttentionBias, *, deterministic: bool,
+                 rngs: nnx.Rngs | None) -> jax.Array:
         """Attend from ``x`` to ``memory`` (the same array for self-attention).
 
         Args:
             x_BQD: queries' input.
             memory_BSD: keys' and values' input.
             bias_BHQS: float32 additive bias: relative positions plus ``MASK_BIAS`` where masked;
-                any dimension may be 1 to broadcast.
+                any dimension may be 1 to broadcast. Or the same as an ``AttentionBias``, which
+                the fused CPU kernel takes without forming the sum.
             deterministic: skip dropout.
             rngs: dropout randomness when not deterministic.
         """
@@ -445,12 +467,20 @@ class Attention(nnx.Module):
         return self._heads(self.key(memory_BSD)), self._heads(self.value(memory_BSD))
 
     def attend(self, x_BQD: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
-               bias_BHQS: jax.Array, *, deterministic: bool = True,
+               bias_BHQS: jax.Array | AttentionBias, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
         """Attend from ``x`` to given keys and values (see ``__call__``)."""
         q_BQHK = self._heads(self.query(x_BQD))
-        if deterministic or self.dropout.rate == 0:
-            kind = resolve_attention(self.kind, q_BQHK.dtype)
+        kind = resolve_attention(self.kind, q_BQHK.dtype)
+        no_dropout = deterministic or self.dropout.rate == 0
+        if kind == "cpu_fused" and no_dropout and isinstance(bias_BHQS, AttentionBias):
+            from mtjax.kernels.attention import cpu_attention  # builds nothing at import
+
+            y_BQHK = cpu_attention(q_BQHK, k_BSHK, v_BSHK, *bias_BHQS)
+            return self._output(y_BQHK)
+        if isinstance(bias_BHQS, AttentionBias):
+            bias_BHQS = bias_BHQS.dense()
+        if no_dropout:
             attend = dot_product_attention if kind == "dot_product" else xla_attention
             y_BQHK = attend(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)
         else:  # dropout on the probabilities: only the einsum path exposes them
@@ -458,22 +488,56 @@ class Attention(nnx.Module):
                 return self.dropout(probs_BHQS, deterministic=deterministic, rngs=rngs)
 
             y_BQHK = xla_attention(q_BQHK, k_BSHK, v_BSHK, bias_BHQS, dropout=dropout)
+        return self._output(y_BQHK)
+
+    def _output(self, y_BQHK: jax.Array) -> jax.Array:
         y_BQHK = constrain(y_BQHK, ("batch", "length", "heads", "kv"))
         b, q_len = y_BQHK.shape[:2]
         return self.out(y_BQHK.reshape(b, q_len, self.num_heads * self.d_kv))
 
 
-def resolve_attention(kind: str, dtype) -> str:
-    """The attention implementation ``kind`` stands for: ``"auto"`` is cuDNN's fused attention
-    (``"dot_product"``) on GPU with bfloat16 activations, and ``"xla"`` elsewhere.
+def cpu_fused_attention_problem(dtype) -> str:
+    """Why mtjax's fused CPU attention kernel cannot run here ('' when it can).
 
-    On an H200 the fused kernel made the t5_1_1_base train step (batch 64, 512/114) 1.35x
-    faster and halved its temporary memory; on CPU ``jax.nn.dot_product_attention`` only runs
-    its own XLA version of what ``xla_attention`` does.
+    It needs the CPU backend, float32 activations, a single device (XLA cannot split an FFI
+    call over a mesh), and a kernel built for this machine (``mtjax.kernels``).
     """
+    if jax.default_backend() != "cpu":
+        return f"it runs on CPU only (the backend is {jax.default_backend()})"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it takes float32 activations (model.dtype is {jnp.dtype(dtype).name})"
+    if jax.device_count() != 1:
+        return f"it runs on one device (there are {jax.device_count()})"
+    from mtjax import kernels
+
+    return kernels.cpu_attention_status()[1]
+
+
+def resolve_attention(kind: str, dtype) -> str:
+    """The attention implementation ``kind`` stands for. ``"auto"`` is cuDNN's fused attention
+    (``"dot_product"``) on GPU with bfloat16 activations, mtjax's fused CPU kernel
+    (``"cpu_fused"``) on one CPU device in float32 where it builds, and ``"xla"`` elsewhere.
+
+    On an H200 cuDNN's kernel made the t5_1_1_base train step (batch 64, 512/114) 1.35x faster
+    and halved its temporary memory; on CPU ``jax.nn.dot_product_attention`` only runs its own
+    XLA version of what ``xla_attention`` does.
+
+    Raises:
+        ValueError: ``"cpu_fused"`` asked for where it cannot run (the message says why).
+    """
+    if kind == "cpu_fused":
+        problem = cpu_fused_attention_problem(dtype)
+        if problem:
+            raise ValueError(f"model.attention=cpu_fused cannot run: {problem}; "
+                             "use model.attention=auto or xla")
+        return kind
     if kind != "auto":
         return kind
-    return "dot_product" if jax.default_backend() == "gpu" and dtype == jnp.bfloat16 else "xla"
+    if jax.default_backend() == "gpu" and dtype == jnp.bfloat16:
+        return "dot_product"
+    if jax.default_backend() == "cpu" and not cpu_fused_attention_problem(dtype):
+        return "cpu_fused"
+    return "xla"
 
 
 def xla_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,

@@ -13,7 +13,7 @@ from mtjax.errors import UserError
 
 MLP_ACTIVATIONS = ("gated-gelu", "relu", "gated-silu")
 REMAT_POLICIES = ("none", "dots_saveable", "full")
-ATTENTION_KINDS = ("auto", "xla", "dot_product")
+ATTENTION_KINDS = ("auto", "xla", "dot_product", "cpu_fused")
 WEIGHT_GRADS = ("auto", "xla", "transposed")
 DTYPES = ("float32", "bfloat16")
 
@@ -48,8 +48,10 @@ class T5Config:
             compile time does not grow with depth.
         attention: "xla" (mtjax's einsum and float32 softmax), "dot_product"
             (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU where supported,
-            else JAX's XLA implementation; same numbers), or "auto" ("dot_product" on GPU with
-            bfloat16 activations, where it is the fast path, else "xla").
+            else JAX's XLA implementation; same numbers), "cpu_fused" (mtjax's fused attention
+            kernel for x86-64 CPUs with AVX-512, float32, one device; ``mtjax.kernels``) or
+            "auto" ("dot_product" on GPU with bfloat16 activations, "cpu_fused" where it can
+            run, else "xla").
         weight_grad: how the backward pass forms each dense layer's kernel gradient: "xla"
             (plain autodiff), "transposed" (the activations' transpose copied out first, so the
             CPU's matmul library takes it; ``layers.matmul``) or "auto" ("transposed" on CPU,

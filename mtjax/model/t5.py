@@ -22,6 +22,7 @@ from mtjax.model.layers import (
     MASK_BIAS,
     MLP,
     Attention,
+    AttentionBias,
     Dense,
     Embed,
     RelativePositionBias,
@@ -154,13 +155,13 @@ class EncoderLayer(nnx.Module):
                        **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, x_BSD, mask_bias_BHSS, shared_bias_BHSS, *, deterministic, rngs):
+    def __call__(self, x_BSD, mask_BSS, shared_bias_BHSS, *, deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = x_BSD.shape[1]
         position_bias = (self.relpos_bias(length, length) if shared_bias_BHSS is None
                          else shared_bias_BHSS)
         h_BSD = self.pre_attention_layer_norm(x_BSD)
-        h_BSD = self.attention(h_BSD, h_BSD, position_bias + mask_bias_BHSS, **drop)
+        h_BSD = self.attention(h_BSD, h_BSD, AttentionBias(position_bias, mask_BSS), **drop)
         x_BSD = constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
         h_BSD = self.mlp(self.pre_mlp_layer_norm(x_BSD), **drop)
         return constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
@@ -187,18 +188,20 @@ class DecoderLayer(nnx.Module):
                        **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, y_BTD, encoded_BSD, self_mask_bias_BHTT, cross_mask_bias_BHTS,
-                 shared_bias_BHTT, *, deterministic, rngs):
+    def __call__(self, y_BTD, encoded_BSD, self_mask_BTT, cross_mask_BTS, shared_bias_BHTT, *,
+                 deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = y_BTD.shape[1]
         position_bias = (self.relpos_bias(length, length) if shared_bias_BHTT is None
                          else shared_bias_BHTT)
         h_BTD = self.pre_self_attention_layer_norm(y_BTD)
-        h_BTD = self.self_attention(h_BTD, h_BTD, position_bias + self_mask_bias_BHTT, **drop)
+        h_BTD = self.self_attention(h_BTD, h_BTD, AttentionBias(position_bias, self_mask_BTT),
+                                    **drop)
         y_BTD = constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
         # Cross-attention has no position bias, only the mask.
         h_BTD = self.pre_cross_attention_layer_norm(y_BTD)
-        h_BTD = self.encoder_decoder_attention(h_BTD, encoded_BSD, cross_mask_bias_BHTS, **drop)
+        h_BTD = self.encoder_decoder_attention(h_BTD, encoded_BSD,
+                                               AttentionBias(None, cross_mask_BTS), **drop)
         y_BTD = constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
         h_BTD = self.mlp(self.pre_mlp_layer_norm(y_BTD), **drop)
         return constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
@@ -287,13 +290,13 @@ class Encoder(nnx.Module):
         self.encoder_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, **_common(cfg))
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, x_BSD, mask_bias_BHSS, *, deterministic, rngs):
+    def __call__(self, x_BSD, mask_BSS, *, deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = x_BSD.shape[1]
         shared_bias = (None if self.cfg.per_layer_relative_bias
                        else self.relpos_bias(length, length))
         x_BSD = constrain(self.dropout(x_BSD, **drop), _RESIDUAL)
-        x_BSD = _run_layers(self.cfg, self.layers, x_BSD, mask_bias_BHSS, shared_bias, **drop)
+        x_BSD = _run_layers(self.cfg, self.layers, x_BSD, mask_BSS, shared_bias, **drop)
         return self.dropout(self.encoder_norm(x_BSD), **drop)
 
 
@@ -309,15 +312,15 @@ class Decoder(nnx.Module):
         self.decoder_norm = RMSNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, **_common(cfg))
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, y_BTD, encoded_BSD, self_mask_bias_BHTT, cross_mask_bias_BHTS, *,
-                 deterministic, rngs):
+    def __call__(self, y_BTD, encoded_BSD, self_mask_BTT, cross_mask_BTS, *, deterministic,
+                 rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = y_BTD.shape[1]
         shared_bias = (None if self.cfg.per_layer_relative_bias
                        else self.relpos_bias(length, length))
         y_BTD = constrain(self.dropout(y_BTD, **drop), _RESIDUAL)
-        y_BTD = _run_layers(self.cfg, self.layers, y_BTD, encoded_BSD, self_mask_bias_BHTT,
-                            cross_mask_bias_BHTS, shared_bias, **drop)
+        y_BTD = _run_layers(self.cfg, self.layers, y_BTD, encoded_BSD, self_mask_BTT,
+                            cross_mask_BTS, shared_bias, **drop)
         return self.dropout(self.decoder_norm(y_BTD), **drop)
 
     def step(self, y_B1D, layer_caches, index, self_mask_bias_B11T, cross_mask_bias_B11S):
@@ -374,8 +377,8 @@ class T5(nnx.Module):
         """
         del encoder_positions
         x_BSD = self.token_embedder(encoder_input_tokens)
-        mask_bias = _mask_to_bias(encoder_self_mask(encoder_input_tokens, encoder_segment_ids))
-        return self.encoder(x_BSD, mask_bias, deterministic=deterministic, rngs=rngs)
+        mask_BSS = encoder_self_mask(encoder_input_tokens, encoder_segment_ids)
+        return self.encoder(x_BSD, mask_BSS, deterministic=deterministic, rngs=rngs)
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array | None = None,
@@ -396,11 +399,11 @@ class T5(nnx.Module):
         """
         del decoder_positions
         y_BTD = self.token_embedder(decoder_input_tokens)
-        self_bias = _mask_to_bias(decoder_self_mask(decoder_input_tokens, decoder_segment_ids))
-        cross_bias = _mask_to_bias(cross_mask(decoder_input_tokens, encoder_input_tokens,
-                                              decoder_segment_ids, encoder_segment_ids))
-        y_BTD = self.decoder(y_BTD, encoded, self_bias, cross_bias, deterministic=deterministic,
-                             rngs=rngs)
+        self_mask_BTT = decoder_self_mask(decoder_input_tokens, decoder_segment_ids)
+        cross_mask_BTS = cross_mask(decoder_input_tokens, encoder_input_tokens,
+                                    decoder_segment_ids, encoder_segment_ids)
+        y_BTD = self.decoder(y_BTD, encoded, self_mask_BTT, cross_mask_BTS,
+                             deterministic=deterministic, rngs=rngs)
         return self._logits(y_BTD)
 
     def _logits(self, y_BTD: jax.Array) -> jax.Array:

@@ -1,0 +1,128 @@
+"""mtjax's own XLA kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
+
+Only CPU kernels so far: ``attention_cpu.cc``, T5 attention fused for x86-64 with AVX-512. They
+are built with the system's C++ compiler against the headers jaxlib ships
+(``jax.ffi.include_dir()``), so nothing is downloaded and the package stays pure Python:
+where no compiler, no AVX-512 or no x86-64 is found, :func:`cpu_attention_status` says why and
+mtjax uses its XLA attention instead.
+
+The shared library is cached under ``$MTJAX_KERNEL_CACHE`` (default
+``$XDG_CACHE_HOME/mtjax/kernels``, else ``~/.cache/mtjax/kernels``), named by a hash of the
+source, the compiler command and jaxlib's version, and written atomically, so concurrent
+processes (multi-host runs on one machine) never load a half-written file.
+``MTJAX_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+_SOURCE = pathlib.Path(__file__).with_name("attention_cpu.cc")
+# x86-64-v4 is AVX-512 F/BW/CD/DQ/VL: what the kernel's intrinsics use.
+_CPU_FLAGS_NEEDED = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+_COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=x86-64-v4")
+FORWARD_TARGET = "mtjax_attention_cpu_forward"
+BACKWARD_TARGET = "mtjax_attention_cpu_backward"
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU kernels cannot be built or loaded here; the message says why."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("MTJAX_KERNEL_CACHE"):
+        return pathlib.Path(os.environ["MTJAX_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "mtjax" / "kernels"
+
+
+def _missing_cpu_features() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [f"an x86-64 CPU (this is {platform.machine()})"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return ["/proc/cpuinfo (to check for AVX-512)"]
+    return [flag for flag in _CPU_FLAGS_NEEDED if flag not in flags]
+
+
+def _library_path(compiler: str, include_dir: str) -> pathlib.Path:
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(" ".join((compiler, *_COMPILE_FLAGS)).encode())
+    digest.update(importlib.metadata.version("jaxlib").encode())
+    digest.update(include_dir.encode())
+    return cache_dir() / f"attention_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def build(compiler: str | None = None) -> pathlib.Path:
+    """The kernels' shared library, compiled now unless a cached build exists.
+
+    Raises:
+        KernelUnavailable: kernels switched off, an unsupported CPU, no compiler, or the
+            compiler failed (its output is in the message).
+    """
+    if os.environ.get("MTJAX_CPU_KERNELS", "1") == "0":
+        raise KernelUnavailable("switched off by MTJAX_CPU_KERNELS=0")
+    missing = _missing_cpu_features()
+    if missing:
+        raise KernelUnavailable(f"the CPU lacks {', '.join(missing)}")
+    compiler = compiler or os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
+    import jax.ffi  # late: keeps this module importable without initialising JAX
+
+    include_dir = jax.ffi.include_dir()
+    target = _library_path(compiler, include_dir)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
+    os.close(fd)
+    command = [compiler, *_COMPILE_FLAGS, "-isystem", include_dir, str(_SOURCE), "-o", partial]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelUnavailable(
+                f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+        os.replace(partial, target)  # atomic: readers see no file or the whole file
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+@functools.cache
+def _load() -> str:
+    """Build, load and register the CPU attention kernels; '' on success, else the reason."""
+    try:
+        library = ctypes.CDLL(str(build()))
+    except KernelUnavailable as e:
+        return str(e)
+    except OSError as e:  # a cached file that does not load: say which, so it can be removed
+        return f"cannot load the built kernel ({e}); remove {cache_dir()} to rebuild it"
+    import jax.ffi
+
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MtjaxAttentionForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET,
+                                jax.ffi.pycapsule(library.MtjaxAttentionBackward), platform="cpu")
+    return ""
+
+
+def cpu_attention_status() -> tuple[bool, str]:
+    """(whether the fused CPU attention kernel is ready, why not when it is not)."""
+    reason = _load()
+    return not reason, reason

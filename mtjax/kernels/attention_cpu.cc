@@ -1,0 +1,479 @@
+// Fused T5 attention for x86-64 CPUs with AVX-512, as XLA FFI custom calls.
+//
+// softmax(q k^T + bias) v per (batch, head), float32, with T5's conventions: no score scaling,
+// and bias = position bias [H, Q, S] (optional) plus MASK_BIAS where a boolean mask [B or 1,
+// Q, S] is false, added in that order (the same float32 sums as mtjax's XLA path).
+//
+// Why: XLA:CPU computes attention as separate ops that each write a [B, H, Q, S] float32 array
+// to memory (scores, probabilities, their gradients); with head dim 64 those products run at a
+// third of the matmul peak. Here each block of query rows keeps its [rows, S] scores in the
+// core's cache: the forward pass writes only the output and two numbers per row, and the
+// backward pass recomputes the probabilities from them (FlashAttention's scheme, without the
+// online rescaling: a whole row of scores fits in cache at T5's lengths).
+//
+// Layouts (row-major): q [B, Q, H, K], k and v [B, S, H, K], out [B, Q, H, K], and per query
+// row its score maximum and 1 / sum of exponentials, stats [B, H, Q, 2]. (Not one log-sum-exp:
+// a fully masked row's scores are near MASK_BIAS, where a float32 sum absorbs the log.)
+// Built and loaded at run time by mtjax/kernels/__init__.py.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kMaskBias = -1e10f;  // mtjax.model.layers.MASK_BIAS
+constexpr int kRowBlock = 64;        // query rows whose [rows, S] scores stay in cache
+constexpr int kMR = 6;               // micro-tile rows: 6 x 4 accumulators of 16 floats
+constexpr int kNV = 4;               // micro-tile columns, in 16-float vectors
+
+// ---------------------------------------------------------------------------------------------
+// C[M, N] (+)= A[M, K] B[K, N] with A(i, k) = a[i * ars + k * acs] (any strides: transposed
+// operands need no copy), B rows contiguous: B(k, j) = b[k * brs + j], C(i, j) = c[i * crs + j].
+
+template <int MR, int NV>
+void MicroTile(int K, const float* a, long ars, long acs, const float* b, long brs, float* c,
+               long crs, __mmask16 tail, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const float* brow = b + k * brs;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      bv[j] = (j == NV - 1) ? _mm512_maskz_loadu_ps(tail, brow + 16 * j)
+                            : _mm512_loadu_ps(brow + 16 * j);
+    const float* acol = a + k * acs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(acol[i * ars]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      float* p = c + i * crs + 16 * j;
+      const __mmask16 m = (j == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
+      __m512 r = acc[i][j];
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, p));
+      _mm512_mask_storeu_ps(p, m, r);
+    }
+}
+
+using TileFn = void (*)(int, const float*, long, long, const float*, long, float*, long,
+                        __mmask16, bool);
+
+template <int MR>
+constexpr TileFn TileFor(int nv) {
+  return nv == 1 ? &MicroTile<MR, 1> : nv == 2 ? &MicroTile<MR, 2>
+       : nv == 3 ? &MicroTile<MR, 3> : &MicroTile<MR, 4>;
+}
+
+TileFn Tile(int mr, int nv) {
+  switch (mr) {
+    case 1: return TileFor<1>(nv);
+    case 2: return TileFor<2>(nv);
+    case 3: return TileFor<3>(nv);
+    case 4: return TileFor<4>(nv);
+    case 5: return TileFor<5>(nv);
+    default: return TileFor<6>(nv);
+  }
+}
+
+void Gemm(int M, int N, int K, const float* a, long ars, long acs, const float* b, long brs,
+          float* c, long crs, bool accumulate) {
+  for (int j0 = 0; j0 < N; j0 += 16 * kNV) {
+    const int width = std::min(16 * kNV, N - j0);
+    const int nv = (width + 15) / 16;
+    const __mmask16 tail =
+        width % 16 ? static_cast<__mmask16>((1u << (width % 16)) - 1) : 0xFFFF;
+    const TileFn full = Tile(kMR, nv);
+    for (int i0 = 0; i0 < M; i0 += kMR) {
+      const int mr = std::min(kMR, M - i0);
+      const TileFn fn = mr == kMR ? full : Tile(mr, nv);
+      fn(K, a + i0 * ars, ars, acs, b + j0, brs, c + i0 * crs + j0, crs, tail, accumulate);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise helpers over one row of n floats.
+
+inline __mmask16 TailMask(int n, int s) {
+  const int left = n - s;
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                    : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial, about 1 ulp).
+inline __m512 ExpNonPositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below this anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// scores += position bias (if any) + MASK_BIAS where the mask (if any) is false.
+inline void AddBias(float* scores, const float* pos, const bool* mask, int n) {
+  if (pos == nullptr && mask == nullptr) return;
+  for (int s = 0; s < n; s += 16) {
+    const __mmask16 m = TailMask(n, s);
+    __m512 bias = pos ? _mm512_maskz_loadu_ps(m, pos + s) : _mm512_setzero_ps();
+    if (mask) {
+      const __m128i bytes = _mm_maskz_loadu_epi8(m, mask + s);
+      const __mmask16 keep = _mm_test_epi8_mask(bytes, bytes);
+      // pos + 0 where kept (exactly pos), pos + MASK_BIAS elsewhere: XLA's bias sum.
+      bias = _mm512_mask_add_ps(bias, static_cast<__mmask16>(~keep & m), bias,
+                                _mm512_set1_ps(kMaskBias));
+    }
+    _mm512_mask_storeu_ps(scores + s, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, scores + s),
+                                                       bias));
+  }
+}
+
+inline float RowMax(const float* x, int n) {
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  for (int s = 0; s < n; s += 16)
+    best = _mm512_max_ps(best, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                    TailMask(n, s), x + s));
+  return _mm512_reduce_max_ps(best);
+}
+
+// x = exp(x - shift) in place; returns the sum.
+inline float ExpInPlace(float* x, int n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int s = 0; s < n; s += 16) {
+    const __mmask16 m = TailMask(n, s);
+    const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + s), sh));
+    _mm512_mask_storeu_ps(x + s, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// Asks for `rows` rows of `bytes` each, `stride` bytes apart, to be brought into L2: the bias
+// rows a block of queries reads after its score product, which would otherwise stall on L3.
+inline void PrefetchRows(const void* base, int rows, long bytes, long stride) {
+  if (base == nullptr) return;
+  const char* p = static_cast<const char*>(base);
+  for (int r = 0; r < rows; ++r)
+    for (long offset = 0; offset < bytes; offset += 64)
+      _mm_prefetch(p + r * stride + offset, _MM_HINT_T1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work split over XLA's intra-op thread pool; the calling thread works too, and waits only for
+// tasks, never for helpers that have not started (so a busy pool cannot deadlock it).
+
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int n, const Fn& fn) {
+  struct State {
+    std::atomic<int> next{0};
+    std::atomic<int> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &fn] {
+    for (int i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n)) - 1;
+  for (int t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// Per-thread scratch, kept between calls (fresh pages would cost faults on every step).
+float* Scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[6];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// Transposes the 16 x 16 block held in r[0..15] (rows) in registers.
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4g + j], 128-bit lane L: rows 4g..4g+3 at column j + 4L.
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  __m512 out[16];
+  for (int j = 0; j < 4; ++j) {
+    const __m512 s0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    const __m512 s1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    out[j] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+    out[j + 4] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+    out[j + 8] = _mm512_shuffle_f32x4(s0, s2, 0xdd);
+    out[j + 12] = _mm512_shuffle_f32x4(s1, s3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = out[i];
+}
+
+// [S, K] rows of stride `stride` -> [K, S] contiguous, by 16 x 16 blocks transposed in
+// registers (a plain element loop stores each row's floats 4 * S bytes apart, all in a few L1
+// sets).
+void PackTransposed(const float* x, long stride, int S, int K, float* out) {
+  __m512 r[16];
+  for (int s0 = 0; s0 < S; s0 += 16) {
+    const int rows = std::min(16, S - s0);
+    const __mmask16 row_mask = TailMask(S, s0);
+    for (int d0 = 0; d0 < K; d0 += 16) {
+      const __mmask16 col_mask = TailMask(K, d0);
+      for (int t = 0; t < 16; ++t)
+        r[t] = t < rows ? _mm512_maskz_loadu_ps(col_mask, x + (s0 + t) * stride + d0)
+                        : _mm512_setzero_ps();
+      Transpose16(r);
+      const int cols = std::min(16, K - d0);
+      for (int c = 0; c < cols; ++c)
+        _mm512_mask_storeu_ps(out + static_cast<long>(d0 + c) * S + s0, row_mask, r[c]);
+    }
+  }
+}
+
+struct Dims {
+  int64_t B, Q, S, H, K;
+  bool has_pos, has_mask, mask_per_batch;
+};
+
+ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::F32>& pos,
+                     const ffi::Buffer<ffi::PRED>& mask, Dims& d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  auto pd = pos.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 3 || md.size() != 3)
+    return ffi::Error::InvalidArgument("mtjax attention: wrong ranks");
+  d = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], pd[0] > 0, md[0] > 0, md[0] > 1};
+  bool ok = kd[0] == d.B && kd[2] == d.H && kd[3] == d.K;
+  ok = ok && vd[0] == d.B && vd[1] == d.S && vd[2] == d.H && vd[3] == d.K;
+  ok = ok && (!d.has_pos || (pd[0] == d.H && pd[1] == d.Q && pd[2] == d.S));
+  ok = ok && (!d.has_mask || ((md[0] == 1 || md[0] == d.B) && md[1] == d.Q && md[2] == d.S));
+  if (!ok) return ffi::Error::InvalidArgument("mtjax attention: mismatched shapes");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> pos,
+                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> stats) {
+  Dims d;
+  if (ffi::Error error = CheckDims(q, k, v, pos, mask, d); error.failure()) return error;
+  const long row = d.H * d.K;  // stride between positions of one head
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const float* pp = d.has_pos ? pos.typed_data() : nullptr;
+  const bool* mp = d.has_mask ? mask.typed_data() : nullptr;
+  float* op = out->typed_data();
+  float* sp = stats->typed_data();
+
+  ParallelFor(pool, static_cast<int>(d.B * d.H), [&](int task) {
+    const int64_t b = task / d.H, h = task % d.H;
+    const int S = static_cast<int>(d.S), K = static_cast<int>(d.K);
+    float* kt = Scratch(0, static_cast<size_t>(K) * S);
+    float* scores = Scratch(1, static_cast<size_t>(kRowBlock) * S);
+    PackTransposed(kp + (b * d.S * d.H + h) * d.K, row, S, K, kt);
+    const float* v0 = vp + (b * d.S * d.H + h) * d.K;
+    for (int64_t i0 = 0; i0 < d.Q; i0 += kRowBlock) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, d.Q - i0));
+      const float* q0 = qp + ((b * d.Q + i0) * d.H + h) * d.K;
+      float* o0 = op + ((b * d.Q + i0) * d.H + h) * d.K;
+      const float* pos0 = pp ? pp + (h * d.Q + i0) * d.S : nullptr;
+      const bool* mask0 = mp ? mp + ((d.mask_per_batch ? b : 0) * d.Q + i0) * d.S : nullptr;
+      PrefetchRows(pos0, rows, 4 * d.S, 4 * d.S);
+      PrefetchRows(mask0, rows, d.S, d.S);
+      Gemm(rows, S, K, q0, row, 1, kt, S, scores, S, false);
+      float inv_sums[kRowBlock];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* srow = scores + static_cast<long>(r) * S;
+        AddBias(srow, pos0 ? pos0 + r * d.S : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+        const float mx = RowMax(srow, S);
+        const float sum = ExpInPlace(srow, S, mx);
+        inv_sums[r] = 1.0f / sum;
+        sp[2 * ((b * d.H + h) * d.Q + i)] = mx;
+        sp[2 * ((b * d.H + h) * d.Q + i) + 1] = inv_sums[r];
+      }
+      Gemm(rows, K, S, scores, S, 1, v0, row, o0, row, false);
+      for (int r = 0; r < rows; ++r) {
+        float* orow = o0 + r * row;
+        const __m512 scale = _mm512_set1_ps(inv_sums[r]);
+        for (int c = 0; c < K; c += 16) {
+          const __mmask16 m = TailMask(K, c);
+          _mm512_mask_storeu_ps(orow + c, m,
+                                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, orow + c), scale));
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> pos,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> stats,
+                    ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dpos) {
+  Dims d;
+  if (ffi::Error error = CheckDims(q, k, v, pos, mask, d); error.failure()) return error;
+  const long row = d.H * d.K;
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const float* pp = d.has_pos ? pos.typed_data() : nullptr;
+  const bool* mp = d.has_mask ? mask.typed_data() : nullptr;
+  const float* sp = stats.typed_data();
+  const float* gp = dout.typed_data();
+  float* dqp = dq->typed_data();
+  float* dkp = dk->typed_data();
+  float* dvp = dv->typed_data();
+  float* dpp = d.has_pos ? dpos->typed_data() : nullptr;
+
+  // One task per head, over every batch row in turn: the head's position-bias gradient is
+  // summed over the batch without atomics.
+  ParallelFor(pool, static_cast<int>(d.H), [&](int h) {
+    const int S = static_cast<int>(d.S), K = static_cast<int>(d.K);
+    float* kt = Scratch(0, static_cast<size_t>(K) * S);
+    float* probs = Scratch(1, static_cast<size_t>(kRowBlock) * S);
+    float* dscores = Scratch(2, static_cast<size_t>(kRowBlock) * S);
+    float* vt = Scratch(3, static_cast<size_t>(K) * S);
+    float* dk_acc = Scratch(4, static_cast<size_t>(S) * K);
+    float* dv_acc = Scratch(5, static_cast<size_t>(S) * K);
+    if (dpp) std::memset(dpp + h * d.Q * d.S, 0, sizeof(float) * d.Q * d.S);
+    for (int64_t b = 0; b < d.B; ++b) {
+      const float* k0 = kp + (b * d.S * d.H + h) * d.K;
+      const float* v0 = vp + (b * d.S * d.H + h) * d.K;
+      PackTransposed(k0, row, S, K, kt);
+      PackTransposed(v0, row, S, K, vt);
+      std::memset(dk_acc, 0, sizeof(float) * S * K);
+      std::memset(dv_acc, 0, sizeof(float) * S * K);
+      for (int64_t i0 = 0; i0 < d.Q; i0 += kRowBlock) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, d.Q - i0));
+        const long offset = ((b * d.Q + i0) * d.H + h) * d.K;
+        const float* pos0 = pp ? pp + (h * d.Q + i0) * d.S : nullptr;
+        const bool* mask0 = mp ? mp + ((d.mask_per_batch ? b : 0) * d.Q + i0) * d.S : nullptr;
+        float* dpos0 = dpp ? dpp + (h * d.Q + i0) * d.S : nullptr;
+        PrefetchRows(pos0, rows, 4 * d.S, 4 * d.S);
+        PrefetchRows(mask0, rows, d.S, d.S);
+        PrefetchRows(dpos0, rows, 4 * d.S, 4 * d.S);
+        Gemm(rows, S, K, qp + offset, row, 1, kt, S, probs, S, false);
+        Gemm(rows, S, K, gp + offset, row, 1, vt, S, dscores, S, false);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          float* prow = probs + static_cast<long>(r) * S;
+          float* drow = dscores + static_cast<long>(r) * S;
+          AddBias(prow, pos0 ? pos0 + r * d.S : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+          const float* row_stats = sp + 2 * ((b * d.H + h) * d.Q + i);
+          ExpInPlace(prow, S, row_stats[0]);
+          // Normalised probabilities P, and D = rowsum(P * dP) over the cached row (the same
+          // as dOut . Out, FlashAttention's identity, whose rows lie far apart in memory).
+          const __m512 inv_sum = _mm512_set1_ps(row_stats[1]);
+          __m512 dot = _mm512_setzero_ps();
+          for (int s = 0; s < S; s += 16) {
+            const __mmask16 m = TailMask(S, s);
+            const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, prow + s), inv_sum);
+            _mm512_mask_storeu_ps(prow + s, m, p);
+            dot = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, drow + s), dot);
+          }
+          const __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+          float* dposrow = dpos0 ? dpos0 + r * d.S : nullptr;
+          for (int s = 0; s < S; s += 16) {
+            const __mmask16 m = TailMask(S, s);
+            const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, prow + s),
+                                            _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + s),
+                                                          dsum));
+            _mm512_mask_storeu_ps(drow + s, m, ds);
+            if (dposrow)
+              _mm512_mask_storeu_ps(dposrow + s, m,
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, dposrow + s), ds));
+          }
+        }
+        Gemm(rows, K, S, dscores, S, 1, k0, row, dqp + offset, row, false);
+        Gemm(S, K, rows, dscores, 1, S, qp + offset, row, dk_acc, K, true);
+        Gemm(S, K, rows, probs, 1, S, gp + offset, row, dv_acc, K, true);
+      }
+      for (int s = 0; s < S; ++s) {
+        std::memcpy(dkp + ((b * d.S + s) * d.H + h) * d.K, dk_acc + static_cast<long>(s) * K,
+                    sizeof(float) * K);
+        std::memcpy(dvp + ((b * d.S + s) * d.H + h) * d.K, dv_acc + static_cast<long>(s) * K,
+                    sizeof(float) * K);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // row max, 1 / sum
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // row max, 1 / sum
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // d out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // d position bias

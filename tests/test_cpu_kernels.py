@@ -1,0 +1,156 @@
+"""The fused CPU attention kernel (mtjax/kernels): same numbers as mtjax's XLA attention in value
+and gradient, in the model too; its build cache; and the fallback where it cannot run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mtjax import kernels
+from mtjax.kernels import attention as kernel_attention
+from mtjax.model import layers, sizes, t5
+from mtjax.parallel import mesh as mesh_lib
+
+READY, WHY_NOT = kernels.cpu_attention_status()
+needs_kernel = pytest.mark.skipif(not READY, reason=f"CPU attention kernel unavailable: {WHY_NOT}")
+
+
+def _reference(q, k, v, position, mask):
+    bias = layers.AttentionBias(position, mask).dense()
+    return layers.softmax_attention(q, k, v, bias)
+
+
+def _value_and_grads(attend, q, k, v, position, mask, probe):
+    def loss(q, k, v, position):
+        return jnp.sum(attend(q, k, v, position, mask) * probe)
+
+    argnums = (0, 1, 2) if position is None else (0, 1, 2, 3)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=argnums))(q, k, v, position)
+    return [np.asarray(value), *map(np.asarray, grads)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, q_len, s_len, h, d, position, mask", [
+    (2, 37, 114, 3, 64, "heads", "batch"),  # row and column tails, T5's 114 targets
+    (2, 70, 70, 2, 64, "heads", "causal"),  # more rows than one block, decoder-style mask
+    (1, 5, 7, 2, 32, "shared", None),       # position bias broadcast over heads, no mask
+    (3, 6, 20, 2, 16, None, "shared"),      # cross-attention: mask only, one for the batch
+])
+def test_kernel_equals_xla_attention_in_value_and_gradient(b, q_len, s_len, h, d, position,
+                                                           mask):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, q_len, h, d)) * 0.5, jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s_len, h, d)) * 0.5, jnp.float32) for _ in "kv")
+    probe = jnp.asarray(rng.normal(size=(b, q_len, h, d)), jnp.float32)
+    position_bias = None
+    if position is not None:
+        heads = h if position == "heads" else 1
+        position_bias = jnp.asarray(rng.normal(size=(1, heads, q_len, s_len)) * 2, jnp.float32)
+    mask_BQS = None
+    if mask == "batch":
+        mask_BQS = jnp.asarray(rng.random((b, q_len, s_len)) > 0.3)
+        mask_BQS = mask_BQS.at[0, 3].set(False)  # a fully masked query row (padding)
+    elif mask == "causal":
+        causal = np.arange(s_len)[None, :] <= np.arange(q_len)[:, None]
+        mask_BQS = jnp.asarray(np.broadcast_to(causal, (b, q_len, s_len)))
+    elif mask == "shared":
+        mask_BQS = jnp.asarray(rng.random((1, q_len, s_len)) > 0.3)
+
+    got = _value_and_grads(kernel_attention.cpu_attention, q, k, v, position_bias, mask_BQS,
+                           probe)
+    want = _value_and_grads(_reference, q, k, v, position_bias, mask_BQS, probe)
+    y = np.asarray(jax.jit(kernel_attention.cpu_attention)(q, k, v, position_bias, mask_BQS))
+    y_want = np.asarray(jax.jit(_reference)(q, k, v, position_bias, mask_BQS))
+    np.testing.assert_allclose(y, y_want, atol=2e-6, rtol=0)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, np.abs(w).max()), rtol=0)
+    if mask == "batch":  # masked keys get no gradient where their row attends elsewhere
+        dk = got[2]
+        assert np.isfinite(dk).all()
+
+
+@needs_kernel
+def test_kernel_rejects_other_dtypes():
+    x = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        kernel_attention.cpu_attention(x, x, x, None, None)
+
+
+VOCAB = 128
+CFG = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=VOCAB)
+
+
+def _model_loss_and_grads(cfg, batch):
+    enc, dec, enc_seg, dec_seg = batch
+    graphdef, params, rest = nnx.split(t5.T5(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(enc, dec, enc_seg, dec_seg)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, dec))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [{}, {"scan_layers": True, "remat": "dots_saveable"}])
+def test_model_with_kernel_equals_xla_attention(variant):
+    """Packed rows with padding: every attention of the model (encoder, causal decoder, cross)
+    through the kernel gives the XLA path's loss and gradients."""
+    enc = np.array([[5, 6, 7, 8, 9, 10, 11, 0], [12, 13, 14, 15, 16, 17, 18, 19]], np.int32)
+    enc_seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    dec = np.array([[0, 20, 21, 0, 22, 0], [0, 23, 24, 25, 26, 27]], np.int32)
+    dec_seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.int32)
+    batch = tuple(map(jnp.asarray, (enc, dec, enc_seg, dec_seg)))
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+    with mesh_lib.activate(mesh, mesh_lib.get_rules("data")):
+        got = _model_loss_and_grads(dataclasses.replace(CFG, attention="cpu_fused", **variant),
+                                    batch)
+        want = _model_loss_and_grads(dataclasses.replace(CFG, attention="xla", **variant),
+                                     batch)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6, rtol=0)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch):
+    problem = layers.cpu_fused_attention_problem(jnp.float32)
+    assert layers.resolve_attention("auto", jnp.float32) == ("xla" if problem else "cpu_fused")
+    assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="float32 activations.*model.attention=auto"):
+        layers.resolve_attention("cpu_fused", jnp.bfloat16)
+    monkeypatch.setattr(kernels, "cpu_attention_status", lambda: (False, "no compiler"))
+    assert layers.resolve_attention("auto", jnp.float32) == "xla"
+    with pytest.raises(ValueError, match="cannot run: no compiler"):
+        layers.resolve_attention("cpu_fused", jnp.float32)
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert "one device" in layers.cpu_fused_attention_problem(jnp.float32)
+
+
+def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("MTJAX_CPU_KERNELS", "0")
+    with pytest.raises(kernels.KernelUnavailable, match="MTJAX_CPU_KERNELS=0"):
+        kernels.build()
+    monkeypatch.delenv("MTJAX_CPU_KERNELS")
+    monkeypatch.setattr(kernels, "_missing_cpu_features", lambda: [])
+    with pytest.raises(kernels.KernelUnavailable, match=r"no C\+\+ compiler 'no-such-c\+\+'"):
+        kernels.build("no-such-c++")
+    with pytest.raises(kernels.KernelUnavailable, match="false.*failed"):
+        kernels.build("false")  # a "compiler" that fails: nothing is left in the cache
+    assert list(tmp_path.iterdir()) == []
+    if not READY:
+        pytest.skip(f"no kernel build here: {WHY_NOT}")
+    path = kernels.build()
+    assert path.parent == tmp_path and path.stat().st_size > 0
+    built_at = path.stat().st_mtime_ns
+    assert kernels.build() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
+    assert os.access(path, os.R_OK)
