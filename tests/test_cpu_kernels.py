@@ -1,5 +1,6 @@
-"""The fused CPU attention kernel (mtjax/kernels): same numbers as mtjax's XLA attention in value
-and gradient, in the model too; its build cache; and the fallback where it cannot run."""
+"""mtjax's CPU kernels (mtjax/kernels): the fused attention and the in-place cross-entropy give
+the XLA paths' numbers in value and gradient, in the model and the train step too; the build
+cache; and the fallback where they cannot run."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import optax
 import pytest
 from flax import nnx
 
+from mtjax import config as config_lib
 from mtjax import kernels
+from mtjax.bench import train as train_bench
 from mtjax.kernels import attention as kernel_attention
+from mtjax.kernels import cross_entropy as fused_ce
 from mtjax.model import layers, sizes, t5
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import setup as setup_lib
+from mtjax.train import step as step_lib
 
-READY, WHY_NOT = kernels.cpu_attention_status()
-needs_kernel = pytest.mark.skipif(not READY, reason=f"CPU attention kernel unavailable: {WHY_NOT}")
+READY, WHY_NOT = kernels.cpu_kernel_status()
+needs_kernel = pytest.mark.skipif(not READY, reason=f"CPU kernels unavailable: {WHY_NOT}")
 
 
 def _reference(q, k, v, position, mask):
@@ -126,7 +132,7 @@ def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatc
     assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="float32 activations.*model.attention=auto"):
         layers.resolve_attention("cpu_fused", jnp.bfloat16)
-    monkeypatch.setattr(kernels, "cpu_attention_status", lambda: (False, "no compiler"))
+    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no compiler"))
     assert layers.resolve_attention("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="cannot run: no compiler"):
         layers.resolve_attention("cpu_fused", jnp.float32)
@@ -154,3 +160,77 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     assert kernels.build() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
     assert os.access(path, os.R_OK)
+
+
+def _reference_cross_entropy(logits, targets, z_loss):
+    loss, z = step_lib.cross_entropy_with_z_loss(logits, targets, z_loss)
+    return loss, z, (step_lib.first_argmax(logits) == targets).astype(jnp.float32)
+
+
+@needs_kernel
+def test_fused_cross_entropy_equals_xla_in_value_and_gradient():
+    rng = np.random.default_rng(1)
+    b, length, v = 3, 5, 1003  # V not a multiple of 16
+    logits = jnp.asarray(rng.normal(size=(b, length, v)) * 3, jnp.float32)
+    logits = logits.at[0, 1, 7].set(40.0).at[0, 1, 9].set(40.0)  # a tie: the first index wins
+    targets = jnp.asarray(rng.integers(0, v, (b, length)), jnp.int32)
+    targets = targets.at[0, 1].set(7).at[0, 2].set(9).at[1, 2].set(-1)  # -1: outside the vocab
+    probes = [jnp.asarray(rng.normal(size=(b, length)), jnp.float32) for _ in range(2)]
+
+    def objective(function):
+        def f(x):
+            loss, z, _ = function(x, targets, 1e-2)
+            return jnp.sum(loss * probes[0] + z * probes[1])
+        return jax.jit(jax.value_and_grad(f))(logits)
+
+    got = jax.jit(fused_ce.cross_entropy_with_z_loss, static_argnums=2)(logits, targets, 1e-2)
+    want = jax.jit(_reference_cross_entropy, static_argnums=2)(logits, targets, 1e-2)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert float(got[2][0, 1]) == 1.0 and float(got[2][0, 2]) == 0.0
+    (value, grad), (value_want, grad_want) = objective(fused_ce.cross_entropy_with_z_loss), \
+        objective(_reference_cross_entropy)
+    np.testing.assert_allclose(value, value_want, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad_want, atol=1e-6, rtol=0)
+    # A NaN logit: NaN loss (the step's non-finite check sees it), never a correct token.
+    loss, _, correct = fused_ce.cross_entropy_with_z_loss(logits.at[2, 3, 5].set(jnp.nan),
+                                                          targets, 1e-2)
+    assert np.isnan(loss[2, 3]) and np.isfinite(np.delete(np.asarray(loss[2]), 3)).all()
+    assert float(correct[2, 3]) == 0.0
+
+
+@needs_kernel
+def test_train_step_with_fused_kernels_equals_xla():
+    """Two AdamW steps of a tiny model (the first at learning rate 0): the second step's loss,
+    accuracy, gradient norm and parameter norm agree whichever attention and loss the step
+    uses. (Parameters are not compared elementwise: Adam's m / sqrt(v) turns float32 noise in
+    near-zero gradients into updates of full size.)"""
+    results = []
+    for kind in ("xla", "cpu_fused"):
+        config = config_lib.load(None, [
+            "model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=24",
+            "data.targets_length=8", "optim.name=adamw", f"model.attention={kind}",
+            f"train.cross_entropy={kind}"])
+        mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+        setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
+                                mesh=mesh, rules=mesh_lib.get_rules("data"))
+        batch = {k: jnp.asarray(x) for k, x in
+                 train_bench.synthetic_batch(2, 24, 8, VOCAB).items()}
+        state, metrics = setup.step(setup.init_state(0), batch)
+        state, metrics = setup.step(state, batch)  # the first step's learning rate is 0
+        results.append(jax.device_get(metrics))
+    metrics_xla, metrics_fused = results
+    assert float(metrics_xla["learning_rate"]) > 0
+    for name in ("loss_sum", "z_loss_sum", "correct_sum", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(metrics_fused[name], metrics_xla[name], rtol=1e-5,
+                                   err_msg=name)
+
+
+def test_auto_cross_entropy_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch):
+    ready = READY and jax.device_count() == 1
+    assert step_lib.resolve_cross_entropy("auto") == ("cpu_fused" if ready else "xla")
+    assert step_lib.resolve_cross_entropy("xla") == "xla"
+    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no compiler"))
+    assert step_lib.resolve_cross_entropy("auto") == "xla"
+    with pytest.raises(ValueError, match="cannot run: no compiler.*train.cross_entropy=auto"):
+        step_lib.resolve_cross_entropy("cpu_fused")

@@ -1,10 +1,11 @@
 """mtjax's own XLA kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
-Only CPU kernels so far: ``attention_cpu.cc``, T5 attention fused for x86-64 with AVX-512. They
-are built with the system's C++ compiler against the headers jaxlib ships
-(``jax.ffi.include_dir()``), so nothing is downloaded and the package stays pure Python:
-where no compiler, no AVX-512 or no x86-64 is found, :func:`cpu_attention_status` says why and
-mtjax uses its XLA attention instead.
+CPU kernels for x86-64 with AVX-512, in one shared library: ``attention_cpu.cc`` (T5 attention,
+fused) and ``cross_entropy_cpu.cc`` (the token cross-entropy with z-loss, in place). They are
+built with the system's C++ compiler against the headers jaxlib ships
+(``jax.ffi.include_dir()``), so nothing is downloaded and the package stays pure Python: where
+no compiler, no AVX-512 or no x86-64 is found, :func:`cpu_kernel_status` says why and mtjax
+uses its XLA code instead.
 
 The shared library is cached under ``$MTJAX_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/mtjax/kernels``, else ``~/.cache/mtjax/kernels``), named by a hash of the
@@ -26,12 +27,19 @@ import shutil
 import subprocess
 import tempfile
 
-_SOURCE = pathlib.Path(__file__).with_name("attention_cpu.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "attention_cpu.cc", _HERE / "cross_entropy_cpu.cc")
+_HEADERS = (_HERE / "cpu_common.h",)
 # x86-64-v4 is AVX-512 F/BW/CD/DQ/VL: what the kernel's intrinsics use.
 _CPU_FLAGS_NEEDED = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 _COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=x86-64-v4")
-FORWARD_TARGET = "mtjax_attention_cpu_forward"
-BACKWARD_TARGET = "mtjax_attention_cpu_backward"
+# FFI target name -> the library's handler symbol.
+TARGETS = {
+    "mtjax_attention_cpu_forward": "MtjaxAttentionForward",
+    "mtjax_attention_cpu_backward": "MtjaxAttentionBackward",
+    "mtjax_cross_entropy_cpu_forward": "MtjaxCrossEntropyForward",
+    "mtjax_cross_entropy_cpu_backward": "MtjaxCrossEntropyBackward",
+}
 
 
 class KernelUnavailable(RuntimeError):
@@ -60,11 +68,12 @@ def _missing_cpu_features() -> list[str]:
 
 def _library_path(compiler: str, include_dir: str) -> pathlib.Path:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for path in (*_SOURCES, *_HEADERS):
+        digest.update(path.read_bytes())
     digest.update(" ".join((compiler, *_COMPILE_FLAGS)).encode())
     digest.update(importlib.metadata.version("jaxlib").encode())
     digest.update(include_dir.encode())
-    return cache_dir() / f"attention_cpu-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
 
 
 def build(compiler: str | None = None) -> pathlib.Path:
@@ -91,7 +100,8 @@ def build(compiler: str | None = None) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
     os.close(fd)
-    command = [compiler, *_COMPILE_FLAGS, "-isystem", include_dir, str(_SOURCE), "-o", partial]
+    command = [compiler, *_COMPILE_FLAGS, "-isystem", include_dir, *map(str, _SOURCES), "-o",
+               partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -106,7 +116,7 @@ def build(compiler: str | None = None) -> pathlib.Path:
 
 @functools.cache
 def _load() -> str:
-    """Build, load and register the CPU attention kernels; '' on success, else the reason."""
+    """Build, load and register the CPU kernels; '' on success, else the reason."""
     try:
         library = ctypes.CDLL(str(build()))
     except KernelUnavailable as e:
@@ -115,14 +125,20 @@ def _load() -> str:
         return f"cannot load the built kernel ({e}); remove {cache_dir()} to rebuild it"
     import jax.ffi
 
-    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MtjaxAttentionForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD_TARGET,
-                                jax.ffi.pycapsule(library.MtjaxAttentionBackward), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
     return ""
 
 
-def cpu_attention_status() -> tuple[bool, str]:
-    """(whether the fused CPU attention kernel is ready, why not when it is not)."""
+def cpu_kernel_status() -> tuple[bool, str]:
+    """(whether the CPU kernels are built and registered, why not when they are not)."""
     reason = _load()
     return not reason, reason
+
+
+def require() -> None:
+    """Raises ``KernelUnavailable`` (saying why) unless the CPU kernels are ready."""
+    ready, why_not = cpu_kernel_status()
+    if not ready:
+        raise KernelUnavailable(f"mtjax's CPU kernels are unavailable: {why_not}")

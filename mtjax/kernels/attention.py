@@ -4,7 +4,7 @@
 ``bias = position + where(mask, 0, MASK_BIAS)``, without writing any [B, H, Q, S] array: the
 forward pass saves the output and, per query row, the score maximum and 1 / sum of the
 exponentials, and the backward pass recomputes the probabilities from them. float32 only;
-``mtjax.kernels.cpu_attention_status()`` says whether the kernel can run here
+``mtjax.kernels.cpu_kernel_status()`` says whether the kernel can run here
 (``layers.resolve_attention`` asks it before the model uses the kernel).
 """
 
@@ -43,7 +43,7 @@ def _attention(q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS):
 def _forward(q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS):
     b, q_len, h, _ = q_BQHK.shape
     y_BQHK, stats_BHQ2 = jax.ffi.ffi_call(
-        kernels.FORWARD_TARGET,
+        "mtjax_attention_cpu_forward",
         (jax.ShapeDtypeStruct(q_BQHK.shape, jnp.float32),
          jax.ShapeDtypeStruct((b, h, q_len, 2), jnp.float32)),
     )(q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS)
@@ -53,7 +53,7 @@ def _forward(q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS):
 def _backward(residuals, dy_BQHK):
     q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS, stats_BHQ2 = residuals
     dq, dk, dv, dposition = jax.ffi.ffi_call(
-        kernels.BACKWARD_TARGET,
+        "mtjax_attention_cpu_backward",
         tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
               for x in (q_BQHK, k_BSHK, v_BSHK, position_HQS)),
     )(q_BQHK, k_BSHK, v_BSHK, position_HQS, mask_BQS, stats_BHQ2,
@@ -78,10 +78,7 @@ def cpu_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
     Returns:
         float32 [B, Q, H, K].
     """
-    ready, why_not = kernels.cpu_attention_status()  # builds and registers it once
-    if not ready:
-        raise kernels.KernelUnavailable(f"the fused CPU attention kernel is unavailable: "
-                                        f"{why_not}")
+    kernels.require()
     for name, x in (("q", q_BQHK), ("k", k_BSHK), ("v", v_BSHK)):
         if x.dtype != jnp.float32:
             raise ValueError(f"cpu_attention takes float32; {name} is {x.dtype}")

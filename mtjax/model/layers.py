@@ -510,7 +510,7 @@ def cpu_fused_attention_problem(dtype) -> str:
         return f"it runs on one device (there are {jax.device_count()})"
     from mtjax import kernels
 
-    return kernels.cpu_attention_status()[1]
+    return kernels.cpu_kernel_status()[1]
 
 
 def resolve_attention(kind: str, dtype) -> str:

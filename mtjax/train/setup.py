@@ -131,7 +131,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
     step_fn = make_train_step(
         model_def, tx, schedule, num_tasks=num_tasks, z_loss=config.train.z_loss,
         microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
-        seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip")
+        seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip",
+        cross_entropy=config.train.cross_entropy)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     # in: the state where its shardings say (params by their logical rules, optimizer state

@@ -76,14 +76,46 @@ def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
     return model(**inputs, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
 
 
-def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int,
-                  z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def resolve_cross_entropy(kind: str) -> str:
+    """The loss implementation ``kind`` (``train.cross_entropy``) stands for: ``"auto"`` is
+    mtjax's fused CPU kernel (``"cpu_fused"``, ``mtjax.kernels``) on one CPU device where it
+    builds, else ``"xla"`` (the functions above).
+
+    Raises:
+        ValueError: ``"cpu_fused"`` asked for where it cannot run (the message says why).
+    """
+    if kind == "xla":
+        return kind
+    problem = ""
+    if jax.default_backend() != "cpu":
+        problem = f"it runs on CPU only (the backend is {jax.default_backend()})"
+    elif jax.device_count() != 1:
+        problem = f"it runs on one device (there are {jax.device_count()})"
+    else:
+        from mtjax import kernels
+
+        problem = kernels.cpu_kernel_status()[1]
+    if kind == "cpu_fused" and problem:
+        raise ValueError(f"train.cross_entropy=cpu_fused cannot run: {problem}; "
+                         "use train.cross_entropy=auto or xla")
+    return "xla" if problem else "cpu_fused"
+
+
+def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: float,
+                  cross_entropy: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted loss sum to differentiate (the step scales it by 1 / the whole batch's
-    weighted token count) and the metric sums of one (micro)batch."""
+    weighted token count) and the metric sums of one (micro)batch; ``cross_entropy`` as in
+    ``resolve_cross_entropy`` (same numbers either way, tested)."""
     targets_BL = batch["decoder_target_tokens"]
     weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
-    loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
-    correct_BL = (first_argmax(logits_BLV) == targets_BL).astype(jnp.float32)
+    if resolve_cross_entropy(cross_entropy) == "cpu_fused":
+        from mtjax.kernels import cross_entropy as fused
+
+        loss_BL, z_BL, correct_BL = fused.cross_entropy_with_z_loss(logits_BLV, targets_BL,
+                                                                     z_loss)
+    else:
+        loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
+        correct_BL = (first_argmax(logits_BLV) == targets_BL).astype(jnp.float32)
     # One-hot over tasks: [B, L, T]; task id 0 is padding, task i is id i + 1.
     task_BLT = (batch["decoder_task_ids"][..., None]
                 == jnp.arange(1, num_tasks + 1)[None, None, :]
@@ -103,15 +135,17 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int,
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_tasks: int, z_loss: float,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
-                    skip_nonfinite: bool = False) -> Callable[[TrainState, Batch],
-                                                              tuple[TrainState, dict]]:
-    """The pure step function; compile it with ``jax.jit`` (see ``Trainer``)."""
+                    skip_nonfinite: bool = False,
+                    cross_entropy: str = "xla") -> Callable[[TrainState, Batch],
+                                                            tuple[TrainState, dict]]:
+    """The pure step function; compile it with ``jax.jit`` (see ``Trainer``).
+    ``cross_entropy``: the loss's implementation (``resolve_cross_entropy``)."""
     base_key = jax.random.key(seed)
 
     def grads_and_sums(params, batch, key, inv_denom):
         def loss_fn(p):
             logits = model_logits(model_def, p, batch, key)
-            loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss)
+            loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss, cross_entropy)
             return loss_sum * inv_denom, sums
         return jax.grad(loss_fn, has_aux=True)(params)
 
