@@ -168,10 +168,17 @@ inline void PrefetchRows(const void* base, int rows, long bytes, long stride) {
 
 // Per-thread scratch, kept between calls (fresh pages would cost faults on every step).
 float* Scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[7];
   std::vector<float>& buffer = buffers[slot];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
+}
+
+// [S, K] rows of stride `stride` -> [S, K] contiguous: a head's rows lie 4 * H * K bytes
+// apart, so at T5's sizes they all fall into a small share of the L2 cache's sets.
+void PackRows(const float* x, long stride, int S, int K, float* out) {
+  for (int s = 0; s < S; ++s)
+    std::memcpy(out + static_cast<long>(s) * K, x + s * stride, sizeof(float) * K);
 }
 
 // Transposes the 16 x 16 block held in r[0..15] (rows) in registers.
@@ -266,8 +273,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const int S = static_cast<int>(d.S), K = static_cast<int>(d.K);
     float* kt = Scratch(0, static_cast<size_t>(K) * S);
     float* scores = Scratch(1, static_cast<size_t>(kRowBlock) * S);
+    float* v0 = Scratch(2, static_cast<size_t>(S) * K);
     PackTransposed(kp + (b * d.S * d.H + h) * d.K, row, S, K, kt);
-    const float* v0 = vp + (b * d.S * d.H + h) * d.K;
+    PackRows(vp + (b * d.S * d.H + h) * d.K, row, S, K, v0);
     for (int64_t i0 = 0; i0 < d.Q; i0 += kRowBlock) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, d.Q - i0));
       const float* q0 = qp + ((b * d.Q + i0) * d.H + h) * d.K;
@@ -288,7 +296,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         sp[2 * ((b * d.H + h) * d.Q + i)] = mx;
         sp[2 * ((b * d.H + h) * d.Q + i) + 1] = inv_sums[r];
       }
-      Gemm(rows, K, S, scores, S, 1, v0, row, o0, row, false);
+      Gemm(rows, K, S, scores, S, 1, v0, K, o0, row, false);
       for (int r = 0; r < rows; ++r) {
         float* orow = o0 + r * row;
         const __m512 scale = _mm512_set1_ps(inv_sums[r]);
@@ -334,12 +342,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     float* vt = Scratch(3, static_cast<size_t>(K) * S);
     float* dk_acc = Scratch(4, static_cast<size_t>(S) * K);
     float* dv_acc = Scratch(5, static_cast<size_t>(S) * K);
+    float* k_rows = Scratch(6, static_cast<size_t>(S) * K);
     if (dpp) std::memset(dpp + h * d.Q * d.S, 0, sizeof(float) * d.Q * d.S);
     for (int64_t b = 0; b < d.B; ++b) {
       const float* k0 = kp + (b * d.S * d.H + h) * d.K;
       const float* v0 = vp + (b * d.S * d.H + h) * d.K;
       PackTransposed(k0, row, S, K, kt);
       PackTransposed(v0, row, S, K, vt);
+      PackRows(k0, row, S, K, k_rows);
       std::memset(dk_acc, 0, sizeof(float) * S * K);
       std::memset(dv_acc, 0, sizeof(float) * S * K);
       for (int64_t i0 = 0; i0 < d.Q; i0 += kRowBlock) {
@@ -383,7 +393,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                                     _mm512_add_ps(_mm512_maskz_loadu_ps(m, dposrow + s), ds));
           }
         }
-        Gemm(rows, K, S, dscores, S, 1, k0, row, dqp + offset, row, false);
+        Gemm(rows, K, S, dscores, S, 1, k_rows, K, dqp + offset, row, false);
         Gemm(S, K, rows, dscores, 1, S, qp + offset, row, dk_acc, K, true);
         Gemm(S, K, rows, probs, 1, S, gp + offset, row, dv_acc, K, true);
       }
