@@ -28,9 +28,9 @@ READY, WHY_NOT = kernels.cpu_kernel_status()
 needs_kernel = pytest.mark.skipif(not READY, reason=f"CPU kernels unavailable: {WHY_NOT}")
 
 
-def _reference(q, k, v, position, mask):
-    bias = layers.AttentionBias(position, mask).dense()
-    return layers.softmax_attention(q, k, v, bias)
+def _reference(q, k, v, diagonals, mask):
+    bias = layers.AttentionBias(None, mask, position_diagonals=diagonals)
+    return layers.softmax_attention(q, k, v, bias.dense(q.shape[1], k.shape[1]))
 
 
 def _value_and_grads(attend, q, k, v, position, mask, probe):
@@ -55,10 +55,10 @@ def test_kernel_equals_xla_attention_in_value_and_gradient(b, q_len, s_len, h, d
     q = jnp.asarray(rng.normal(size=(b, q_len, h, d)) * 0.5, jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, s_len, h, d)) * 0.5, jnp.float32) for _ in "kv")
     probe = jnp.asarray(rng.normal(size=(b, q_len, h, d)), jnp.float32)
-    position_bias = None
+    position_bias = None  # as diagonals [H, Q + S - 1]
     if position is not None:
         heads = h if position == "heads" else 1
-        position_bias = jnp.asarray(rng.normal(size=(1, heads, q_len, s_len)) * 2, jnp.float32)
+        position_bias = jnp.asarray(rng.normal(size=(heads, q_len + s_len - 1)) * 2, jnp.float32)
     mask_BQS = None
     if mask == "batch":
         mask_BQS = jnp.asarray(rng.random((b, q_len, s_len)) > 0.3)

@@ -1,8 +1,12 @@
 // Fused T5 attention for x86-64 CPUs with AVX-512, as XLA FFI custom calls.
 //
 // softmax(q k^T + bias) v per (batch, head), float32, with T5's conventions: no score scaling,
-// and bias = position bias [H, Q, S] (optional) plus MASK_BIAS where a boolean mask [B or 1,
-// Q, S] is false, added in that order (the same float32 sums as mtjax's XLA path).
+// and bias = relative position bias (optional) plus MASK_BIAS where a boolean mask [B or 1,
+// Q, S] is false, added in that order (the same float32 sums as mtjax's XLA path). The
+// position bias depends on key - query only, so it comes as its diagonals [H, Q + S - 1]:
+// bias[h, q, s] = diagonals[h, s - q + Q - 1], each query row a contiguous slice (4 KB per
+// head at T5's lengths, where the full [H, Q, S] table streamed megabytes through the cache),
+// and its gradient as the sums along those diagonals.
 //
 // Why: XLA:CPU computes attention as separate ops that each write a [B, H, Q, S] float32 array
 // to memory (scores, probabilities, their gradients); with head dim 64 those products run at a
@@ -242,12 +246,12 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
                      const ffi::Buffer<ffi::PRED>& mask, Dims& d) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   auto pd = pos.dimensions(), md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 3 || md.size() != 3)
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || md.size() != 3)
     return ffi::Error::InvalidArgument("mtjax attention: wrong ranks");
   d = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], pd[0] > 0, md[0] > 0, md[0] > 1};
   bool ok = kd[0] == d.B && kd[2] == d.H && kd[3] == d.K;
   ok = ok && vd[0] == d.B && vd[1] == d.S && vd[2] == d.H && vd[3] == d.K;
-  ok = ok && (!d.has_pos || (pd[0] == d.H && pd[1] == d.Q && pd[2] == d.S));
+  ok = ok && (!d.has_pos || (pd[0] == d.H && pd[1] == d.Q + d.S - 1));
   ok = ok && (!d.has_mask || ((md[0] == 1 || md[0] == d.B) && md[1] == d.Q && md[2] == d.S));
   if (!ok) return ffi::Error::InvalidArgument("mtjax attention: mismatched shapes");
   return ffi::Error::Success();
@@ -280,16 +284,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, d.Q - i0));
       const float* q0 = qp + ((b * d.Q + i0) * d.H + h) * d.K;
       float* o0 = op + ((b * d.Q + i0) * d.H + h) * d.K;
-      const float* pos0 = pp ? pp + (h * d.Q + i0) * d.S : nullptr;
+      // Query row i's position bias starts at diagonal Q - 1 - i.
+      const float* pos0 = pp ? pp + h * (d.Q + d.S - 1) + (d.Q - 1 - i0) : nullptr;
       const bool* mask0 = mp ? mp + ((d.mask_per_batch ? b : 0) * d.Q + i0) * d.S : nullptr;
-      PrefetchRows(pos0, rows, 4 * d.S, 4 * d.S);
       PrefetchRows(mask0, rows, d.S, d.S);
       Gemm(rows, S, K, q0, row, 1, kt, S, scores, S, false);
       float inv_sums[kRowBlock];
       for (int r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         float* srow = scores + static_cast<long>(r) * S;
-        AddBias(srow, pos0 ? pos0 + r * d.S : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+        AddBias(srow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
         const float mx = RowMax(srow, S);
         const float sum = ExpInPlace(srow, S, mx);
         inv_sums[r] = 1.0f / sum;
@@ -343,7 +347,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     float* dk_acc = Scratch(4, static_cast<size_t>(S) * K);
     float* dv_acc = Scratch(5, static_cast<size_t>(S) * K);
     float* k_rows = Scratch(6, static_cast<size_t>(S) * K);
-    if (dpp) std::memset(dpp + h * d.Q * d.S, 0, sizeof(float) * d.Q * d.S);
+    if (dpp) std::memset(dpp + h * (d.Q + d.S - 1), 0, sizeof(float) * (d.Q + d.S - 1));
     for (int64_t b = 0; b < d.B; ++b) {
       const float* k0 = kp + (b * d.S * d.H + h) * d.K;
       const float* v0 = vp + (b * d.S * d.H + h) * d.K;
@@ -355,19 +359,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int64_t i0 = 0; i0 < d.Q; i0 += kRowBlock) {
         const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, d.Q - i0));
         const long offset = ((b * d.Q + i0) * d.H + h) * d.K;
-        const float* pos0 = pp ? pp + (h * d.Q + i0) * d.S : nullptr;
+        const float* pos0 = pp ? pp + h * (d.Q + d.S - 1) + (d.Q - 1 - i0) : nullptr;
         const bool* mask0 = mp ? mp + ((d.mask_per_batch ? b : 0) * d.Q + i0) * d.S : nullptr;
-        float* dpos0 = dpp ? dpp + (h * d.Q + i0) * d.S : nullptr;
-        PrefetchRows(pos0, rows, 4 * d.S, 4 * d.S);
+        float* dpos0 = dpp ? dpp + h * (d.Q + d.S - 1) + (d.Q - 1 - i0) : nullptr;
         PrefetchRows(mask0, rows, d.S, d.S);
-        PrefetchRows(dpos0, rows, 4 * d.S, 4 * d.S);
         Gemm(rows, S, K, qp + offset, row, 1, kt, S, probs, S, false);
         Gemm(rows, S, K, gp + offset, row, 1, vt, S, dscores, S, false);
         for (int r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           float* prow = probs + static_cast<long>(r) * S;
           float* drow = dscores + static_cast<long>(r) * S;
-          AddBias(prow, pos0 ? pos0 + r * d.S : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+          AddBias(prow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
           const float* row_stats = sp + 2 * ((b * d.H + h) * d.Q + i);
           ExpInPlace(prow, S, row_stats[0]);
           // Normalised probabilities P, and D = rowsum(P * dP) over the cached row (the same
@@ -381,7 +383,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
             dot = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, drow + s), dot);
           }
           const __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
-          float* dposrow = dpos0 ? dpos0 + r * d.S : nullptr;
+          float* dposrow = dpos0 ? dpos0 - r : nullptr;
           for (int s = 0; s < S; s += 16) {
             const __mmask16 m = TailMask(S, s);
             const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, prow + s),
@@ -416,7 +418,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias diagonals
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()); // row max, 1 / sum
@@ -427,11 +429,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // position bias diagonals
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // row max, 1 / sum
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // d position bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // d position diagonals

@@ -301,6 +301,17 @@ class RelativePositionBias(nnx.Module):
     # the same values.
     method = "auto"
 
+    def diagonals(self, query_length: int, key_length: int) -> jax.Array:
+        """Bias [H, Q + S - 1] per key - query difference, from -(Q - 1) up to S - 1: what
+        ``__call__`` spreads over the (query, key) grid (``toeplitz_bias``), for the fused CPU
+        attention, which reads it as it is."""
+        table_HN = self.rel_embedding[...].astype(jnp.float32)
+        relative_R = jnp.arange(query_length + key_length - 1) - (query_length - 1)
+        buckets_R = relative_position_bucket(
+            relative_R, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+            max_distance=self.max_distance)
+        return jnp.take(table_HN, buckets_R, axis=1)
+
     def __call__(self, query_length: int, key_length: int,
                  query_offset: jax.Array | int = 0) -> jax.Array:
         """Bias [1, H, Q, S] in float32 for positions ``query_offset + arange(Q)`` against
@@ -404,17 +415,23 @@ class AttentionBias(NamedTuple):
 
     position: float32 relative position bias broadcastable to [1, H, Q, S], or None.
     mask: bool [B, Q, S], True where a query may attend to a key, or None.
+    position_diagonals: instead of ``position``, its diagonals [H, Q + S - 1] (a relative
+        position bias depends on key - query only; ``toeplitz_bias`` spreads them out).
     """
 
     position: jax.Array | None
     mask: jax.Array | None
+    position_diagonals: jax.Array | None = None
 
-    def dense(self) -> jax.Array:
+    def dense(self, query_length: int, key_length: int) -> jax.Array:
         """``position + where(mask, 0, MASK_BIAS)``, broadcastable to [B, H, Q, S]."""
+        position = self.position
+        if self.position_diagonals is not None:
+            position = toeplitz_bias(self.position_diagonals, query_length, key_length)[None]
         if self.mask is None:
-            return self.position
+            return position
         mask_bias = jnp.where(self.mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None]
-        return mask_bias if self.position is None else self.position + mask_bias
+        return mask_bias if position is None else position + mask_bias
 
 
 class Attention(nnx.Module):
@@ -473,13 +490,15 @@ class Attention(nnx.Module):
         q_BQHK = self._heads(self.query(x_BQD))
         kind = resolve_attention(self.kind, q_BQHK.dtype)
         no_dropout = deterministic or self.dropout.rate == 0
-        if kind == "cpu_fused" and no_dropout and isinstance(bias_BHQS, AttentionBias):
+        if (kind == "cpu_fused" and no_dropout and isinstance(bias_BHQS, AttentionBias)
+                and bias_BHQS.position is None):
             from mtjax.kernels.attention import cpu_attention  # builds nothing at import
 
-            y_BQHK = cpu_attention(q_BQHK, k_BSHK, v_BSHK, *bias_BHQS)
+            y_BQHK = cpu_attention(q_BQHK, k_BSHK, v_BSHK, bias_BHQS.position_diagonals,
+                                   bias_BHQS.mask)
             return self._output(y_BQHK)
         if isinstance(bias_BHQS, AttentionBias):
-            bias_BHQS = bias_BHQS.dense()
+            bias_BHQS = bias_BHQS.dense(q_BQHK.shape[1], k_BSHK.shape[1])
         if no_dropout:
             attend = dot_product_attention if kind == "dot_product" else xla_attention
             y_BQHK = attend(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)

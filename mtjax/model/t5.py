@@ -28,6 +28,7 @@ from mtjax.model.layers import (
     RelativePositionBias,
     RMSNorm,
     constrain,
+    resolve_attention,
 )
 from mtjax.model.sizes import T5Config
 
@@ -133,6 +134,25 @@ def _relpos_bias(cfg: T5Config, *, bidirectional: bool, rngs: nnx.Rngs) -> Relat
     )
 
 
+def _fused_cpu_attention(cfg: T5Config) -> bool:
+    return resolve_attention(cfg.attention, jnp.dtype(cfg.dtype)) == "cpu_fused"
+
+
+def _position_bias(cfg: T5Config, module: RelativePositionBias, query_length: int,
+                   key_length: int) -> jax.Array:
+    """The relative position bias as attention takes it: [1, H, Q, S], or its diagonals
+    [H, Q + S - 1] for the fused CPU kernel (``_attention_bias`` tells them apart)."""
+    if _fused_cpu_attention(cfg):
+        return module.diagonals(query_length, key_length)
+    return module(query_length, key_length)
+
+
+def _attention_bias(cfg: T5Config, position_bias: jax.Array, mask: jax.Array) -> AttentionBias:
+    if _fused_cpu_attention(cfg):
+        return AttentionBias(None, mask, position_diagonals=position_bias)
+    return AttentionBias(position_bias, mask)
+
+
 def _common(cfg: T5Config) -> dict:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
@@ -141,6 +161,7 @@ class EncoderLayer(nnx.Module):
     """Pre-norm self-attention then pre-norm MLP, each with a residual connection."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         common = _common(cfg)
         eps = cfg.layer_norm_epsilon
         if cfg.per_layer_relative_bias:
@@ -158,10 +179,11 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x_BSD, mask_BSS, shared_bias_BHSS, *, deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = x_BSD.shape[1]
-        position_bias = (self.relpos_bias(length, length) if shared_bias_BHSS is None
-                         else shared_bias_BHSS)
+        position_bias = (_position_bias(self.cfg, self.relpos_bias, length, length)
+                         if shared_bias_BHSS is None else shared_bias_BHSS)
         h_BSD = self.pre_attention_layer_norm(x_BSD)
-        h_BSD = self.attention(h_BSD, h_BSD, AttentionBias(position_bias, mask_BSS), **drop)
+        h_BSD = self.attention(h_BSD, h_BSD, _attention_bias(self.cfg, position_bias, mask_BSS),
+                               **drop)
         x_BSD = constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
         h_BSD = self.mlp(self.pre_mlp_layer_norm(x_BSD), **drop)
         return constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
@@ -171,6 +193,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm causal self-attention, cross-attention to the encoder, then MLP."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         common = _common(cfg)
         eps = cfg.layer_norm_epsilon
         attention = dict(dropout_rate=cfg.dropout_rate, kind=cfg.attention, rngs=rngs,
@@ -192,10 +215,11 @@ class DecoderLayer(nnx.Module):
                  deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = y_BTD.shape[1]
-        position_bias = (self.relpos_bias(length, length) if shared_bias_BHTT is None
-                         else shared_bias_BHTT)
+        position_bias = (_position_bias(self.cfg, self.relpos_bias, length, length)
+                         if shared_bias_BHTT is None else shared_bias_BHTT)
         h_BTD = self.pre_self_attention_layer_norm(y_BTD)
-        h_BTD = self.self_attention(h_BTD, h_BTD, AttentionBias(position_bias, self_mask_BTT),
+        h_BTD = self.self_attention(h_BTD, h_BTD,
+                                    _attention_bias(self.cfg, position_bias, self_mask_BTT),
                                     **drop)
         y_BTD = constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
         # Cross-attention has no position bias, only the mask.
@@ -294,7 +318,7 @@ class Encoder(nnx.Module):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = x_BSD.shape[1]
         shared_bias = (None if self.cfg.per_layer_relative_bias
-                       else self.relpos_bias(length, length))
+                       else _position_bias(self.cfg, self.relpos_bias, length, length))
         x_BSD = constrain(self.dropout(x_BSD, **drop), _RESIDUAL)
         x_BSD = _run_layers(self.cfg, self.layers, x_BSD, mask_BSS, shared_bias, **drop)
         return self.dropout(self.encoder_norm(x_BSD), **drop)
@@ -317,7 +341,7 @@ class Decoder(nnx.Module):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = y_BTD.shape[1]
         shared_bias = (None if self.cfg.per_layer_relative_bias
-                       else self.relpos_bias(length, length))
+                       else _position_bias(self.cfg, self.relpos_bias, length, length))
         y_BTD = constrain(self.dropout(y_BTD, **drop), _RESIDUAL)
         y_BTD = _run_layers(self.cfg, self.layers, y_BTD, encoded_BSD, self_mask_BTT,
                             cross_mask_BTS, shared_bias, **drop)
