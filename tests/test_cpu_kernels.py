@@ -152,6 +152,11 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     with pytest.raises(kernels.KernelUnavailable, match="false.*failed"):
         kernels.build("false")  # a "compiler" that fails: nothing is left in the cache
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", "/proc/mtjax-kernels")  # not writable, even by root
+    with pytest.raises(kernels.KernelUnavailable, match="cannot write the kernel cache.*"
+                                                        "MTJAX_KERNEL_CACHE"):
+        kernels.build("true")  # any command on PATH: the cache fails before it would run
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
     if not READY:
         pytest.skip(f"no kernel build here: {WHY_NOT}")
     path = kernels.build()

@@ -97,8 +97,12 @@ def build(compiler: str | None = None) -> pathlib.Path:
     target = _library_path(compiler, include_dir)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({e}); set "
+                                "MTJAX_KERNEL_CACHE to a writable directory") from e
     os.close(fd)
     command = [compiler, *_COMPILE_FLAGS, "-isystem", include_dir, *map(str, _SOURCES), "-o",
                partial]
