@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtjax import bench
+from mtjax import bench, kernels
 from mtjax.bench import peak as peak_lib
 from mtjax.bench import report
 from mtjax.bench import train as train_bench
@@ -47,6 +47,10 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     assert {"xla_flags", "glibc_tunables", "transparent_hugepage"} <= set(result["environment"])
     assert result["config"]["model"]["name"] == "t5_1_1_test"
     assert result["config"]["optim"]["name"] == "adamw"
+    # The implementations the step ran: the CPU kernels where they build, else XLA's.
+    ready = kernels.cpu_kernel_status()[0]
+    assert result["attention_kernel"] == ("cpu_fused" if ready else "xla")
+    assert result["cross_entropy_kernel"] == ("cpu_fused" if ready else "xla")
 
 
 def test_kernel_cost_per_step_divides_the_difference():

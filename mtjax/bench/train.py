@@ -21,6 +21,7 @@ from mtjax.bench import report
 from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
+from mtjax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,8 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "scan_layers": config.model.scan_layers, "attention": config.model.attention,
         "attention_kernel": layers.resolve_attention(config.model.attention,
                                                      jax.numpy.dtype(config.model.dtype)),
+        "cross_entropy": config.train.cross_entropy,
+        "cross_entropy_kernel": step_lib.resolve_cross_entropy(config.train.cross_entropy),
         "weight_grad": config.model.weight_grad,
         "weight_grad_layout": layers.resolve_weight_grad(config.model.weight_grad),
         "optimizer_state_dtype": config.optim.state_dtype,
