@@ -141,6 +141,19 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return not reason, reason
 
 
+def cpu_kernel_problem() -> str:
+    """Why the CPU kernels cannot run in this process ('' when they can): they need the CPU
+    backend, a single device (XLA cannot split an FFI call over a mesh) and a build for this
+    machine (made here on first use)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return f"it runs on CPU only (the backend is {jax.default_backend()})"
+    if jax.device_count() != 1:
+        return f"it runs on one device (there are {jax.device_count()})"
+    return cpu_kernel_status()[1]
+
+
 def require() -> None:
     """Raises ``KernelUnavailable`` (saying why) unless the CPU kernels are ready."""
     ready, why_not = cpu_kernel_status()

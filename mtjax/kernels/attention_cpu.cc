@@ -160,7 +160,7 @@ inline float ExpInPlace(float* x, int n, float shift) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// Asks for `rows` rows of `bytes` each, `stride` bytes apart, to be brought into L2: the bias
+// Asks for `rows` rows of `bytes` each, `stride` bytes apart, to be brought into L2: the mask
 // rows a block of queries reads after its score product, which would otherwise stall on L3.
 inline void PrefetchRows(const void* base, int rows, long bytes, long stride) {
   if (base == nullptr) return;

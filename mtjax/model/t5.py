@@ -139,18 +139,13 @@ def _fused_cpu_attention(cfg: T5Config) -> bool:
 
 
 def _position_bias(cfg: T5Config, module: RelativePositionBias, query_length: int,
-                   key_length: int) -> jax.Array:
-    """The relative position bias as attention takes it: [1, H, Q, S], or its diagonals
-    [H, Q + S - 1] for the fused CPU kernel (``_attention_bias`` tells them apart)."""
+                   key_length: int) -> AttentionBias:
+    """The relative position bias as attention takes it, its mask still to be set: [1, H, Q, S],
+    or its diagonals [H, Q + S - 1] for the fused CPU kernel."""
     if _fused_cpu_attention(cfg):
-        return module.diagonals(query_length, key_length)
-    return module(query_length, key_length)
-
-
-def _attention_bias(cfg: T5Config, position_bias: jax.Array, mask: jax.Array) -> AttentionBias:
-    if _fused_cpu_attention(cfg):
-        return AttentionBias(None, mask, position_diagonals=position_bias)
-    return AttentionBias(position_bias, mask)
+        return AttentionBias(None, None, position_diagonals=module.diagonals(query_length,
+                                                                             key_length))
+    return AttentionBias(module(query_length, key_length), None)
 
 
 def _common(cfg: T5Config) -> dict:
@@ -176,14 +171,13 @@ class EncoderLayer(nnx.Module):
                        **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, x_BSD, mask_BSS, shared_bias_BHSS, *, deterministic, rngs):
+    def __call__(self, x_BSD, mask_BSS, shared_bias, *, deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = x_BSD.shape[1]
         position_bias = (_position_bias(self.cfg, self.relpos_bias, length, length)
-                         if shared_bias_BHSS is None else shared_bias_BHSS)
+                         if shared_bias is None else shared_bias)
         h_BSD = self.pre_attention_layer_norm(x_BSD)
-        h_BSD = self.attention(h_BSD, h_BSD, _attention_bias(self.cfg, position_bias, mask_BSS),
-                               **drop)
+        h_BSD = self.attention(h_BSD, h_BSD, position_bias._replace(mask=mask_BSS), **drop)
         x_BSD = constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
         h_BSD = self.mlp(self.pre_mlp_layer_norm(x_BSD), **drop)
         return constrain(x_BSD + self.dropout(h_BSD, **drop), _RESIDUAL)
@@ -211,15 +205,14 @@ class DecoderLayer(nnx.Module):
                        **common)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, y_BTD, encoded_BSD, self_mask_BTT, cross_mask_BTS, shared_bias_BHTT, *,
+    def __call__(self, y_BTD, encoded_BSD, self_mask_BTT, cross_mask_BTS, shared_bias, *,
                  deterministic, rngs):
         drop = dict(deterministic=deterministic, rngs=rngs)
         length = y_BTD.shape[1]
         position_bias = (_position_bias(self.cfg, self.relpos_bias, length, length)
-                         if shared_bias_BHTT is None else shared_bias_BHTT)
+                         if shared_bias is None else shared_bias)
         h_BTD = self.pre_self_attention_layer_norm(y_BTD)
-        h_BTD = self.self_attention(h_BTD, h_BTD,
-                                    _attention_bias(self.cfg, position_bias, self_mask_BTT),
+        h_BTD = self.self_attention(h_BTD, h_BTD, position_bias._replace(mask=self_mask_BTT),
                                     **drop)
         y_BTD = constrain(y_BTD + self.dropout(h_BTD, **drop), _RESIDUAL)
         # Cross-attention has no position bias, only the mask.

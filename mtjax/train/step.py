@@ -86,15 +86,9 @@ def resolve_cross_entropy(kind: str) -> str:
     """
     if kind == "xla":
         return kind
-    problem = ""
-    if jax.default_backend() != "cpu":
-        problem = f"it runs on CPU only (the backend is {jax.default_backend()})"
-    elif jax.device_count() != 1:
-        problem = f"it runs on one device (there are {jax.device_count()})"
-    else:
-        from mtjax import kernels
+    from mtjax import kernels
 
-        problem = kernels.cpu_kernel_status()[1]
+    problem = kernels.cpu_kernel_problem()
     if kind == "cpu_fused" and problem:
         raise ValueError(f"train.cross_entropy=cpu_fused cannot run: {problem}; "
                          "use train.cross_entropy=auto or xla")
