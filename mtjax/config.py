@@ -33,8 +33,9 @@ class TrainConfig:
     microbatches: int = 1  # gradient accumulation inside the compiled step
     z_loss: float = 1e-4
     on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
-    # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel, mtjax/kernels;
-    # AVX-512, one device); "auto": cpu_fused where it can run, else xla. Same numbers (tested).
+    # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel,
+    # mtjax/kernels; AVX-512 or AVX2, one device); "auto": cpu_fused where it can run, else xla.
+    # Same numbers (tested).
     cross_entropy: str = "auto"
 
 
@@ -67,7 +68,7 @@ class ModelConfig:
     scan_layers: bool = False
     # "xla": mtjax's einsum/softmax; "dot_product": jax.nn.dot_product_attention (cuDNN flash
     # attention on GPU in bf16 where the bias allows, else its XLA path). Same numbers (tested).
-    # "cpu_fused": mtjax's fused CPU kernel (mtjax/kernels; AVX-512, float32, one device).
+    # "cpu_fused": mtjax's fused CPU kernel (mtjax/kernels; AVX-512 or AVX2, float32, one device).
     # "auto": dot_product on GPU with bfloat16 activations (1.35x on an H200), cpu_fused where
     # it can run, else xla.
     attention: str = "auto"

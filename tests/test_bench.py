@@ -51,6 +51,8 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     ready = kernels.cpu_kernel_status()[0]
     assert result["attention_kernel"] == ("cpu_fused" if ready else "xla")
     assert result["cross_entropy_kernel"] == ("cpu_fused" if ready else "xla")
+    assert result["cpu_kernel_isa"] == (kernels.cpu_kernel_isa()[0] if ready else None)
+    assert result["cpu_kernel_isa"] in (("avx512", "avx2") if ready else (None,))
 
 
 def test_kernel_cost_per_step_divides_the_difference():

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +88,24 @@ def test_kernel_equals_xla_attention_in_value_and_gradient(b, q_len, s_len, h, d
 
 
 @needs_kernel
+def test_kernel_adds_the_models_mask_bias(monkeypatch):
+    """The mask's bias reaches the kernel from ``layers.MASK_BIAS`` (an FFI attribute, not a
+    constant of its own): with a small one, masked keys keep some weight, the same in both."""
+    monkeypatch.setattr(layers, "MASK_BIAS", -3.0)
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 2, 16)), jnp.float32) for _ in "qkv")
+    mask = jnp.asarray(rng.random((2, 9, 9)) > 0.5)
+    probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    got = _value_and_grads(kernel_attention.cpu_attention, q, k, v, None, mask, probe)
+    want = _value_and_grads(_reference, q, k, v, None, mask, probe)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, np.abs(w).max()), rtol=0)
+    monkeypatch.setattr(layers, "MASK_BIAS", -1e10)
+    masked_out = _value_and_grads(kernel_attention.cpu_attention, q, k, v, None, mask, probe)
+    assert abs(float(got[0]) - float(masked_out[0])) > 1e-3  # -3 is not the usual bias
+
+
+@needs_kernel
 def test_kernel_rejects_other_dtypes():
     x = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="float32"):
@@ -146,7 +168,7 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     with pytest.raises(kernels.KernelUnavailable, match="MTJAX_CPU_KERNELS=0"):
         kernels.build()
     monkeypatch.delenv("MTJAX_CPU_KERNELS")
-    monkeypatch.setattr(kernels, "_missing_cpu_features", lambda: [])
+    monkeypatch.setattr(kernels, "cpu_kernel_isa", lambda: ("avx2", ""))
     with pytest.raises(kernels.KernelUnavailable, match=r"no C\+\+ compiler 'no-such-c\+\+'"):
         kernels.build("no-such-c++")
     with pytest.raises(kernels.KernelUnavailable, match="false.*failed"):
@@ -165,6 +187,34 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     assert kernels.build() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
     assert os.access(path, os.R_OK)
+
+
+def test_kernels_build_for_the_best_instruction_set_the_cpu_has(monkeypatch):
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
+    for flags, isa in ((avx512, "avx512"), ({"avx2", "fma", "sse2"}, "avx2")):
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda flags=flags: flags)
+        assert kernels.cpu_kernel_isa() == (isa, "")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "sse2"})
+    isa, why = kernels.cpu_kernel_isa()
+    assert isa is None
+    assert why == ("the CPU lacks avx512 (no avx512f, avx512bw, avx512dq, avx512vl) "
+                   "and avx2 (no fma)")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: avx512)
+    monkeypatch.setenv("MTJAX_CPU_KERNEL_ISA", "avx2")  # asked for: the AVX2 build
+    assert kernels.cpu_kernel_isa() == ("avx2", "")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv("MTJAX_CPU_KERNEL_ISA", "avx512")
+    assert kernels.cpu_kernel_isa() == (
+        None, "the CPU lacks avx512 (no avx512f, avx512bw, avx512dq, avx512vl)")
+    monkeypatch.setenv("MTJAX_CPU_KERNEL_ISA", "sse")
+    assert kernels.cpu_kernel_isa() == (
+        None, "MTJAX_CPU_KERNEL_ISA='sse' is not one of auto, avx512, avx2")
+    with pytest.raises(kernels.KernelUnavailable, match="MTJAX_CPU_KERNEL_ISA='sse'"):
+        kernels.build()
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels.cpu_kernel_isa() == (None, "they need an x86-64 CPU (this is aarch64)")
 
 
 def _reference_cross_entropy(logits, targets, z_loss):
@@ -239,3 +289,31 @@ def test_auto_cross_entropy_falls_back_to_xla_where_the_kernel_cannot_run(monkey
     assert step_lib.resolve_cross_entropy("auto") == "xla"
     with pytest.raises(ValueError, match="cannot run: no compiler.*train.cross_entropy=auto"):
         step_lib.resolve_cross_entropy("cpu_fused")
+
+
+AVX2_CHECKS = "kernel_equals_xla_attention or mask_bias or fused_cross_entropy_equals"
+
+
+@needs_kernel
+def test_avx2_build_gives_the_same_numbers(tmp_path):
+    """The AVX2 build (what machines without AVX-512 get) passes the kernels' equality tests
+    here too, in a process that asks for it; its library holds no AVX-512 instruction."""
+    if kernels.cpu_kernel_isa()[0] == "avx2":
+        pytest.skip("the kernels above already ran the AVX2 build")
+    if not {"avx2", "fma"} <= (kernels._cpu_flags() or set()):
+        pytest.skip("the CPU lacks AVX2 or FMA")
+    env = dict(os.environ, MTJAX_CPU_KERNEL_ISA="avx2", MTJAX_KERNEL_CACHE=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         AVX2_CHECKS], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    passed = re.search(r"\b(\d+) passed\b", result.stdout)
+    # 4 kernel cases, 2 model variants, the mask bias, the loss; none skipped.
+    assert passed and int(passed.group(1)) >= 8 and "skipped" not in result.stdout, \
+        result.stdout[-2000:]
+    (library,) = tmp_path.iterdir()
+    assert library.name.startswith("cpu_kernels-avx2-")
+    if shutil.which("objdump"):
+        disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True,
+                                     text=True, check=True).stdout
+        assert "ymm" in disassembly and "zmm" not in disassembly

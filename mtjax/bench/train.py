@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from mtjax import config as config_lib
+from mtjax import kernels
 from mtjax.bench import peak as peak_lib
 from mtjax.bench import report
 from mtjax.model import layers, sizes
@@ -146,6 +147,10 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         options.matmul_size)
     # The table peak is per chip; the step runs on all of them.
     peak_total = peak * (jax.device_count() if peak_source == "table" else 1)
+    attention_kernel = layers.resolve_attention(config.model.attention,
+                                                jax.numpy.dtype(config.model.dtype))
+    cross_entropy_kernel = step_lib.resolve_cross_entropy(config.train.cross_entropy)
+    uses_cpu_kernels = "cpu_fused" in (attention_kernel, cross_entropy_kernel)
     return {
         "benchmark": "train",
         "model": config.model.name,
@@ -154,10 +159,11 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "dtype": config.model.dtype, "optimizer": config.optim.name,
         "microbatches": config.train.microbatches, "remat": config.model.remat,
         "scan_layers": config.model.scan_layers, "attention": config.model.attention,
-        "attention_kernel": layers.resolve_attention(config.model.attention,
-                                                     jax.numpy.dtype(config.model.dtype)),
+        "attention_kernel": attention_kernel,
         "cross_entropy": config.train.cross_entropy,
-        "cross_entropy_kernel": step_lib.resolve_cross_entropy(config.train.cross_entropy),
+        "cross_entropy_kernel": cross_entropy_kernel,
+        # The instruction set mtjax's CPU kernels were built for, where the step runs them.
+        "cpu_kernel_isa": kernels.cpu_kernel_isa()[0] if uses_cpu_kernels else None,
         "weight_grad": config.model.weight_grad,
         "weight_grad_layout": layers.resolve_weight_grad(config.model.weight_grad),
         "optimizer_state_dtype": config.optim.state_dtype,

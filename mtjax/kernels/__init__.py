@@ -1,11 +1,15 @@
 """mtjax's own XLA kernels (C++ through XLA's FFI), compiled on first use and cached on disk.
 
-CPU kernels for x86-64 with AVX-512, in one shared library: ``attention_cpu.cc`` (T5 attention,
-fused) and ``cross_entropy_cpu.cc`` (the token cross-entropy with z-loss, in place). They are
-built with the system's C++ compiler against the headers jaxlib ships
-(``jax.ffi.include_dir()``), so nothing is downloaded and the package stays pure Python: where
-no compiler, no AVX-512 or no x86-64 is found, :func:`cpu_kernel_status` says why and mtjax
-uses its XLA code instead.
+CPU kernels for x86-64 with AVX-512 or AVX2 + FMA, in one shared library: ``attention_cpu.cc``
+(T5 attention, fused) and ``cross_entropy_cpu.cc`` (the token cross-entropy with z-loss, in
+place), written once over the 16-float vectors of ``simd.h``. They are built with the system's
+C++ compiler against the headers jaxlib ships (``jax.ffi.include_dir()``), so nothing is
+downloaded and the package stays pure Python: where no compiler, neither instruction set or no
+x86-64 is found, :func:`cpu_kernel_status` says why and mtjax uses its XLA code instead.
+
+The build targets the best instruction set the CPU has (:func:`cpu_kernel_isa`);
+``MTJAX_CPU_KERNEL_ISA=avx2`` (or ``avx512``) asks for one, e.g. to test the AVX2 build on an
+AVX-512 machine.
 
 The shared library is cached under ``$MTJAX_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/mtjax/kernels``, else ``~/.cache/mtjax/kernels``), named by a hash of the
@@ -29,10 +33,14 @@ import tempfile
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "attention_cpu.cc", _HERE / "cross_entropy_cpu.cc")
-_HEADERS = (_HERE / "cpu_common.h",)
-# x86-64-v4 is AVX-512 F/BW/CD/DQ/VL: what the kernel's intrinsics use.
-_CPU_FLAGS_NEEDED = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
-_COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=x86-64-v4")
+_HEADERS = (_HERE / "cpu_common.h", _HERE / "simd.h")
+# Instruction set -> (the /proc/cpuinfo flags it needs, its compiler flags), best first.
+# x86-64-v4 is AVX-512 F/BW/CD/DQ/VL; the AVX2 build asks for nothing beyond AVX2 and FMA.
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512dq", "avx512vl"), ("-march=x86-64-v4",)),
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
+}
+_COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> the library's handler symbol.
 TARGETS = {
     "mtjax_attention_cpu_forward": "MtjaxAttentionForward",
@@ -54,26 +62,49 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "mtjax" / "kernels"
 
 
-def _missing_cpu_features() -> list[str]:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return [f"an x86-64 CPU (this is {platform.machine()})"]
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
+            return set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
     except OSError:
-        return ["/proc/cpuinfo (to check for AVX-512)"]
-    return [flag for flag in _CPU_FLAGS_NEEDED if flag not in flags]
+        return None
 
 
-def _library_path(compiler: str, include_dir: str) -> pathlib.Path:
+def cpu_kernel_isa() -> tuple[str | None, str]:
+    """(the instruction set the kernels are built for here, why none when it is None).
+
+    The best of :data:`ISAS` the CPU has, or the one ``MTJAX_CPU_KERNEL_ISA`` names.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"they need an x86-64 CPU (this is {platform.machine()})"
+    wanted = os.environ.get("MTJAX_CPU_KERNEL_ISA", "auto")
+    if wanted != "auto" and wanted not in ISAS:
+        return None, (f"MTJAX_CPU_KERNEL_ISA={wanted!r} is not one of "
+                      f"{', '.join(('auto', *ISAS))}")
+    flags = _cpu_flags()
+    if flags is None:
+        return None, "no /proc/cpuinfo to check the CPU for AVX-512 or AVX2"
+    lacking = []
+    for isa, (needed, _) in ISAS.items():
+        if wanted in ("auto", isa):
+            missing = [flag for flag in needed if flag not in flags]
+            if not missing:
+                return isa, ""
+            lacking.append(f"{isa} (no {', '.join(missing)})")
+    return None, f"the CPU lacks {' and '.join(lacking)}"
+
+
+def _library_path(compiler: str, flags: tuple[str, ...], isa: str,
+                  include_dir: str) -> pathlib.Path:
     digest = hashlib.sha256()
     for path in (*_SOURCES, *_HEADERS):
         digest.update(path.read_bytes())
-    digest.update(" ".join((compiler, *_COMPILE_FLAGS)).encode())
+    digest.update(" ".join((compiler, *flags)).encode())
     digest.update(importlib.metadata.version("jaxlib").encode())
     digest.update(include_dir.encode())
-    return cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"cpu_kernels-{isa}-{digest.hexdigest()[:16]}.so"
 
 
 def build(compiler: str | None = None) -> pathlib.Path:
@@ -85,16 +116,17 @@ def build(compiler: str | None = None) -> pathlib.Path:
     """
     if os.environ.get("MTJAX_CPU_KERNELS", "1") == "0":
         raise KernelUnavailable("switched off by MTJAX_CPU_KERNELS=0")
-    missing = _missing_cpu_features()
-    if missing:
-        raise KernelUnavailable(f"the CPU lacks {', '.join(missing)}")
+    isa, why_not = cpu_kernel_isa()
+    if isa is None:
+        raise KernelUnavailable(why_not)
+    flags = (*_COMPILE_FLAGS, *ISAS[isa][1])
     compiler = compiler or os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
     import jax.ffi  # late: keeps this module importable without initialising JAX
 
     include_dir = jax.ffi.include_dir()
-    target = _library_path(compiler, include_dir)
+    target = _library_path(compiler, flags, isa, include_dir)
     if target.exists():
         return target
     try:
@@ -104,7 +136,7 @@ def build(compiler: str | None = None) -> pathlib.Path:
         raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({e}); set "
                                 "MTJAX_KERNEL_CACHE to a writable directory") from e
     os.close(fd)
-    command = [compiler, *_COMPILE_FLAGS, "-isystem", include_dir, *map(str, _SOURCES), "-o",
+    command = [compiler, *flags, "-isystem", include_dir, *map(str, _SOURCES), "-o",
                partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)

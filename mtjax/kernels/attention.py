@@ -35,6 +35,13 @@ def _operands(q_BQHK, k_BSHK, diagonals, mask):
     return diagonals_HR, mask_BQS
 
 
+def _mask_bias() -> np.float32:
+    """What a masked-out score gets added: the XLA path's ``layers.MASK_BIAS``, so both agree."""
+    from mtjax.model import layers  # late: layers imports this module lazily too
+
+    return np.float32(layers.MASK_BIAS)
+
+
 @jax.custom_vjp
 def _attention(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
     return _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS)[0]
@@ -46,7 +53,7 @@ def _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
         "mtjax_attention_cpu_forward",
         (jax.ShapeDtypeStruct(q_BQHK.shape, jnp.float32),
          jax.ShapeDtypeStruct((b, h, q_len, 2), jnp.float32)),
-    )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS)
+    )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, mask_bias=_mask_bias())
     return y_BQHK, (q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2)
 
 
@@ -57,7 +64,7 @@ def _backward(residuals, dy_BQHK):
         tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
               for x in (q_BQHK, k_BSHK, v_BSHK, diagonals_HR)),
     )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2,
-      dy_BQHK.astype(jnp.float32))
+      dy_BQHK.astype(jnp.float32), mask_bias=_mask_bias())
     # A boolean input's cotangent is float0 (the mask is not differentiable).
     return dq, dk, dv, dposition, np.zeros(mask_BQS.shape, jax.dtypes.float0)
 

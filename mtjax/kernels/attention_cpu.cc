@@ -1,12 +1,12 @@
-// Fused T5 attention for x86-64 CPUs with AVX-512, as XLA FFI custom calls.
+// Fused T5 attention for x86-64 CPUs with AVX-512 or AVX2, as XLA FFI custom calls.
 //
 // softmax(q k^T + bias) v per (batch, head), float32, with T5's conventions: no score scaling,
-// and bias = relative position bias (optional) plus MASK_BIAS where a boolean mask [B or 1,
-// Q, S] is false, added in that order (the same float32 sums as mtjax's XLA path). The
-// position bias depends on key - query only, so it comes as its diagonals [H, Q + S - 1]:
-// bias[h, q, s] = diagonals[h, s - q + Q - 1], each query row a contiguous slice (4 KB per
-// head at T5's lengths, where the full [H, Q, S] table streamed megabytes through the cache),
-// and its gradient as the sums along those diagonals.
+// and bias = relative position bias (optional) plus mask_bias (an attribute: mtjax's
+// MASK_BIAS) where a boolean mask [B or 1, Q, S] is false, added in that order (the same
+// float32 sums as mtjax's XLA path). The position bias depends on key - query only, so it
+// comes as its diagonals [H, Q + S - 1]: bias[h, q, s] = diagonals[h, s - q + Q - 1], each
+// query row a contiguous slice (4 KB per head at T5's lengths, where the full [H, Q, S] table
+// streamed megabytes through the cache), and its gradient as the sums along those diagonals.
 //
 // Why: XLA:CPU computes attention as separate ops that each write a [B, H, Q, S] float32 array
 // to memory (scores, probabilities, their gradients); with head dim 64 those products run at a
@@ -20,8 +20,6 @@
 // a fully masked row's scores are near MASK_BIAS, where a float32 sum absorbs the log.)
 // Built and loaded at run time by mtjax/kernels/__init__.py.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,42 +30,40 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using mtjax_kernels::ExpNonPositive;
-using mtjax_kernels::ParallelFor;
-using mtjax_kernels::TailMask;
-
+// Inside mtjax_kernels: ParallelFor (cpu_common.h), the 16-float vectors and their
+// operations (simd.h).
+namespace mtjax_kernels {
 namespace {
 
-constexpr float kMaskBias = -1e10f;  // mtjax.model.layers.MASK_BIAS
-constexpr int kRowBlock = 64;        // query rows whose [rows, S] scores stay in cache
-constexpr int kMR = 6;               // micro-tile rows: 6 x 4 accumulators of 16 floats
-constexpr int kNV = 4;               // micro-tile columns, in 16-float vectors
+constexpr int kRowBlock = 64;      // query rows whose [rows, S] scores stay in cache
+constexpr int kMR = 6;             // micro-tile rows
+constexpr int kNV = kTileVectors;  // micro-tile columns, in 16-float vectors (simd.h)
+static_assert(kNV == 1 || kNV == 4, "TileFor makes micro-tiles of 1 or 4 vectors");
 
 // ---------------------------------------------------------------------------------------------
 // C[M, N] (+)= A[M, K] B[K, N] with A(i, k) = a[i * ars + k * acs] (any strides: transposed
 // operands need no copy), B rows contiguous: B(k, j) = b[k * brs + j], C(i, j) = c[i * crs + j].
 
-template <int MR, int NV>
+template <int MR, int NV, bool kTail>
 void MicroTile(int K, const float* a, long ars, long acs, const float* b, long brs, float* c,
-               long crs, __mmask16 tail, bool accumulate) {
-  __m512 acc[MR][NV];
+               long crs, Mask tail, bool accumulate) {
+  Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[i][j] = Zero();
   for (int k = 0; k < K; ++k) {
     const float* brow = b + k * brs;
-    __m512 bv[NV];
+    Vec bv[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      bv[j] = (j == NV - 1) ? _mm512_maskz_loadu_ps(tail, brow + 16 * j)
-                            : _mm512_loadu_ps(brow + 16 * j);
+      bv[j] = (kTail && j == NV - 1) ? Load(brow + 16 * j, tail) : Load(brow + 16 * j);
     const float* acol = a + k * acs;
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(acol[i * ars]);
+      const Vec av = Set(acol[i * ars]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = MulAdd(av, bv[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -75,31 +71,45 @@ void MicroTile(int K, const float* a, long ars, long acs, const float* b, long b
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       float* p = c + i * crs + 16 * j;
-      const __mmask16 m = (j == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
-      __m512 r = acc[i][j];
-      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, p));
-      _mm512_mask_storeu_ps(p, m, r);
+      Vec r = acc[i][j];
+      if (kTail && j == NV - 1) {
+        if (accumulate) r = r + Load(p, tail);
+        Store(p, r, tail);
+      } else {
+        if (accumulate) r = r + Load(p);
+        Store(p, r);
+      }
     }
 }
 
-using TileFn = void (*)(int, const float*, long, long, const float*, long, float*, long,
-                        __mmask16, bool);
+using TileFn = void (*)(int, const float*, long, long, const float*, long, float*, long, Mask,
+                        bool);
 
-template <int MR>
+template <int MR, bool kTail>
 constexpr TileFn TileFor(int nv) {
-  return nv == 1 ? &MicroTile<MR, 1> : nv == 2 ? &MicroTile<MR, 2>
-       : nv == 3 ? &MicroTile<MR, 3> : &MicroTile<MR, 4>;
+  if constexpr (kNV == 1) {
+    return &MicroTile<MR, 1, kTail>;
+  } else {
+    return nv == 1 ? &MicroTile<MR, 1, kTail> : nv == 2 ? &MicroTile<MR, 2, kTail>
+         : nv == 3 ? &MicroTile<MR, 3, kTail> : &MicroTile<MR, 4, kTail>;
+  }
 }
 
-TileFn Tile(int mr, int nv) {
+template <bool kTail>
+TileFn TileWithTail(int mr, int nv) {
   switch (mr) {
-    case 1: return TileFor<1>(nv);
-    case 2: return TileFor<2>(nv);
-    case 3: return TileFor<3>(nv);
-    case 4: return TileFor<4>(nv);
-    case 5: return TileFor<5>(nv);
-    default: return TileFor<6>(nv);
+    case 1: return TileFor<1, kTail>(nv);
+    case 2: return TileFor<2, kTail>(nv);
+    case 3: return TileFor<3, kTail>(nv);
+    case 4: return TileFor<4, kTail>(nv);
+    case 5: return TileFor<5, kTail>(nv);
+    default: return TileFor<6, kTail>(nv);
   }
+}
+
+// The micro-tile for mr rows and nv vectors of columns, the last one partial where `tail`.
+TileFn Tile(int mr, int nv, bool tail) {
+  return tail ? TileWithTail<true>(mr, nv) : TileWithTail<false>(mr, nv);
 }
 
 void Gemm(int M, int N, int K, const float* a, long ars, long acs, const float* b, long brs,
@@ -107,12 +117,12 @@ void Gemm(int M, int N, int K, const float* a, long ars, long acs, const float* 
   for (int j0 = 0; j0 < N; j0 += 16 * kNV) {
     const int width = std::min(16 * kNV, N - j0);
     const int nv = (width + 15) / 16;
-    const __mmask16 tail =
-        width % 16 ? static_cast<__mmask16>((1u << (width % 16)) - 1) : 0xFFFF;
-    const TileFn full = Tile(kMR, nv);
+    const bool has_tail = width % 16 != 0;
+    const Mask tail = TailMask(width, 16 * (nv - 1));
+    const TileFn full = Tile(kMR, nv, has_tail);
     for (int i0 = 0; i0 < M; i0 += kMR) {
       const int mr = std::min(kMR, M - i0);
-      const TileFn fn = mr == kMR ? full : Tile(mr, nv);
+      const TileFn fn = mr == kMR ? full : Tile(mr, nv, has_tail);
       fn(K, a + i0 * ars, ars, acs, b + j0, brs, c + i0 * crs + j0, crs, tail, accumulate);
     }
   }
@@ -121,43 +131,38 @@ void Gemm(int M, int N, int K, const float* a, long ars, long acs, const float* 
 // ---------------------------------------------------------------------------------------------
 // Elementwise helpers over one row of n floats.
 
-// scores += position bias (if any) + MASK_BIAS where the mask (if any) is false.
-inline void AddBias(float* scores, const float* pos, const bool* mask, int n) {
+// scores += position bias (if any) + mask_bias where the mask (if any) is false.
+inline void AddBias(float* scores, const float* pos, const bool* mask, float mask_bias, int n) {
   if (pos == nullptr && mask == nullptr) return;
-  for (int s = 0; s < n; s += 16) {
-    const __mmask16 m = TailMask(n, s);
-    __m512 bias = pos ? _mm512_maskz_loadu_ps(m, pos + s) : _mm512_setzero_ps();
+  ForEachVector(n, [&](int64_t s, auto lanes) {
+    Vec bias = pos ? Load(pos + s, lanes) : Zero();
     if (mask) {
-      const __m128i bytes = _mm_maskz_loadu_epi8(m, mask + s);
-      const __mmask16 keep = _mm_test_epi8_mask(bytes, bytes);
-      // pos + 0 where kept (exactly pos), pos + MASK_BIAS elsewhere: XLA's bias sum.
-      bias = _mm512_mask_add_ps(bias, static_cast<__mmask16>(~keep & m), bias,
-                                _mm512_set1_ps(kMaskBias));
+      const Mask masked = AndNot(LoadBools(mask + s, lanes), lanes);
+      // pos + 0 where kept (exactly pos), pos + mask_bias elsewhere: XLA's bias sum.
+      bias = Select(masked, bias + Set(mask_bias), bias);
     }
-    _mm512_mask_storeu_ps(scores + s, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, scores + s),
-                                                       bias));
-  }
+    Store(scores + s, Load(scores + s, lanes) + bias, lanes);
+  });
 }
 
 inline float RowMax(const float* x, int n) {
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  for (int s = 0; s < n; s += 16)
-    best = _mm512_max_ps(best, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                    TailMask(n, s), x + s));
-  return _mm512_reduce_max_ps(best);
+  Vec best = Set(-INFINITY);
+  ForEachVector(n, [&](int64_t s, auto lanes) {
+    best = Max(best, LoadOr(Set(-INFINITY), x + s, lanes));
+  });
+  return ReduceMax(best);
 }
 
 // x = exp(x - shift) in place; returns the sum.
 inline float ExpInPlace(float* x, int n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 sum = _mm512_setzero_ps();
-  for (int s = 0; s < n; s += 16) {
-    const __mmask16 m = TailMask(n, s);
-    const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + s), sh));
-    _mm512_mask_storeu_ps(x + s, m, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-  }
-  return _mm512_reduce_add_ps(sum);
+  const Vec sh = Set(shift);
+  Vec sum = Zero();
+  ForEachVector(n, [&](int64_t s, auto lanes) {
+    const Vec e = ExpNonPositive(Load(x + s, lanes) - sh);
+    Store(x + s, e, lanes);
+    sum = sum + Select(lanes, e, Zero());
+  });
+  return ReduceAdd(sum);
 }
 
 // Asks for `rows` rows of `bytes` each, `stride` bytes apart, to be brought into L2: the mask
@@ -167,7 +172,7 @@ inline void PrefetchRows(const void* base, int rows, long bytes, long stride) {
   const char* p = static_cast<const char*>(base);
   for (int r = 0; r < rows; ++r)
     for (long offset = 0; offset < bytes; offset += 64)
-      _mm_prefetch(p + r * stride + offset, _MM_HINT_T1);
+      Prefetch(p + r * stride + offset);
 }
 
 // Per-thread scratch, kept between calls (fresh pages would cost faults on every step).
@@ -185,54 +190,28 @@ void PackRows(const float* x, long stride, int S, int K, float* out) {
     std::memcpy(out + static_cast<long>(s) * K, x + s * stride, sizeof(float) * K);
 }
 
-// Transposes the 16 x 16 block held in r[0..15] (rows) in registers.
-inline void Transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // r[4g + j], 128-bit lane L: rows 4g..4g+3 at column j + 4L.
-  for (int g = 0; g < 16; g += 4) {
-    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
-    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
-    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  __m512 out[16];
-  for (int j = 0; j < 4; ++j) {
-    const __m512 s0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-    const __m512 s1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
-    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
-    out[j] = _mm512_shuffle_f32x4(s0, s2, 0x88);
-    out[j + 4] = _mm512_shuffle_f32x4(s1, s3, 0x88);
-    out[j + 8] = _mm512_shuffle_f32x4(s0, s2, 0xdd);
-    out[j + 12] = _mm512_shuffle_f32x4(s1, s3, 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = out[i];
-}
-
 // [S, K] rows of stride `stride` -> [K, S] contiguous, by 16 x 16 blocks transposed in
 // registers (a plain element loop stores each row's floats 4 * S bytes apart, all in a few L1
 // sets).
 void PackTransposed(const float* x, long stride, int S, int K, float* out) {
-  __m512 r[16];
+  Vec r[16];
   for (int s0 = 0; s0 < S; s0 += 16) {
     const int rows = std::min(16, S - s0);
-    const __mmask16 row_mask = TailMask(S, s0);
-    for (int d0 = 0; d0 < K; d0 += 16) {
-      const __mmask16 col_mask = TailMask(K, d0);
+    const Mask row_mask = TailMask(S, s0);
+    ForEachVector(K, [&](int64_t d0, auto columns) {
       for (int t = 0; t < 16; ++t)
-        r[t] = t < rows ? _mm512_maskz_loadu_ps(col_mask, x + (s0 + t) * stride + d0)
-                        : _mm512_setzero_ps();
+        r[t] = t < rows ? Load(x + (s0 + t) * stride + d0, columns) : Zero();
       Transpose16(r);
-      const int cols = std::min(16, K - d0);
-      for (int c = 0; c < cols; ++c)
-        _mm512_mask_storeu_ps(out + static_cast<long>(d0 + c) * S + s0, row_mask, r[c]);
-    }
+      const int cols = static_cast<int>(std::min<int64_t>(16, K - d0));
+      for (int c = 0; c < cols; ++c) {
+        float* column = out + static_cast<long>(d0 + c) * S + s0;
+        if (rows == 16) {
+          Store(column, r[c]);
+        } else {
+          Store(column, r[c], row_mask);
+        }
+      }
+    });
   }
 }
 
@@ -259,8 +238,8 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> pos,
-                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> stats) {
+                   ffi::Buffer<ffi::PRED> mask, float mask_bias,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> stats) {
   Dims d;
   if (ffi::Error error = CheckDims(q, k, v, pos, mask, d); error.failure()) return error;
   const long row = d.H * d.K;  // stride between positions of one head
@@ -293,7 +272,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       for (int r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         float* srow = scores + static_cast<long>(r) * S;
-        AddBias(srow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+        AddBias(srow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr, mask_bias,
+                S);
         const float mx = RowMax(srow, S);
         const float sum = ExpInPlace(srow, S, mx);
         inv_sums[r] = 1.0f / sum;
@@ -303,12 +283,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       Gemm(rows, K, S, scores, S, 1, v0, K, o0, row, false);
       for (int r = 0; r < rows; ++r) {
         float* orow = o0 + r * row;
-        const __m512 scale = _mm512_set1_ps(inv_sums[r]);
-        for (int c = 0; c < K; c += 16) {
-          const __mmask16 m = TailMask(K, c);
-          _mm512_mask_storeu_ps(orow + c, m,
-                                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, orow + c), scale));
-        }
+        const Vec scale = Set(inv_sums[r]);
+        ForEachVector(K, [&](int64_t c, auto lanes) {
+          Store(orow + c, Load(orow + c, lanes) * scale, lanes);
+        });
       }
     }
   });
@@ -318,7 +296,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> pos,
                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> stats,
-                    ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::F32> dout, float mask_bias,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dpos) {
   Dims d;
@@ -369,31 +347,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           const int64_t i = i0 + r;
           float* prow = probs + static_cast<long>(r) * S;
           float* drow = dscores + static_cast<long>(r) * S;
-          AddBias(prow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr, S);
+          AddBias(prow, pos0 ? pos0 - r : nullptr, mask0 ? mask0 + r * d.S : nullptr,
+                  mask_bias, S);
           const float* row_stats = sp + 2 * ((b * d.H + h) * d.Q + i);
           ExpInPlace(prow, S, row_stats[0]);
           // Normalised probabilities P, and D = rowsum(P * dP) over the cached row (the same
           // as dOut . Out, FlashAttention's identity, whose rows lie far apart in memory).
-          const __m512 inv_sum = _mm512_set1_ps(row_stats[1]);
-          __m512 dot = _mm512_setzero_ps();
-          for (int s = 0; s < S; s += 16) {
-            const __mmask16 m = TailMask(S, s);
-            const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, prow + s), inv_sum);
-            _mm512_mask_storeu_ps(prow + s, m, p);
-            dot = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, drow + s), dot);
-          }
-          const __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+          const Vec inv_sum = Set(row_stats[1]);
+          Vec dot = Zero();
+          ForEachVector(S, [&](int64_t s, auto lanes) {
+            const Vec p = Load(prow + s, lanes) * inv_sum;
+            Store(prow + s, p, lanes);
+            dot = MulAdd(p, Load(drow + s, lanes), dot);
+          });
+          const Vec dsum = Set(ReduceAdd(dot));
           float* dposrow = dpos0 ? dpos0 - r : nullptr;
-          for (int s = 0; s < S; s += 16) {
-            const __mmask16 m = TailMask(S, s);
-            const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, prow + s),
-                                            _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + s),
-                                                          dsum));
-            _mm512_mask_storeu_ps(drow + s, m, ds);
-            if (dposrow)
-              _mm512_mask_storeu_ps(dposrow + s, m,
-                                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, dposrow + s), ds));
-          }
+          ForEachVector(S, [&](int64_t s, auto lanes) {
+            const Vec ds = Load(prow + s, lanes) * (Load(drow + s, lanes) - dsum);
+            Store(drow + s, ds, lanes);
+            if (dposrow) Store(dposrow + s, Load(dposrow + s, lanes) + ds, lanes);
+          });
         }
         Gemm(rows, K, S, dscores, S, 1, k_rows, K, dqp + offset, row, false);
         Gemm(S, K, rows, dscores, 1, S, qp + offset, row, dk_acc, K, true);
@@ -411,8 +384,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 }
 
 }  // namespace
+}  // namespace mtjax_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionForward, mtjax_kernels::Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
@@ -420,10 +394,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v
                                   .Arg<ffi::Buffer<ffi::F32>>()   // position bias diagonals
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Attr<float>("mask_bias")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()); // row max, 1 / sum
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionBackward, mtjax_kernels::Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
@@ -433,6 +408,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // row max, 1 / sum
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d out
+                                  .Attr<float>("mask_bias")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dv

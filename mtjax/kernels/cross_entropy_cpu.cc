@@ -1,5 +1,5 @@
 // Token cross-entropy with T5X's z-loss over float32 logits, fused for x86-64 CPUs with
-// AVX-512, as XLA FFI custom calls.
+// AVX-512 or AVX2, as XLA FFI custom calls.
 //
 // Per row of logits l [V] and target t: lse = max + log(sum(exp(l - max))), loss = lse - l[t]
 // + z_loss * lse^2 (l[t] read as 0 when t is outside [0, V), like mtjax's masked sum), and
@@ -13,8 +13,6 @@
 //
 // Built and loaded at run time by mtjax/kernels/__init__.py, with attention_cpu.cc.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,10 +21,9 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using mtjax_kernels::ExpNonPositive;
-using mtjax_kernels::ParallelFor;
-using mtjax_kernels::TailMask;
-
+// Inside mtjax_kernels: ParallelFor (cpu_common.h), the 16-float vectors and their
+// operations (simd.h).
+namespace mtjax_kernels {
 namespace {
 
 constexpr int kRowsPerTask = 8;
@@ -54,36 +51,33 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
     for (int64_t n = task * int64_t{kRowsPerTask}; n < end; ++n) {
       const float* row = lp + n * V;
       // Pass 1: the maximum, the first index reaching it (per lane, then across lanes), NaNs.
-      __m512 best = _mm512_set1_ps(-INFINITY);
-      __m512i best_index = _mm512_set1_epi32(static_cast<int>(V));
-      __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      __mmask16 nan = 0;
-      for (int64_t s = 0; s < V; s += 16) {
-        const __mmask16 m = TailMask(V, s);
-        const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + s);
-        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-        const __mmask16 greater = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
-        best = _mm512_mask_mov_ps(best, greater, x);
-        best_index = _mm512_mask_mov_epi32(best_index, greater, index);
-        index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
-      }
-      const float mx = _mm512_reduce_max_ps(best);
-      const __mmask16 at_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
-      int argmax = _mm512_mask_reduce_min_epi32(at_max, best_index);
+      Vec best = Set(-INFINITY);
+      Index best_index = SetIndex(static_cast<int32_t>(V));
+      Index index = Iota();
+      Mask nan = EmptyMask();
+      ForEachVector(V, [&](int64_t s, auto lanes) {
+        const Vec x = LoadOr(Set(-INFINITY), row + s, lanes);
+        nan = Or(nan, IsNan(x));
+        const Mask greater = Greater(x, best);
+        best = Select(greater, x, best);
+        best_index = Select(greater, index, best_index);
+        index = index + 16;
+      });
+      const float mx = ReduceMax(best);
+      int argmax = MinWhere(Equal(best, Set(mx)), best_index);
       const int32_t t = tp[n];
       const float target_logit = (t >= 0 && t < V) ? row[t] : 0.0f;  // before the overwrite
       // Pass 2 (the row is in cache now): exp(l - max) in place, and its sum.
-      __m512 sum = _mm512_setzero_ps();
-      const __m512 shift = _mm512_set1_ps(mx);
+      Vec sum = Zero();
+      const Vec shift = Set(mx);
       float* erow = ep + n * V;
-      for (int64_t s = 0; s < V; s += 16) {
-        const __mmask16 m = TailMask(V, s);
-        const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + s), shift));
-        _mm512_mask_storeu_ps(erow + s, m, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-      }
-      float total = _mm512_reduce_add_ps(sum);
-      if (nan) {  // a NaN anywhere: NaN loss (the step's non-finite check sees it), no argmax
+      ForEachVector(V, [&](int64_t s, auto lanes) {
+        const Vec e = ExpNonPositive(Load(row + s, lanes) - shift);
+        Store(erow + s, e, lanes);
+        sum = sum + Select(lanes, e, Zero());
+      });
+      float total = ReduceAdd(sum);
+      if (Any(nan)) {  // a NaN anywhere: NaN loss (the step's non-finite check sees it), no argmax
         total = NAN;
         argmax = static_cast<int>(V);
       }
@@ -121,13 +115,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> exps,
       const float lse = sp[2 * n], inv_sum = sp[2 * n + 1];
       const float two_z_lse = 2.0f * z_loss * lse;
       const float scale = inv_sum * (glp[n] * (1.0f + two_z_lse) + gzp[n] * two_z_lse);
-      const __m512 c = _mm512_set1_ps(scale);
+      const Vec c = Set(scale);
       const float* erow = ep + n * V;
       float* drow = dp + n * V;
-      for (int64_t s = 0; s < V; s += 16) {
-        const __mmask16 m = TailMask(V, s);
-        _mm512_mask_storeu_ps(drow + s, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, erow + s), c));
-      }
+      ForEachVector(V, [&](int64_t s, auto lanes) {
+        Store(drow + s, Load(erow + s, lanes) * c, lanes);
+      });
       const int32_t t = tp[n];
       if (t >= 0 && t < V) drow[t] -= glp[n];
     }
@@ -136,8 +129,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> exps,
 }
 
 }  // namespace
+}  // namespace mtjax_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxCrossEntropyForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxCrossEntropyForward, mtjax_kernels::Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // logits [N, V]
@@ -149,7 +143,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxCrossEntropyForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // first argmax == target
                                   .Ret<ffi::Buffer<ffi::F32>>()); // lse, 1 / sum [N, 2]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxCrossEntropyBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtjaxCrossEntropyBackward, mtjax_kernels::Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // exp(l - max) [N, V]
