@@ -162,7 +162,7 @@ def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatc
     assert "one device" in layers.cpu_fused_attention_problem(jnp.float32)
 
 
-def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
+def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("MTJAX_CPU_KERNELS", "0")
     with pytest.raises(kernels.KernelUnavailable, match="MTJAX_CPU_KERNELS=0"):
@@ -181,10 +181,13 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
     if not READY:
         pytest.skip(f"no kernel build here: {WHY_NOT}")
+    capsys.readouterr()
     path = kernels.build()
     assert path.parent == tmp_path and path.stat().st_size > 0
+    assert f"building its CPU kernels for avx2 into {tmp_path}" in capsys.readouterr().err
     built_at = path.stat().st_mtime_ns
     assert kernels.build() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
+    assert capsys.readouterr().err == ""  # and silent
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
     assert os.access(path, os.R_OK)
 

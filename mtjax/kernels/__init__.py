@@ -29,6 +29,7 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 _HERE = pathlib.Path(__file__).parent
@@ -136,6 +137,9 @@ def build(compiler: str | None = None) -> pathlib.Path:
         raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({e}); set "
                                 "MTJAX_KERNEL_CACHE to a writable directory") from e
     os.close(fd)
+    # Seconds of silence otherwise, once per machine and mtjax version.
+    print(f"mtjax: building its CPU kernels for {isa} into {target.parent} (once)",
+          file=sys.stderr, flush=True)
     command = [compiler, *flags, "-isystem", include_dir, *map(str, _SOURCES), "-o",
                partial]
     try:
