@@ -144,6 +144,23 @@ def test_dot_product_attention_equals_xla_with_broadcast_bias(mesh):
                                layers.xla_attention(q, k, v, bias + mask), atol=1e-6)
 
 
+def test_attention_without_a_bias_equals_a_zero_bias(mesh):
+    """No bias at all (None: cuDNN then runs without one) is a zero bias, in value and
+    gradient, in both attention paths."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)), jnp.float32) for L in (5, 7, 7))
+    zero = jnp.zeros((1, 1, 5, 7), jnp.float32)
+    for attend in (layers.xla_attention, layers.dot_product_attention):
+        def loss(q, k, v, bias, attend=attend):
+            return jnp.sum(attend(q, k, v, bias) ** 2)
+
+        got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None)
+        want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, zero)
+        np.testing.assert_allclose(attend(q, k, v, None), attend(q, k, v, zero), atol=1e-6)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+
+
 def _reference_attention(q, k, v, bias):
     scores = jnp.einsum("BQHK,BSHK->BHQS", q, k, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1)

@@ -557,14 +557,16 @@ def resolve_attention(kind: str, dtype) -> str:
 
 
 def xla_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
-                  bias_BHQS: jax.Array, dropout=None) -> jax.Array:
+                  bias_BHQS: jax.Array | None, dropout=None) -> jax.Array:
     """T5 attention by einsum: float32 scores plus bias, float32 softmax, no score scaling.
 
     Args:
         q_BQHK, k_BSHK, v_BSHK: queries, keys, values in the activation dtype.
-        bias_BHQS: float32 additive bias; any dimension may be 1 to broadcast.
+        bias_BHQS: float32 additive bias; any dimension may be 1 to broadcast; None for none.
         dropout: optional function applied to the probabilities (training dropout).
     """
+    if bias_BHQS is None:
+        bias_BHQS = jnp.zeros((1, 1, 1, 1), jnp.float32)
     if dropout is None:
         return softmax_attention(q_BQHK, k_BSHK, v_BSHK, bias_BHQS)
     scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_BQHK, k_BSHK,
@@ -656,7 +658,7 @@ softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def dot_product_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
-                          bias_BHQS: jax.Array) -> jax.Array:
+                          bias_BHQS: jax.Array | None) -> jax.Array:
     """T5 attention through ``jax.nn.dot_product_attention`` (scale 1: T5 folds it into the
     query initialiser).
 
@@ -666,9 +668,9 @@ def dot_product_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Arra
     """
     if jax.default_backend() == "gpu" and q_BQHK.dtype == jnp.bfloat16:
         try:
-            return jax.nn.dot_product_attention(
-                q_BQHK, k_BSHK, v_BSHK, bias=bias_BHQS.astype(q_BQHK.dtype), scale=1.0,
-                implementation="cudnn")
+            bias = None if bias_BHQS is None else bias_BHQS.astype(q_BQHK.dtype)
+            return jax.nn.dot_product_attention(q_BQHK, k_BSHK, v_BSHK, bias=bias, scale=1.0,
+                                                implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
             pass  # unsupported by cuDNN here: the XLA path below
     return jax.nn.dot_product_attention(q_BQHK, k_BSHK, v_BSHK, bias=bias_BHQS, scale=1.0,
