@@ -18,6 +18,17 @@ def test_unknown_key_exits_2_naming_the_key(capsys, tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_impossible_kernel_choice_exits_2_before_compiling(capsys, tmp_path):
+    """An explicit implementation that cannot run here is a config mistake, told in one line
+    when the step is set up, not a traceback from inside the model's tracing."""
+    code, _, err = run(["train", "--workdir", str(tmp_path), "model.name=t5_1_1_test",
+                        "model.attention=cpu_fused", "model.dtype=bfloat16"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "mtjax: error: model.attention=cpu_fused cannot run: it takes float32 activations "
+        "(model.dtype is bfloat16); use model.attention=auto or xla")
+
+
 def test_mistyped_value_exits_2(capsys, tmp_path):
     code, _, err = run(["train", "--workdir", str(tmp_path), "train.batch_size=big"], capsys)
     assert code == 2 and "train.batch_size" in err

@@ -12,11 +12,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import config as config_lib
-from mtjax.model import sizes
+from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import optim
 from mtjax.train import state as state_lib
-from mtjax.train.step import make_train_step
+from mtjax.train.step import make_train_step, resolve_cross_entropy
 
 
 def mesh_and_rules(config: config_lib.Config,
@@ -120,6 +120,14 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
           total_steps: int | None = None, mesh: Mesh | None = None,
           rules: mesh_lib.AxisRules | None = None) -> TrainSetup:
     """Shapes, shardings and the jitted train step for ``config``; allocates nothing."""
+    # The attention and loss implementations, resolved now rather than while the step traces:
+    # an impossible explicit choice stops here, and mtjax's CPU kernels, where the step will
+    # run them, are built before any progress bar starts (seconds, once per machine).
+    try:
+        layers.resolve_attention(config.model.attention, jax.numpy.dtype(config.model.dtype))
+        resolve_cross_entropy(config.train.cross_entropy)
+    except ValueError as e:  # the message names the key, why, and what to use instead
+        raise config_lib.ConfigError(str(e)) from None
     if mesh is None or rules is None:
         mesh, rules = mesh_and_rules(config)
     model_cfg = model_config(config, vocab_size)
