@@ -320,3 +320,27 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
         disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True,
                                      text=True, check=True).stdout
         assert "ymm" in disassembly and "zmm" not in disassembly
+
+
+def test_setup_says_once_why_the_cpu_kernels_are_missing(monkeypatch, capsys):
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        pytest.skip("the notice is for one CPU device")
+    config = config_lib.load(None, ["model.name=t5_1_1_test", "train.batch_size=2",
+                                    "data.inputs_length=24", "data.targets_length=8"])
+
+    def build():
+        mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+        setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4, mesh=mesh,
+                        rules=mesh_lib.get_rules("data"))
+        return capsys.readouterr().err
+
+    setup_lib._say_why_no_cpu_kernels.cache_clear()
+    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no C++ compiler 'c++'"))
+    assert build() == ("mtjax: the step runs XLA's attention and loss: mtjax's faster CPU "
+                       "kernels are unavailable here (no C++ compiler 'c++')\n")
+    assert build() == ""  # once per process
+    setup_lib._say_why_no_cpu_kernels.cache_clear()
+    monkeypatch.setattr(kernels, "cpu_kernel_status",
+                        lambda: (False, "switched off by MTJAX_CPU_KERNELS=0"))
+    assert build() == ""  # off on purpose: nothing to say
+    setup_lib._say_why_no_cpu_kernels.cache_clear()

@@ -5,6 +5,8 @@ the rules, the model's shapes, the state's shardings and the jitted step. One pl
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from typing import Any
 
 import jax
@@ -12,6 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import config as config_lib
+from mtjax import kernels
 from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import optim
@@ -116,6 +119,18 @@ class TrainSetup:
         return {k: spec(k) for k in BATCH_KEYS}
 
 
+@functools.cache
+def _say_why_no_cpu_kernels() -> None:
+    """On one CPU device, a step without mtjax's CPU kernels is slower (README, "mtjax's CPU
+    kernels"): say why once, unless they were switched off on purpose."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return
+    ready, why_not = kernels.cpu_kernel_status()
+    if not ready and "MTJAX_CPU_KERNELS=0" not in why_not:
+        print(f"mtjax: the step runs XLA's attention and loss: mtjax's faster CPU kernels are "
+              f"unavailable here ({why_not})", file=sys.stderr, flush=True)
+
+
 def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
           total_steps: int | None = None, mesh: Mesh | None = None,
           rules: mesh_lib.AxisRules | None = None) -> TrainSetup:
@@ -128,6 +143,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
+    if config.train.cross_entropy == "auto":
+        _say_why_no_cpu_kernels()
     if mesh is None or rules is None:
         mesh, rules = mesh_and_rules(config)
     model_cfg = model_config(config, vocab_size)
