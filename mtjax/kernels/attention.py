@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtjax import kernels
+from mtjax.model import layers
 
 
 def _operands(q_BQHK, k_BSHK, diagonals, mask):
@@ -36,9 +37,8 @@ def _operands(q_BQHK, k_BSHK, diagonals, mask):
 
 
 def _mask_bias() -> np.float32:
-    """What a masked-out score gets added: the XLA path's ``layers.MASK_BIAS``, so both agree."""
-    from mtjax.model import layers  # late: layers imports this module lazily too
-
+    """What a masked-out score gets added: the XLA path's ``layers.MASK_BIAS``, so both agree
+    (read when traced)."""
     return np.float32(layers.MASK_BIAS)
 
 
