@@ -68,7 +68,8 @@ class ModelConfig:
     scan_layers: bool = False
     # "xla": mtjax's einsum/softmax; "dot_product": jax.nn.dot_product_attention (cuDNN flash
     # attention on GPU in bf16 where the bias allows, else its XLA path). Same numbers (tested).
-    # "cpu_fused": mtjax's fused CPU kernel (mtjax/kernels; AVX-512 or AVX2, float32, one device).
+    # "cpu_fused": mtjax's fused CPU kernel (mtjax/kernels; AVX-512 or AVX2, float32; on a mesh
+    # each device runs it on its own batch rows and heads).
     # "auto": dot_product on GPU with bfloat16 activations (1.35x on an H200), cpu_fused where
     # it can run, else xla.
     attention: str = "auto"

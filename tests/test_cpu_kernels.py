@@ -5,6 +5,7 @@ cache; and the fallback where they cannot run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -158,8 +159,10 @@ def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatc
     assert layers.resolve_attention("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="cannot run: no compiler"):
         layers.resolve_attention("cpu_fused", jnp.float32)
-    monkeypatch.setattr(jax, "device_count", lambda: 2)
-    assert "one device" in layers.cpu_fused_attention_problem(jnp.float32)
+    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (True, ""))
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # split over the mesh: still runs
+    assert layers.cpu_fused_attention_problem(jnp.float32) == ""
+    assert "one device" in kernels.cpu_kernel_problem()  # the loss kernel's rule
 
 
 def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
@@ -344,3 +347,58 @@ def test_setup_says_once_why_the_cpu_kernels_are_missing(monkeypatch, capsys):
                         lambda: (False, "switched off by MTJAX_CPU_KERNELS=0"))
     assert build() == ""  # off on purpose: nothing to say
     setup_lib._say_why_no_cpu_kernels.cache_clear()
+
+
+SHARDED_ATTENTION = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mtjax.kernels import attention as kernel_attention
+from mtjax.model import layers
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import step as step_lib
+
+rng = np.random.default_rng(0)
+b, q_len, s_len, h, d = 4, 24, 40, 4, 16
+q = jnp.asarray(rng.normal(size=(b, q_len, h, d)) * 0.5, jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(b, s_len, h, d)) * 0.5, jnp.float32) for _ in "kv")
+diagonals = jnp.asarray(rng.normal(size=(h, q_len + s_len - 1)), jnp.float32)
+mask = jnp.asarray(rng.random((b, q_len, s_len)) > 0.3)
+probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+def reference(q, k, v, diagonals):
+    bias = layers.AttentionBias(None, mask, position_diagonals=diagonals)
+    return layers.softmax_attention(q, k, v, bias.dense(q_len, s_len))
+
+def kernel(q, k, v, diagonals):
+    return kernel_attention.cpu_attention(q, k, v, diagonals, mask)
+
+def value_and_grads(attend):
+    loss = lambda *a: jnp.sum(attend(*a) * probe)
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    return f, [np.asarray(x) for x in jax.tree.leaves(f(q, k, v, diagonals))]
+
+out = {"auto": layers.resolve_attention("auto", jnp.float32),
+       "loss_auto": step_lib.resolve_cross_entropy("auto")}
+mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(2, 2, 2), jax.devices())
+with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp_tensor")):
+    f, got = value_and_grads(kernel)
+    _, want = value_and_grads(reference)
+    out["custom_call_in_hlo"] = "mtjax_attention_cpu_forward" in f.lower(
+        q, k, v, diagonals).as_text()
+out["max_error"] = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+out["scale"] = [float(np.abs(w).max()) for w in want]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@needs_kernel
+def test_attention_kernel_runs_split_over_a_mesh(subprocess_python):
+    """On a mesh of 8 CPU devices (data, fsdp and tensor axes), each device runs the kernel on
+    its own batch rows and heads: the same values and gradients as XLA's attention there, the
+    position bias's gradient summed over the batch shards. The loss kernel stays on one device."""
+    out = json.loads(subprocess_python(SHARDED_ATTENTION, devices=8).stdout.split("RESULT")[1])
+    assert out["auto"] == "cpu_fused" and out["loss_auto"] == "xla"
+    assert out["custom_call_in_hlo"]
+    for error, scale in zip(out["max_error"], out["scale"], strict=True):
+        assert error <= 1e-5 * max(1.0, scale)

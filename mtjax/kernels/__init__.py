@@ -177,15 +177,16 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return not reason, reason
 
 
-def cpu_kernel_problem() -> str:
+def cpu_kernel_problem(split_over_mesh: bool = False) -> str:
     """Why the CPU kernels cannot run in this process ('' when they can): they need the CPU
-    backend, a single device (XLA cannot split an FFI call over a mesh) and a build for this
-    machine (made here on first use)."""
+    backend, a build for this machine (made here on first use) and, unless the caller splits
+    the work over the mesh itself (``split_over_mesh``: attention does, by ``jax.shard_map``),
+    a single device, since XLA cannot split an FFI call."""
     import jax
 
     if jax.default_backend() != "cpu":
         return f"it runs on CPU only (the backend is {jax.default_backend()})"
-    if jax.device_count() != 1:
+    if not split_over_mesh and jax.device_count() != 1:
         return f"it runs on one device (there are {jax.device_count()})"
     return cpu_kernel_status()[1]
 

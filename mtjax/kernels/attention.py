@@ -10,9 +10,13 @@ float32 only; ``mtjax.kernels.cpu_kernel_status()`` says whether the kernel can 
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from mtjax import kernels
 from mtjax.model import layers
@@ -42,31 +46,85 @@ def _mask_bias() -> np.float32:
     return np.float32(layers.MASK_BIAS)
 
 
-@jax.custom_vjp
-def _attention(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
-    return _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS)[0]
-
-
-def _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
+def _forward_call(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
     b, q_len, h, _ = q_BQHK.shape
-    y_BQHK, stats_BHQ2 = jax.ffi.ffi_call(
+    return jax.ffi.ffi_call(
         "mtjax_attention_cpu_forward",
         (jax.ShapeDtypeStruct(q_BQHK.shape, jnp.float32),
          jax.ShapeDtypeStruct((b, h, q_len, 2), jnp.float32)),
     )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, mask_bias=_mask_bias())
-    return y_BQHK, (q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2)
 
 
-def _backward(residuals, dy_BQHK):
-    q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2 = residuals
-    dq, dk, dv, dposition = jax.ffi.ffi_call(
+def _backward_call(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2, dy_BQHK):
+    return jax.ffi.ffi_call(
         "mtjax_attention_cpu_backward",
         tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
               for x in (q_BQHK, k_BSHK, v_BSHK, diagonals_HR)),
-    )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2,
-      dy_BQHK.astype(jnp.float32), mask_bias=_mask_bias())
+    )(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, stats_BHQ2, dy_BQHK,
+      mask_bias=_mask_bias())
+
+
+class _Split(NamedTuple):
+    """How the kernel's operands are split over the current mesh. Attention is independent
+    across batch rows and heads, so each device runs the kernel on its own; XLA itself cannot
+    split a custom call."""
+
+    qkv: PartitionSpec        # q, k, v, out [B, L, H, K]
+    stats: PartitionSpec      # [B, H, Q, 2]
+    diagonals: PartitionSpec  # [H or 0, Q + S - 1]
+    mask: PartitionSpec       # [B, 1 or 0, Q, S]
+    batch_axes: tuple[str, ...]  # the position-bias gradient is summed over these
+
+
+def _split(q_BQHK, diagonals_HR, mask_BQS) -> _Split | None:
+    """The split the mesh and logical rules in force give (``layers.logical_spec``), or None
+    where there is no mesh of several devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    # Whole rows of queries and keys per device: the kernel needs every key of a row.
+    batch, _, heads, _ = layers.logical_spec(("batch", None, "heads", None))
+    batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    mask_batch = batch if mask_BQS.shape[0] == q_BQHK.shape[0] > 1 else None
+    return _Split(qkv=PartitionSpec(batch, None, heads, None),
+                  stats=PartitionSpec(batch, heads, None, None),
+                  diagonals=PartitionSpec(heads if diagonals_HR.shape[0] else None, None),
+                  mask=PartitionSpec(mask_batch, None, None), batch_axes=batch_axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, split):
+    return _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, split)[0]
+
+
+def _forward(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS, split):
+    args = (q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS)
+    if split is None:
+        y_BQHK, stats_BHQ2 = _forward_call(*args)
+    else:  # check_vma off: the custom calls carry no replication types
+        y_BQHK, stats_BHQ2 = jax.shard_map(
+            _forward_call, in_specs=(split.qkv,) * 3 + (split.diagonals, split.mask),
+            out_specs=(split.qkv, split.stats), check_vma=False)(*args)
+    return y_BQHK, (*args, stats_BHQ2)
+
+
+def _backward(split, residuals, dy_BQHK):
+    args = (*residuals, dy_BQHK.astype(jnp.float32))
+    if split is None:
+        dq, dk, dv, dposition = _backward_call(*args)
+    else:
+        def local(*args):
+            dq, dk, dv, dposition = _backward_call(*args)
+            if split.batch_axes:  # each device summed over its own batch rows only
+                dposition = jax.lax.psum(dposition, split.batch_axes)
+            return dq, dk, dv, dposition
+
+        dq, dk, dv, dposition = jax.shard_map(
+            local, in_specs=(split.qkv,) * 3 + (split.diagonals, split.mask, split.stats,
+                                                split.qkv),
+            out_specs=(split.qkv,) * 3 + (split.diagonals,), check_vma=False)(*args)
     # A boolean input's cotangent is float0 (the mask is not differentiable).
-    return dq, dk, dv, dposition, np.zeros(mask_BQS.shape, jax.dtypes.float0)
+    return dq, dk, dv, dposition, np.zeros(residuals[4].shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_forward, _backward)
@@ -94,4 +152,5 @@ def cpu_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
     if mask is not None and mask.ndim == 4:
         mask = mask[:, 0]
     diagonals_HR, mask_BQS = _operands(q_BQHK, k_BSHK, diagonals, mask)
-    return _attention(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS)
+    return _attention(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS,
+                      _split(q_BQHK, diagonals_HR, mask_BQS))

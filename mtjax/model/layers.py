@@ -35,16 +35,22 @@ Initializer = jax.nn.initializers.Initializer
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Constrain the sharding of activation ``x`` by logical axis names.
+    """Constrain the sharding of activation ``x`` by logical axis names (``logical_spec``); a
+    no-op when no mesh is active, so the model also runs outside any mesh."""
+    spec = logical_spec(names)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
-    Names map to mesh axes with the current ``nnx.logical_axis_rules``. A no-op when no mesh is
-    active, so the model also runs outside any mesh. A mesh axis already used by an earlier
-    dimension is dropped (e.g. ``embed`` -> ``fsdp`` when ``batch`` already uses ``fsdp``), as
-    Flax's own rule resolution does.
+
+def logical_spec(names: Sequence[str | None]) -> PartitionSpec | None:
+    """The PartitionSpec of logical axis ``names`` on the active mesh, or None without one.
+
+    Names map to mesh axes with the current ``nnx.logical_axis_rules``. A mesh axis already used
+    by an earlier dimension is dropped (e.g. ``embed`` -> ``fsdp`` when ``batch`` already uses
+    ``fsdp``), as Flax's own rule resolution does.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return x
+        return None
     rules = dict(flax_spmd.get_logical_axis_rules())
     used: set[str] = set()
     spec = []
@@ -54,7 +60,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         axes = tuple(a for a in axes if a in mesh.axis_names and a not in used)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
 
 
 def _param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype,
@@ -518,21 +524,22 @@ class Attention(nnx.Module):
 def cpu_fused_attention_problem(dtype) -> str:
     """Why mtjax's fused CPU attention kernel cannot run here ('' when it can).
 
-    It needs float32 activations, and what every CPU kernel needs
-    (``mtjax.kernels.cpu_kernel_problem``: the CPU backend, one device, a build).
+    It needs float32 activations, the CPU backend and a build
+    (``mtjax.kernels.cpu_kernel_problem``); on a mesh of several devices each runs it on its
+    own batch rows and heads (``mtjax.kernels.attention``).
     """
     from mtjax import kernels
 
     # The dtype first on CPU: bfloat16 runs need no kernel build to be told.
     if jax.default_backend() == "cpu" and jnp.dtype(dtype) != jnp.float32:
         return f"it takes float32 activations (model.dtype is {jnp.dtype(dtype).name})"
-    return kernels.cpu_kernel_problem()
+    return kernels.cpu_kernel_problem(split_over_mesh=True)
 
 
 def resolve_attention(kind: str, dtype) -> str:
     """The attention implementation ``kind`` stands for. ``"auto"`` is cuDNN's fused attention
     (``"dot_product"``) on GPU with bfloat16 activations, mtjax's fused CPU kernel
-    (``"cpu_fused"``) on one CPU device in float32 where it builds, and ``"xla"`` elsewhere.
+    (``"cpu_fused"``) on CPU in float32 where it builds, and ``"xla"`` elsewhere.
 
     On an H200 cuDNN's kernel made the t5_1_1_base train step (batch 64, 512/114) 1.35x faster
     and halved its temporary memory; on CPU ``jax.nn.dot_product_attention`` only runs its own

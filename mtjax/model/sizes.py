@@ -49,7 +49,7 @@ class T5Config:
         attention: "xla" (mtjax's einsum and float32 softmax), "dot_product"
             (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU where supported,
             else JAX's XLA implementation; same numbers), "cpu_fused" (mtjax's fused attention
-            kernel for x86-64 CPUs with AVX-512 or AVX2, float32, one device; ``mtjax.kernels``) or
+            kernel for x86-64 CPUs with AVX-512 or AVX2, float32; ``mtjax.kernels``) or
             "auto" ("dot_product" on GPU with bfloat16 activations, "cpu_fused" where it can
             run, else "xla").
         weight_grad: how the backward pass forms each dense layer's kernel gradient: "xla"

@@ -121,9 +121,9 @@ class TrainSetup:
 
 @functools.cache
 def _say_why_no_cpu_kernels() -> None:
-    """On one CPU device, a step without mtjax's CPU kernels is slower (README, "mtjax's CPU
-    kernels"): say why once, unless they were switched off on purpose."""
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    """On CPU, a step without mtjax's CPU kernels is slower (README, "mtjax's CPU kernels"):
+    say why once, unless they were switched off on purpose."""
+    if jax.default_backend() != "cpu":
         return
     ready, why_not = kernels.cpu_kernel_status()
     if not ready and "MTJAX_CPU_KERNELS=0" not in why_not:
