@@ -307,12 +307,14 @@ class RelativePositionBias(nnx.Module):
     # the same values.
     method = "auto"
 
-    def diagonals(self, query_length: int, key_length: int) -> jax.Array:
-        """Bias [H, Q + S - 1] per key - query difference, from -(Q - 1) up to S - 1: what
-        ``__call__`` spreads over the (query, key) grid (``toeplitz_bias``), for the fused CPU
-        attention, which reads it as it is."""
+    def diagonals(self, query_length: int, key_length: int,
+                  query_offset: jax.Array | int = 0) -> jax.Array:
+        """Bias [H, Q + S - 1] per key - query difference, from -(Q - 1) - offset up to
+        S - 1 - offset: what ``__call__`` spreads over the (query, key) grid
+        (``toeplitz_bias``), and what the fused CPU attention reads as it is."""
         table_HN = self.rel_embedding[...].astype(jnp.float32)
-        relative_R = jnp.arange(query_length + key_length - 1) - (query_length - 1)
+        relative_R = (jnp.arange(query_length + key_length - 1) - (query_length - 1)
+                      - query_offset)
         buckets_R = relative_position_bucket(
             relative_R, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
             max_distance=self.max_distance)
@@ -331,10 +333,7 @@ class RelativePositionBias(nnx.Module):
         if method == "auto":
             method = "gather" if jax.default_backend() == "cpu" else "toeplitz"
         if method == "toeplitz":
-            # Every key - query difference, from -(Q - 1) - offset up to S - 1 - offset.
-            relative_R = (jnp.arange(query_length + key_length - 1) - (query_length - 1)
-                          - query_offset)
-            bias_HR = jnp.take(table_HN, bucket(relative_R), axis=1)
+            bias_HR = self.diagonals(query_length, key_length, query_offset)
             return toeplitz_bias(bias_HR, query_length, key_length)[None]
         query_positions_Q = jnp.arange(query_length) + query_offset
         relative_QS = jnp.arange(key_length)[None, :] - query_positions_Q[:, None]
@@ -436,8 +435,13 @@ class AttentionBias(NamedTuple):
             position = toeplitz_bias(self.position_diagonals, query_length, key_length)[None]
         if self.mask is None:
             return position
-        mask_bias = jnp.where(self.mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None]
+        mask_bias = mask_to_bias(self.mask)
         return mask_bias if position is None else position + mask_bias
+
+
+def mask_to_bias(mask_BQS: jax.Array) -> jax.Array:
+    """[B, Q, S] bool -> [B, 1, Q, S] float32 additive bias (0 or MASK_BIAS)."""
+    return jnp.where(mask_BQS, 0.0, MASK_BIAS).astype(jnp.float32)[:, None]
 
 
 class Attention(nnx.Module):

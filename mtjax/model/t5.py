@@ -28,6 +28,7 @@ from mtjax.model.layers import (
     RelativePositionBias,
     RMSNorm,
     constrain,
+    mask_to_bias,
     resolve_attention,
 )
 from mtjax.model.sizes import T5Config
@@ -41,11 +42,6 @@ _REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "full": None,  # save nothing but the layer inputs
 }
-
-
-def _mask_to_bias(mask_BQS: jax.Array) -> jax.Array:
-    """[B, Q, S] bool -> [B, 1, Q, S] float32 additive bias (0 or MASK_BIAS)."""
-    return jnp.where(mask_BQS, 0.0, MASK_BIAS).astype(jnp.float32)[:, None]
 
 
 def encoder_self_mask(tokens_BS: jax.Array, segment_ids_BS: jax.Array | None) -> jax.Array:
@@ -458,7 +454,7 @@ class T5(nnx.Module):
             cross_k, cross_v = layer.encoder_decoder_attention.keys_values(encoded)
             layers.append({"self_k": zeros_BTHK, "self_v": zeros_BTHK,
                            "cross_k": cross_k, "cross_v": cross_v})
-        cross_bias_B11S = _mask_to_bias((encoder_input_tokens > 0)[:, None, :])
+        cross_bias_B11S = mask_to_bias((encoder_input_tokens > 0)[:, None, :])
         return {"layers": layers, "cross_bias": cross_bias_B11S}
 
     def decode_step(self, decoder_input_tokens: jax.Array, cache: dict,
