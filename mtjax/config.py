@@ -34,7 +34,8 @@ class TrainConfig:
     z_loss: float = 1e-4
     on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
     # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel,
-    # mtjax/kernels; AVX-512 or AVX2, one device); "auto": cpu_fused where it can run, else xla.
+    # mtjax/kernels; AVX-512 or AVX2; needs a vocabulary the mesh rules do not split);
+    # "auto": cpu_fused where it can run, else xla.
     # Same numbers (tested).
     cross_entropy: str = "auto"
 

@@ -159,10 +159,6 @@ def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatc
     assert layers.resolve_attention("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="cannot run: no compiler"):
         layers.resolve_attention("cpu_fused", jnp.float32)
-    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (True, ""))
-    monkeypatch.setattr(jax, "device_count", lambda: 2)  # split over the mesh: still runs
-    assert layers.cpu_fused_attention_problem(jnp.float32) == ""
-    assert "one device" in kernels.cpu_kernel_problem()  # the loss kernel's rule
 
 
 def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
@@ -288,7 +284,7 @@ def test_train_step_with_fused_kernels_equals_xla():
 
 
 def test_auto_cross_entropy_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch):
-    ready = READY and jax.device_count() == 1
+    ready = READY
     assert step_lib.resolve_cross_entropy("auto") == ("cpu_fused" if ready else "xla")
     assert step_lib.resolve_cross_entropy("xla") == "xla"
     monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no compiler"))
@@ -354,6 +350,7 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from mtjax.kernels import attention as kernel_attention
+from mtjax.kernels import cross_entropy as fused_ce
 from mtjax.model import layers
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import step as step_lib
@@ -388,17 +385,60 @@ with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp_tensor")):
         q, k, v, diagonals).as_text()
 out["max_error"] = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
 out["scale"] = [float(np.abs(w).max()) for w in want]
+
+# The loss kernel: each device its own tokens, where the rules keep the vocabulary whole.
+logits = jnp.asarray(rng.normal(size=(8, 6, 301)) * 3, jnp.float32)
+targets = jnp.asarray(rng.integers(0, 301, (8, 6)), jnp.int32)
+probes = [jnp.asarray(rng.normal(size=(8, 6)), jnp.float32) for _ in range(2)]
+
+def loss_value_and_grad(function):
+    def f(x):
+        loss, z, correct = function(x, targets, 1e-2)
+        return jnp.sum(loss * probes[0] + z * probes[1]), correct
+    f = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (value, correct), grad = f(logits)
+    return f, [np.asarray(x) for x in (value, correct, grad)]
+
+def reference_loss(x, targets, z_loss):
+    loss, z = step_lib.cross_entropy_with_z_loss(x, targets, z_loss)
+    return loss, z, (step_lib.first_argmax(x) == targets).astype(jnp.float32)
+
+with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp")):
+    out["loss_auto_fsdp"] = step_lib.resolve_cross_entropy("auto")
+    logits = jax.device_put(logits, NamedSharding(mesh, P(("data", "fsdp"))))
+    f, got = loss_value_and_grad(fused_ce.cross_entropy_with_z_loss)
+    _, want = loss_value_and_grad(reference_loss)
+    out["loss_custom_call_in_hlo"] = "mtjax_cross_entropy_cpu_forward" in f.lower(
+        logits).as_text()
+out["loss_max_error"] = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp_tensor")):
+    out["loss_auto_fsdp_tensor"] = step_lib.resolve_cross_entropy("auto")
+    try:
+        step_lib.resolve_cross_entropy("cpu_fused")
+    except ValueError as e:
+        out["loss_refusal"] = str(e)
 print("RESULT" + json.dumps(out))
 """
 
 
 @needs_kernel
-def test_attention_kernel_runs_split_over_a_mesh(subprocess_python):
-    """On a mesh of 8 CPU devices (data, fsdp and tensor axes), each device runs the kernel on
-    its own batch rows and heads: the same values and gradients as XLA's attention there, the
-    position bias's gradient summed over the batch shards. The loss kernel stays on one device."""
+def test_kernels_run_split_over_a_mesh(subprocess_python):
+    """On a mesh of 8 CPU devices (data, fsdp and tensor axes), each device runs the kernels on
+    its own part: attention on its batch rows and heads, the loss on its tokens. The same
+    values and gradients as XLA's attention and loss there, the position bias's gradient summed
+    over the batch shards. The loss kernel needs whole rows of logits: where the rules split the
+    vocabulary (fsdp_tensor), auto takes XLA's loss and cpu_fused says why."""
     out = json.loads(subprocess_python(SHARDED_ATTENTION, devices=8).stdout.split("RESULT")[1])
-    assert out["auto"] == "cpu_fused" and out["loss_auto"] == "xla"
+    assert out["auto"] == "cpu_fused" and out["loss_auto"] == "cpu_fused"  # no mesh in force
     assert out["custom_call_in_hlo"]
     for error, scale in zip(out["max_error"], out["scale"], strict=True):
         assert error <= 1e-5 * max(1.0, scale)
+    assert out["loss_auto_fsdp"] == "cpu_fused" and out["loss_custom_call_in_hlo"]
+    assert out["loss_max_error"][0] <= 1e-4  # a sum over 48 tokens
+    assert out["loss_max_error"][1] == 0.0  # the same first argmax everywhere
+    assert out["loss_max_error"][2] <= 1e-6
+    assert out["loss_auto_fsdp_tensor"] == "xla"
+    assert out["loss_refusal"] == (
+        "train.cross_entropy=cpu_fused cannot run: it needs whole rows of logits, and the mesh "
+        "rules split the vocabulary over tensor (2 devices); use train.cross_entropy=auto or "
+        "xla")

@@ -8,6 +8,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mtjax import config as config_lib
 from mtjax.data import files as files_lib
 from mtjax.data import knowledge, mixing, objectives, preview, tasks
 from mtjax.data import vocab as vocab_lib
@@ -311,6 +312,15 @@ def test_truncation_warning_names_the_rate():
     assert stats["mtjax_kb_qa"]["truncated"] == 1.0
     (warning,) = warnings
     assert "data.inputs_length=16 truncates 100%" in warning
+
+
+def test_training_prints_the_truncation_warning_once_prefixed(capsys):
+    from mtjax.train import trainer
+
+    trainer._warn_truncation(config_lib.load(None, [
+        "data.mixture=mtjax_kb_qa", "data.inputs_length=16", "data.targets_length=8"]))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: data.inputs_length=16 truncates 100% of mtjax_kb_qa")
 
 
 def test_first_fit_packing_worked_example_and_round_trip():

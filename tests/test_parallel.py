@@ -69,6 +69,10 @@ for name, (data, fsdp, tensor, rules) in meshes.items():
     mesh, rules_table = setup_lib.mesh_and_rules(config, devices=devices)
     setup = setup_lib.build(config, vocab_size=256, num_tasks=2, mesh=mesh, rules=rules_table)
     state = setup.init_state(config.train.seed)
+    # No mesh in force here: the step brings its own (the trainer's loop has one anyway).
+    step_text = setup.step.lower(
+        state, {k: jax.device_put(v, setup.batch_sharding) for k, v in batches[0].items()}
+    ).as_text()
     losses = []
     for batch in batches:
         batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
@@ -82,6 +86,10 @@ for name, (data, fsdp, tensor, rules) in meshes.items():
     report = dry_run(config, vocab_size=256, compile_step=False, mesh=mesh, rules=rules_table)
     results[name] = {
         "losses": losses,
+        "kernel_calls": {kernel: step_text.count(f"mtjax_{kernel}_cpu_forward")
+                         for kernel in ("attention", "cross_entropy")},
+        "split_per_device": step_text.count("manual_computation"),  # shard_map's regions
+        "sharding_constraints": step_text.count("sharding_constraint"),
         "params": {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in params},
         "specs": {jax.tree_util.keystr(k): v for k, v in specs},
         "opt_specs": opt_specs,
@@ -108,6 +116,21 @@ def test_sharded_training_equals_single_device(mesh_runs, mesh):
     for name, value in single["params"].items():
         np.testing.assert_allclose(np.asarray(sharded["params"][name]), np.asarray(value),
                                    rtol=2e-4, atol=2e-6, err_msg=f"{mesh}: {name}")
+
+
+def test_sharded_step_runs_the_cpu_kernels_on_each_devices_part(mesh_runs):
+    """Whatever mesh the caller has in force (none here), the step traces under its own: the
+    model's sharding constraints apply and the CPU kernels run per device (shard_map), the
+    loss kernel wherever the rules keep the vocabulary whole."""
+    from mtjax import kernels
+
+    if not kernels.cpu_kernel_status()[0]:
+        pytest.skip(f"CPU kernels unavailable: {kernels.cpu_kernel_status()[1]}")
+    for name, run in mesh_runs.items():
+        vocab_split = name.endswith("tensor2")
+        assert run["kernel_calls"] == {"attention": 6, "cross_entropy": 0 if vocab_split else 1}
+        if name != "single":
+            assert run["split_per_device"] > 0 and run["sharding_constraints"] > 0, name
 
 
 def test_parameter_shardings_follow_the_rules(mesh_runs):

@@ -177,17 +177,15 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return not reason, reason
 
 
-def cpu_kernel_problem(split_over_mesh: bool = False) -> str:
+def cpu_kernel_problem() -> str:
     """Why the CPU kernels cannot run in this process ('' when they can): they need the CPU
-    backend, a build for this machine (made here on first use) and, unless the caller splits
-    the work over the mesh itself (``split_over_mesh``: attention does, by ``jax.shard_map``),
-    a single device, since XLA cannot split an FFI call."""
+    backend and a build for this machine (made here on first use). On a mesh of several
+    devices the callers split the work themselves (``jax.shard_map``), since XLA cannot split
+    an FFI call."""
     import jax
 
     if jax.default_backend() != "cpu":
         return f"it runs on CPU only (the backend is {jax.default_backend()})"
-    if not split_over_mesh and jax.device_count() != 1:
-        return f"it runs on one device (there are {jax.device_count()})"
     return cpu_kernel_status()[1]
 
 

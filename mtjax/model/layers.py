@@ -537,7 +537,7 @@ def cpu_fused_attention_problem(dtype) -> str:
     # The dtype first on CPU: bfloat16 runs need no kernel build to be told.
     if jax.default_backend() == "cpu" and jnp.dtype(dtype) != jnp.float32:
         return f"it takes float32 activations (model.dtype is {jnp.dtype(dtype).name})"
-    return kernels.cpu_kernel_problem(split_over_mesh=True)
+    return kernels.cpu_kernel_problem()
 
 
 def resolve_attention(kind: str, dtype) -> str:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import config as config_lib
@@ -131,6 +133,18 @@ def _say_why_no_cpu_kernels() -> None:
               f"unavailable here ({why_not})", file=sys.stderr, flush=True)
 
 
+def _traced_under(step_fn: Callable, mesh: Mesh, rules: mesh_lib.AxisRules) -> Callable:
+    """``step_fn`` traced with ``mesh`` and ``rules`` in force whatever the caller's context:
+    the model's sharding constraints and the CPU kernels' per-device split read them while
+    tracing, and without them the step would compile to a different program."""
+
+    def step(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+            return step_fn(state, batch)
+
+    return step
+
+
 def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
           total_steps: int | None = None, mesh: Mesh | None = None,
           rules: mesh_lib.AxisRules | None = None) -> TrainSetup:
@@ -138,15 +152,17 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
     # The attention and loss implementations, resolved now rather than while the step traces:
     # an impossible explicit choice stops here, and mtjax's CPU kernels, where the step will
     # run them, are built before any progress bar starts (seconds, once per machine).
-    try:
-        layers.resolve_attention(config.model.attention, jax.numpy.dtype(config.model.dtype))
-        resolve_cross_entropy(config.train.cross_entropy)
+    if mesh is None or rules is None:
+        mesh, rules = mesh_and_rules(config)
+    try:  # under the mesh: whether the loss kernel fits depends on how it splits the vocabulary
+        with mesh_lib.activate(mesh, rules):
+            layers.resolve_attention(config.model.attention,
+                                     jax.numpy.dtype(config.model.dtype))
+            resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
     if config.train.cross_entropy == "auto":
         _say_why_no_cpu_kernels()
-    if mesh is None or rules is None:
-        mesh, rules = mesh_and_rules(config)
     model_cfg = model_config(config, vocab_size)
     tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps,
                                         per_layer_kind=config.model.scan_layers)
@@ -163,7 +179,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
     # in: the state where its shardings say (params by their logical rules, optimizer state
     # mirroring them), the batch split over the mesh axes of `batch`; out: the same state
     # shardings (so donation reuses the buffers), metrics replicated (scalars, per-task vectors).
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+    jitted = jax.jit(_traced_under(step_fn, mesh, rules),
+                     in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     return TrainSetup(mesh=mesh, rules=rules, model_cfg=model_cfg, model_def=model_def, tx=tx,
                       abstract_state=abstract_state, shardings=shardings,

@@ -78,8 +78,9 @@ def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
 
 def resolve_cross_entropy(kind: str) -> str:
     """The loss implementation ``kind`` (``train.cross_entropy``) stands for: ``"auto"`` is
-    mtjax's fused CPU kernel (``"cpu_fused"``, ``mtjax.kernels``) on one CPU device where it
-    builds, else ``"xla"`` (the functions above).
+    mtjax's fused CPU kernel (``"cpu_fused"``, ``mtjax.kernels``) on CPU where it builds and,
+    on a mesh of several devices (the one in force), where the rules keep the vocabulary whole;
+    else ``"xla"`` (the functions above).
 
     Raises:
         ValueError: ``"cpu_fused"`` asked for where it cannot run (the message says why).
@@ -87,8 +88,9 @@ def resolve_cross_entropy(kind: str) -> str:
     if kind == "xla":
         return kind
     from mtjax import kernels
+    from mtjax.kernels import cross_entropy as fused
 
-    problem = kernels.cpu_kernel_problem()
+    problem = kernels.cpu_kernel_problem() or fused.mesh_problem()
     if kind == "cpu_fused" and problem:
         raise ValueError(f"train.cross_entropy=cpu_fused cannot run: {problem}; "
                          "use train.cross_entropy=auto or xla")

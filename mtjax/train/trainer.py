@@ -317,7 +317,7 @@ def _warn_truncation(config: config_lib.Config) -> None:
     _, warnings = preview.mixture_length_report(config.data.mixture, lengths, n=256,
                                                 seed=config.train.seed)
     for warning in warnings:
-        _log(f"warning: {warning}")
+        _log(warning)  # it starts "warning: "
 
 
 def _finite_only(values: dict[str, float]) -> dict[str, float]:
