@@ -1,6 +1,7 @@
 """Task helpers (files, TFDS, objectives), vocabularies, mixing strategies and data errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -363,3 +364,42 @@ def test_first_fit_packing_worked_example_and_round_trip():
     seqio_rows = len(list(seqio.utils.trim_and_pack_dataset(
         ds.map(lambda ex: dict(ex)), {"inputs": 32, "targets": 16})))
     assert len(rows) < 0.9 * seqio_rows, (len(rows), seqio_rows)  # fuller rows than seqio's
+
+
+def test_tensorflow_startup_notices_are_dropped_and_the_rest_passed_on(capfd, monkeypatch):
+    from mtjax.data import quiet
+
+    notices = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to "
+        "STDERR\n"
+        "I0000 00:00:1796523014.423752    7420 cudart_stub.cc:31] Could not find cuda drivers on "
+        "your machine, GPU will not be used.\n"
+        "E0000 00:00:1796523015.944185    7420 cuda_platform.cc:52] failed call to cuInit: "
+        "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+    other = "E0000 some_op.cc:1] a real problem\n"
+    with quiet.startup_notices_dropped():
+        os.write(2, (notices + other).encode())  # as C++ writes: past sys.stderr
+    assert capfd.readouterr().err == other
+    with pytest.raises(ImportError), quiet.startup_notices_dropped():
+        os.write(2, notices.encode())
+        raise ImportError("broken TF")
+    assert capfd.readouterr().err == notices  # a failure shows everything
+    monkeypatch.setenv("MTJAX_TF_NOTICES", "1")
+    with quiet.startup_notices_dropped():
+        os.write(2, notices.encode())
+    assert capfd.readouterr().err == notices
+
+
+def test_seqio_advice_that_does_not_apply_is_dropped(caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
+    from mtjax.data import quiet
+
+    assert any(isinstance(f, quiet.SeqioAdviceFilter) for f in logging.getLogger("absl").filters)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl_logging.warning("'logger_cls' is empty so seqio.Evaluator will not log its results.")
+        absl_logging.warning("Using an uncached FunctionDataset for training is not recommended")
+        absl_logging.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

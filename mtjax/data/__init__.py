@@ -4,12 +4,16 @@ Importing this package imports TensorFlow; no other mtjax package may. TensorFlo
 accelerators so that it does not reserve GPU memory that JAX needs.
 """
 
-import tensorflow as tf
+from mtjax.data import quiet
 
-try:  # Why: TF grabs every visible GPU on first use; the input pipeline runs on the host CPU.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # Devices were already initialised by someone else; nothing to do.
-    pass
+quiet.drop_seqio_advice()
+with quiet.startup_notices_dropped():
+    import tensorflow as tf
+
+    try:  # Why: TF grabs every visible GPU on first use; the input pipeline runs on the host.
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # Devices were already initialised by someone else; nothing to do.
+        pass
 
 from mtjax.data import builtin  # noqa: E402,F401  (registers the built-in tasks and mixture)
 from mtjax.data.builtin import DEFAULT_MIXTURE  # noqa: E402

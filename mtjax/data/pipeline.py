@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,21 +29,6 @@ BATCH_KEYS = (
     "decoder_positions",  # [B, L_dec] position within its example
     "decoder_task_ids",  # [B, L_dec] i + 1 for task_names[i], 0 on padding
 )
-
-
-class _NoUncachedSourceWarning(logging.Filter):
-    """Drops seqio's warning about uncached FunctionDataSources, printed once per task.
-
-    Why: it advises caching against poor shuffling across restarts; here sources are in memory,
-    the Task shuffles examples, and the iterator position is checkpointed, so restarts resume
-    the exact stream and the advice does not apply.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "uncached FunctionDataset" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_NoUncachedSourceWarning())
 
 
 class UnknownTaskError(UserError, ValueError):
