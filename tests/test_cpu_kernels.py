@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -180,14 +181,25 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
     if not READY:
         pytest.skip(f"no kernel build here: {WHY_NOT}")
+    # Left by other versions: builds unused for 30 days and a killed build's partial file go
+    # when a new build is made; a recent build and files not named as mtjax names them stay.
+    month_ago = time.time() - 31 * 86400
+    for name in ("cpu_kernels-avx512-0123456789abcdef.so", "cpu_kernels-avx2-old.so",
+                 "cpu_kernels-avx2-x.so1a2b.partial", "someone_elses.so"):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (month_ago, month_ago))
+    (tmp_path / "cpu_kernels-avx2-recent.so").write_bytes(b"x")
     capsys.readouterr()
     path = kernels.build()
     assert path.parent == tmp_path and path.stat().st_size > 0
     assert f"building its CPU kernels for avx2 into {tmp_path}" in capsys.readouterr().err
-    built_at = path.stat().st_mtime_ns
-    assert kernels.build() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [path.name, "cpu_kernels-avx2-recent.so", "someone_elses.so"])  # no partial file left
+    os.utime(path, (month_ago, month_ago))
+    built = path.stat().st_ino
+    assert kernels.build() == path and path.stat().st_ino == built  # not rebuilt
     assert capsys.readouterr().err == ""  # and silent
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
+    assert path.stat().st_mtime > month_ago + 86400  # but marked as used
     assert os.access(path, os.R_OK)
 
 

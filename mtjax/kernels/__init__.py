@@ -14,7 +14,8 @@ AVX-512 machine.
 The shared library is cached under ``$MTJAX_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/mtjax/kernels``, else ``~/.cache/mtjax/kernels``), named by a hash of the
 source, the compiler command and jaxlib's version, and written atomically, so concurrent
-processes (multi-host runs on one machine) never load a half-written file.
+processes (multi-host runs on one machine) never load a half-written file. A new build removes
+the builds no process has used for 30 days (other versions of mtjax, jaxlib or the compiler).
 ``MTJAX_CPU_KERNELS=0`` turns the kernels off.
 """
 
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "attention_cpu.cc", _HERE / "cross_entropy_cpu.cc")
@@ -129,6 +131,7 @@ def build(compiler: str | None = None) -> pathlib.Path:
     include_dir = jax.ffi.include_dir()
     target = _library_path(compiler, flags, isa, include_dir)
     if target.exists():
+        _mark_used(target)
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +154,34 @@ def build(compiler: str | None = None) -> pathlib.Path:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    _prune(target.parent, keep=target)
     return target
+
+
+# Builds unused this long are removed when another is made (other mtjax or jaxlib versions,
+# compilers, instruction sets); a build in use is marked at every start (_mark_used).
+UNUSED_BUILD_DAYS = 30
+
+
+def _mark_used(library: pathlib.Path) -> None:
+    try:
+        os.utime(library)
+    except OSError:  # a read-only cache: nothing is pruned from it either
+        pass
+
+
+def _prune(cache: pathlib.Path, keep: pathlib.Path) -> None:
+    """Remove mtjax's kernel builds unused for UNUSED_BUILD_DAYS from ``cache``, and partial
+    files a killed build left over a day ago; only files named as mtjax names them."""
+    now = time.time()
+    for pattern, max_age_s in (("cpu_kernels-*.so", UNUSED_BUILD_DAYS * 86400),
+                               ("cpu_kernels-*.partial", 86400)):
+        for path in cache.glob(pattern):
+            try:
+                if path != keep and now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+            except OSError:  # gone already (another process pruned it) or not ours to remove
+                pass
 
 
 @functools.cache
