@@ -55,6 +55,35 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     assert result["cpu_kernel_isa"] in (("avx512", "avx2") if ready else (None,))
 
 
+WITHOUT_TENSORFLOW = """
+import importlib.abc, json, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("seqio", "tensorflow", "tensorflow_datasets", "tensorflow_text"):
+            raise ImportError(f"{name} is not installed here")
+
+sys.meta_path.insert(0, Absent())
+try:
+    import seqio
+    raise SystemExit("the blocker let seqio through")
+except ImportError:
+    pass
+from mtjax import cli
+code = cli.main(["bench", "train", "--smoke"])
+assert not [m for m in sys.modules if m.split(".")[0] in ("seqio", "tensorflow")]
+print("EXIT", code)
+"""
+
+
+def test_bench_train_runs_without_seqio_or_tensorflow(subprocess_python):
+    """The GPU machines carry jax, flax, optax and orbax but no SeqIO or TensorFlow: the model,
+    the train step and `mtjax bench train` must not need them."""
+    out = subprocess_python(WITHOUT_TENSORFLOW).stdout
+    result = json.loads(out[:out.rindex("EXIT")])
+    assert out.rstrip().endswith("EXIT 0") and _positive(result["tokens_per_s"])
+
+
 def test_kernel_cost_per_step_divides_the_difference():
     assert report.kernel_cost_per_step((100, 1.5), (700, 2.7), 4) == pytest.approx(
         {"page_faults": 150.0, "kernel_cpu_s": 0.3})
