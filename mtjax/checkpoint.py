@@ -10,6 +10,7 @@ incomplete or unreadable anyway (copied half-way, disk full, files lost) is move
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import sys
@@ -27,6 +28,27 @@ from mtjax.errors import UserError
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the run; the message says which."""
+
+
+# The items of a step directory (the CheckpointManager's item_handlers below, plus the metrics
+# best_fn makes it keep).
+ITEMS = ("state", "data", "config", "metrics")
+
+
+class _ItemMetadataExpected(logging.Filter):
+    """Orbax warns "Metadata file does not exist" for any directory restored without its own
+    _CHECKPOINT_METADATA; that file sits in the step directory, so restoring one item of a step
+    (the parameters for eval, infer, score, conversion; the config) always warned. A step
+    directory without it still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Metadata file does not exist: "):
+            return True
+        metadata_file = pathlib.PurePath(record.getMessage().split(": ", 1)[1])
+        return metadata_file.parent.name not in ITEMS
+
+
+logging.getLogger("absl").addFilter(_ItemMetadataExpected())
 
 
 class Checkpointable(Protocol):

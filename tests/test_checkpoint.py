@@ -3,6 +3,7 @@ step), incomplete or unreadable checkpoints skipped with a message, keep-latest-
 `mtjax checkpoints` listing, and restore onto another mesh."""
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -235,3 +236,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Every update from step 3 on is non-finite and skipped: parameters stay those of step 2.
     for a, b in zip(_params(tmp_path / "skip", 5), _params(tmp_path / "skip", 2), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_only_a_step_directory_missing_its_metadata_warns(caplog):
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        for where in ("20/state", "20/config", "20"):
+            absl_logging.warning("Metadata file does not exist: run/checkpoints/%s/"
+                                 "_CHECKPOINT_METADATA", where)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Metadata file does not exist: run/checkpoints/20/_CHECKPOINT_METADATA"]
