@@ -75,6 +75,13 @@ def mesh_problem() -> str:
             f"{'×'.join(axes)} ({devices} devices)")
 
 
+def devices_share_a_process() -> bool:
+    """Whether the mesh in force puts several devices in this process (fake CPU devices, as
+    tests make them), where ``train.cross_entropy=auto`` does not pick the kernel."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1 and jax.local_device_count() > 1
+
+
 def _under_mesh(function, token_spec, in_extra, out_extra):
     """``function`` run per device on its own tokens: [B, L, ...] operands split by
     ``token_spec`` (None: as it is). ``in_extra``/``out_extra``: each operand's and result's
