@@ -275,11 +275,13 @@ def _process_with_id(process_id: int) -> int | None:
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_all_hosts_at_one_step(tmp_path):
     """SIGTERM to process 1 only: both processes save the same step (JAX's preemption sync
-    point) and the launcher exits 42; the next run resumes from that step."""
+    point) and the launcher exits 42; the next run resumes from that step. One device per
+    process, as on a real CPU cluster: the step runs both CPU kernels split over the
+    processes where they build."""
     import time
 
     workdir = tmp_path / "run"
-    env = dict(os.environ, MTJAX_LOCAL_DEVICES="4", MTJAX_LOG_DIR=str(tmp_path),
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="2", MTJAX_LOG_DIR=str(tmp_path),
                MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
     args = ["--workdir", str(workdir), "--no-progress", *TINY, "train.batch_size=4",
             "train.steps=500", "log.every_steps=1", "log.tensorboard=false",
