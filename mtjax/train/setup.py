@@ -138,8 +138,11 @@ def _traced_under(step_fn: Callable, mesh: Mesh, rules: mesh_lib.AxisRules) -> C
     the model's sharding constraints and the CPU kernels' per-device split read them while
     tracing, and without them the step would compile to a different program."""
 
+    # jax 0.11 also exports it at the top level; jax.sharding's name is the one 0.10 has.
+    use_abstract_mesh = getattr(jax, "use_abstract_mesh", None) or jax.sharding.use_abstract_mesh
+
     def step(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+        with use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
             return step_fn(state, batch)
 
     return step
