@@ -258,6 +258,112 @@ def test_two_processes_train_as_one_run(tmp_path):
     assert records[-1]["loss"] < 1.2 * hosts[0][-1]["loss"]
 
 
+# Run by launch/local_multiprocess.sh in place of mtjax (its "train ..." arguments ignored): both
+# CPU kernels and the XLA paths on the same global arrays, split over the processes.
+KERNELS_OVER_PROCESSES = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mtjax.parallel import distributed
+distributed.initialize_from_env()
+from mtjax.kernels import attention as kernel_attention
+from mtjax.kernels import cross_entropy as fused_ce
+from mtjax.model import layers
+from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import step as step_lib
+
+rng = np.random.default_rng(0)  # the same global arrays in every process
+b, q_len, s_len, h, d = 4, 24, 40, 4, 16
+host = {"q": rng.normal(size=(b, q_len, h, d)) * 0.5, "k": rng.normal(size=(b, s_len, h, d)) * 0.5,
+        "v": rng.normal(size=(b, s_len, h, d)) * 0.5, "probe": rng.normal(size=(b, q_len, h, d))}
+diagonals_host = rng.normal(size=(h, q_len + s_len - 1))
+mask_host = rng.random((b, q_len, s_len)) > 0.3
+logits_host = rng.normal(size=(b, 6, 301)) * 3
+targets_host = rng.integers(0, 301, (b, 6))
+probes_host = rng.normal(size=(2, b, 6))
+
+mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(jax.device_count(), 1, 1))
+rows = slice(jax.process_index() * b // jax.process_count(),
+             (jax.process_index() + 1) * b // jax.process_count())
+def split(x, dtype=jnp.float32):  # batch over the processes, each giving its own rows
+    spec = P("data", *(None,) * (x.ndim - 1))
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
+                                                  np.asarray(x[rows], dtype))
+def replicated(x, dtype=jnp.float32):
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x, dtype))
+q, k, v, probe = (split(host[n]) for n in ("q", "k", "v", "probe"))
+diagonals, mask = replicated(diagonals_host), split(mask_host, jnp.bool_)
+logits, targets = split(logits_host), split(targets_host, jnp.int32)
+probes = split(np.moveaxis(probes_host, 0, 1))  # [B, 2, L]
+
+def local(x):
+    return np.concatenate([np.asarray(s.data) for s in x.addressable_shards]) if not \\
+        x.sharding.is_fully_replicated else np.asarray(x.addressable_data(0))
+
+out = {"process": jax.process_index(), "local_devices": jax.local_device_count()}
+with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp")):
+    out["attention"] = layers.resolve_attention("auto", jnp.float32)
+    out["loss"] = step_lib.resolve_cross_entropy("auto")
+    def attention_grads(attend):
+        def objective(q, k, v, dg, mask, probe):
+            return jnp.sum(attend(q, k, v, dg, mask) * probe)
+        f = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3)))
+        value, grads = f(q, k, v, diagonals, mask, probe)
+        return f, [local(value), *map(local, grads)]
+    f, got = attention_grads(kernel_attention.cpu_attention)
+    _, want = attention_grads(lambda q, k, v, dg, mask: layers.softmax_attention(
+        q, k, v, layers.AttentionBias(None, mask, position_diagonals=dg).dense(q_len, s_len)))
+    out["attention_in_hlo"] = "mtjax_attention_cpu_forward" in f.lower(
+        q, k, v, diagonals, mask, probe).as_text()
+    out["attention_errors"] = [float(np.abs(g - w).max() / max(1.0, np.abs(w).max()))
+                               for g, w in zip(got, want)]
+    def loss_grads(function):
+        def objective(x, targets, probes):
+            loss, z, correct = function(x, targets, 1e-2)
+            return jnp.sum(loss * probes[:, 0] + z * probes[:, 1]), correct
+        f = jax.jit(jax.value_and_grad(objective, has_aux=True))
+        (value, correct), grad = f(logits, targets, probes)
+        return f, [local(value), local(correct), local(grad)]
+    def reference(x, t, z_loss):
+        loss, z = step_lib.cross_entropy_with_z_loss(x, t, z_loss)
+        return loss, z, (step_lib.first_argmax(x) == t).astype(jnp.float32)
+    f, got = loss_grads(lambda x, t, z: fused_ce.cross_entropy_with_z_loss(x, t, z))
+    _, want = loss_grads(reference)
+    out["loss_in_hlo"] = "mtjax_cross_entropy_cpu_forward" in f.lower(
+        logits, targets, probes).as_text()
+    out["loss_errors"] = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+def test_cpu_kernels_split_over_processes_equal_xla(tmp_path):
+    """Two processes with one CPU device each (a CPU cluster's layout), gloo between them:
+    auto picks both kernels, each process runs them on its own batch rows, and the values and
+    gradients equal XLA's attention and loss, the position bias's gradient summed across the
+    processes."""
+    from mtjax import kernels
+
+    if not kernels.cpu_kernel_status()[0]:
+        pytest.skip(f"CPU kernels unavailable: {kernels.cpu_kernel_status()[1]}")
+    script = tmp_path / "kernels_over_processes.py"
+    script.write_text(KERNELS_OVER_PROCESSES)
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="2", MTJAX_LOG_DIR=str(tmp_path),
+               MTJAX_BIN=f"{sys.executable} {script}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [proc.stdout, (tmp_path / "mtjax_process_1.log").read_text()]
+    results = [json.loads(out.split("RESULT", 1)[1].splitlines()[0]) for out in outputs]
+    assert [r["process"] for r in results] == [0, 1]
+    for r in results:
+        assert r["local_devices"] == 1
+        assert (r["attention"], r["loss"]) == ("cpu_fused", "cpu_fused")
+        assert r["attention_in_hlo"] and r["loss_in_hlo"]
+        assert max(r["attention_errors"]) <= 1e-5  # relative to each output's largest value
+        assert r["loss_errors"][0] <= 1e-4 and r["loss_errors"][1] == 0.0
+        assert r["loss_errors"][2] <= 1e-6
+
+
 def _process_with_id(process_id: int) -> int | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
