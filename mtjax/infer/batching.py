@@ -10,13 +10,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from mtjax.model import layers
 from mtjax.parallel import mesh as mesh_lib
 
 
 def batch_shards(mesh: Mesh, rules: mesh_lib.AxisRules) -> int:
     """How many ways the ``batch`` rule splits rows on ``mesh``: batches pad to a multiple."""
-    spec = mesh_lib.logical_to_spec(("batch",), rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    axes = layers.mesh_axes(mesh_lib.logical_to_spec(("batch",), rules)[0])
     return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
 
 

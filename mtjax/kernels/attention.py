@@ -79,12 +79,11 @@ class _Split(NamedTuple):
 def _split(q_BQHK, diagonals_HR, mask_BQS) -> _Split | None:
     """The split the mesh and logical rules in force give (``layers.logical_spec``), or None
     where there is no mesh of several devices."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if layers.multi_device_mesh() is None:
         return None
     # Whole rows of queries and keys per device: the kernel needs every key of a row.
     batch, _, heads, _ = layers.logical_spec(("batch", None, "heads", None))
-    batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    batch_axes = layers.mesh_axes(batch)
     mask_batch = batch if mask_BQS.shape[0] == q_BQHK.shape[0] > 1 else None
     return _Split(qkv=PartitionSpec(batch, None, heads, None),
                   stats=PartitionSpec(batch, heads, None, None),

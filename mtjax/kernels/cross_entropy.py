@@ -54,8 +54,7 @@ def _backward_call(exps_BLV, targets_BL, stats_BL2, d_loss_BL, d_z_BL, z_loss):
 def _token_spec() -> PartitionSpec | None:
     """How the mesh and logical rules in force split [batch, length] (``layers.logical_spec``),
     or None where there is no mesh of several devices."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if layers.multi_device_mesh() is None:
         return None
     return layers.logical_spec(("batch", "length"))
 
@@ -63,11 +62,10 @@ def _token_spec() -> PartitionSpec | None:
 def mesh_problem() -> str:
     """Why the kernel cannot take the logits on the mesh in force ('' when it can): it needs
     each token's whole row of logits, so the vocabulary must not be split over devices."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = layers.multi_device_mesh()
+    if mesh is None:
         return ""
-    axes = layers.logical_spec(("vocab",))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = layers.mesh_axes(layers.logical_spec(("vocab",))[0])
     devices = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if devices == 1:
         return ""
@@ -78,8 +76,7 @@ def mesh_problem() -> str:
 def devices_share_a_process() -> bool:
     """Whether the mesh in force puts several devices in this process (fake CPU devices, as
     tests make them), where ``train.cross_entropy=auto`` does not pick the kernel."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and mesh.size > 1 and jax.local_device_count() > 1
+    return layers.multi_device_mesh() is not None and jax.local_device_count() > 1
 
 
 def _under_mesh(function, token_spec, in_extra, out_extra):

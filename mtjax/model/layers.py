@@ -41,6 +41,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
+def mesh_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes a rules target or a PartitionSpec entry names (none, one or several)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def multi_device_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh in force when it has several devices (work to split over them), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
 def logical_spec(names: Sequence[str | None]) -> PartitionSpec | None:
     """The PartitionSpec of logical axis ``names`` on the active mesh, or None without one.
 
@@ -55,8 +66,7 @@ def logical_spec(names: Sequence[str | None]) -> PartitionSpec | None:
     used: set[str] = set()
     spec = []
     for name in names:
-        target = rules.get(name) if name is not None else None
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        axes = mesh_axes(rules.get(name) if name is not None else None)
         axes = tuple(a for a in axes if a in mesh.axis_names and a not in used)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)

@@ -38,8 +38,7 @@ def mesh_and_rules(config: config_lib.Config,
 
 def check_batch_divides(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> None:
     """The global batch (per microbatch) must split evenly over the mesh axes of ``batch``."""
-    batch_axes = dict(rules).get("batch") or ()
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    batch_axes = layers.mesh_axes(dict(rules).get("batch"))
     shards = 1
     for axis in batch_axes:
         shards *= mesh.shape[axis]
@@ -61,8 +60,8 @@ def check_params_divide(abstract_params: Any, shardings: Any, model_name: str) -
     deep inside compilation)."""
     flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
-        for dim, axes in zip(leaf.shape, sharding.spec, strict=False):
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        for dim, entry in zip(leaf.shape, sharding.spec, strict=False):
+            axes = layers.mesh_axes(entry)
             parts = 1
             for axis in axes:
                 parts *= sharding.mesh.shape[axis]
