@@ -22,7 +22,6 @@ from mtjax.bench import report
 from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
-from mtjax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +146,7 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         options.matmul_size)
     # The table peak is per chip; the step runs on all of them.
     peak_total = peak * (jax.device_count() if peak_source == "table" else 1)
-    with mesh_lib.activate(mesh, rules):  # as the step resolved them
-        attention_kernel = layers.resolve_attention(config.model.attention,
-                                                    jax.numpy.dtype(config.model.dtype))
-        cross_entropy_kernel = step_lib.resolve_cross_entropy(config.train.cross_entropy)
+    attention_kernel, cross_entropy_kernel = setup.attention_kernel, setup.cross_entropy_kernel
     uses_cpu_kernels = "cpu_fused" in (attention_kernel, cross_entropy_kernel)
     return {
         "benchmark": "train",

@@ -98,6 +98,8 @@ class TrainSetup:
     shardings: state_lib.TrainState  # NamedShardings
     batch_sharding: NamedSharding
     step: Any  # jax.jit(step_fn) with in/out shardings and donation
+    attention_kernel: str  # what model.attention resolved to on this mesh ("cpu_fused", ...)
+    cross_entropy_kernel: str  # what train.cross_entropy resolved to on this mesh
 
     def target(self) -> state_lib.TrainState:
         """Abstract state carrying its shardings: what Orbax restores onto."""
@@ -158,9 +160,9 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         mesh, rules = mesh_and_rules(config)
     try:  # under the mesh: whether the loss kernel fits depends on how it splits the vocabulary
         with mesh_lib.activate(mesh, rules):
-            layers.resolve_attention(config.model.attention,
-                                     jax.numpy.dtype(config.model.dtype))
-            resolve_cross_entropy(config.train.cross_entropy)
+            attention_kernel = layers.resolve_attention(config.model.attention,
+                                                        jax.numpy.dtype(config.model.dtype))
+            cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
     if config.train.cross_entropy == "auto":
@@ -175,7 +177,7 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         model_def, tx, schedule, num_tasks=num_tasks, z_loss=config.train.z_loss,
         microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
         seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip",
-        cross_entropy=config.train.cross_entropy)
+        cross_entropy=cross_entropy_kernel)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     # in: the state where its shardings say (params by their logical rules, optimizer state
@@ -186,4 +188,6 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     return TrainSetup(mesh=mesh, rules=rules, model_cfg=model_cfg, model_def=model_def, tx=tx,
                       abstract_state=abstract_state, shardings=shardings,
-                      batch_sharding=batch_sharding, step=jitted)
+                      batch_sharding=batch_sharding, step=jitted,
+                      attention_kernel=attention_kernel,
+                      cross_entropy_kernel=cross_entropy_kernel)
