@@ -42,7 +42,10 @@ def _wait_for_step_and_checkpoint(proc, run_dir, step, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        committed = list((run_dir / "checkpoints").glob("*/commit_success.txt"))
+        # Orbax writes commit_success.txt into its temporary directory and only then renames
+        # it to the step's name: a kill in between leaves no checkpoint, so wait for the name.
+        committed = [p for p in (run_dir / "checkpoints").glob("*/commit_success.txt")
+                     if p.parent.name.isdigit()]
         if committed and metrics_file.exists():
             steps = [json.loads(x)["step"] for x in metrics_file.read_text().splitlines() if x]
             if steps and steps[-1] >= step:
