@@ -38,6 +38,10 @@ class TrainConfig:
     # "auto": cpu_fused where it can run, else xla.
     # Same numbers (tested).
     cross_entropy: str = "auto"
+    # JAX's persistent compilation cache, so a restarted run loads its compiled step instead of
+    # compiling it again: "auto" (~/.cache/mtjax/jax on GPU and TPU, none on CPU, or JAX's own
+    # JAX_COMPILATION_CACHE_DIR where set), "off", or a directory (any backend).
+    compilation_cache: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +256,11 @@ def validate(config: Config) -> Config:
     for key in ("eval.batch_size", "eval.beam_size"):
         if get(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be positive, got {get(config, key)}")
+    cache = config.train.compilation_cache
+    if not cache.strip() or (cache not in ("auto", "off") and "://" not in cache
+                             and pathlib.Path(cache).expanduser().is_file()):
+        raise ConfigError(f"config key 'train.compilation_cache' must be 'auto', 'off' or a "
+                          f"directory, got {cache!r}")
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "

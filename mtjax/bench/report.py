@@ -90,6 +90,10 @@ def environment() -> dict[str, Any]:
         # The command line asks glibc for huge pages (malloc_env.py); record what was in force.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "transparent_hugepage": malloc_env.transparent_hugepage_mode(),
+        # Set (JAX_COMPILATION_CACHE_DIR, or a caller's jax.config): compile_s may then be a
+        # load from JAX's persistent cache rather than a compilation.
+        "compilation_cache_dir": (jax.config.jax_compilation_cache_dir
+                                  if jax.config.jax_enable_compilation_cache else None),
     }
 
 

@@ -32,6 +32,9 @@ def load(args: argparse.Namespace):
     from mtjax.infer import load as load_lib
 
     model = load_lib.load(args.checkpoint)
+    from mtjax import compile_cache
+
+    compile_cache.enable(model.config.train.compilation_cache)  # the run's own setting
     if args.tasks_module:
         from mtjax.data import tasks as tasks_lib
 

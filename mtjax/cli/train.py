@@ -91,6 +91,8 @@ def _print_summary(result) -> None:
                             if key.startswith(f"eval/{task}/"))
             lines.append(f"  {task:<28} loss {m[f'loss/{task}']:.4f}  "
                          f"accuracy {m[f'accuracy/{task}']:.3f}{evals}")
+    if result.compilation_cache is not None and result.compilation_cache.directory:
+        lines.append(result.compilation_cache.describe())
     wd = result.workdir.absolute()
     lines.append(f"run directory {wd}: config.json, metrics.jsonl, summary.json, tensorboard/, "
                  f"checkpoints/")

@@ -86,6 +86,8 @@ def dry_run(config: config_lib.Config, vocab_size: int | None = None,
             start = time.perf_counter()
             compiled = setup.step.lower(setup.target(), batch).compile()
             report["compile_s"] = time.perf_counter() - start
+        # Where set, compile_s may be a load from JAX's persistent cache.
+        report["compilation_cache_dir"] = bench_report.environment()["compilation_cache_dir"]
         report["compiled_memory_per_device"] = bench_report.compiled_memory(compiled)
     return report
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mtjax import compile_cache
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
 from mtjax.errors import TrainingError
@@ -44,6 +45,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     task_names: list[str]
+    compilation_cache: compile_cache.CacheUse | None = None
 
 
 def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train",
@@ -145,6 +147,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     # --- Mesh ---------------------------------------------------------------------------------
     mesh, rules = setup_lib.mesh_and_rules(config)
     _log(mesh_lib.describe(mesh))
+    cache_use = compile_cache.enable(config.train.compilation_cache)
 
     # --- Data ---------------------------------------------------------------------------------
     per_host_batch = config.train.batch_size // jax.process_count()
@@ -286,7 +289,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
         tokens_per_s=total_tokens / loop_s if loop_s > 0 else 0.0,
-        wall_s=time.time() - t_start, task_names=task_names)
+        wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use)
     _write_summary(result)
     return result
 
@@ -353,4 +356,6 @@ def _write_summary(result: TrainResult) -> None:
         "checkpoints": str(result.workdir.absolute() / "checkpoints"),
         "metrics_jsonl": str(result.workdir.absolute() / "metrics.jsonl"),
     }
+    if result.compilation_cache is not None:
+        summary["compilation_cache"] = result.compilation_cache.to_json()
     (result.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
