@@ -232,3 +232,24 @@ def test_flop_formula_near_xla_cost_analysis():
     # XLA also counts elementwise work (softmax, norms, GELU): a loose factor only.
     formula = sizes.train_flops_per_step(cfg, b, s, t)
     assert 0.5 < xla_flops / formula < 3.0, (xla_flops, formula)
+
+
+def test_gpu_attention_variants_ragged_layout_means_the_segment_mask():
+    """benchmarks/gpu/attention_variants.py hands cuDNN packed rows as per-row segment offsets
+    and lengths; they must mean mtjax's segment mask (the GPU run only times and compares)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu" / "attention_variants.py"
+    spec = importlib.util.spec_from_file_location("attention_variants", path)
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    ids = np.array([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]], np.int32)
+    offsets, lengths = variants.offsets_and_lengths(ids, 4)
+    np.testing.assert_array_equal(offsets, [[0, 2, -1, -1, -1], [0, 1, 2, -1, -1]])
+    np.testing.assert_array_equal(lengths, [[2, 3, -1, -1], [1, 1, 2, -1]])
+    for causal in (False, True):
+        np.testing.assert_array_equal(
+            variants.mask_from_ragged(offsets, lengths, offsets, lengths, 6, 6, causal),
+            variants.segment_mask(ids, ids, causal))
+    variants.check_offsets()  # random packed rows, self- and cross-attention, causal or not

@@ -7,7 +7,8 @@
 # benchmark fails with the image's packages, the wheels in .whl/ (flax, optax, orbax-checkpoint
 # at the versions pyproject.toml pins; fetched beforehand with `pip download`, see
 # benchmarks/README.md) are installed into /tmp/site and the smoke test runs again.
-# SKIP_SMOKE=1 goes straight to the sweep. Budget: smoke about 30 s, then sweep.py stops starting work at DEADLINE seconds (default 330).
+# SKIP_SMOKE=1 goes straight to the sweep; ATTENTION_TIMEOUT=75 first runs attention_variants.py
+# for at most that many seconds. Budget: smoke about 30 s, then sweep.py stops starting work at DEADLINE seconds (default 330).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -33,6 +34,12 @@ if [[ -z "${SKIP_SMOKE:-}" ]] && ! smoke 2>"$OUT/smoke.log"; then
   fi
 fi
 grep -E "tokens_per_s|mfu|compile_s" "$OUT/smoke.json" 2>/dev/null | head -4
+
+# cuDNN attention alone, in the ways mtjax could pass T5's bias and packing (attention_variants.py).
+if [[ "${ATTENTION_TIMEOUT:-0}" != 0 ]]; then
+  timeout "$ATTENTION_TIMEOUT" python3 benchmarks/gpu/attention_variants.py --out-dir "$OUT" 2>&1 \
+    | grep --line-buffered -v -E "^(WARNING|I[0-9]{4}|W[0-9]{4})" | cut -c1-300
+fi
 
 timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/gpu/sweep.py --out-dir "$OUT" \
   --deadline-s "${DEADLINE:-330}" >"$OUT/sweep.log" 2>&1 &
