@@ -67,9 +67,15 @@ def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run):
     from mtjax.train import trainer
 
     workdir, _ = trained_run
-    cfg = tiny_config("train.steps=30", "checkpoint.every_steps=10")
-    result = trainer.train(cfg, workdir, progress=False)
-    assert result.start_step == 30 and result.step == 30
+    before = {name: (workdir / name).read_text() for name in ("summary.json", "config.json")}
+    # A finished run asked again (with fewer steps, too) trains nothing and rewrites nothing:
+    # its summary keeps the final metrics.
+    for steps in (30, 5):
+        cfg = tiny_config(f"train.steps={steps}", "checkpoint.every_steps=10")
+        result = trainer.train(cfg, workdir, progress=False)
+        assert result.start_step == 30 and result.step == 30
+        assert result.metrics["step"] == 30 and result.metrics["loss"] > 0
+        assert {name: (workdir / name).read_text() for name in before} == before
 
 
 def test_changed_model_refuses_to_resume(trained_run):
@@ -80,5 +86,7 @@ def test_changed_model_refuses_to_resume(trained_run):
     cfg = dataclasses.replace(
         tiny_config("train.steps=40"),
         model=dataclasses.replace(tiny_config().model, name="t5_1_1_tiny"))
+    config_json = (workdir / "config.json").read_text()
     with pytest.raises(CheckpointError, match="model.name"):
         trainer.train(cfg, workdir, progress=False)
+    assert (workdir / "config.json").read_text() == config_json  # the refusal changed nothing

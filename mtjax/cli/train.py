@@ -77,8 +77,8 @@ def _dry_run(config: config_lib.Config) -> int:
 def _print_summary(result) -> None:
     import jax
 
-    if jax.process_index() != 0:
-        return
+    if jax.process_index() != 0 or result.step == result.start_step:
+        return  # nothing was trained (the trainer said so)
     m = result.metrics
     lines = [f"\ntrained steps {result.start_step} -> {result.step} in {result.wall_s:.0f}s, "
              f"{result.tokens_per_s:.0f} tokens/s"]

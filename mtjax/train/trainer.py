@@ -167,8 +167,6 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
          f"mixture {config.data.mixture}: {', '.join(task_names)}")
 
     config_dict = config_lib.to_dict(config)
-    if jax.process_index() == 0:
-        config_lib.dump(config, workdir / "config.json")
 
     # --- State: 1. resume > 2. warm start > 3. scratch -----------------------------------------
     ck = config.checkpoint
@@ -193,6 +191,21 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
             state = state.replace(params=restore_params(init_from, target.params))
             _log(f"initialised weights from {init_from}")
     start_step = int(jax.device_get(state.step))
+    if start_step >= config.train.steps:
+        # A finished run asked again: nothing to train, and its summary and config stay as
+        # they are (rewriting them would erase the final metrics).
+        checkpoints.close()
+        _log(f"nothing to train: the run is at step {start_step} and train.steps is "
+             f"{config.train.steps}; raise train.steps to continue it")
+        records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
+            workdir / "metrics.jsonl").exists() else []
+        return TrainResult(workdir=workdir, start_step=start_step, step=start_step,
+                           metrics=records[-1] if records else {}, tokens_per_s=0.0,
+                           wall_s=time.time() - t_start, task_names=task_names,
+                           compilation_cache=cache_use)
+    # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
+    if jax.process_index() == 0:
+        config_lib.dump(config, workdir / "config.json")
 
     jitted, batch_sharding = setup.step, setup.batch_sharding
     evaluator = None
