@@ -386,3 +386,28 @@ def test_bench_decode_smoke():
                                                    "beam4_b64"]
     assert all(c["tokens_per_s"] > 0 for c in result["cases"])
     assert result["model"] == "t5_1_1_test" and result["num_params"] == sizes.count_params(BASE)
+
+
+def test_infer_with_a_task_checks_the_fields_its_source_yields(trained_run, tmp_path, capsys):
+    """--task runs the task's preprocessing on each record: a record without the fields the
+    task's data source yields is one line naming them (exit 2), not a TensorFlow traceback."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"inputs": "bada"}) + "\n")
+    code, stdout, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(good),
+                              "--task", "mtjax_copy", "--max-decode-length", "6",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["inputs"] == "bada"
+    for record, problem in (({"text": "bada"}, "record 1 lacks field 'inputs'"),
+                            ({"inputs": 3}, "record 1 has a wrongly typed field 'inputs'")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(record) + "\n")
+        code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(bad),
+                             "--task", "mtjax_copy", "--no-progress"], capsys)
+        assert code == 2 and problem in err and "'mtjax_copy' reads 'inputs' (string)" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"inputs": 3}) + "\n")
+    code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(plain),
+                         "--no-progress"], capsys)
+    assert code == 2 and "non-string field 'inputs'" in err, err

@@ -64,8 +64,9 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
             record = {"inputs": line}
         for key in required:
             if not isinstance(record.get(key), str):
-                raise InputError(f"{path}:{number}: missing string field {key!r} "
-                                 f"(expected keys: {', '.join(required)})")
+                problem = "missing" if key not in record else "non-string"
+                raise InputError(f"{path}:{number}: {problem} field {key!r} "
+                                 f"(expected string fields: {', '.join(required)})")
         records.append(record)
     return records
 
@@ -94,17 +95,57 @@ class TaskText:
             raise InputError(f"--task {name!r} is a mixture; give one of its tasks")
         self.task = seqio.TaskRegistry.get(name)
 
+    def source_fields(self) -> dict[str, Any] | None:
+        """The scalar fields the task's source yields and their TF dtypes (None: unknown)."""
+        source = self.task.source
+        try:
+            split = next(iter(source.splits))
+            spec = source.get_dataset(split=split, shuffle=False).element_spec
+        except Exception:  # noqa: BLE001 - a source that cannot say: records are taken as given
+            return None
+        return {k: v.dtype for k, v in spec.items() if v.shape.rank == 0}
+
+    def _columns(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The records as the source's columns, each in its dtype; a missing or mistyped field
+        is an InputError naming the fields the task reads."""
+        import tensorflow as tf
+
+        fields = self.source_fields()
+        if fields is None:  # as the records come: their string fields
+            keys = sorted({k for r in records for k, v in r.items() if isinstance(v, str)})
+            columns = {k: [r.get(k, "") for r in records] for k in keys}
+            columns.setdefault("targets", [""] * len(records))
+            return columns
+        wanted = ", ".join(f"{k!r} ({dtype.name})" for k, dtype in fields.items())
+        columns = {}
+        for key, dtype in fields.items():
+            values = []
+            for number, record in enumerate(records, 1):
+                # Targets are what the model predicts: optional here.
+                value = record.get(key, "" if key == "targets" and dtype == tf.string else None)
+                ok = (isinstance(value, str) if dtype == tf.string else
+                      isinstance(value, bool | int | float) and not isinstance(value, str))
+                if not ok:
+                    problem = "lacks" if value is None else "has a wrongly typed"
+                    raise InputError(f"record {number} {problem} field {key!r}: task "
+                                     f"{self.task.name!r} reads {wanted} from its data source")
+                values.append(value)
+            columns[key] = tf.constant(values, dtype=dtype)
+        return columns
+
     def encode(self, records: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[dict]]:
         """(input ids, preprocessed examples) of records holding the task source's fields."""
         import tensorflow as tf
 
-        keys = sorted({k for r in records for k, v in r.items() if isinstance(v, str)})
-        columns = {k: [r.get(k, "") for r in records] for k in keys}
-        columns.setdefault("targets", [""] * len(records))
-        dataset = tf.data.Dataset.from_tensor_slices(columns)
-        dataset = self.task.preprocess_precache(dataset, seed=0)
-        dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=0)
-        examples = list(dataset.as_numpy_iterator())
+        dataset = tf.data.Dataset.from_tensor_slices(self._columns(records))
+        try:  # tf.data traces the task's functions in map(), and runs them when iterated
+            dataset = self.task.preprocess_precache(dataset, seed=0)
+            dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=0)
+            examples = list(dataset.as_numpy_iterator())
+        except Exception as e:  # noqa: BLE001 - the task's own code failed on these records
+            raise InputError(f"task {self.task.name!r} could not preprocess the records "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give "
+                             "each record the fields of the task's data source") from None
         if len(examples) != len(records):
             raise InputError(f"task {self.task.name!r} preprocessing turned {len(records)} "
                              f"records into {len(examples)} examples; cannot pair them up")
