@@ -310,7 +310,19 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
             raise ConfigError(
                 f"get_config() in {str(path)!r} returned {type(config).__name__}, not mtjax Config"
             )
-    return apply_overrides(validate(config), overrides)
+    return _absolute_tasks_file(apply_overrides(validate(config), overrides))
+
+
+def _absolute_tasks_file(config: Config) -> Config:
+    """A ``data.tasks_module`` given as a relative ``.py`` path, made absolute: the run records
+    it in config.json, and ``mtjax eval`` of the run may start in another directory."""
+    module = config.data.tasks_module
+    if module and module.endswith(".py") and not pathlib.Path(module).is_absolute():
+        absolute = pathlib.Path(module).expanduser().resolve()
+        if absolute.is_file():
+            return dataclasses.replace(
+                config, data=dataclasses.replace(config.data, tasks_module=str(absolute)))
+    return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -60,3 +60,12 @@ def test_demo_config_file_is_the_default():
 
     demo = pathlib.Path(__file__).parent.parent / "configs" / "demo.py"
     assert config_lib.load(demo) == config_lib.Config()
+
+
+def test_a_relative_tasks_file_is_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "my_tasks.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = config_lib.load(None, ["data.tasks_module=my_tasks.py"])
+    assert cfg.data.tasks_module == str(tmp_path.resolve() / "my_tasks.py")
+    # Module paths and files that do not exist are left as given (the import says what is wrong).
+    assert config_lib.load(None, ["data.tasks_module=nope.py"]).data.tasks_module == "nope.py"
