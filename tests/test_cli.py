@@ -29,6 +29,20 @@ def test_impossible_kernel_choice_exits_2_before_compiling(capsys, tmp_path):
         "(model.dtype is bfloat16); use model.attention=auto or xla")
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("data.mixture=mtjax_dmo", "Unknown task or mixture 'mtjax_dmo'"),
+    ("model.name=t5_tiny", "did you mean t5_1_1_tiny"),
+    ("data.tasks_module=/nonexistent/tasks.py", "does not exist"),
+])
+def test_unknown_names_in_train_are_one_line_before_anything_else(capsys, tmp_path, override,
+                                                                  needle):
+    workdir = tmp_path / "run"
+    code, out, err = run(["train", "--workdir", str(workdir), override], capsys)
+    assert code == 2 and needle in err and not out
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not workdir.exists()  # nothing made on disk either
+
+
 def test_mistyped_value_exits_2(capsys, tmp_path):
     code, _, err = run(["train", "--workdir", str(tmp_path), "train.batch_size=big"], capsys)
     assert code == 2 and "train.batch_size" in err

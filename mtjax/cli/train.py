@@ -5,7 +5,6 @@ checkpoint. Exit codes: 0 done, 1 stopped (non-finite loss), 2 user mistake, 42 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from mtjax import config as config_lib
@@ -51,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from mtjax.train import trainer
 
     workdir = args.workdir or DEFAULT_WORKDIR
-    print(f"mtjax: workdir {os.path.abspath(workdir)}", file=sys.stderr)
     try:
         result = trainer.train(config, workdir, init_from=args.init_from,
                                progress=not args.no_progress)

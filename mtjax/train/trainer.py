@@ -142,7 +142,16 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint."""
     t_start = time.time()
     workdir = pathlib.Path(workdir)
+
+    # --- A misspelt model, tasks module or mixture: one line, before anything is printed ----
+    from mtjax.data import pipeline as pipeline_lib
+    from mtjax.model import sizes
+
+    sizes.get_config(config.model.name)
+    pipeline_lib.prepare(config)
+    pipeline_lib.resolve_task_names(config.data.mixture)
     workdir.mkdir(parents=True, exist_ok=True)
+    _log(f"mtjax: workdir {workdir.absolute()}")
 
     # --- Mesh ---------------------------------------------------------------------------------
     mesh, rules = setup_lib.mesh_and_rules(config)
