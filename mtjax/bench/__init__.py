@@ -62,9 +62,30 @@ BENCHMARKS["checkpoint"] = _checkpoint
 BENCHMARKS["data"] = lambda config, options: __import__("mtjax.bench.data").bench.data.run(config, options)  # noqa: E501 - imports TF only when run
 
 
+_EPILOG = f"""benchmarks:
+  train       the compiled train step alone on full-length batches: compile time, step time
+              (median, min, max), tokens/s, model FLOPs, MFU, memory
+  decode      greedy and 4-beam decoding at batch 1 and 64: decoded tokens/s
+  checkpoint  save and restore MB/s, and what asynchronous saving costs the step
+  data        the input pipeline alone: examples/s, packed tokens/s, packing efficiency
+  all         all four, in this order
+
+Without --config the shape is the peer comparison's (T5 1.1 style, d_model 512, 6+6 layers;
+benchmarks/README.md):
+  {" ".join(DEFAULT_OVERRIDES)}
+--smoke then applies
+  {" ".join(SMOKE_OVERRIDES)}
+and KEY=VALUE overrides any key of `mtjax train`. Examples:
+  mtjax bench train model.name=t5_1_1_small
+  mtjax bench all model.name=t5_1_1_base model.dtype=bfloat16 train.batch_size=64 \\
+      data.inputs_length=512 data.targets_length=114 --output base.json
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mtjax bench", description="Time mtjax on synthetic data; JSON on stdout.")
+        prog="mtjax bench", description="Time mtjax on synthetic data; JSON on stdout, a table "
+        "on stderr.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny model and lengths, {SMOKE_STEPS} timed steps (CI)")
@@ -77,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, metavar="FILE.json",
                         help="also write the JSON here")
     parser.add_argument("--config", default=None,
-                        help="a Python config file (default: the peer shape, see --help)")
+                        help="a Python config file (default: the peer shape, below)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, as for `mtjax train`")
     return parser

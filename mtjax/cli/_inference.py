@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a run directory (its latest checkpoint) or one checkpoint "
-                        "directory (<run>/checkpoints/<step>)")
+                        help="a run directory or its checkpoints/ directory (the latest "
+                        "checkpoint), or one checkpoint directory (<run>/checkpoints/<step>)")
     parser.add_argument("--tasks-module", default=None, metavar="MODULE",
                         help="module path or .py file registering your own SeqIO tasks "
                         "(default: the one the run was trained with)")

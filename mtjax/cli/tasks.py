@@ -38,7 +38,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return parser
     if command in ("show", "preview"):
         parser.add_argument("name", help="a task or mixture name")
-        parser.add_argument("--split", default="train")
+        parser.add_argument("--split", default="train",
+                            help="the split to read (default train; e.g. validation)")
     parser.add_argument("--tasks-module", default=None, metavar="MODULE",
                         help="module path or .py file registering your own SeqIO tasks")
     if command in ("list", "preview"):

@@ -3,10 +3,10 @@
     mtjax vocab train --input FILES --size 32000 --out DIR   SentencePiece, T5 settings
     mtjax vocab encode MODEL TEXT                             ids and pieces, to check a model
 
-`vocab train` writes DIR/spm.model (unigram; pad 0, EOS 1, UNK 2, no BOS) and DIR/vocab.json, and
-prints the summary as JSON. Use it with `data.vocabulary=DIR/spm.model` (or in a task helper's
-`vocabulary=`): mtjax adds T5's 100 sentinel ids on top, as `seqio.SentencePieceVocabulary(path,
-extra_ids=100)`.
+`vocab train` writes DIR/spm.model (unigram; pad 0, EOS 1, UNK 2, no BOS), SentencePiece's
+DIR/spm.vocab (the pieces and scores, as text) and DIR/vocab.json, and prints the summary as
+JSON. Use it with `data.vocabulary=DIR/spm.model` (or in a task helper's `vocabulary=`): mtjax
+adds T5's 100 sentinel ids on top, as `seqio.SentencePieceVocabulary(path, extra_ids=100)`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import sys
 
 HELP = "train a SentencePiece vocabulary on local text (T5 settings)"
+PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
