@@ -458,3 +458,21 @@ def test_kernels_run_split_over_a_mesh(subprocess_python):
         "train.cross_entropy=cpu_fused cannot run: it needs whole rows of logits, and the mesh "
         "rules split the vocabulary over tensor (2 devices); use train.cross_entropy=auto or "
         "xla")
+
+
+def test_build_is_shared_by_environments_with_the_same_headers(tmp_path):
+    """The cache key holds the jaxlib headers' contents, not where a venv keeps them."""
+    import shutil
+
+    import jax.ffi
+
+    from mtjax import kernels
+
+    copy = tmp_path / "other_venv_include"
+    shutil.copytree(jax.ffi.include_dir(), copy)
+    args = ("c++", ("-O3",), "avx2")
+    same = kernels._library_path(*args, jax.ffi.include_dir())
+    assert kernels._library_path(*args, str(copy)) == same
+    header = next(copy.rglob("ffi.h"))
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert kernels._library_path(*args, str(copy)) != same

@@ -89,7 +89,8 @@ def _list(args: argparse.Namespace, config: config_lib.Config) -> int:
     for name in sorted(seqio.MixtureRegistry.names()):
         mixture = seqio.MixtureRegistry.get(name)
         rows.append({"name": name, "kind": "mixture",
-                     "detail": f"{len(mixture.tasks)} tasks: " + ", ".join(
+                     "detail": f"{len(mixture.tasks)} task{'s' * (len(mixture.tasks) != 1)}: "
+                     + ", ".join(
                          t.name for t in mixture.tasks)})
     for name in sorted(seqio.TaskRegistry.names()):
         task = seqio.TaskRegistry.get(name)

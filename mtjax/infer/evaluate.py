@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -79,6 +80,7 @@ class Evaluator:
         self.options = options or DecodeOptions()
         self.max_decode_length = max_decode_length
         self.progress = progress
+        self._counts = {"decoded": 0, "scored": 0}
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
         self._seqio = seqio.Evaluator(
@@ -104,7 +106,7 @@ class Evaluator:
                 # Whole rows (0 after EOS): seqio stacks them into one array and its
                 # vocabulary decodes up to EOS.
                 out += [(int(i), row.tolist()) for i, row in zip(indices, tokens_BT, strict=True)]
-            self._log(f"eval: decoded {len(out)} examples")
+            self._counts["decoded"] += len(out)
             return out
 
         return predict
@@ -118,13 +120,14 @@ class Evaluator:
                                                    "decoder_loss_weights")}
                 scores_B, _ = self.scorer(params, batch, batch_size=self.batch_size)
                 out += [(int(i), float(s)) for i, s in zip(indices, scores_B, strict=True)]
-            self._log(f"eval: scored {len(out)} examples")
+            self._counts["scored"] += len(out)
             return out
 
         return score
 
     def __call__(self, params: Any, step: int | None = None) -> Results:
         """Run every task's metrics with ``params``; returns task -> metric -> value."""
+        start, self._counts = time.perf_counter(), {"decoded": 0, "scored": 0}
         future, _ = self._seqio.evaluate(compute_metrics=True, step=step,
                                          predict_fn=self._predict_fn(params),
                                          score_fn=self._score_fn(params))
@@ -132,6 +135,9 @@ class Evaluator:
         for task, metrics in (future.result() or {}).items():
             values = {name: _scalar(v) for name, v in metrics.items()}
             results[task] = {name: v for name, v in values.items() if v is not None}
+        # seqio calls the functions once per task without naming it: one line for them all.
+        self._log(f"eval: {len(results)} tasks, decoded {self._counts['decoded']} and scored "
+                  f"{self._counts['scored']} examples in {time.perf_counter() - start:.1f}s")
         return results
 
 

@@ -106,7 +106,11 @@ def _library_path(compiler: str, flags: tuple[str, ...], isa: str,
         digest.update(path.read_bytes())
     digest.update(" ".join((compiler, *flags)).encode())
     digest.update(importlib.metadata.version("jaxlib").encode())
-    digest.update(include_dir.encode())
+    # The headers' contents, not their path: every virtual environment with the same jaxlib
+    # shares one build (a fresh venv would otherwise compile for 10 s again).
+    for header in sorted(pathlib.Path(include_dir).rglob("*.h")):
+        digest.update(str(header.relative_to(include_dir)).encode())
+        digest.update(header.read_bytes())
     return cache_dir() / f"cpu_kernels-{isa}-{digest.hexdigest()[:16]}.so"
 
 

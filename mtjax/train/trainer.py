@@ -68,6 +68,12 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _log_above(bar, msg: str) -> None:
+    """A line above the progress bar (a plain print would run on from the bar's own line)."""
+    if jax.process_index() == 0:
+        bar.write(msg, file=sys.stderr)
+
+
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
     """Drop records past the resumed step so a resumed run's JSONL reads like an unbroken one."""
     if jax.process_index() != 0 or not path.exists():
@@ -250,6 +256,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                           ) * jax.process_count()
                 state, step_metrics = jitted(state, to_global(host_batch))
                 step += 1
+                bar.update(1)  # before any evaluation: the bar reads the step being evaluated
                 # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
                 if pending is not None:
                     window = _absorb(window, pending, config)
@@ -275,7 +282,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                     eval_s = time.time() - eval_start
                     window_start += eval_s
                     total_eval_s += eval_s
-                    _log(f"step {step} eval: " + ", ".join(
+                    _log_above(bar, f"step {step} eval: " + ", ".join(
                         f"{k.removeprefix('eval/')} {v:.3g}"
                         for k, v in sorted(eval_results.items())))
                 if (step % config.log.every_steps == 0 or is_last or must_save
@@ -296,10 +303,10 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                 if must_save:
                     checkpoints.save(step, state, pipeline, config_dict,
                                      metrics=_finite_only(last_summary), force=True)
-                bar.update(1)
                 if preempted and not is_last:
                     checkpoints.wait()
-                    _log(f"SIGTERM: saved step {step}; exiting with code {PREEMPTED_EXIT_CODE}")
+                    _log_above(bar, f"SIGTERM: saved step {step}; exiting with code "
+                                    f"{PREEMPTED_EXIT_CODE}")
                     raise Preempted(step)
     finally:
         bar.close()
