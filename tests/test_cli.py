@@ -43,6 +43,22 @@ def test_unknown_names_in_train_are_one_line_before_anything_else(capsys, tmp_pa
     assert not workdir.exists()  # nothing made on disk either
 
 
+def test_overrides_may_follow_options(capsys, tmp_path):
+    """KEY=VALUE before, between and after options all count, in order (the last one wins)."""
+    from mtjax.cli import _parse
+
+    parser = cli.build_parser()
+    args = _parse(parser, ["train", "train.steps=3", "--workdir", str(tmp_path), "--no-progress",
+                           "model.name=t5_1_1_test", "train.steps=4"])
+    assert args.overrides == ["train.steps=3", "model.name=t5_1_1_test", "train.steps=4"]
+    assert args.no_progress and args.workdir == str(tmp_path)
+    with pytest.raises(SystemExit):  # overrides for a command without them are an error
+        _parse(parser, ["model", "list", "a=b"])
+    capsys.readouterr()
+    code, _, err = run(["train", "--workdir", str(tmp_path), "--no-progress", "stray"], capsys)
+    assert code == 2 and "stray" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_mistyped_value_exits_2(capsys, tmp_path):
     code, _, err = run(["train", "--workdir", str(tmp_path), "train.batch_size=big"], capsys)
     assert code == 2 and "train.batch_size" in err

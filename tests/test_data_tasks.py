@@ -98,6 +98,12 @@ def test_file_task_definition_errors(data_dir):
     tasks.add_file_task("t_missing", str(data_dir / "nothing*.tsv"))
     with pytest.raises(UserError, match="no file matches"):
         InputPipeline("t_missing", inputs_length=32, targets_length=8, batch_size=2)
+    # A plain (not wildcard) relative path that is not there, as when `mtjax eval` runs in
+    # another directory: named, with the directory it was looked for in.
+    tasks.add_file_task("t_missing_plain", "no_such_dir/capitals.tsv")
+    with pytest.raises(UserError, match=r"no file matches 'no_such_dir/capitals.tsv' "
+                                        r"\(relative paths are read from the current directory"):
+        InputPipeline("t_missing_plain", inputs_length=32, targets_length=8, batch_size=2)
     (data_dir / "empty.tsv").write_text("")
     tasks.add_file_task("t_empty", str(data_dir / "empty.tsv"))
     with pytest.raises(UserError, match="is empty"):

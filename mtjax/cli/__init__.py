@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, except that KEY=VALUE overrides may also follow options
+    (``mtjax train data.mixture=x --workdir runs/x train.steps=40``): argparse alone takes
+    positionals in one run only, and its intermixed parsing does not work with subcommands."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra and (len(overrides) < len(extra) or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line, not a call from Python: the process is ours
         from mtjax import malloc_env
@@ -58,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from mtjax import bench
 
         return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     from mtjax.errors import TrainingError, UserError
 
     try:

@@ -183,11 +183,16 @@ class FileSource(seqio.FileDataSource):
         if split not in self._split_to_filepattern:
             raise DataFileError(
                 f"task {self.task_name!r} has no split {split!r} (splits: {list(self.splits)})")
-        files = super().list_shards(split)
+        # seqio passes a pattern without wildcards through unchecked: keep what exists.
+        files = [f for f in super().list_shards(split) if tf.io.gfile.exists(f)]
         if not files:
+            pattern = self._split_to_filepattern[split]
+            patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+            relative = any(not os.path.isabs(p) and "://" not in p for p in patterns)
             raise DataFileError(
-                f"task {self.task_name!r}, split {split!r}: no file matches "
-                f"{self._split_to_filepattern[split]!r}")
+                f"task {self.task_name!r}, split {split!r}: no file matches {pattern!r}"
+                + (f" (relative paths are read from the current directory, {os.getcwd()})"
+                   if relative else ""))
         return files
 
     def scan(self, split: str) -> Scan:
