@@ -47,6 +47,11 @@ status=0
 for i in "${!pids[@]}"; do
   code=0
   wait "${pids[$i]}" || code=$?
+  # A trapped signal interrupts `wait` (it returns 128+signal): wait again for the real code.
+  while kill -0 "${pids[$i]}" 2>/dev/null; do
+    code=0
+    wait "${pids[$i]}" || code=$?
+  done
   if (( code != 0 )); then
     (( status == 0 )) && status=$code
     if (( i > 0 )); then

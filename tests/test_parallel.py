@@ -409,3 +409,23 @@ def test_sigterm_on_one_host_stops_all_hosts_at_one_step(tmp_path):
     assert (step_dir / "data/process_0").is_dir() and (step_dir / "data/process_1").is_dir()
     assert f"Reached preemption sync point, step={saved}" in (
         tmp_path / "mtjax_process_1.log").read_text()
+
+
+def test_launcher_sigterm_exits_with_the_processes_code(tmp_path):
+    """SIGTERM to launch/local_multiprocess.sh reaches every process, and the launcher exits
+    with their code (42: preempted), not with the 143 of its own interrupted `wait`."""
+    import signal
+    import time
+
+    fake = tmp_path / "fake_mtjax.sh"  # stands in for `mtjax`: exits 42 a moment after SIGTERM
+    fake.write_text("trap 'sleep 0.5; exit 42' TERM\necho ready\nwhile true; do sleep 0.1; done\n")
+    env = dict(os.environ, MTJAX_BIN=f"bash {fake}", MTJAX_LOG_DIR=str(tmp_path),
+               MTJAX_LOCAL_DEVICES="2")
+    launcher = subprocess.Popen(["bash", str(REPO / "launch/local_multiprocess.sh"), "2"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    assert launcher.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # process 1 has started too
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=30)
+    assert launcher.returncode == 42, output

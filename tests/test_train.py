@@ -90,3 +90,9 @@ def test_changed_model_refuses_to_resume(trained_run):
     with pytest.raises(CheckpointError, match="model.name"):
         trainer.train(cfg, workdir, progress=False)
     assert (workdir / "config.json").read_text() == config_json  # the refusal changed nothing
+    # The saved input stream restores batches of its own shape: a new one is refused too.
+    for override, named in (("train.batch_size=4", "train.batch_size: checkpoint 8 vs now 4"),
+                            ("data.targets_length=16",
+                             "data.targets_length: checkpoint 32 vs now 16")):
+        with pytest.raises(CheckpointError, match=named):
+            trainer.train(tiny_config("train.steps=40", override), workdir, progress=False)

@@ -358,10 +358,13 @@ def _finite_only(values: dict[str, float]) -> dict[str, float]:
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
     """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
+    # The shapes of the model and optimizer, and of the saved input stream's batches (its
+    # iterator restores batches of the saved size and lengths only).
     keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
-            ("optim", "name")]
-    differ = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {current[s][k]!r}"
-              for s, k in keys if saved.get(s, {}).get(k) != current[s][k]]
+            ("optim", "name"), ("train", "batch_size"), ("data", "inputs_length"),
+            ("data", "targets_length"), ("data", "pack")]
+    differ = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
+              for s, k in keys if k in saved.get(s, {}) and saved[s][k] != current[s][k]]
     if differ:
         raise CheckpointError(
             f"{checkpoints.directory / str(step)} was written by a different run ("
