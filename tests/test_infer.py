@@ -406,6 +406,11 @@ def test_infer_with_a_task_checks_the_fields_its_source_yields(trained_run, tmp_
                              "--task", "mtjax_copy", "--no-progress"], capsys)
         assert code == 2 and problem in err and "'mtjax_copy' reads 'inputs' (string)" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('copy: ok\n{"inputs": "add: 3 +\n')
+    code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(broken),
+                         "--no-progress"], capsys)
+    assert code == 2 and f"{broken}:2: not a JSON object" in err, err
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"inputs": 3}) + "\n")
     code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(plain),

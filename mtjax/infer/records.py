@@ -34,7 +34,8 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
     Args:
         path: the file, or ``-``.
         required: keys every record must have, with string values.
-        allow_text: a line that is not a JSON object is the ``inputs`` text itself.
+        allow_text: a line that does not start with ``{`` is the ``inputs`` text itself (one
+            that does must be a valid JSON object).
 
     Raises:
         InputError: missing file, malformed line or missing key (with the line number).
@@ -55,8 +56,10 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                if not allow_text:
-                    raise InputError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+                # A line that opens a JSON object was meant as one, even where text is allowed:
+                # decoding its broken text would hide the mistake.
+                raise InputError(f"{path}:{number}: not a JSON object ({e.msg}); fix the line, "
+                                 "or give the text as {\"inputs\": ...}") from None
         if record is None:
             if not allow_text:
                 raise InputError(f"{path}:{number}: expected a JSON object with "
