@@ -169,7 +169,12 @@ def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
     if (src / "checkpoint").is_file():
         from flax import serialization
 
-        tree = serialization.msgpack_restore((src / "checkpoint").read_bytes())
+        try:
+            tree = serialization.msgpack_restore((src / "checkpoint").read_bytes())
+        except Exception as e:  # noqa: BLE001 - msgpack's errors: a corrupt or foreign file
+            raise conv.ConversionError(
+                f"{src / 'checkpoint'} is not a readable T5X checkpoint ({type(e).__name__}: "
+                f"{str(e)[:200]}); is the file complete?") from None
     else:
         import orbax.checkpoint as ocp
 
@@ -315,6 +320,13 @@ def _check_vocabulary(vocab: str | None) -> str | None:
     if not pathlib.Path(vocab).is_file():
         raise conv.ConversionError(f"--vocab {vocab!r} is neither 'byte' nor an existing "
                                    f"SentencePiece .model file")
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=vocab)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+        raise conv.ConversionError(f"--vocab {vocab!r} is not a SentencePiece model "
+                                   f"({str(e).splitlines()[0][:120]})") from None
     return str(pathlib.Path(vocab).absolute())
 
 

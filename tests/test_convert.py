@@ -366,3 +366,19 @@ def test_converted_checkpoint_initialises_training(tmp_path, capsys):
     back, original = (load_file(d / "model.safetensors") for d in (tmp_path / "out",
                                                                      tmp_path / "hf"))
     assert all(np.array_equal(back[k], original[k]) for k in original)
+
+
+def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, capsys):
+    not_spm = tmp_path / "notes.txt"
+    not_spm.write_text("not a sentencepiece model\n")
+    t5x = tmp_path / "t5x"
+    t5x.mkdir()
+    (t5x / "checkpoint").write_bytes(b"\x81\xa6target\x80" + b"garbage")  # msgpack, then junk
+    for argv, needle in (
+            ([str(FIXTURES / "t5_1_0"), str(tmp_path / "a"), "--vocab", str(not_spm)],
+             "is not a SentencePiece model"),
+            ([str(t5x), str(tmp_path / "b"), "--from", "t5x", "--vocab", "byte"],
+             "is not a readable T5X checkpoint")):
+        assert cli.main(["convert", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
