@@ -350,6 +350,10 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     assert json.loads(stdout) == results
     assert set(results) == {"mtjax_copy"}
     assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood"}
+    code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--split", "valdation",
+                              "--no-progress"], capsys)
+    assert code == 2 and not stdout and "split 'valdation'" in err, err
+    assert "splits: train, validation" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -45,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
     config = config_lib.validate(dataclasses.replace(config, data=data, eval=eval_config))
     evaluator = evaluate.make_evaluator(config, model.mesh, model.rules, model.model_def,
                                         progress=not args.no_progress)
+    if not evaluator.task_names:
+        import seqio
+
+        tasks = seqio.get_mixture_or_task(data.mixture)
+        tasks = getattr(tasks, "tasks", [tasks])
+        splits = sorted({s for t in tasks for s in t.splits})
+        raise config_lib.ConfigError(
+            f"nothing to evaluate: no task of {data.mixture!r} has metric_fns and a split "
+            f"{args.split!r} (its tasks' splits: {', '.join(splits)})")
     results = evaluator(model.params, model.step)
     text = json.dumps(results, indent=2, sort_keys=True)
     print(text)
