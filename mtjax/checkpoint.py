@@ -367,7 +367,12 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     import json
 
     run_dir = pathlib.Path(run_dir).absolute()
-    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    # Also take what the other commands take: the checkpoints/ folder or one step of it.
+    if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
+        run_dir = run_dir.parent.parent
+    elif run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
+        run_dir = run_dir.parent
+    root = run_dir / "checkpoints"
     if not root.is_dir():
         raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
     config = {}

@@ -130,6 +130,10 @@ def test_keeps_latest_plus_best_and_lists_them(kept_run, capsys):
     assert cli.main(["checkpoints", str(kept_run)]) == 0
     table = capsys.readouterr().out
     assert "latest" in table and "best" in table
+    # The checkpoints/ folder, or one checkpoint in it, lists the same run.
+    for path in (kept_run / "checkpoints", kept_run / "checkpoints" / "10"):
+        assert cli.main(["checkpoints", str(path)]) == 0
+        assert capsys.readouterr().out == table
 
 
 def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, capsys):

@@ -12,7 +12,9 @@ HELP = "list a run's checkpoints (step, time, size, metrics, latest, best)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its --workdir)")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run directory (its --workdir), its checkpoints/ folder or one "
+                        "checkpoint in it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
