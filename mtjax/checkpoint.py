@@ -350,8 +350,26 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
                 item={"params": abstract_params}, restore_args={"params": restore_args},
                 partial_restore=True))
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"cannot take weights from {state_dir}: {e}") from e
+        # Orbax's advice (strict=False, ArrayRestoreArgs) is about its API, not this command.
+        reason = str(e).split(" Truncating/padding")[0].strip()
+        hint = ""
+        if "shape" in reason:
+            saved = _saved_model_name(state_dir.parent)
+            hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
+                    + (f" (it holds {saved})" if saved else ""))
+        raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
     return restored["params"]
+
+
+def _saved_model_name(step_dir: pathlib.Path) -> str | None:
+    """model.name in a checkpoint's recorded config, where there is one."""
+    import json
+
+    try:
+        config = json.loads((step_dir / "config" / "metadata").read_text())
+        return config["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,3 +96,18 @@ def test_changed_model_refuses_to_resume(trained_run):
                              "data.targets_length: checkpoint 32 vs now 16")):
         with pytest.raises(CheckpointError, match=named):
             trainer.train(tiny_config("train.steps=40", override), workdir, progress=False)
+
+
+def test_init_from_another_model_size_names_the_models(trained_run, tmp_path):
+    from mtjax.checkpoint import CheckpointError
+    from mtjax.train import trainer
+
+    workdir, _ = trained_run
+    cfg = dataclasses.replace(
+        tiny_config("train.steps=2"),
+        model=dataclasses.replace(tiny_config().model, name="t5_1_1_tiny"))
+    with pytest.raises(CheckpointError) as info:
+        trainer.train(cfg, tmp_path / "ft", init_from=str(workdir), progress=False)
+    message = str(info.value)
+    assert "same model size and vocabulary (it holds t5_1_1_test)" in message, message
+    assert "strict=False" not in message and "ArrayRestoreArgs" not in message
