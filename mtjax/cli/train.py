@@ -66,6 +66,8 @@ def _dry_run(config: config_lib.Config) -> int:
     from mtjax.train import dryrun, setup
 
     mesh, _ = setup.mesh_and_rules(config)
+    print(f"mtjax: planning {config.model.name} and compiling its train step (nothing runs; "
+          "a large model takes minutes)", file=sys.stderr, flush=True)
     report = dryrun.dry_run(config)
     print(dryrun.format_report(report, mesh_lib.describe(mesh)), file=sys.stderr)
     print(json.dumps(report, indent=2))
