@@ -361,13 +361,19 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
     return restored["params"]
 
 
-def _saved_model_name(step_dir: pathlib.Path) -> str | None:
-    """model.name in a checkpoint's recorded config, where there is one."""
+def _recorded_config(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The run config a checkpoint step recorded ({} where it recorded none); read as a file,
+    without Orbax."""
     import json
 
+    config_file = step_dir / "config" / "metadata"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def _saved_model_name(step_dir: pathlib.Path) -> str | None:
+    """model.name in a checkpoint's recorded config, where there is one."""
     try:
-        config = json.loads((step_dir / "config" / "metadata").read_text())
-        return config["model"]["name"]
+        return _recorded_config(step_dir)["model"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -414,9 +420,7 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
             "hosts": len(list((step_dir / "data").glob("process_*"))),
             "path": str(step_dir),
         })
-        config_file = step_dir / "config" / "metadata"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text())
+        config = _recorded_config(step_dir) or config
     rows.sort(key=lambda r: r["step"])
     checkpoint_config = config.get("checkpoint", {})
     metric = checkpoint_config.get("best_metric", "loss")

@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if not evaluator.task_names:
         import seqio
 
-        tasks = seqio.get_mixture_or_task(data.mixture)
-        tasks = getattr(tasks, "tasks", [tasks])
-        splits = sorted({s for t in tasks for s in t.splits})
+        from mtjax.data import pipeline
+
+        splits = sorted({s for name in pipeline.resolve_task_names(data.mixture)
+                         for s in seqio.TaskRegistry.get(name).splits})
         raise config_lib.ConfigError(
             f"nothing to evaluate: no task of {data.mixture!r} has metric_fns and a split "
             f"{args.split!r} (its tasks' splits: {', '.join(splits)})")

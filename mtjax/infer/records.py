@@ -8,6 +8,7 @@ and a power-of-two length, so a file needs only a few compilations.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -98,8 +99,10 @@ class TaskText:
             raise InputError(f"--task {name!r} is a mixture; give one of its tasks")
         self.task = seqio.TaskRegistry.get(name)
 
+    @functools.cached_property
     def source_fields(self) -> dict[str, Any] | None:
-        """The scalar fields the task's source yields and their TF dtypes (None: unknown)."""
+        """The scalar fields the task's source yields and their TF dtypes (None: unknown); built
+        once, as it opens the source's dataset."""
         source = self.task.source
         try:
             split = next(iter(source.splits))
@@ -113,7 +116,7 @@ class TaskText:
         is an InputError naming the fields the task reads."""
         import tensorflow as tf
 
-        fields = self.source_fields()
+        fields = self.source_fields
         if fields is None:  # as the records come: their string fields
             keys = sorted({k for r in records for k, v in r.items() if isinstance(v, str)})
             columns = {k: [r.get(k, "") for r in records] for k in keys}
