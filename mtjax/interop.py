@@ -17,6 +17,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,9 @@ def write_hf(dst: pathlib.Path, cfg: T5Config, params: dict, vocabulary: str | N
                                 metadata={"format": "pt"})
     (dst / "config.json").write_text(
         json.dumps(conv.t5_to_hf_config(cfg, model_type), indent=2) + "\n")
+    # safetensors writes its file mode 0600 whatever the umask; give it config.json's mode, so
+    # that whoever may read the model directory may read the weights too.
+    (dst / "model.safetensors").chmod(stat.S_IMODE((dst / "config.json").stat().st_mode))
     files = ["config.json", "model.safetensors"]
     if vocabulary is not None:
         if vocabulary != "byte":
@@ -190,15 +194,41 @@ def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_vocabulary(path: str | pathlib.Path) -> str | None:
-    """The vocabulary recorded in the checkpoint at ``path`` ("byte", an absolute .model path,
-    or None), with a relative file resolved against the run directory."""
+    """The vocabulary of the checkpoint at ``path``: "byte", an absolute .model path, or None.
+
+    The one its config records (a relative file resolved against the run directory); where it
+    records none (``data.vocabulary`` unset: the run used its mixture's own vocabulary), the
+    output vocabulary of the recorded mixture, where that mixture can still be found here.
+    """
     from mtjax.checkpoint import find_state_dir
 
     step_dir = find_state_dir(path).parent
-    vocabulary = _read_json_item(step_dir / "config").get("data", {}).get("vocabulary")
-    if vocabulary in (None, "byte") or pathlib.Path(vocabulary).is_absolute():
+    run_config = _read_json_item(step_dir / "config")
+    vocabulary = run_config.get("data", {}).get("vocabulary")
+    if vocabulary is None:
+        return _mixture_vocabulary(run_config, step_dir)
+    if vocabulary == "byte" or pathlib.Path(vocabulary).is_absolute():
         return vocabulary
     return str(_run_dir(step_dir) / vocabulary)
+
+
+def _mixture_vocabulary(run_config: dict[str, Any], step_dir: pathlib.Path) -> str | None:
+    """"byte" or the .model file of the recorded mixture's output vocabulary; None where the
+    config names no mixture, the mixture is not registered here, or its vocabulary is neither."""
+    if not run_config.get("data", {}).get("mixture"):
+        return None
+    from mtjax.errors import UserError
+    from mtjax.infer import load
+
+    try:
+        vocabulary = load.resolve_vocabulary(config_lib.from_dict(run_config), step_dir)
+    except (UserError, ValueError, KeyError, ImportError, OSError):
+        return None  # convert then says no vocabulary was found and how to pass one
+    import seqio
+
+    if isinstance(vocabulary, seqio.ByteVocabulary):
+        return "byte"
+    return getattr(vocabulary, "sentencepiece_model_file", None)
 
 
 def _run_dir(step_dir: pathlib.Path) -> pathlib.Path:

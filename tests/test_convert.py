@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import stat
 import sys
 
 import jax
@@ -145,6 +146,9 @@ def test_cli_hf_to_mtjax_to_hf_round_trip(tmp_path, capsys, variant, flags):
     assert all(np.array_equal(back[k], original[k]) for k in original)
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text()) == {
         "tokenizer_class": "ByT5Tokenizer"}
+    # The weights are as readable as the other files (safetensors itself writes mode 0600).
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["model_type"] == hf_fixture(variant)[0]["model_type"]
     # A second conversion into the same directory would mix two models.
@@ -361,8 +365,12 @@ def test_converted_checkpoint_initialises_training(tmp_path, capsys):
     assert run_config["model"]["name"] == "t5_1_1_test"
     flat = convert.flatten(trained)
     assert all(np.array_equal(flat[k], v) for k, v in convert.flatten(params).items())
-    # A trained run (no model_config.json, no recorded vocabulary) exports to Hugging Face.
+    # A trained run (no model_config.json, no recorded vocabulary) exports to Hugging Face, with
+    # the tokenizer of its mixture's byte vocabulary.
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocabulary"] == "byte"
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "ByT5Tokenizer"}
     back, original = (load_file(d / "model.safetensors") for d in (tmp_path / "out",
                                                                      tmp_path / "hf"))
     assert all(np.array_equal(back[k], original[k]) for k in original)

@@ -364,6 +364,10 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--beam-size", "2",
       "--temperature", "0.5"], "--temperature"),
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--top-p", "0"], "--top-p"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--top-k", "5"],
+     "add --temperature T"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--seed", "3"],
+     "drop --seed"),
     (["eval", "--checkpoint", "{missing}"], "does not exist"),
 ])
 def test_command_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):

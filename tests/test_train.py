@@ -63,19 +63,22 @@ def test_run_directory_contract(trained_run):
         "eval/mtjax_copy/log_likelihood"]
 
 
-def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run):
+def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run, tmp_path, capsys):
     from mtjax.train import trainer
 
     workdir, _ = trained_run
     before = {name: (workdir / name).read_text() for name in ("summary.json", "config.json")}
     # A finished run asked again (with fewer steps, too) trains nothing and rewrites nothing:
-    # its summary keeps the final metrics.
-    for steps in (30, 5):
+    # its summary keeps the final metrics. The restarted command line may still carry the
+    # --init-from it started with: resume wins, and the note says the weights are not used.
+    for steps, init_from in ((30, None), (5, str(tmp_path / "base"))):
         cfg = tiny_config(f"train.steps={steps}", "checkpoint.every_steps=10")
-        result = trainer.train(cfg, workdir, progress=False)
+        result = trainer.train(cfg, workdir, init_from=init_from, progress=False)
         assert result.start_step == 30 and result.step == 30
         assert result.metrics["step"] == 30 and result.metrics["loss"] > 0
         assert {name: (workdir / name).read_text() for name in before} == before
+        err = capsys.readouterr().err
+        assert ("--init-from" in err and "is not used" in err) == bool(init_from), err
 
 
 def test_changed_model_refuses_to_resume(trained_run):

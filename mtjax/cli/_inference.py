@@ -53,10 +53,14 @@ def progress_bar(args: argparse.Namespace, total: int, unit: str) -> Iterator:
     """A tqdm bar on stderr; yields ``update(done)``."""
     from tqdm import tqdm
 
+    # The first batch compiles the model (seconds to minutes): say so, rather than show a
+    # rate that looks like the model's speed.
     bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress)
+               disable=args.no_progress, desc="compiling")
 
     def update(done: int) -> None:
+        if bar.n == 0 and done:
+            bar.set_description_str("", refresh=False)
         bar.update(done - bar.n)
 
     try:

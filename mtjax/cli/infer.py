@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample among the k most likely tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample from the smallest set of tokens with probability >= p")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default 0; needs --temperature)")
     parser.add_argument("--max-decode-length", type=int, default=None,
                         help="generated tokens at most, EOS included (default: the run's "
                         "data.targets_length)")
@@ -40,14 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtjax.infer import records as records_lib
-    from mtjax.infer.decode import DecodeOptions
+    from mtjax.infer.decode import DecodeOptions, DecodeOptionsError
 
     # Options first: a bad flag fails before anything loads.
+    if args.seed is not None and args.temperature == 0:
+        raise DecodeOptionsError("--seed sets the sampling seed, and decoding is greedy without "
+                                 "--temperature: add --temperature T, or drop --seed")
     length = args.max_decode_length
     options = DecodeOptions(
         max_decode_length=1 if length is None else length, beam_size=args.beam_size,
         alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed)
+        seed=args.seed or 0)
     records = records_lib.read_records(args.input, required=() if args.task else ("inputs",),
                                        allow_text=True)
     model = _inference.load(args)

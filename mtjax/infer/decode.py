@@ -83,6 +83,11 @@ class DecodeOptions:
             raise DecodeOptionsError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise DecodeOptionsError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            # Greedy decoding ignores them; a silent argmax would look like a sampled answer.
+            raise DecodeOptionsError(
+                "--top-k and --top-p restrict sampling, and decoding is greedy without "
+                "--temperature: add --temperature T (1.0 samples from the model's distribution)")
         if self.alpha < 0:
             raise DecodeOptionsError(f"length penalty alpha must be >= 0, got {self.alpha}")
 

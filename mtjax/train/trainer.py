@@ -197,6 +197,12 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         if not data_restored:
             pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
         _log(f"resuming from {checkpoints.directory / str(latest)}")
+        if init_from:
+            # Resume wins, so that a job restarted after preemption with its original command
+            # line does not start over; but say so, in case a fine-tune was meant.
+            _log(f"note: --init-from {init_from} is not used: {workdir} already has "
+                 f"checkpoints, and a run resumes from its latest; give a new --workdir to "
+                 f"start from {init_from}'s weights")
         _truncate_metrics(workdir / "metrics.jsonl", latest)
     else:
         state = setup.init_state(config.train.seed)
