@@ -65,6 +65,7 @@ from mtjax import kernels
 results = {}
 batches = packed_batches(1) * 5  # one batch, seen 5 times: the loss must fall
 for name, (data, fsdp, tensor, rules) in meshes.items():
+    print(f"MESH {name}", file=sys.stderr, flush=True)  # XLA's warnings follow on stderr
     # auto keeps the loss kernel off meshes of devices sharing a process: ask for it where the
     # rules keep the vocabulary whole, so the kernel's split is trained here too.
     loss = "cpu_fused" if kernels.cpu_kernel_status()[0] and rules != "fsdp_tensor" else "auto"
@@ -110,8 +111,14 @@ print("RESULTS" + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def mesh_runs():
-    out = run_python(EQUIVALENCE, json.dumps(TINY), json.dumps(MESHES), devices=8).stdout
-    return json.loads(out.split("RESULTS", 1)[1])
+    # Warnings on (conftest silences them): XLA's partitioner reports on stderr.
+    proc = run_python(EQUIVALENCE, json.dumps(TINY), json.dumps(MESHES), devices=8,
+                      env={"TF_CPP_MIN_LOG_LEVEL": "1"})
+    runs = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    for part in proc.stderr.split("MESH ")[1:]:
+        name, _, log = part.partition("\n")
+        runs[name]["compile_log"] = log
+    return runs
 
 
 @pytest.mark.parametrize("mesh", [m for m in MESHES if m != "single"])
@@ -122,6 +129,29 @@ def test_sharded_training_equals_single_device(mesh_runs, mesh):
     for name, value in single["params"].items():
         np.testing.assert_allclose(np.asarray(sharded["params"][name]), np.asarray(value),
                                    rtol=2e-4, atol=2e-6, err_msg=f"{mesh}: {name}")
+
+
+def test_no_mesh_makes_xla_replicate_a_tensor_whole(mesh_runs):
+    """XLA's partitioner replicates a tensor on every device when it finds no collective for
+    a change of sharding, and says so: it did for the embedding's cotangent when the batch
+    is split over data+fsdp (traffic growing with the global batch, once per stack)."""
+    for name, run in mesh_runs.items():
+        assert "Involuntary full rematerialization" not in run["compile_log"], (
+            name, run["compile_log"][-3000:])
+
+
+def test_embedding_lookup_runs_where_the_table_lives():
+    """``first=("embed",)`` lets ``embed`` keep its mesh axis; the batch takes what is left."""
+    import jax
+
+    from mtjax.model import layers
+
+    mesh = jax.sharding.AbstractMesh((2, 4, 1), mesh_lib.MESH_AXES)
+    with jax.sharding.use_abstract_mesh(mesh), layers.nnx.logical_axis_rules(
+            mesh_lib.get_rules("fsdp")):
+        names = ("batch", "length", "embed")
+        assert layers.logical_spec(names) == jax.P(("data", "fsdp"), None, None)
+        assert layers.logical_spec(names, first=("embed",)) == jax.P("data", None, "fsdp")
 
 
 def test_sharded_step_runs_the_cpu_kernels_on_each_devices_part(mesh_runs):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,11 @@ MASK_BIAS = -1e10
 Initializer = jax.nn.initializers.Initializer
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, names: Sequence[str | None], *,
+              first: Sequence[str] = ()) -> jax.Array:
     """Constrain the sharding of activation ``x`` by logical axis names (``logical_spec``); a
     no-op when no mesh is active, so the model also runs outside any mesh."""
-    spec = logical_spec(names)
+    spec = logical_spec(names, first=first)
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -52,24 +53,29 @@ def multi_device_mesh() -> jax.sharding.AbstractMesh | None:
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def logical_spec(names: Sequence[str | None]) -> PartitionSpec | None:
+def logical_spec(names: Sequence[str | None], *,
+                 first: Sequence[str] = ()) -> PartitionSpec | None:
     """The PartitionSpec of logical axis ``names`` on the active mesh, or None without one.
 
     Names map to mesh axes with the current ``nnx.logical_axis_rules``. A mesh axis already used
     by an earlier dimension is dropped (e.g. ``embed`` -> ``fsdp`` when ``batch`` already uses
-    ``fsdp``), as Flax's own rule resolution does.
+    ``fsdp``), as Flax's own rule resolution does; the names in ``first`` claim their axes
+    before the others (``first=("embed",)``: ``embed`` keeps ``fsdp`` and ``batch`` gets what
+    is left).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
     rules = dict(flax_spmd.get_logical_axis_rules())
     used: set[str] = set()
-    spec = []
-    for name in names:
+    spec: list[Any] = [None] * len(names)
+    order = sorted(range(len(names)), key=lambda i: names[i] not in first)  # stable
+    for i in order:
+        name = names[i]
         axes = mesh_axes(rules.get(name) if name is not None else None)
         axes = tuple(a for a in axes if a in mesh.axis_names and a not in used)
         used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        spec[i] = None if not axes else axes[0] if len(axes) == 1 else axes
     return PartitionSpec(*spec)
 
 
@@ -197,7 +203,16 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         # A gather, not a one-hot matmul: 0 FLOPs instead of 2*V*D per token.
-        return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+        x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0)
+        # Gathered where the table lives: ``embed`` keeps its axis (``fsdp``) and the batch
+        # takes the rest, so the lookup is local and the caller's residual constraint is an
+        # all-to-all. In the backward pass that all-to-all brings the [B, L, D] cotangent to
+        # the table's layout for a local scatter-add. Without it XLA's partitioner had to move
+        # the cotangent from the batch axes (data+fsdp) to ``embed`` on its own, and could only
+        # do that by replicating it whole on every device ("Involuntary full
+        # rematerialization"), once per stack: traffic that grew with the global batch.
+        x_BLD = constrain(x_BLD, ("batch", "length", "embed"), first=("embed",))
+        return x_BLD.astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Logits [B, L, V] in float32 with the embedding as output layer."""
