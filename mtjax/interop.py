@@ -213,7 +213,7 @@ def checkpoint_vocabulary(path: str | pathlib.Path) -> str | None:
 
 
 def _mixture_vocabulary(run_config: dict[str, Any], step_dir: pathlib.Path) -> str | None:
-    """"byte" or the .model file of the recorded mixture's output vocabulary; None where the
+    """The recorded mixture's output vocabulary: "byte" or its .model file; None where the
     config names no mixture, the mixture is not registered here, or its vocabulary is neither."""
     if not run_config.get("data", {}).get("mixture"):
         return None

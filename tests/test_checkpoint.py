@@ -71,7 +71,10 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
     the run ends, and the tiny model goes through a step in tens of milliseconds (a 16-step run
     once finished between the test's polls on a loaded CI machine)."""
     total = 48
-    overrides = [f"train.steps={total}", "checkpoint.every_steps=4", "log.every_steps=1"]
+    # The five runs compile the same programs: the later ones load them from a cache (about
+    # 6 s each here), and the resumed runs must match the uninterrupted one all the same.
+    overrides = [f"train.steps={total}", "checkpoint.every_steps=4", "log.every_steps=1",
+                 f"train.compilation_cache={tmp_path / 'jax_cache'}"]
     whole = tmp_path / "whole"
     subprocess.run(_train_cmd(whole, *overrides), env=_env(), check=True, capture_output=True)
     expected = metrics_lib.read_jsonl(whole / "metrics.jsonl")
