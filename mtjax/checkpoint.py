@@ -10,6 +10,7 @@ incomplete or unreadable anyway (copied half-way, disk full, files lost) is move
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -273,7 +274,7 @@ class RunCheckpoints:
             try:
                 return step, self.restore(step, abstract_state, pipeline), pipeline is not None
             except CheckpointError as e:
-                if not isinstance(e.__cause__, (OSError, ValueError)) or _looks_mismatched(e):
+                if not _looks_damaged(e):
                     raise
                 if jax.process_index() == 0:
                     self._quarantine(step, f"cannot be read ({_short(e.__cause__)})")
@@ -283,6 +284,7 @@ class RunCheckpoints:
 
     def restore(self, step: int, abstract_state: Any, pipeline: Checkpointable | None) -> Any:
         """Restore ``step`` onto ``abstract_state``'s shapes and shardings; moves ``pipeline``."""
+        _quiet_failed_reads()
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if pipeline is not None:
             items["data"] = PipelineRestore()
@@ -293,8 +295,16 @@ class RunCheckpoints:
                 f"checkpoint {self.directory / str(step)} does not fit this run "
                 f"(changed model, optimizer or data?): {_short(e)}. Use a new --workdir, or "
                 f"--init-from to start from its weights only") from e
+        except Exception as e:  # Orbax reports a damaged array file as a bare Exception
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read: {_short(e)}") from e
         if pipeline is not None:
-            load_pipeline(pipeline, restored["data"])
+            try:
+                load_pipeline(pipeline, restored["data"])
+            except Exception as e:  # e.g. a truncated iterator file: "Read less bytes"
+                raise CheckpointError(
+                    f"the input position in checkpoint {self.directory / str(step)} cannot be "
+                    f"read: {_short(e)}") from e
         return restored["state"]
 
     def restore_config(self, step: int) -> dict[str, Any]:
@@ -309,18 +319,71 @@ class RunCheckpoints:
         self._manager.close()
 
 
+_ORBAX_READ_ERROR = "Encountered error while reading array index"
+
+
+def _orbax_read_noise(exc: BaseException | None) -> bool:
+    """An echo of one damaged checkpoint's failed reads: Orbax's other read tasks failing
+    alike, or TensorStore's callbacks reaching the closed event loop of that restore."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        type(exc) is Exception and str(exc).startswith(_ORBAX_READ_ERROR))
+
+
+class _DropOrbaxReadNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _orbax_read_noise(record.exc_info[1]))
+
+
+@functools.cache
+def _quiet_failed_reads() -> None:
+    """A damaged checkpoint fails one read per array: restore reports it in one line, but
+    asyncio logged every other failed task ("Task exception was never retrieved") and
+    TensorStore's threads printed a traceback per late callback, thousands of lines in all.
+    Only those two kinds of message are dropped."""
+    logging.getLogger("asyncio").addFilter(_DropOrbaxReadNoise())
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        if not _orbax_read_noise(value):
+            previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
+    previous_unraisable = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not _orbax_read_noise(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    sys.unraisablehook = unraisablehook
+
+
+def _looks_damaged(error: CheckpointError) -> bool:
+    """Files of the checkpoint are missing or damaged (set it aside, try an older one), as
+    opposed to a checkpoint of another run (the user's change) or a failure of this machine
+    (out of memory: an older checkpoint would fail alike, and this one is fine)."""
+    cause = error.__cause__
+    if not isinstance(cause, Exception) or isinstance(cause, (KeyError, MemoryError)):
+        return False
+    text = str(cause).lower()
+    if "resource_exhausted" in text or "out of memory" in text:
+        return False
+    return not _looks_mismatched(error)
+
+
 def _looks_mismatched(error: CheckpointError) -> bool:
     """A shape or tree mismatch (the user's change), as opposed to unreadable files."""
     text = str(error.__cause__).lower()
     if any(word in text for word in ("not_found", "error reading", "data_loss", "corrupt",
-                                     "no such file", "unexpected end")):
+                                     "no such file", "unexpected end", "error while reading",
+                                     "out_of_range", "read less bytes")):
         return False  # files missing or damaged
     return any(word in text for word in ("shape", "structure", "mismatch", "missing key",
                                          "dtype"))
 
 
 def _short(error: BaseException | None, limit: int = 240) -> str:
-    text = " ".join(str(error).split())
+    # Orbax appends the whole TensorStore spec to a failed read: the part before says it all.
+    text = " ".join(str(error).split(" See full TensorStore details")[0].split())
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
