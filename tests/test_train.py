@@ -114,3 +114,27 @@ def test_init_from_another_model_size_names_the_models(trained_run, tmp_path):
     message = str(info.value)
     assert "same model size and vocabulary (it holds t5_1_1_test)" in message, message
     assert "strict=False" not in message and "ArrayRestoreArgs" not in message
+
+
+def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys):
+    """A job preempted while it builds its pipeline, restores or compiles exits 42 (the
+    launchers resume on 42; the default action would have been a bare 143), saving nothing,
+    and the SIGTERM handler is given back afterwards."""
+    import os
+    import signal
+
+    from mtjax.train import trainer
+
+    build = trainer.make_pipeline
+
+    def build_then_get_preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once: the flag is set
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_pipeline", build_then_get_preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(trainer.Preempted):
+        trainer.train(tiny_config("train.steps=5"), tmp_path / "run", progress=False)
+    assert "SIGTERM before the first step" in capsys.readouterr().err
+    assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+    assert signal.getsignal(signal.SIGTERM) == before

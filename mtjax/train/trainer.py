@@ -145,7 +145,21 @@ def _preemption_service_running() -> bool:
 
 def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
           init_from: str | None = None, progress: bool = True) -> TrainResult:
-    """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint."""
+    """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
+
+    Raises:
+        Preempted: SIGTERM arrived (from the start: a job preempted while it builds its input
+            pipeline, restores or compiles exits 42 too, and its launcher resumes it).
+    """
+    preemption = _Preemption()
+    try:
+        return _train(config, workdir, init_from, progress, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
+           progress: bool, preemption: _Preemption) -> TrainResult:
     t_start = time.time()
     workdir = pathlib.Path(workdir)
 
@@ -240,9 +254,14 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         return {k: jax.make_array_from_process_local_data(batch_sharding, v)
                 for k, v in host_batch.items()}
 
+    if preemption.raised:  # during set-up: nothing trained since the checkpoint, so no save
+        checkpoints.close()
+        _log(f"SIGTERM before the first step: nothing new to save (the run is at step "
+             f"{start_step}); exiting with code {PREEMPTED_EXIT_CODE}")
+        raise Preempted(start_step)
+
     # --- Loop ---------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
-    preemption = _Preemption()
     host_log = _HostLog(workdir) if config.log.all_processes else None
     bar = _progress_bar(start_step, config.train.steps, progress)
     window, pending = None, None
@@ -316,7 +335,6 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
                     raise Preempted(step)
     finally:
         bar.close()
-        preemption.restore()
         checkpoints.close()
         writer.close()
 
