@@ -138,3 +138,38 @@ def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys)
     assert "SIGTERM before the first step" in capsys.readouterr().err
     assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training saves the step it is in and exits 130 (a KeyboardInterrupt lost
+    every step since the last checkpoint); the same command then finishes the run."""
+    import os
+    import signal
+
+    from mtjax.train import trainer
+
+    build = trainer.make_pipeline
+
+    class InterruptedAtThirdBatch:
+        def __init__(self, pipeline):
+            self._pipeline, self._served = pipeline, 0
+
+        def __getattr__(self, name):
+            return getattr(self._pipeline, name)
+
+        def __next__(self):
+            self._served += 1
+            if self._served == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return next(self._pipeline)
+
+    monkeypatch.setattr(trainer, "make_pipeline",
+                        lambda *a, **k: InterruptedAtThirdBatch(build(*a, **k)))
+    config = tiny_config("train.steps=6", "checkpoint.every_steps=100")
+    with pytest.raises(trainer.Preempted) as info:
+        trainer.train(config, tmp_path / "run", progress=False)
+    assert info.value.exit_code == 130 and info.value.step == 3
+    assert "Ctrl-C: saved step 3; exiting with code 130" in capsys.readouterr().err
+    monkeypatch.setattr(trainer, "make_pipeline", build)
+    result = trainer.train(config, tmp_path / "run", progress=False)
+    assert result.start_step == 3 and result.step == 6

@@ -1,6 +1,7 @@
 """Train a T5 on a SeqIO mixture; re-running with the same workdir resumes from its latest
 checkpoint. Exit codes: 0 done, 1 stopped (non-finite loss), 2 user mistake, 42 preempted
-(SIGTERM; a checkpoint was written; run the same command again to resume)."""
+(SIGTERM; a checkpoint was written; run the same command again to resume), 130 Ctrl-C (the same,
+saved at the end of the step; a second Ctrl-C stops at once)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.train(config, workdir, init_from=args.init_from,
                                progress=not args.no_progress)
-    except trainer.Preempted:
-        return trainer.PREEMPTED_EXIT_CODE
+    except trainer.Preempted as stopped:
+        return stopped.exit_code
     _print_summary(result)
     return 0
 

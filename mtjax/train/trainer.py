@@ -30,10 +30,16 @@ from mtjax.train.setup import model_config  # noqa: F401 - re-exported
 
 # Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
 PREEMPTED_EXIT_CODE = 42
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by Ctrl-C
 
 
 class Preempted(Exception):
-    """Raised after SIGTERM once the checkpoint is written; the CLI exits with 42."""
+    """Raised after SIGTERM (or Ctrl-C) once the checkpoint is written; the CLI exits with
+    ``exit_code``: 42 after SIGTERM (launchers resume on it), 130 after Ctrl-C."""
+
+    def __init__(self, step: int, exit_code: int = PREEMPTED_EXIT_CODE) -> None:
+        super().__init__(step)
+        self.step, self.exit_code = step, exit_code
 
 
 @dataclasses.dataclass
@@ -90,13 +96,24 @@ class _Preemption:
 
     def __init__(self) -> None:
         self.raised = False
+        self.signal_name, self.exit_code = "SIGTERM", PREEMPTED_EXIT_CODE
         self._multihost = jax.process_count() > 1 and _preemption_service_running()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         if not self._multihost:
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._handle)
+            # Ctrl-C too, on one process: save and stop instead of a KeyboardInterrupt that
+            # loses every step since the last checkpoint. A second Ctrl-C stops at once.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.raised and self.signal_name == "Ctrl-C":
+                raise KeyboardInterrupt
+            if not self.raised:
+                self.signal_name, self.exit_code = "Ctrl-C", INTERRUPTED_EXIT_CODE
+                print("\nCtrl-C: saving at the end of this step (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
         self.raised = True
 
     def reached(self, step: int) -> bool:
@@ -107,8 +124,8 @@ class _Preemption:
         return self.raised
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class _HostLog:
@@ -148,8 +165,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
     """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
 
     Raises:
-        Preempted: SIGTERM arrived (from the start: a job preempted while it builds its input
-            pipeline, restores or compiles exits 42 too, and its launcher resumes it).
+        Preempted: SIGTERM or Ctrl-C arrived (from the start: a job preempted while it builds
+            its input pipeline, restores or compiles exits 42 too, and its launcher resumes it).
     """
     preemption = _Preemption()
     try:
@@ -256,9 +273,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
     if preemption.raised:  # during set-up: nothing trained since the checkpoint, so no save
         checkpoints.close()
-        _log(f"SIGTERM before the first step: nothing new to save (the run is at step "
-             f"{start_step}); exiting with code {PREEMPTED_EXIT_CODE}")
-        raise Preempted(start_step)
+        _log(f"{preemption.signal_name} before the first step: nothing new to save (the run "
+             f"is at step {start_step}); exiting with code {preemption.exit_code}")
+        raise Preempted(start_step, preemption.exit_code)
 
     # --- Loop ---------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
@@ -330,9 +347,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                                      metrics=_finite_only(last_summary), force=True)
                 if preempted and not is_last:
                     checkpoints.wait()
-                    _log_above(bar, f"SIGTERM: saved step {step}; exiting with code "
-                                    f"{PREEMPTED_EXIT_CODE}")
-                    raise Preempted(step)
+                    _log_above(bar, f"{preemption.signal_name}: saved step {step}; exiting "
+                                    f"with code {preemption.exit_code}")
+                    raise Preempted(step, preemption.exit_code)
     finally:
         bar.close()
         checkpoints.close()
