@@ -96,7 +96,7 @@ class _Preemption:
 
     def __init__(self) -> None:
         self.raised = False
-        self.signal_name, self.exit_code = "SIGTERM", PREEMPTED_EXIT_CODE
+        self.signal_name = "SIGTERM"  # or "Ctrl-C", where that came first
         self._multihost = jax.process_count() > 1 and _preemption_service_running()
         self._previous: dict[int, Any] = {}
         if not self._multihost:
@@ -111,10 +111,14 @@ class _Preemption:
             if self.raised and self.signal_name == "Ctrl-C":
                 raise KeyboardInterrupt
             if not self.raised:
-                self.signal_name, self.exit_code = "Ctrl-C", INTERRUPTED_EXIT_CODE
+                self.signal_name = "Ctrl-C"
                 print("\nCtrl-C: saving at the end of this step (Ctrl-C again to stop at once)",
                       file=sys.stderr, flush=True)
         self.raised = True
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.signal_name == "Ctrl-C" else PREEMPTED_EXIT_CODE
 
     def reached(self, step: int) -> bool:
         if self._multihost:
