@@ -210,12 +210,21 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
 
 def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(all_keys())}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    if close:
+        return ConfigError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    section, _, _ = key.partition(".")
+    if section not in sections:
+        return ConfigError(f"unknown config key {key!r}: there is no section {section!r} (the "
+                           f"sections are {', '.join(sections)})")
+    keys = [k for k in all_keys() if k.startswith(section + ".")]
+    return ConfigError(f"unknown config key {key!r}; the keys of {section!r} are "
+                       f"{', '.join(keys)}")
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Apply ``section.key=value`` strings, type-checked."""
+    """Apply ``section.key=value`` strings, type-checked, in order: a later value of a key wins
+    (how launch scripts put the user's overrides after their defaults)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -232,8 +241,52 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     return validate(config)
 
 
+def repeated_keys(overrides: Sequence[str]) -> list[str]:
+    """One note per key that ``overrides`` (a user's command line) sets more than once."""
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        if "=" in item:
+            given.setdefault(item.split("=", 1)[0].strip(), []).append(item)
+    return [f"{key} is given {len(items)} times ({' '.join(items)}); the last one counts"
+            for key, items in given.items() if len(items) > 1]
+
+
+def _check_types(config: Config) -> Config:
+    """Each field's value against its annotation, for configs built in Python (``get_config()``,
+    config.json), which the override parser never saw. An int where a float is expected is
+    taken as that float; anything else of the wrong type is a :class:`ConfigError`."""
+    for section_field in dataclasses.fields(Config):
+        section = getattr(config, section_field.name)
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(f"config section {section_field.name!r} is a "
+                              f"{type(section).__name__}, not mtjax's "
+                              f"{section_field.name.capitalize()}Config")
+        fixed = {}
+        for field in dataclasses.fields(section):
+            key = f"{section_field.name}.{field.name}"
+            value = getattr(section, field.name)
+            annotation = _field_type(type(section), field.name)
+            optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            if optional:
+                annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+                if value is None:
+                    continue
+            if annotation is float and type(value) is int:
+                fixed[field.name] = float(value)
+            elif not (type(value) is annotation
+                      or (annotation is float and isinstance(value, float))):
+                expected = annotation.__name__ + (" or None" if optional else "")
+                raise ConfigError(f"config key {key!r} expects {expected}, got {value!r} "
+                                  f"({type(value).__name__})")
+        if fixed:
+            config = dataclasses.replace(
+                config, **{section_field.name: dataclasses.replace(section, **fixed)})
+    return config
+
+
 def validate(config: Config) -> Config:
-    """Check choices and ranges; returns ``config`` unchanged when valid."""
+    """Check types, choices and ranges; returns ``config`` (ints given for floats made floats)."""
+    config = _check_types(config)
     for key, choices in _CHOICES.items():
         value = get(config, key)
         if value not in choices:

@@ -69,3 +69,59 @@ def test_a_relative_tasks_file_is_recorded_absolute(tmp_path, monkeypatch):
     assert cfg.data.tasks_module == str(tmp_path.resolve() / "my_tasks.py")
     # Module paths and files that do not exist are left as given (the import says what is wrong).
     assert config_lib.load(None, ["data.tasks_module=nope.py"]).data.tasks_module == "nope.py"
+
+
+def _config_file(tmp_path, body):
+    path = tmp_path / "cfg.py"
+    path.write_text("import dataclasses\n"
+                    "from mtjax.config import Config, DataConfig, OptimConfig, TrainConfig\n"
+                    f"def get_config():\n    return {body}\n")
+    return path
+
+
+@pytest.mark.parametrize("body, message", [
+    ("Config(train=TrainConfig(steps='ten'))", "'train.steps' expects int, got 'ten'"),
+    ("Config(data=DataConfig(pack='no'))", "'data.pack' expects bool, got 'no'"),
+    ("Config(train=TrainConfig(steps=True))", "'train.steps' expects int, got True"),
+    ("Config(data=DataConfig(mixing_cap='5'))", "'data.mixing_cap' expects int or None"),
+    ("Config(optim=OptimConfig(learning_rate='1e-3'))", "'optim.learning_rate' expects float"),
+])
+def test_config_file_values_are_type_checked(tmp_path, body, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load(_config_file(tmp_path, body))
+
+
+def test_an_int_given_for_a_float_is_taken_as_that_float(tmp_path):
+    cfg = config_lib.load(_config_file(tmp_path, "Config(optim=OptimConfig(learning_rate=1))"))
+    assert cfg.optim.learning_rate == 1.0 and type(cfg.optim.learning_rate) is float
+    # The config a run records round-trips to the same, typed config.
+    assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+
+
+def test_a_recorded_config_with_a_wrong_type_is_refused():
+    data = config_lib.to_dict(config_lib.Config())
+    data["train"]["batch_size"] = "16"
+    with pytest.raises(config_lib.ConfigError, match="'train.batch_size' expects int"):
+        config_lib.from_dict(data)
+
+
+def test_a_later_value_of_a_key_wins_and_the_cli_says_so(capsys):
+    # Launch scripts put the user's overrides after their defaults.
+    given = ["train.steps=3", "train.seed=1", "train.steps=4"]
+    assert config_lib.load(None, given).train.steps == 4
+    assert config_lib.repeated_keys(given) == [
+        "train.steps is given 2 times (train.steps=3 train.steps=4); the last one counts"]
+    from mtjax import cli
+
+    # (a misspelt key too, so that nothing trains)
+    assert cli.main(["train", "train.seed=1", "train.seed=2", "train.stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "mtjax: note: train.seed is given 2 times" in err and "'train.stepz'" in err
+
+
+def test_an_unknown_section_is_one_line_naming_the_sections():
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(None, ["foo.bar=1"])
+    message = str(e.value)
+    assert "no section 'foo'" in message and "train, data, model" in message
+    assert "train.steps" not in message and "\n" not in message

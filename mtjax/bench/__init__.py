@@ -150,6 +150,8 @@ def main(argv: list[str]) -> int:
         0 on success, 2 on a config mistake (message on stderr).
     """
     args = build_parser().parse_intermixed_args(argv)
+    for note in config_lib.repeated_keys(args.overrides):
+        print(f"mtjax bench: note: {note}", file=sys.stderr)
     try:
         config, options = resolve(args)
         names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]

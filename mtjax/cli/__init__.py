@@ -55,6 +55,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
+    if hasattr(args, "overrides"):
+        from mtjax import config as config_lib
+
+        for note in config_lib.repeated_keys(args.overrides):
+            print(f"mtjax: note: {note}", file=sys.stderr)
     return args
 
 
