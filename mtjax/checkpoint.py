@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import pathlib
+import re
 import sys
 import tempfile
 from typing import Any, Protocol
@@ -324,9 +326,11 @@ _ORBAX_READ_ERROR = "Encountered error while reading array index"
 
 def _orbax_read_noise(exc: BaseException | None) -> bool:
     """An echo of one damaged checkpoint's failed reads: Orbax's other read tasks failing
-    alike, or TensorStore's callbacks reaching the closed event loop of that restore."""
+    alike, TensorStore's own futures for them ("OUT_OF_RANGE: Error reading ..."), or
+    TensorStore's callbacks reaching the closed event loop of that restore."""
     return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
-        type(exc) is Exception and str(exc).startswith(_ORBAX_READ_ERROR))
+        type(exc) is Exception and str(exc).startswith(_ORBAX_READ_ERROR)) or (
+        isinstance(exc, ValueError) and bool(re.match(r"[A-Z_]+: Error reading ", str(exc))))
 
 
 class _DropOrbaxReadNoise(logging.Filter):
@@ -373,15 +377,25 @@ def _looks_damaged(error: CheckpointError) -> bool:
 def _looks_mismatched(error: CheckpointError) -> bool:
     """A shape or tree mismatch (the user's change), as opposed to unreadable files."""
     text = str(error.__cause__).lower()
-    if any(word in text for word in ("not_found", "error reading", "data_loss", "corrupt",
-                                     "no such file", "unexpected end", "error while reading",
-                                     "out_of_range", "read less bytes")):
-        return False  # files missing or damaged
+    if _says_unreadable(error.__cause__):
+        return False
     return any(word in text for word in ("shape", "structure", "mismatch", "missing key",
                                          "dtype"))
 
 
+def _says_unreadable(cause: BaseException | None) -> bool:
+    """The error of a read that found files of the checkpoint missing or damaged."""
+    if type(cause) is Exception:  # Orbax reports a damaged array file as a bare Exception
+        return True
+    text = str(cause).lower()
+    return any(word in text for word in ("not_found", "error reading", "data_loss", "corrupt",
+                                         "no such file", "unexpected end", "error while reading",
+                                         "out_of_range", "read less bytes"))
+
+
 def _short(error: BaseException | None, limit: int = 240) -> str:
+    if type(error) is Exception and error.__cause__ is not None:
+        error = error.__cause__  # Orbax's "error while reading array index" wraps the reason
     # Orbax appends the whole TensorStore spec to a failed read: the part before says it all.
     text = " ".join(str(error).split(" See full TensorStore details")[0].split())
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -407,12 +421,17 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
     state_dir = find_state_dir(path)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
                                 abstract_params)
+    _quiet_failed_reads()
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             state_dir, args=ocp.args.PyTreeRestore(
                 item={"params": abstract_params}, restore_args={"params": restore_args},
                 partial_restore=True))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:
+        if _says_unreadable(e):
+            raise unreadable(state_dir.parent, e) from e
+        if not isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+            raise
         # Orbax's advice (strict=False, ArrayRestoreArgs) is about its API, not this command.
         reason = str(e).split(" Truncating/padding")[0].strip()
         hint = ""
@@ -424,11 +443,57 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
     return restored["params"]
 
 
+def _no_metadata_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to get item metadata from directory")
+
+
+def tree_metadata(state_dir: pathlib.Path) -> Any:
+    """The saved tree of ``state`` (shapes and dtypes), for commands that only read a
+    checkpoint; damaged metadata raises :func:`unreadable`."""
+    try:
+        # Orbax takes unreadable metadata for absent metadata: a warning, and None.
+        json.loads((state_dir / "_METADATA").read_text())
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_no_metadata_warning)
+        try:
+            metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+        finally:
+            absl_logger.removeFilter(_no_metadata_warning)
+        tree = getattr(metadata, "item_metadata", metadata)
+        if tree is None:
+            raise OSError(f"no readable tree metadata in {state_dir}")
+    except Exception as e:
+        raise unreadable(state_dir.parent, e) from e
+    return tree
+
+
+def read_json_item(item_dir: pathlib.Path) -> dict[str, Any]:
+    """A JSON item of a checkpoint step (``config``, ``metrics``); damage raises
+    :func:`unreadable`."""
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item_dir)
+    except Exception as e:
+        raise unreadable(item_dir.parent, e) from e
+
+
+def unreadable(step_dir: pathlib.Path, error: BaseException) -> CheckpointError:
+    """A checkpoint whose files are damaged, for commands that only read it: the error names the
+    older checkpoints of the run to use instead (nothing is moved; ``mtjax train`` sets damaged
+    checkpoints aside when it resumes)."""
+    older = sorted((int(p.name) for p in step_dir.parent.glob("*")
+                    if p.name.isdigit() and _is_complete(p)
+                    and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)),
+                   reverse=True)
+    fix = (f"give an older one instead, e.g. {step_dir.parent / str(older[0])} "
+           f"(complete: {', '.join(map(str, older))})" if older
+           else "no older checkpoint of this run is complete")
+    return CheckpointError(f"checkpoint {step_dir} cannot be read, its files are damaged "
+                           f"({_short(error, 160)}); {fix}")
+
+
 def _recorded_config(step_dir: pathlib.Path) -> dict[str, Any]:
     """The run config a checkpoint step recorded ({} where it recorded none); read as a file,
     without Orbax."""
-    import json
-
     config_file = step_dir / "config" / "metadata"
     return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
@@ -451,8 +516,6 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     Reads files only (no Orbax manager, nothing moved). Directories set aside as incomplete are
     listed under ``incomplete``.
     """
-    import json
-
     run_dir = pathlib.Path(run_dir).absolute()
     # Also take what the other commands take: the checkpoints/ folder or one step of it.
     if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":

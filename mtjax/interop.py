@@ -238,22 +238,21 @@ def _run_dir(step_dir: pathlib.Path) -> pathlib.Path:
 def _read_json_item(item_dir: pathlib.Path) -> dict[str, Any]:
     if not item_dir.is_dir():
         return {}
-    import orbax.checkpoint as ocp
+    from mtjax.checkpoint import read_json_item
 
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item_dir)
+    return read_json_item(item_dir)
 
 
 def read_mtjax(src: pathlib.Path) -> tuple[T5Config, dict, dict[str, Any]]:
     """(model config, parameters as numpy, the run's config dict) of an mtjax checkpoint."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from mtjax.checkpoint import find_state_dir, restore_params
+    from mtjax.checkpoint import find_state_dir, restore_params, tree_metadata
 
     state_dir = find_state_dir(src)
     run_config = _read_json_item(state_dir.parent / "config")
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    metadata = tree_metadata(state_dir)
+    tree = getattr(metadata, "tree", metadata)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
                             tree["params"])

@@ -176,6 +176,39 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]
 
 
+@pytest.mark.parametrize("damage", ["array_file", "tree_metadata", "config_item"])
+def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
+        kept_run, tmp_path, capsys, damage):
+    """eval/infer/score/--init-from load through infer.load: one line naming the damaged
+    checkpoint and a complete older one; nothing in the run is moved."""
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    latest = run / "checkpoints" / "10"
+    if damage == "array_file":
+        files = list((latest / "state").rglob("d/*"))
+        for f in files:  # every array: only the parameters are read
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f = latest / ("state/_METADATA" if damage == "tree_metadata" else "config/metadata")
+        f.write_bytes(f.read_bytes()[:20])
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    older = min(int(p) for p in before)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("copy: a b\n")
+    for command in (["infer", "--checkpoint", str(run), "--input", str(inputs),
+                     "--no-progress"],
+                    ["convert", "--to", "hf", str(run), str(tmp_path / "hf")]):
+        assert cli.main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"checkpoint {latest} cannot be read, its files are damaged" in err, err[-3000:]
+        assert f"e.g. {run / 'checkpoints' / str(older)}" in err, err
+        lines = [line for line in err.strip().splitlines()
+                 if not line.startswith("mtjax convert: reading")]
+        assert len(lines) == 1 and lines[0].startswith("mtjax: error:"), err[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "hf").exists()
+
+
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["checkpoints", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,6 @@ import pathlib
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -138,14 +137,12 @@ def read_config(step_dir: pathlib.Path) -> config_lib.Config:
         raise CheckpointError(
             f"checkpoint {step_dir} has no 'config' item (written by mtjax train or a converter "
             f"next to 'state'); cannot tell which model it holds")
-    data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
-    return config_lib.from_dict(data)
+    return config_lib.from_dict(checkpoint_lib.read_json_item(step_dir / "config"))
 
 
 def checkpoint_vocab_size(step_dir: pathlib.Path) -> int:
     """Rows of the saved token embedding: the model's (padded) vocabulary size."""
-    metadata = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
-    tree = getattr(metadata, "item_metadata", metadata)
+    tree = checkpoint_lib.tree_metadata(step_dir / "state")
     try:
         return int(tree["params"]["token_embedder"]["embedding"].shape[0])
     except (KeyError, TypeError) as e:
@@ -219,9 +216,10 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     """
     step_dir = find_step_dir(path)
     config = read_config(step_dir)
+    vocab_size = checkpoint_vocab_size(step_dir)
     mesh = mesh if mesh is not None else inference_mesh(config)
     rules = rules if rules is not None else mesh_lib.get_rules(config.mesh.rules)
-    model_cfg = model_config(config, checkpoint_vocab_size(step_dir), step_dir)
+    model_cfg = model_config(config, vocab_size, step_dir)
     model_def, target = abstract_model(model_cfg, mesh, rules)
     params = checkpoint_lib.restore_params(step_dir, target)
     step = int(step_dir.name) if step_dir.name.isdigit() else None
