@@ -9,10 +9,13 @@
 # Expect about 1-3 minutes per model (compile dominates); well under 8 minutes in all.
 # Extra KEY=VALUE overrides or flags are passed to every run, e.g. `--steps 20 train.microbatches=2`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths (OUT, --config, a tasks file) stay relative to where you run this; mtjax is imported
+# from this checkout.
+LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PYTHONPATH="$(dirname "$LAUNCH_DIR")${PYTHONPATH:+:$PYTHONPATH}"
 
 PYTHON=${PYTHON:-python3}
-source launch/xla_gpu_env.sh
+source "$LAUNCH_DIR/xla_gpu_env.sh"
 
 # model:batch — sized to fit an 80 GB H100 without remat (AdamW state is 16 bytes/param). On an
 # H200 with cuDNN attention (model.attention=auto), XLA's temp memory was 34 GiB for base at 128

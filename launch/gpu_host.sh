@@ -8,8 +8,8 @@
 # Re-run the same command to resume. With MTJAX_RESTART_ON_PREEMPT=1 the script restarts
 # training itself after a SIGTERM-triggered checkpoint (exit code 42).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-source launch/xla_gpu_env.sh
+# Paths in the arguments (--workdir, --config, a tasks file) stay relative to where you run this.
+source "$(dirname "${BASH_SOURCE[0]}")/xla_gpu_env.sh"
 MTJAX_BIN=${MTJAX_BIN:-mtjax}
 
 while true; do

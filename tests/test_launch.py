@@ -1,0 +1,90 @@
+"""The GPU launch scripts, run with a stand-in for mtjax (and for SLURM's srun/scontrol): they
+run where they are called from, set the XLA environment, pass the arguments on, and handle the
+preemption exit code 42 as documented. No GPU is needed: only the shell logic is under test."""
+
+import os
+import pathlib
+import stat
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Records its working directory, arguments and XLA_FLAGS; exits with the codes listed in
+# $EXIT_CODES, one per call (a counter file keeps the place), 0 after the list.
+STAND_IN = """#!/usr/bin/env bash
+echo "cwd=$PWD args=$* xla=$XLA_FLAGS pythonpath=${PYTHONPATH:-}" >> "$CALLS"
+n=$(cat "$CALLS.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$CALLS.n"
+codes=(${EXIT_CODES:-}); exit "${codes[$n]:-0}"
+"""
+
+
+def _stand_in(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(STAND_IN)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def _run(script: str, args: list[str], cwd: pathlib.Path, tmp_path: pathlib.Path, **env):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    full_env.update(CALLS=str(tmp_path / "calls"), **env)
+    full_env["PATH"] = f"{tmp_path / 'bin'}:{full_env['PATH']}"
+    proc = subprocess.run(["bash", str(REPO / script), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return proc, calls
+
+
+def test_gpu_host_runs_in_the_callers_directory_and_restarts_on_preemption(tmp_path):
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    mtjax = _stand_in(tmp_path, "mtjax")
+    proc, calls = _run("launch/gpu_host.sh", ["--workdir", "runs/x", "train.steps=5"], here,
+                       tmp_path, MTJAX_BIN=str(mtjax), EXIT_CODES="42 42 0",
+                       MTJAX_RESTART_ON_PREEMPT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls) == 3 and proc.stderr.count("preempted") == 2
+    for call in calls:
+        assert call.startswith(f"cwd={here} args=train --workdir runs/x train.steps=5 "), call
+        assert "xla=--xla_gpu_enable_latency_hiding_scheduler=true" in call
+    # Without the restart switch, 42 is handed back to the caller (a scheduler that requeues).
+    (tmp_path / "calls").unlink()
+    (tmp_path / "calls.n").unlink()
+    proc, calls = _run("launch/gpu_host.sh", [], here, tmp_path, MTJAX_BIN=str(mtjax),
+                       EXIT_CODES="42")
+    assert proc.returncode == 42 and len(calls) == 1
+
+
+def test_gpu_bench_runs_in_the_callers_directory_with_this_checkout_importable(tmp_path):
+    python = _stand_in(tmp_path, "python")
+    proc, calls = _run("launch/gpu_bench.sh", ["--steps", "3"], tmp_path, tmp_path,
+                       PYTHON=str(python), OUT="results", BENCHMARKS="train")
+    assert proc.returncode == 0, proc.stderr
+    assert [c.split(" model.name=")[1].split()[0] for c in calls] == ["t5_1_1_base",
+                                                                      "t5_1_1_large"]
+    for call in calls:
+        assert call.startswith(f"cwd={tmp_path} args=-m mtjax bench train "), call
+        assert "--output results/bench_train_t5_1_1_" in call and call.endswith(
+            f"--steps 3 xla=--xla_gpu_enable_latency_hiding_scheduler=true pythonpath={REPO}")
+    assert (tmp_path / "results").is_dir()
+
+
+def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
+    _stand_in(tmp_path, "srun")
+    _stand_in(tmp_path, "scontrol")
+    proc, calls = _run("launch/slurm.sbatch", ["--workdir", "/shared/run"], REPO, tmp_path,
+                       SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="77", EXIT_CODES="42 0")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0].startswith(f"cwd={REPO} args=--kill-on-bad-exit=1 mtjax train --workdir "
+                               f"/shared/run xla=--xla_gpu_enable_latency_hiding_scheduler")
+    assert calls[1].startswith(f"cwd={REPO} args=requeue 77 "), calls
+    # Submitted from a directory without the checkout and no MTJAX_LAUNCH_DIR: one clear line.
+    (tmp_path / "calls").unlink()
+    (tmp_path / "calls.n").unlink()
+    proc, calls = _run("launch/slurm.sbatch", [], tmp_path, tmp_path,
+                       SLURM_SUBMIT_DIR=str(tmp_path))
+    assert proc.returncode == 2 and "MTJAX_LAUNCH_DIR" in proc.stderr and not calls
+    proc, calls = _run("launch/slurm.sbatch", [], tmp_path, tmp_path,
+                       SLURM_SUBMIT_DIR=str(tmp_path), MTJAX_LAUNCH_DIR=str(REPO / "launch"))
+    assert proc.returncode == 0 and calls[0].startswith(f"cwd={tmp_path} "), proc.stderr
