@@ -168,3 +168,17 @@ def test_bench_data_smoke(capsys):
         assert case["batches"] == 30 and case["examples_per_s"] > 0
         assert 0 < case["packing_efficiency"] <= case["binding_side_efficiency"] <= 1
     assert result["cases"]["mixture"]["mixture"] == "mtjax_demo"
+
+
+def test_bench_data_takes_a_users_mixture_and_names_an_unknown_one(user_module, capsys):
+    from mtjax import bench
+
+    assert bench.main(["data", "--smoke", "--tasks-module", str(user_module),
+                       "data.mixture=user_mix"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cases"]["mixture"]["mixture"] == "user_mix"
+    assert result["cases"]["mixture"]["examples_per_s"] > 0
+    assert bench.main(["data", "--smoke", "data.mixture=user_mixx"]) == 2
+    err = capsys.readouterr().err
+    assert "mtjax bench: error: Unknown task or mixture 'user_mixx'" in err
+    assert "Traceback" not in err and "--tasks-module" in err

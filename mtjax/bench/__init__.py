@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the JSON here")
     parser.add_argument("--config", default=None,
                         help="a Python config file (default: the peer shape, below)")
+    parser.add_argument("--tasks-module", default=None, metavar="MODULE",
+                        help="module path or .py file registering your own SeqIO tasks, for "
+                        "`bench data` (same as data.tasks_module=...)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, as for `mtjax train`")
     return parser
@@ -118,7 +121,10 @@ def resolve(args: argparse.Namespace):
     overrides = [] if args.config else list(DEFAULT_OVERRIDES)
     if args.smoke:
         overrides += SMOKE_OVERRIDES
-    config = config_lib.load(args.config, overrides + list(args.overrides))
+    overrides += list(args.overrides)
+    if args.tasks_module:
+        overrides.append(f"data.tasks_module={args.tasks_module}")
+    config = config_lib.load(args.config, overrides)
     options = BenchOptions()
     if args.smoke:
         options = dataclasses.replace(options, steps=SMOKE_STEPS, warmup=SMOKE_WARMUP,
@@ -152,18 +158,15 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     for note in config_lib.repeated_keys(args.overrides):
         print(f"mtjax bench: note: {note}", file=sys.stderr)
+    from mtjax.errors import UserError
+
     try:
         config, options = resolve(args)
         names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-        from mtjax.model.sizes import UnknownModelError
-        from mtjax.parallel.mesh import MeshError
-
-        try:
-            results = run(names, config, options)
-        except (UnknownModelError, MeshError) as e:
-            raise config_lib.ConfigError(str(e)) from None
-    except config_lib.ConfigError as e:
-        print(f"mtjax bench: error: {e}", file=sys.stderr)
+        results = run(names, config, options)
+    except UserError as e:  # a bad key, model, mesh, mixture or tasks module
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mtjax bench: error: {message}", file=sys.stderr)
         return 2
     # `train` prints its result; `all` nests them so new benchmarks add keys, not shapes.
     result = results[args.benchmark] if args.benchmark in BENCHMARKS else {"benchmarks": results}
