@@ -363,19 +363,29 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
             raise ConfigError(
                 f"get_config() in {str(path)!r} returned {type(config).__name__}, not mtjax Config"
             )
-    return _absolute_tasks_file(apply_overrides(validate(config), overrides))
+    return _absolute_paths(apply_overrides(validate(config), overrides))
 
 
-def _absolute_tasks_file(config: Config) -> Config:
-    """A ``data.tasks_module`` given as a relative ``.py`` path, made absolute: the run records
-    it in config.json, and ``mtjax eval`` of the run may start in another directory."""
-    module = config.data.tasks_module
-    if module and module.endswith(".py") and not pathlib.Path(module).is_absolute():
-        absolute = pathlib.Path(module).expanduser().resolve()
-        if absolute.is_file():
-            return dataclasses.replace(
-                config, data=dataclasses.replace(config.data, tasks_module=str(absolute)))
-    return config
+def _absolute_paths(config: Config) -> Config:
+    """A ``data.tasks_module`` ``.py`` file or a ``data.vocabulary`` file given relative to the
+    current directory, made absolute: the run records them in config.json and its checkpoints,
+    and ``mtjax eval`` of the run may start in another directory. Names that are not files here
+    are left as given (the import or the vocabulary lookup says what is wrong)."""
+    data = config.data
+    changes = {}
+    if data.tasks_module and data.tasks_module.endswith(".py"):
+        changes["tasks_module"] = data.tasks_module
+    if data.vocabulary and data.vocabulary != "byte":
+        changes["vocabulary"] = data.vocabulary
+    for key, value in list(changes.items()):
+        path = pathlib.Path(value).expanduser()
+        if path.is_absolute() or not path.is_file():
+            del changes[key]
+        else:
+            changes[key] = str(path.resolve())
+    if not changes:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(data, **changes))
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -71,6 +71,16 @@ def test_a_relative_tasks_file_is_recorded_absolute(tmp_path, monkeypatch):
     assert config_lib.load(None, ["data.tasks_module=nope.py"]).data.tasks_module == "nope.py"
 
 
+def test_a_relative_vocabulary_file_is_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "vocab").mkdir()
+    (tmp_path / "vocab" / "spm.model").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    cfg = config_lib.load(None, ["data.vocabulary=vocab/spm.model"])
+    assert cfg.data.vocabulary == str(tmp_path.resolve() / "vocab" / "spm.model")
+    for name in ("byte", "missing.model"):
+        assert config_lib.load(None, [f"data.vocabulary={name}"]).data.vocabulary == name
+
+
 def _config_file(tmp_path, body):
     path = tmp_path / "cfg.py"
     path.write_text("import dataclasses\n"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -215,6 +216,21 @@ def test_vocab_train_round_trip(spm_model):
     assert vocab.decode(vocab.encode(text)) == text
     with pytest.raises(vocab_lib.VocabularyError, match="Vocabulary size too high"):
         vocab_lib.train_sentencepiece([spm_model["inputs"][0]], 5000, spm_model["model"] + "d")
+
+
+def test_vocab_train_keeps_an_existing_model(spm_model):
+    model = pathlib.Path(spm_model["model"])
+    saved = model.read_bytes()
+    corpus = spm_model["inputs"]
+    with pytest.raises(vocab_lib.VocabularyError, match="exists.*--force"):
+        vocab_lib.train_sentencepiece(corpus, 150, str(model.parent))
+    # --force that fails (too many pieces) leaves the old model whole, and no scratch behind.
+    with pytest.raises(vocab_lib.VocabularyError, match="Vocabulary size too high"):
+        vocab_lib.train_sentencepiece(corpus, 5000, str(model.parent), force=True)
+    assert model.read_bytes() == saved
+    assert not list(model.parent.glob(".spm-training-*"))
+    with pytest.raises(vocab_lib.VocabularyError, match="is a file; give a directory"):
+        vocab_lib.train_sentencepiece(corpus, 150, str(model))
 
 
 def test_run_vocabulary_and_conflicts(data_dir, spm_model):

@@ -1,6 +1,6 @@
 """Vocabularies without downloads.
 
-    mtjax vocab train --input FILES --size 32000 --out DIR   SentencePiece, T5 settings
+    mtjax vocab train --input FILES --size 32000 --out DIR [--force]   SentencePiece, T5 settings
     mtjax vocab encode MODEL TEXT                             ids and pieces, to check a model
 
 `vocab train` writes DIR/spm.model (unigram; pad 0, EOS 1, UNK 2, no BOS), SentencePiece's
@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--size", type=int, default=32000,
                        help="pieces (default 32000, T5's); 100 sentinels are added on top")
     train.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    train.add_argument("--force", action="store_true",
+                       help="replace a model already in DIR (checkpoints trained with it will "
+                       "no longer match it)")
     train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--character-coverage", type=float, default=1.0,
                        help="1.0 for small alphabets; 0.9995 for large ones (CJK)")
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab_command == "train":
         summary = vocab_lib.train_sentencepiece(
             args.input, args.size, args.out, character_coverage=args.character_coverage,
-            max_sentences=args.max_sentences, model_type=args.model_type, progress=True)
+            max_sentences=args.max_sentences, model_type=args.model_type, progress=True,
+            force=args.force)
         print(json.dumps(summary, indent=2))
         print(f"use it with: {summary['config']}", file=sys.stderr)
         return 0

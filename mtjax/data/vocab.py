@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import seqio
@@ -92,7 +94,7 @@ def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = 128) -> int:
 def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
                         character_coverage: float = 1.0, max_sentences: int = 10_000_000,
                         model_type: str = "unigram", quiet: bool = True,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, force: bool = False) -> dict:
     """Trains a SentencePiece model with T5's settings on local text files.
 
     Args:
@@ -105,12 +107,15 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
         model_type: "unigram" (T5) or "bpe".
         quiet: keep SentencePiece's own log off stderr.
         progress: say on stderr what is being trained.
+        force: replace a model already in ``out_dir`` (runs trained with it are tied to its
+            ids, so by default it is kept and this is an error).
 
     Returns:
         A summary: model path, pieces, seqio vocab size (with extra ids), padded model size.
 
     Raises:
-        VocabularyError: no input file, or a size the corpus cannot support.
+        VocabularyError: no input file, a size the corpus cannot support, an ``out_dir`` that
+            is a file, or one that holds a model already (without ``force``).
     """
     import sentencepiece as spm
 
@@ -119,25 +124,28 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
         raise VocabularyError(f"vocab train: input file(s) not found: {missing or '(none given)'}")
     if size < 8:
         raise VocabularyError(f"vocab train: --size must be at least 8, got {size}")
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise VocabularyError(f"vocab train: --out {out_dir} is a file; give a directory (the "
+                              f"model is written as DIR/spm.model)")
+    if (out / "spm.model").exists() and not force:
+        raise VocabularyError(
+            f"vocab train: {out / 'spm.model'} exists, and runs trained with it need it as it "
+            f"is; give another --out, or --force to replace it")
     if progress:
         print(f"training a {model_type} SentencePiece model of {size} pieces on "
               f"{len(inputs)} file(s) ...", file=sys.stderr, flush=True)
-    out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = str(out / "spm")
+    # Trained beside, moved into place when done: a failure leaves the old model as it was.
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=".spm-training-", dir=out))
     try:
-        spm.SentencePieceTrainer.train(
-            input=",".join(inputs), model_prefix=prefix, vocab_size=size,
-            model_type=model_type, character_coverage=character_coverage,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids; seqio relies on them
-            input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            max_sentence_length=1 << 16, minloglevel=2 if quiet else 0,
-        )
-    except RuntimeError as e:
-        # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
-        reason = str(e).strip().rsplit("] ", 1)[-1]  # drop SentencePiece's source location
-        raise VocabularyError(f"vocab train: SentencePiece failed: {reason} (--size {size}, "
-                              f"{len(inputs)} input file(s))") from None
+        _train_into(spm, scratch / "spm", inputs, size, model_type, character_coverage,
+                    max_sentences, quiet)
+        for suffix in (".vocab", ".model"):
+            os.replace(scratch / f"spm{suffix}", out / f"spm{suffix}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    prefix = str(out / "spm")
     vocab = seqio.SentencePieceVocabulary(prefix + ".model", extra_ids=EXTRA_IDS)
     summary = {
         "model": os.path.abspath(prefix + ".model"),
@@ -151,3 +159,20 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
     }
     (out / "vocab.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _train_into(spm, prefix: pathlib.Path, inputs: Sequence[str], size: int, model_type: str,
+                character_coverage: float, max_sentences: int, quiet: bool) -> None:
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(inputs), model_prefix=str(prefix), vocab_size=size,
+            model_type=model_type, character_coverage=character_coverage,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids; seqio relies on them
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            max_sentence_length=1 << 16, minloglevel=2 if quiet else 0,
+        )
+    except RuntimeError as e:
+        # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
+        reason = str(e).strip().rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        raise VocabularyError(f"vocab train: SentencePiece failed: {reason} (--size {size}, "
+                              f"{len(inputs)} input file(s))") from None

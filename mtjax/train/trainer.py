@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -408,8 +409,14 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints
     keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
             ("optim", "name"), ("train", "batch_size"), ("data", "inputs_length"),
             ("data", "targets_length"), ("data", "pack")]
+    def same(s: str, k: str) -> bool:
+        if (s, k) == ("data", "vocabulary") and None not in (saved[s][k], current[s][k]):
+            # Runs of older versions recorded a vocabulary file as given, relative.
+            return os.path.abspath(saved[s][k]) == os.path.abspath(current[s][k])
+        return saved[s][k] == current[s][k]
+
     differ = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
-              for s, k in keys if k in saved.get(s, {}) and saved[s][k] != current[s][k]]
+              for s, k in keys if k in saved.get(s, {}) and not same(s, k)]
     if differ:
         raise CheckpointError(
             f"{checkpoints.directory / str(step)} was written by a different run ("
