@@ -173,3 +173,25 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(trainer, "make_pipeline", build)
     result = trainer.train(config, tmp_path / "run", progress=False)
     assert result.start_step == 3 and result.step == 6
+
+
+def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypatch):
+    """Older versions recorded data.vocabulary as given; the same file given again (now made
+    absolute) is the same run, another file is not."""
+    from mtjax.checkpoint import CheckpointError
+    from mtjax.train import trainer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spm.model").write_bytes(b"")
+    saved = config_lib.to_dict(config_lib.load(None, []))
+    saved["data"]["vocabulary"] = "spm.model"
+    now = config_lib.to_dict(config_lib.load(None, ["data.vocabulary=spm.model"]))
+    assert now["data"]["vocabulary"] == str(tmp_path.resolve() / "spm.model")
+
+    class Checkpoints:
+        directory = tmp_path / "checkpoints"
+
+    trainer._check_resumable(saved, now, Checkpoints, 10)
+    saved["data"]["vocabulary"] = "other.model"
+    with pytest.raises(CheckpointError, match="data.vocabulary: checkpoint 'other.model'"):
+        trainer._check_resumable(saved, now, Checkpoints, 10)
