@@ -142,7 +142,12 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:
-    return all((step_dir / marker).exists() for marker in _COMMIT_MARKERS)
+    if not all((step_dir / marker).exists() for marker in _COMMIT_MARKERS):
+        return False
+    try:  # Orbax's commit record, written last: cut short, the commit did not finish
+        return isinstance(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _log(message: str) -> None:
@@ -241,8 +246,10 @@ class RunCheckpoints:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if pipeline is not None:
             items["data"] = PipelineSave(snapshot_pipeline(pipeline))
-        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                                  force=force)
+        # {} rather than None: a step without metrics ranks worst (metric_key_fn), and Orbax
+        # warns at every save that is given None.
+        return self._manager.save(step, args=ocp.args.Composite(**items),
+                                  metrics={} if metrics is None else metrics, force=force)
 
     def best_step(self) -> int | None:
         """The saved step with the best ``best_metric`` (None without checkpoints)."""

@@ -148,6 +148,10 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     # 12: cut short (no commit markers); 14: committed but its array files are gone.
     shutil.copytree(ckpts / "10", ckpts / "12")
     (ckpts / "12" / "_CHECKPOINT_METADATA").unlink()
+    # 20: its commit record (_CHECKPOINT_METADATA, written last) cut short.
+    shutil.copytree(ckpts / "10", ckpts / "20")
+    record = ckpts / "20" / "_CHECKPOINT_METADATA"
+    record.write_text(record.read_text()[:10])
     shutil.copytree(ckpts / "10", ckpts / "14")
     for chunk in (ckpts / "14" / "state").rglob("d/*"):
         chunk.unlink()
@@ -164,13 +168,13 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     result = trainer.train(config, run, progress=False)
     err = capsys.readouterr().err
     for message in ("12 is incomplete", "14 cannot be read", "16 cannot be read",
-                    "18 cannot be read"):
+                    "18 cannot be read", "20 is incomplete"):
         assert message in err, (message, err[-3000:])
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     assert result.start_step == 10 and result.step == 12
     names = sorted(p.name for p in ckpts.iterdir())
-    assert {"12.incomplete", "14.incomplete", "16.incomplete", "18.incomplete", "12"} <= set(
-        names), names
+    assert {"12.incomplete", "14.incomplete", "16.incomplete", "18.incomplete",
+            "20.incomplete", "12"} <= set(names), names
     assert cli.main(["checkpoints", str(run), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]
@@ -301,3 +305,21 @@ def test_only_a_step_directory_missing_its_metadata_warns(caplog):
                                  "_CHECKPOINT_METADATA", where)
     assert [r.getMessage() for r in caplog.records] == [
         "Metadata file does not exist: run/checkpoints/20/_CHECKPOINT_METADATA"]
+
+
+def test_a_save_without_metrics_ranks_worst_and_orbax_does_not_warn(tmp_path, caplog):
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=1, keep_best=1,
+                                 best_metric="loss", best_mode="min", async_save=False)
+    state = {"w": jnp.ones((4,))}
+    with caplog.at_level(logging.WARNING):
+        checkpoints.save(1, state, None, config={}, metrics={"loss": 2.0})
+        checkpoints.save(2, state, None, config={})
+        checkpoints.save(3, state, None, config={}, metrics={"loss": 3.0})
+        checkpoints.wait()
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+    assert checkpoints.best_step() == 1 and checkpoints.all_steps() == [1, 3]
+    checkpoints.close()
