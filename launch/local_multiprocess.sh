@@ -9,6 +9,8 @@
 # Process 0 prints to the terminal; process i>0 logs to <MTJAX_LOG_DIR or /tmp>/mtjax_process_<i>.log.
 # Env: MTJAX_BIN (default: mtjax), MTJAX_PORT (default: a free port), MTJAX_LOCAL_DEVICES.
 # Exit code: the first non-zero exit code of any process (42: preempted, resume by re-running).
+# "[Gloo] Rank r is connected to n peer ranks. Expected number ... is : n" lines come from the
+# gloo library inside jaxlib (it has no switch to quiet them): matching numbers mean all connected.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then

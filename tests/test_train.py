@@ -81,7 +81,28 @@ def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run, tmp_pa
         assert ("--init-from" in err and "is not used" in err) == bool(init_from), err
 
 
-def test_changed_model_refuses_to_resume(trained_run):
+@pytest.fixture
+def open_managers(monkeypatch):
+    """The RunCheckpoints a test opens and has not closed."""
+    from mtjax import checkpoint
+
+    opened = []
+    init, close = checkpoint.RunCheckpoints.__init__, checkpoint.RunCheckpoints.close
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    def tracked_close(self):
+        close(self)
+        opened.remove(self)
+
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "__init__", tracked_init)
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "close", tracked_close)
+    return opened
+
+
+def test_changed_model_refuses_to_resume(trained_run, open_managers):
     from mtjax.checkpoint import CheckpointError
     from mtjax.train import trainer
 
@@ -99,9 +120,10 @@ def test_changed_model_refuses_to_resume(trained_run):
                              "data.targets_length: checkpoint 32 vs now 16")):
         with pytest.raises(CheckpointError, match=named):
             trainer.train(tiny_config("train.steps=40", override), workdir, progress=False)
+    assert not open_managers  # every refusal closed its checkpoint manager
 
 
-def test_init_from_another_model_size_names_the_models(trained_run, tmp_path):
+def test_init_from_another_model_size_names_the_models(trained_run, tmp_path, open_managers):
     from mtjax.checkpoint import CheckpointError
     from mtjax.train import trainer
 
@@ -114,9 +136,11 @@ def test_init_from_another_model_size_names_the_models(trained_run, tmp_path):
     message = str(info.value)
     assert "same model size and vocabulary (it holds t5_1_1_test)" in message, message
     assert "strict=False" not in message and "ArrayRestoreArgs" not in message
+    assert not open_managers
 
 
-def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys):
+def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys,
+                                                  open_managers):
     """A job preempted while it builds its pipeline, restores or compiles exits 42 (the
     launchers resume on 42; the default action would have been a bare 143), saving nothing,
     and the SIGTERM handler is given back afterwards."""
@@ -138,6 +162,7 @@ def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys)
     assert "SIGTERM before the first step" in capsys.readouterr().err
     assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
     assert signal.getsignal(signal.SIGTERM) == before
+    assert not open_managers
 
 
 def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys):

@@ -224,63 +224,68 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     checkpoints = RunCheckpoints(workdir, every_steps=ck.every_steps, keep=ck.keep,
                                  async_save=ck.async_save, keep_best=ck.keep_best,
                                  best_metric=ck.best_metric, best_mode=ck.best_mode)
-    target = setup.target()
-    resumed = checkpoints.restore_latest(
-        target, pipeline,
-        check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
-    if resumed is not None:
-        latest, state, data_restored = resumed
-        if not data_restored:
-            pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
-        _log(f"resuming from {checkpoints.directory / str(latest)}")
-        if init_from:
-            # Resume wins, so that a job restarted after preemption with its original command
-            # line does not start over; but say so, in case a fine-tune was meant.
-            _log(f"note: --init-from {init_from} is not used: {workdir} already has "
-                 f"checkpoints, and a run resumes from its latest; give a new --workdir to "
-                 f"start from {init_from}'s weights")
-        _truncate_metrics(workdir / "metrics.jsonl", latest)
-    else:
-        state = setup.init_state(config.train.seed)
-        if init_from:
-            from mtjax.checkpoint import restore_params
+    # Until the loop's own `finally` takes over, whatever raises (a refused resume, damaged
+    # --init-from weights, the evaluator's set-up, a SIGTERM) closes the manager first.
+    try:
+        target = setup.target()
+        resumed = checkpoints.restore_latest(
+            target, pipeline,
+            check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
+        if resumed is not None:
+            latest, state, data_restored = resumed
+            if not data_restored:
+                pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
+            _log(f"resuming from {checkpoints.directory / str(latest)}")
+            if init_from:
+                # Resume wins, so that a job restarted after preemption with its original command
+                # line does not start over; but say so, in case a fine-tune was meant.
+                _log(f"note: --init-from {init_from} is not used: {workdir} already has "
+                     f"checkpoints, and a run resumes from its latest; give a new --workdir to "
+                     f"start from {init_from}'s weights")
+            _truncate_metrics(workdir / "metrics.jsonl", latest)
+        else:
+            state = setup.init_state(config.train.seed)
+            if init_from:
+                from mtjax.checkpoint import restore_params
 
-            state = state.replace(params=restore_params(init_from, target.params))
-            _log(f"initialised weights from {init_from}")
-    start_step = int(jax.device_get(state.step))
-    if start_step >= config.train.steps:
-        # A finished run asked again: nothing to train, and its summary and config stay as
-        # they are (rewriting them would erase the final metrics).
+                state = state.replace(params=restore_params(init_from, target.params))
+                _log(f"initialised weights from {init_from}")
+        start_step = int(jax.device_get(state.step))
+        if start_step >= config.train.steps:
+            # A finished run asked again: nothing to train, and its summary and config stay as
+            # they are (rewriting them would erase the final metrics).
+            checkpoints.close()
+            _log(f"nothing to train: the run is at step {start_step} and train.steps is "
+                 f"{config.train.steps}; raise train.steps to continue it")
+            records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
+                workdir / "metrics.jsonl").exists() else []
+            return TrainResult(workdir=workdir, start_step=start_step, step=start_step,
+                               metrics=records[-1] if records else {}, tokens_per_s=0.0,
+                               wall_s=time.time() - t_start, task_names=task_names,
+                               compilation_cache=cache_use)
+        # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
+        if jax.process_index() == 0:
+            config_lib.dump(config, workdir / "config.json")
+
+        jitted, batch_sharding = setup.step, setup.batch_sharding
+        evaluator = None
+        if config.eval.every_steps or config.eval.at_end:
+            from mtjax.infer import evaluate as evaluate_lib
+
+            evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
+                                                    progress=False)
+
+        def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+            return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                    for k, v in host_batch.items()}
+
+        if preemption.raised:  # during set-up: nothing trained since the checkpoint, so no save
+            _log(f"{preemption.signal_name} before the first step: nothing new to save (the run "
+                 f"is at step {start_step}); exiting with code {preemption.exit_code}")
+            raise Preempted(start_step, preemption.exit_code)
+    except BaseException:
         checkpoints.close()
-        _log(f"nothing to train: the run is at step {start_step} and train.steps is "
-             f"{config.train.steps}; raise train.steps to continue it")
-        records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
-            workdir / "metrics.jsonl").exists() else []
-        return TrainResult(workdir=workdir, start_step=start_step, step=start_step,
-                           metrics=records[-1] if records else {}, tokens_per_s=0.0,
-                           wall_s=time.time() - t_start, task_names=task_names,
-                           compilation_cache=cache_use)
-    # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
-    if jax.process_index() == 0:
-        config_lib.dump(config, workdir / "config.json")
-
-    jitted, batch_sharding = setup.step, setup.batch_sharding
-    evaluator = None
-    if config.eval.every_steps or config.eval.at_end:
-        from mtjax.infer import evaluate as evaluate_lib
-
-        evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
-                                                progress=False)
-
-    def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-                for k, v in host_batch.items()}
-
-    if preemption.raised:  # during set-up: nothing trained since the checkpoint, so no save
-        checkpoints.close()
-        _log(f"{preemption.signal_name} before the first step: nothing new to save (the run "
-             f"is at step {start_step}); exiting with code {preemption.exit_code}")
-        raise Preempted(start_step, preemption.exit_code)
+        raise
 
     # --- Loop ---------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
