@@ -79,10 +79,13 @@ class SeqioAdviceFilter(logging.Filter):
       across restarts; mtjax's sources are in memory, the Task shuffles examples, and the
       iterator position is checkpointed, so restarts resume the exact stream;
     - an Evaluator without ``logger_cls``: mtjax writes the metrics it returns itself
-      (metrics.jsonl, summary.json, TensorBoard).
+      (metrics.jsonl, summary.json, TensorBoard);
+    - an Evaluator with no task to evaluate: ``mtjax eval`` refuses it and ``mtjax train``
+      says so, naming the mixture and the split.
     """
 
-    ADVICE = ("uncached FunctionDataset", "'logger_cls' is empty so seqio.Evaluator")
+    ADVICE = ("uncached FunctionDataset", "'logger_cls' is empty so seqio.Evaluator",
+              "No eval task with valid split and metric fn found")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -274,6 +274,11 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
             evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                     progress=False)
+            if not evaluator.task_names:
+                _log(f"note: no task of {config.data.mixture} has metric_fns and a "
+                     f"{config.eval.split!r} split, so nothing is evaluated "
+                     f"(eval.at_end=false says that this is meant)")
+                evaluator = None
 
         def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding, v)
