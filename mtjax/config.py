@@ -177,6 +177,21 @@ def all_keys(config: Config | None = None) -> list[str]:
             for f in dataclasses.fields(getattr(config, s.name))]
 
 
+def keys_help(width: int = 100) -> str:
+    """Every config key with its default, a paragraph per section (for ``--help``)."""
+    import textwrap
+
+    blocks = []
+    for section in dataclasses.fields(Config):
+        values = getattr(Config(), section.name)
+        items = [f"{section.name}.{f.name}={getattr(values, f.name)}"
+                 for f in dataclasses.fields(values)]
+        blocks.append(textwrap.fill("  ".join(items), width=width, initial_indent="  ",
+                                    subsequent_indent="  ", break_on_hyphens=False))
+    return "config keys (KEY=VALUE; the defaults shown; the README's tables say what each " \
+           "does):\n" + "\n".join(blocks)
+
+
 def _field_type(section_cls: type, name: str) -> Any:
     return typing.get_type_hints(section_cls)[name]
 
@@ -216,7 +231,8 @@ def _unknown_key(key: str) -> ConfigError:
     section, _, _ = key.partition(".")
     if section not in sections:
         return ConfigError(f"unknown config key {key!r}: there is no section {section!r} (the "
-                           f"sections are {', '.join(sections)})")
+                           f"sections are {', '.join(sections)}; `mtjax train --help` lists "
+                           f"every key)")
     keys = [k for k in all_keys() if k.startswith(section + ".")]
     return ConfigError(f"unknown config key {key!r}; the keys of {section!r} are "
                        f"{', '.join(keys)}")

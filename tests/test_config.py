@@ -135,3 +135,13 @@ def test_an_unknown_section_is_one_line_naming_the_sections():
     message = str(e.value)
     assert "no section 'foo'" in message and "train, data, model" in message
     assert "train.steps" not in message and "\n" not in message
+
+
+def test_train_help_lists_every_key_with_its_default(capsys):
+    from mtjax import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in config_lib.all_keys():
+        assert f"{key}={config_lib.get(config_lib.Config(), key)}" in text, key

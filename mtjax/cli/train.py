@@ -11,6 +11,8 @@ import sys
 from mtjax import config as config_lib
 
 HELP = "train (or resume) a run"
+PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter,
+                 "epilog": config_lib.keys_help()}
 DEFAULT_WORKDIR = "runs/default"
 
 
