@@ -123,7 +123,8 @@ def test_defaults_are_the_peer_shape_and_overrides_win():
 @pytest.mark.parametrize("argv", [["train", "modl.name=x"], ["train", "model.name=t5_nope"],
                                   ["train", "--steps", "0"],
                                   ["train", "--smoke", "model.attention=cpu_fused",
-                                   "model.dtype=bfloat16"]])
+                                   "model.dtype=bfloat16"],
+                                  ["train", "--smoke", "--output", "/nonexistent/b.json"]])
 def test_user_mistakes_exit_2(argv, capsys):
     assert bench.main(argv) == 2
     assert "mtjax bench: error:" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -310,7 +312,10 @@ def test_evaluator_beats_untrained_model(trained_run):
 def _cli(argv, capsys):
     from mtjax import cli
 
-    code = cli.main(argv)
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors (usage line and message)
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -369,17 +374,32 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--seed", "3"],
      "drop --seed"),
     (["eval", "--checkpoint", "{missing}"], "does not exist"),
+    # Checked before the checkpoint loads (it does not exist here).
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--output",
+      "{missing}/out.jsonl"], "the directory"),
+    (["score", "--checkpoint", "{missing}", "--input", "{pairs}", "--output", "{empty}"],
+     "is a directory; give a file name in it"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{latin1}"],
+     "latin1.txt:2: not UTF-8 text (byte 0xe9)"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{empty}"], "is a directory; give a file"),
+    (["eval", "--checkpoint", "{missing}", "--beam-size", "0"], "--beam-size must be at least 1"),
+    (["eval", "--checkpoint", "{missing}", "--max-examples", "-3"], "--max-examples must be"),
+    # A flag of another command is not taken for the --tasks-module it abbreviates.
+    (["score", "--checkpoint", "{missing}", "--input", "{pairs}", "--task", "x"],
+     "mtjax score: error: unrecognized arguments: --task x"),
 ])
 def test_command_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):
     paths = {"missing": tmp_path / "nope", "empty": tmp_path / "empty",
-             "pairs": tmp_path / "pairs.jsonl", "bad": tmp_path / "bad.jsonl"}
+             "pairs": tmp_path / "pairs.jsonl", "bad": tmp_path / "bad.jsonl",
+             "latin1": tmp_path / "latin1.txt"}
     paths["empty"].mkdir()
     paths["pairs"].write_text(json.dumps({"inputs": "a", "targets": "b"}) + "\n")
     paths["bad"].write_text(json.dumps({"inputs": "a", "targets": "b"}) + "\n{oops\n")
+    paths["latin1"].write_bytes(b"fine\ncaf\xe9\n")
     code, _, err = _cli([a.format(**paths) for a in argv], capsys)
     assert code == 2
-    assert message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err, err
+    assert len([line for line in err.strip().splitlines() if "error" in line]) == 1, err
 
 
 def test_bench_decode_smoke():
@@ -406,8 +426,8 @@ def test_infer_with_a_task_checks_the_fields_its_source_yields(trained_run, tmp_
                               "--no-progress"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["inputs"] == "bada"
-    for record, problem in (({"text": "bada"}, "record 1 lacks field 'inputs'"),
-                            ({"inputs": 3}, "record 1 has a wrongly typed field 'inputs'")):
+    for record, problem in (({"text": "bada"}, "input record 1 lacks field 'inputs'"),
+                            ({"inputs": 3}, "input record 1 has a wrongly typed field 'inputs'")):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(record) + "\n")
         code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(bad),
@@ -424,3 +444,50 @@ def test_infer_with_a_task_checks_the_fields_its_source_yields(trained_run, tmp_
     code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(plain),
                          "--no-progress"], capsys)
     assert code == 2 and "non-string field 'inputs'" in err, err
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(trained_run, tmp_path, capsys):
+    """A failure half-way (here: record 3 is bad for the task) leaves --output as it was, even
+    when it is the input; a good run replaces it; a byte-order mark is not part of line 1."""
+    records = tmp_path / "records.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in ({"inputs": "bada"}, {"inputs": "kilo"},
+                                                  {"inputs": 5}))
+    records.write_text(text)
+    code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(records),
+                         "--task", "mtjax_copy", "--batch-size", "1", "--output", str(records),
+                         "--max-decode-length", "4", "--no-progress"], capsys)
+    assert code == 2 and "input record 3 has a wrongly typed field 'inputs'" in err, err
+    assert records.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]  # no partial file
+
+    records.write_bytes("\ufeff".encode() + text.rsplit("{", 1)[0].encode())  # BOM, 2 records
+    records.chmod(0o640)
+    code, _, err = _cli(["infer", "--checkpoint", str(trained_run), "--input", str(records),
+                         "--output", str(records), "--max-decode-length", "4", "--no-progress"],
+                        capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["inputs"] for r in rows] == ["bada", "kilo"]
+    assert records.stat().st_mode & 0o777 == 0o640
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = _cli(["score", "--checkpoint", str(trained_run), "--input", str(empty),
+                         "--output", str(tmp_path / "none.jsonl"), "--no-progress"], capsys)
+    assert code == 0 and "holds no records" in err, err
+    assert (tmp_path / "none.jsonl").read_text() == ""
+
+
+def test_a_reader_that_stops_early_ends_infer_quietly(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"copy: w{i}\n" for i in range(6)))
+    proc = subprocess.run(
+        f"{sys.executable} -m mtjax infer --checkpoint {trained_run} --input {lines} "
+        f"--batch-size 1 --max-decode-length 4 --no-progress | head -1",
+        shell=True, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["inputs"] == "copy: w0"
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

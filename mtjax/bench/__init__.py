@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from mtjax import config as config_lib
+from mtjax import outputs
 
 # The peer comparison's shape (benchmarks/README.md): T5 1.1 style 512 wide, 6+6 layers, batch 8,
 # 512/128, AdamW. Applied before the user's overrides, and only without --config.
@@ -85,7 +85,8 @@ and KEY=VALUE overrides any key of `mtjax train`. Examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtjax bench", description="Time mtjax on synthetic data; JSON on stdout, a table "
-        "on stderr.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "on stderr.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny model and lengths, {SMOKE_STEPS} timed steps (CI)")
@@ -161,6 +162,8 @@ def main(argv: list[str]) -> int:
     from mtjax.errors import UserError
 
     try:
+        if args.output:
+            outputs.check_writable(args.output)  # before minutes of benchmarking
         config, options = resolve(args)
         names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
         results = run(names, config, options)
@@ -173,5 +176,5 @@ def main(argv: list[str]) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        pathlib.Path(args.output).write_text(text + "\n")
+        outputs.write_text(args.output, text + "\n")
     return 0

@@ -34,12 +34,16 @@ def _command_modules() -> dict[str, ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False everywhere: `--task` given to a command without it must not be taken
+    # for `--tasks-module`.
     parser = argparse.ArgumentParser(
-        prog="mtjax", description="Train T5 models on multitask SeqIO mixtures with JAX.")
+        prog="mtjax", description="Train T5 models on multitask SeqIO mixtures with JAX.",
+        allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _command_modules().items():
         kwargs = getattr(module, "PARSER_KWARGS", {})
-        command = sub.add_parser(name, help=module.HELP, description=module.__doc__, **kwargs)
+        command = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                                 allow_abbrev=False, **kwargs)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -52,7 +56,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     if extra and (len(overrides) < len(extra) or not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        unknown = [a for a in extra if a not in overrides or not hasattr(args, "overrides")]
+        _command_parser(parser, args.command).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     if hasattr(args, "overrides"):
@@ -61,6 +67,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         for note in config_lib.repeated_keys(args.overrides):
             print(f"mtjax: note: {note}", file=sys.stderr)
     return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, whose usage line an error should show."""
+    for action in parser._subparsers._group_actions:  # argparse keeps no public handle
+        if command in getattr(action, "choices", {}):
+            return action.choices[command]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,27 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """A bad --output fails now, in one line, not after the work."""
+    if getattr(args, "output", None) not in (None, "-"):
+        from mtjax import outputs
+
+        outputs.check_writable(args.output)
+
+
+def note_empty_input(args: argparse.Namespace, records: list) -> None:
+    if not records:
+        print(f"mtjax: note: {args.input} holds no records (blank lines are skipped); "
+              f"nothing to do", file=sys.stderr, flush=True)
+
+
 def load(args: argparse.Namespace):
     """Start multi-host JAX if configured, then load the checkpoint (params only)."""
     from mtjax.config import ConfigError
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    check_output(args)
     from mtjax.parallel import distributed
 
     distributed.initialize_from_env()

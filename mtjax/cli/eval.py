@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 
+from mtjax import outputs
 from mtjax.cli import _inference
 
 HELP = "per-task metrics of a checkpoint (JSON: task -> metric -> value)"
@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from mtjax import config as config_lib
     from mtjax.infer import evaluate
 
+    # The flags first, by their own names: a mistake fails before the checkpoint loads.
+    for flag, value, least in (("--beam-size", args.beam_size, 1), ("--alpha", args.alpha, 0),
+                               ("--max-examples", args.max_examples, 0),
+                               ("--max-decode-length", args.max_decode_length, 0)):
+        if value < least:
+            raise config_lib.ConfigError(f"{flag} must be at least {least}, got {value}")
     model = _inference.load(args)
     config = model.config
     data = dataclasses.replace(config.data, mixture=args.mixture or config.data.mixture)
@@ -59,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(results, indent=2, sort_keys=True)
     print(text)
     if args.output:
-        pathlib.Path(args.output).write_text(text + "\n")
+        outputs.write_text(args.output, text + "\n")
     return 0

@@ -11,13 +11,14 @@ HELP = "model sizes and their cost"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="model_command", required=True)
-    info = sub.add_parser("info", help="parameters, FLOPs and memory of a named model")
+    info = sub.add_parser("info", allow_abbrev=False,
+                          help="parameters, FLOPs and memory of a named model")
     info.add_argument("name", help="a named model, e.g. t5_1_1_base")
     info.add_argument("--inputs-length", type=int, default=512,
                       help="encoder tokens per example, for FLOPs per token (default 512)")
     info.add_argument("--targets-length", type=int, default=114,
                       help="decoder tokens per example (default 114, T5's packed 512/114)")
-    sub.add_parser("list", help="all named models")
+    sub.add_parser("list", allow_abbrev=False, help="all named models")
 
 
 def run(args: argparse.Namespace) -> int:

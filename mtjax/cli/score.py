@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from mtjax.infer import records as records_lib
 
     records = records_lib.read_records(args.input, required=("inputs", "targets"))
+    _inference.check_output(args)
+    _inference.note_empty_input(args, records)
     model = _inference.load(args)
     with _inference.progress_bar(args, len(records), "ex") as update:
         records_lib.write_jsonl(

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `mtjax tasks COMMAND ...` (one per command, so KEY=VALUE may follow flags)."""
     parser = argparse.ArgumentParser(prog="mtjax tasks" + (f" {command}" if command else ""),
-                                     description=__doc__,
+                                     description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if command is None:
         parser.add_argument("command", choices=COMMANDS)

@@ -21,7 +21,8 @@ PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_command", required=True)
-    train = sub.add_parser("train", help="train a SentencePiece model on text files")
+    train = sub.add_parser("train", allow_abbrev=False,
+                           help="train a SentencePiece model on text files")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE",
                        help="text files, one sentence or document per line")
     train.add_argument("--size", type=int, default=32000,
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="1.0 for small alphabets; 0.9995 for large ones (CJK)")
     train.add_argument("--max-sentences", type=int, default=10_000_000,
                        help="lines sampled for training (default 10M)")
-    encode = sub.add_parser("encode", help="encode a text with a model (ids and pieces)")
+    encode = sub.add_parser("encode", allow_abbrev=False,
+                            help="encode a text with a model (ids and pieces)")
     encode.add_argument("model", help="a SentencePiece .model file, or 'byte'")
     encode.add_argument("text")
 

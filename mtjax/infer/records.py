@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mtjax import outputs
 from mtjax.errors import UserError
 from mtjax.infer import batching
 from mtjax.infer.decode import EOS_ID, DecodeOptions, Decoder, trim_at_eos
@@ -42,12 +44,21 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
         InputError: missing file, malformed line or missing key (with the line number).
     """
     if path == "-":
-        lines = sys.stdin.read().splitlines()
+        data = sys.stdin.buffer.read()
     else:
         file = pathlib.Path(path)
+        if file.is_dir():
+            raise InputError(f"input {path!r} is a directory; give a file")
         if not file.is_file():
             raise InputError(f"input file {path!r} does not exist")
-        lines = file.read_text(encoding="utf-8").splitlines()
+        data = file.read_bytes()
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1.
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        number = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{number}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                         f"convert the file, e.g. iconv -f latin1 -t utf-8") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -111,9 +122,10 @@ class TaskText:
             return None
         return {k: v.dtype for k, v in spec.items() if v.shape.rank == 0}
 
-    def _columns(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The records as the source's columns, each in its dtype; a missing or mistyped field
-        is an InputError naming the fields the task reads."""
+    def _columns(self, records: Sequence[dict[str, Any]], first: int = 1) -> dict[str, Any]:
+        """The records (the input's record ``first`` on) as the source's columns, each in its
+        dtype; a missing or mistyped field is an InputError naming the record and the fields
+        the task reads."""
         import tensorflow as tf
 
         fields = self.source_fields
@@ -126,24 +138,26 @@ class TaskText:
         columns = {}
         for key, dtype in fields.items():
             values = []
-            for number, record in enumerate(records, 1):
+            for number, record in enumerate(records, first):
                 # Targets are what the model predicts: optional here.
                 value = record.get(key, "" if key == "targets" and dtype == tf.string else None)
                 ok = (isinstance(value, str) if dtype == tf.string else
                       isinstance(value, bool | int | float) and not isinstance(value, str))
                 if not ok:
                     problem = "lacks" if value is None else "has a wrongly typed"
-                    raise InputError(f"record {number} {problem} field {key!r}: task "
+                    raise InputError(f"input record {number} {problem} field {key!r}: task "
                                      f"{self.task.name!r} reads {wanted} from its data source")
                 values.append(value)
             columns[key] = tf.constant(values, dtype=dtype)
         return columns
 
-    def encode(self, records: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[dict]]:
-        """(input ids, preprocessed examples) of records holding the task source's fields."""
+    def encode(self, records: Sequence[dict[str, Any]],
+               first: int = 1) -> tuple[list[list[int]], list[dict]]:
+        """(input ids, preprocessed examples) of records holding the task source's fields;
+        ``first``: the input's number of the first record, for messages."""
         import tensorflow as tf
 
-        dataset = tf.data.Dataset.from_tensor_slices(self._columns(records))
+        dataset = tf.data.Dataset.from_tensor_slices(self._columns(records, first))
         try:  # tf.data traces the task's functions in map(), and runs them when iterated
             dataset = self.task.preprocess_precache(dataset, seed=0)
             dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=0)
@@ -190,7 +204,7 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
     done = 0
     for chunk in _chunks(records, batch_size):
         if task_text:
-            ids, examples = task_text.encode(chunk)
+            ids, examples = task_text.encode(chunk, first=done + 1)
         else:
             ids, examples = encode_texts(vocabulary, (r["inputs"] for r in chunk)), None
         tokens_BS = batching.pad_ids(ids, batching.bucket_length(max(map(len, ids))))
@@ -230,15 +244,28 @@ def score(model: LoadedModel, records: Sequence[dict[str, Any]], *, batch_size: 
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | None) -> int:
-    """Write records as JSONL to ``path`` (None or ``-``: stdout), flushing each; returns count."""
-    out = sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")  # noqa: SIM115
-    count = 0
+    """Write records as JSONL; returns their number.
+
+    To a file: it replaces ``path`` once every record is written (a failure or Ctrl-C leaves
+    what was there; ``path`` may be the input). To stdout (None or ``-``): a line at a time, and
+    a reader that stops early (``| head``) ends the writing quietly.
+    """
+    if path not in (None, "-"):
+        with outputs.replaced_on_success(path) as out:
+            return _write_lines(records, out)
     try:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        return _write_lines(records, sys.stdout, flush=True)
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return -1
+
+
+def _write_lines(records: Iterable[dict[str, Any]], out, flush: bool = False) -> int:
+    count = 0
+    for record in records:
+        out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        if flush:
             out.flush()
-            count += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        count += 1
     return count

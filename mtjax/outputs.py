@@ -1,0 +1,65 @@
+"""Result files the commands write (``--output`` of infer, score, eval, bench): checked before
+the work starts, and replaced whole or not at all.
+
+A wrong path fails in one line before minutes of decoding or benchmarking, not after; a run that
+fails or is interrupted half-way leaves the file that was there (which may be the input itself)
+as it was, rather than an emptied or half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator
+from typing import TextIO
+
+from mtjax.errors import UserError
+
+
+class OutputError(UserError, OSError):
+    """An output path that cannot be written; the message names the flag and the fix."""
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--output") -> pathlib.Path:
+    """``path`` if a file can be written there; else :class:`OutputError`."""
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise OutputError(f"{flag} {str(path)!r} is a directory; give a file name in it")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: the directory {str(parent)!r} does not exist; "
+                          f"create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {str(path)!r}: the directory {str(parent)!r} is not "
+                          f"writable")
+    return target
+
+
+@contextlib.contextmanager
+def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iterator[TextIO]:
+    """A text file to write ``path``'s new content into: it replaces ``path`` when the block
+    ends normally, and is deleted when it raises (Ctrl-C included)."""
+    target = check_writable(path, flag)
+    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                       dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            yield out
+        if target.exists():  # keep the permissions of the file being replaced
+            os.chmod(partial, target.stat().st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, target)
+    except BaseException:
+        pathlib.Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str, flag: str = "--output") -> None:
+    """Replace ``path`` with ``text``, whole or not at all."""
+    with replaced_on_success(path, flag) as out:
+        out.write(text)
