@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import sys
@@ -300,11 +301,13 @@ class RunCheckpoints:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, OSError) as e:
+            _note_failed_restore()
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not fit this run "
                 f"(changed model, optimizer or data?): {_short(e)}. Use a new --workdir, or "
                 f"--init-from to start from its weights only") from e
         except Exception as e:  # Orbax reports a damaged array file as a bare Exception
+            _note_failed_restore()
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be read: {_short(e)}") from e
         if pipeline is not None:
@@ -331,10 +334,26 @@ class RunCheckpoints:
 _ORBAX_READ_ERROR = "Encountered error while reading array index"
 
 
+# Set once a restore has failed (and been reported in one line): the errors of its other
+# tasks that asyncio finds unretrieved later are echoes of that one.
+_restore_failed = False
+
+
+def _raised_in_orbax(exc: BaseException) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None:
+        if f"orbax{os.sep}checkpoint" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _orbax_read_noise(exc: BaseException | None) -> bool:
-    """An echo of one damaged checkpoint's failed reads: Orbax's other read tasks failing
-    alike, TensorStore's own futures for them ("OUT_OF_RANGE: Error reading ..."), or
-    TensorStore's callbacks reaching the closed event loop of that restore."""
+    """An echo of one failed restore: Orbax's other read tasks failing alike (a damaged file,
+    or a shape that does not fit), TensorStore's own futures for them ("OUT_OF_RANGE: Error
+    reading ..."), or TensorStore's callbacks reaching the closed event loop of that restore."""
+    if exc is not None and _restore_failed and _raised_in_orbax(exc):
+        return True
     return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
         type(exc) is Exception and str(exc).startswith(_ORBAX_READ_ERROR)) or (
         isinstance(exc, ValueError) and bool(re.match(r"[A-Z_]+: Error reading ", str(exc))))
@@ -343,6 +362,11 @@ def _orbax_read_noise(exc: BaseException | None) -> bool:
 class _DropOrbaxReadNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and _orbax_read_noise(record.exc_info[1]))
+
+
+def _note_failed_restore() -> None:
+    global _restore_failed
+    _restore_failed = True
 
 
 @functools.cache
@@ -411,8 +435,15 @@ def _short(error: BaseException | None, limit: int = 240) -> str:
 def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
     """The ``state`` item of a checkpoint given as a run dir, its ``checkpoints/`` or one step."""
     path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
+                              f"checkpoints/ folder, or one checkpoint step directory")
     if (path / "state").is_dir():
         return path / "state"
+    if (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
+        raise CheckpointError(f"{path} is a Hugging Face model, not an mtjax checkpoint: "
+                              f"convert it first (mtjax convert {path} DIR) and give DIR")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted((int(p.name), p) for p in root.glob("*")
                    if p.name.isdigit() and (p / "state").is_dir())
@@ -435,6 +466,7 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
                 item={"params": abstract_params}, restore_args={"params": restore_args},
                 partial_restore=True))
     except Exception as e:
+        _note_failed_restore()
         if _says_unreadable(e):
             raise unreadable(state_dir.parent, e) from e
         if not isinstance(e, (ValueError, KeyError, FileNotFoundError)):
@@ -530,6 +562,8 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     elif run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
         run_dir = run_dir.parent
     root = run_dir / "checkpoints"
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir} does not exist; give a run directory")
     if not root.is_dir():
         raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
     config = {}

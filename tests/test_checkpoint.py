@@ -216,7 +216,7 @@ def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["checkpoints", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert "nowhere does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 TOPOLOGY = """

@@ -220,3 +220,23 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
     saved["data"]["vocabulary"] = "other.model"
     with pytest.raises(CheckpointError, match="data.vocabulary: checkpoint 'other.model'"):
         trainer._check_resumable(saved, now, Checkpoints, 10)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("missing", "does not exist"),
+    ("a_file", "no complete checkpoint under"),
+    ("hf_model", "is a Hugging Face model, not an mtjax checkpoint: convert it first"),
+])
+def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message,
+                                                       open_managers):
+    from mtjax.checkpoint import CheckpointError
+    from mtjax.train import trainer
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "hf_model").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "hf_model" / name).write_text("{}")
+    with pytest.raises(CheckpointError, match=message):
+        trainer.train(tiny_config("train.steps=2"), tmp_path / "run",
+                      init_from=str(tmp_path / source), progress=False)
+    assert not (tmp_path / "run").exists() and not open_managers

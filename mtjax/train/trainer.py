@@ -192,6 +192,10 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     sizes.get_config(config.model.name)
     pipeline_lib.prepare(config)
     pipeline_lib.resolve_task_names(config.data.mixture)
+    if init_from and not any(p.name.isdigit() for p in workdir.glob("checkpoints/*")):
+        from mtjax.checkpoint import find_state_dir
+
+        find_state_dir(init_from)  # (a run that resumes does not use it: see below)
     workdir.mkdir(parents=True, exist_ok=True)
     _log(f"mtjax: workdir {workdir.absolute()}")
 
