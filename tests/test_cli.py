@@ -87,6 +87,22 @@ def test_model_info_reports_published_size(capsys):
     assert info["adafactor_state_bytes"] < 0.05 * info["param_bytes"]
 
 
+def test_model_info_with_the_vocabulary_training_uses(capsys):
+    """`mtjax train` of t5_1_1_tiny on the byte tasks reports 4.92M parameters (vocab 384);
+    model info says the same when given that vocabulary, and its default otherwise."""
+    import json
+
+    from mtjax.model import sizes
+
+    code, out, _ = run(["model", "info", "t5_1_1_tiny", "--vocab-size", "384"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["vocab_size"] == 384 and info["params"] == 4_919_808
+    code, out, _ = run(["model", "info", "t5_1_1_tiny"], capsys)
+    assert json.loads(out)["vocab_size"] == sizes.get_config("t5_1_1_tiny").vocab_size == 32128
+    code, _, err = run(["model", "info", "t5_1_1_tiny", "--targets-length", "-1"], capsys)
+    assert code == 2 and "--targets-length must be positive" in err
+
+
 def test_help_exits_0(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--help"])

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="encoder tokens per example, for FLOPs per token (default 512)")
     info.add_argument("--targets-length", type=int, default=114,
                       help="decoder tokens per example (default 114, T5's packed 512/114)")
+    info.add_argument("--vocab-size", type=int, default=None,
+                      help="rows of the embedding (default: the size's own, e.g. 32128 for "
+                      "T5's SentencePiece model). `mtjax train` takes it from the mixture's "
+                      "vocabulary instead, rounded up to 128: 384 for the built-in byte tasks")
     sub.add_parser("list", allow_abbrev=False, help="all named models")
 
 
@@ -28,9 +32,15 @@ def run(args: argparse.Namespace) -> int:
         for name in sizes.MODEL_SIZES:
             print(name)
         return 0
+    from mtjax.config import ConfigError
     from mtjax.train.footprint import model_info
 
+    for flag, value in (("--inputs-length", args.inputs_length),
+                        ("--targets-length", args.targets_length),
+                        ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
     info = model_info(args.name, inputs_length=args.inputs_length,
-                      targets_length=args.targets_length)
+                      targets_length=args.targets_length, vocab_size=args.vocab_size)
     print(json.dumps(info, indent=2))
     return 0

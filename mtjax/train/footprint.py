@@ -31,8 +31,8 @@ def model_info(name: str, *, inputs_length: int = 512, targets_length: int = 114
         cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), devices=jax.devices()[:1])
     rules = mesh_lib.get_rules("data")
-    info: dict[str, Any] = {"name": name, "config": dataclasses.asdict(cfg),
-                            "params": sizes.count_params(cfg)}
+    info: dict[str, Any] = {"name": name, "vocab_size": cfg.vocab_size,
+                            "config": dataclasses.asdict(cfg), "params": sizes.count_params(cfg)}
     flops = sizes.train_flops_per_step(cfg, 1, inputs_length, targets_length)
     info["inputs_length"], info["targets_length"] = inputs_length, targets_length
     info["train_flops_per_token"] = flops / (inputs_length + targets_length)
