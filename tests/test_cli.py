@@ -117,3 +117,16 @@ def test_every_command_has_help(command, capsys):
         cli.main([command, "--help"])
     assert e.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, missing", [
+    (["tasks", "show"], "required: name"),
+    (["tasks"], "required: {list,show,preview}"),
+    (["model"], "required: {info,list}"),
+    (["vocab"], "required: {train,encode}"),
+])
+def test_a_missing_argument_is_named_as_the_usage_names_it(capsys, argv, missing):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().endswith(missing), err

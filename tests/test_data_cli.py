@@ -78,8 +78,18 @@ def test_tasks_preview_span_corruption_text(capsys):
      "does not exist"),
     (["tasks", "show", "mtjax_kb", "data.mixing=temprature"], "data.mixing"),
     (["vocab", "train", "--input", "/nonexistent.txt", "--out", "/tmp/x"], "not found"),
+    (["tasks", "show", "mtjax_add", "--split", "nosuch"],
+     "task 'mtjax_add' has no split 'nosuch'"),
+    (["tasks", "list", "--tasks-module", "{tmp}/raises.py"],
+     "failed to import (at {tmp}/raises.py:2): KeyError: 'text_col'"),
+    (["tasks", "list", "--tasks-module", "{tmp}/broken.py"],
+     "failed to import (at {tmp}/broken.py:1): SyntaxError: invalid syntax"),
 ])
-def test_mistakes_are_one_line(capsys, argv, needle):
+def test_mistakes_are_one_line(capsys, argv, needle, tmp_path):
+    (tmp_path / "raises.py").write_text("columns = {}\ncolumn = columns['text_col']\n")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    needle = needle.format(tmp=tmp_path)
     code, _, err = run(argv, capsys)
     assert code == 2 and needle in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

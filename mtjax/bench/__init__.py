@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks-module", default=None, metavar="MODULE",
                         help="module path or .py file registering your own SeqIO tasks, for "
                         "`bench data` (same as data.tasks_module=...)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted config overrides, as for `mtjax train`")
     return parser
 

@@ -10,7 +10,7 @@ HELP = "model sizes and their cost"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="model_command", required=True)
+    sub = parser.add_subparsers(dest="model_command", required=True, metavar="{info,list}")
     info = sub.add_parser("info", allow_abbrev=False,
                           help="parameters, FLOPs and memory of a named model")
     info.add_argument("name", help="a named model, e.g. t5_1_1_base")

@@ -34,7 +34,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                      description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if command is None:
-        parser.add_argument("command", choices=COMMANDS)
+        parser.add_argument("command", choices=COMMANDS, metavar="{" + ",".join(COMMANDS) + "}")
         return parser
     if command in ("show", "preview"):
         parser.add_argument("name", help="a task or mixture name")

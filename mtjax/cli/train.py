@@ -20,7 +20,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE and KEY=VALUE overrides, shared by every command that takes a config."""
     parser.add_argument("--config", help="a Python config file defining get_config() "
                         "(default: the built-in demo, configs/demo.py)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # default=[]: argparse otherwise lists an empty `*` positional among the missing ones.
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. train.steps=100 "
                         "model.name=t5_1_1_small")
 

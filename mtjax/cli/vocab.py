@@ -20,7 +20,7 @@ PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="vocab_command", required=True)
+    sub = parser.add_subparsers(dest="vocab_command", required=True, metavar="{train,encode}")
     train = sub.add_parser("train", allow_abbrev=False,
                            help="train a SentencePiece model on text files")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE",

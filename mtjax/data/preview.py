@@ -110,6 +110,8 @@ def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
         split: whose size is reported first.
     """
     provider = lookup(name)
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        check_task(task, split)  # a misspelt --split is an error, not ignored
     if isinstance(provider, seqio.Mixture):
         rates = mixing_lib.resolve_rates(name, mixing, cap=cap, temperature=temperature,
                                          split=split)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import pathlib
 import sys
+import traceback
 import types
 from collections.abc import Callable, Mapping, Sequence
 
@@ -64,14 +66,34 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
             spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[module_name]
-            raise TasksModuleError(f"tasks module {name_or_path!r} failed to import: {e}") from e
+            raise _failed_import(name_or_path, e) from e
         return module
     try:
         return importlib.import_module(name_or_path)
     except ModuleNotFoundError as e:
+        if e.name is not None and not name_or_path.startswith(e.name):
+            raise _failed_import(name_or_path, e) from e  # a module the tasks module imports
         raise TasksModuleError(
             f"tasks module {name_or_path!r} not found ({e}); give an importable module path "
             f"or a .py file") from e
+    except Exception as e:
+        raise _failed_import(name_or_path, e) from e
+
+
+def _failed_import(name_or_path: str, error: Exception) -> TasksModuleError:
+    """One line: the error, its type, and where in the user's code it was raised (the last
+    frame outside mtjax, seqio and the standard library's import machinery)."""
+    where = ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if not any(part in frame.filename for part in (
+                f"{os.sep}mtjax{os.sep}", f"{os.sep}seqio{os.sep}", "<frozen ")):
+            where = f" (at {frame.filename}:{frame.lineno})"
+            break
+    if isinstance(error, SyntaxError):
+        where = f" (at {error.filename}:{error.lineno})"
+        error = SyntaxError(error.msg)
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    return TasksModuleError(f"tasks module {name_or_path!r} failed to import{where}: {message}")
 
 
 
