@@ -375,7 +375,12 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, from_format: st
     src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
     if not src.exists():
         raise conv.ConversionError(f"{src} does not exist")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if not src.is_dir():
+        raise conv.ConversionError(f"{src} is a file; give the directory of a Hugging Face "
+                                   f"model, a T5X checkpoint or an mtjax run")
+    if dst.exists() and not dst.is_dir():
+        raise conv.ConversionError(f"{dst} is a file; give a new or empty directory")
+    if dst.exists() and any(dst.iterdir()):
         raise conv.ConversionError(f"{dst} is not empty; give a new or empty directory")
     from_format = from_format or detect_format(src)
     vocab = _check_vocabulary(vocab)

@@ -343,7 +343,7 @@ def test_training_prints_the_truncation_warning_once_prefixed(capsys):
     trainer._warn_truncation(config_lib.load(None, [
         "data.mixture=mtjax_kb_qa", "data.inputs_length=16", "data.targets_length=8"]))
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("warning: data.inputs_length=16 truncates 100% of mtjax_kb_qa")
+    assert line.startswith("mtjax: warning: data.inputs_length=16 truncates 100% of mtjax_kb_qa")
 
 
 def test_first_fit_packing_worked_example_and_round_trip():

@@ -87,9 +87,11 @@ def resolve_axis_sizes(shape: MeshShape, num_devices: int) -> tuple[int, int, in
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if free:
         if num_devices % fixed:
+            names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+            given = " * ".join(f"{n}={v}" for n, v in zip(names, sizes, strict=True) if v != -1)
             raise MeshError(
-                f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes}"
-            )
+                f"mesh: {given} = {fixed} does not divide the {num_devices} device(s) here; "
+                f"choose sizes whose product divides {num_devices}")
         sizes[free[0]] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
         raise MeshError(

@@ -243,7 +243,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             if init_from:
                 # Resume wins, so that a job restarted after preemption with its original command
                 # line does not start over; but say so, in case a fine-tune was meant.
-                _log(f"note: --init-from {init_from} is not used: {workdir} already has "
+                _log(f"mtjax: note: --init-from {init_from} is not used: {workdir} already has "
                      f"checkpoints, and a run resumes from its latest; give a new --workdir to "
                      f"start from {init_from}'s weights")
             _truncate_metrics(workdir / "metrics.jsonl", latest)
@@ -279,7 +279,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                     progress=False)
             if not evaluator.task_names:
-                _log(f"note: no task of {config.data.mixture} has metric_fns and a "
+                _log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
                      f"{config.eval.split!r} split, so nothing is evaluated "
                      f"(eval.at_end=false says that this is meant)")
                 evaluator = None
@@ -409,7 +409,7 @@ def _warn_truncation(config: config_lib.Config) -> None:
     _, warnings = preview.mixture_length_report(config.data.mixture, lengths, n=256,
                                                 seed=config.train.seed)
     for warning in warnings:
-        _log(warning)  # it starts "warning: "
+        _log(f"mtjax: {warning}")  # it starts "warning: ", as `mtjax tasks preview` prints it
 
 
 def _finite_only(values: dict[str, float]) -> dict[str, float]:
