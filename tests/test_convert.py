@@ -154,6 +154,12 @@ def test_cli_hf_to_mtjax_to_hf_round_trip(tmp_path, capsys, variant, flags):
     # A second conversion into the same directory would mix two models.
     assert cli.main(["convert", str(src), str(tmp_path / "ckpt"), *flags]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # Files where directories belong, either side.
+    a_file = tmp_path / "hf" / "config.json"
+    assert cli.main(["convert", str(src), str(a_file), *flags]) == 2
+    assert f"{a_file} is a file; give a new or empty directory" in capsys.readouterr().err
+    assert cli.main(["convert", str(a_file), str(tmp_path / "new"), *flags]) == 2
+    assert f"{a_file} is a file; give the directory of" in capsys.readouterr().err
 
 
 def test_spm_vocabulary_is_copied_and_recorded_relative(tmp_path):
