@@ -272,28 +272,36 @@ def test_bench_checkpoint_smoke(capsys):
         assert np.isfinite(result[key]) and result[key] >= 0, key
 
 
-# A learning rate of 1e30 (warming up over 1e6 steps) blows the parameters up by step 3.
+# A learning rate of 1e30 (warming up over 1e6 steps) blows the parameters up at step 2.
 EXPLODING = TINY + ["optim.name=adamw", "optim.learning_rate=1e30", "optim.warmup_steps=1000000",
                     "optim.grad_clip_norm=0", "checkpoint.every_steps=1", "log.every_steps=1"]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """The step-2 update overflows the weights (their norm is Inf) while its loss, taken before
+    the update, is finite: the run stops there, and no checkpoint holds the overflowed weights
+    (before, step 2 was saved and the run stopped only on step 3's loss)."""
     from mtjax.errors import TrainingError
     from mtjax.train import trainer
 
     config = config_lib.load(None, EXPLODING + ["train.steps=8"])
-    with pytest.raises(TrainingError, match="non-finite loss at step 3"):
+    with pytest.raises(TrainingError, match="non-finite updated weights at step 2"):
         trainer.train(config, tmp_path / "stop", progress=False)
     steps = sorted(int(p.name) for p in (tmp_path / "stop/checkpoints").iterdir())
-    assert steps == [1, 2]
-    assert all(np.isfinite(a).all() for a in _params(tmp_path / "stop", 2))
+    assert steps == [1]
+    assert all(np.isfinite(a).all() for a in _params(tmp_path / "stop", 1))
+    logged = metrics_lib.read_jsonl(tmp_path / "stop" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1] and np.isfinite(logged[0]["param_norm"])
 
     skip = config_lib.load(None, EXPLODING + ["train.steps=5", "train.on_nonfinite=skip",
                                              "checkpoint.keep=10"])
-    trainer.train(skip, tmp_path / "skip", progress=False)
-    # Every update from step 3 on is non-finite and skipped: parameters stay those of step 2.
-    for a, b in zip(_params(tmp_path / "skip", 5), _params(tmp_path / "skip", 2), strict=True):
+    result = trainer.train(skip, tmp_path / "skip", progress=False)
+    # Every update from step 2 on is non-finite and skipped: parameters stay those of step 1.
+    for a, b in zip(_params(tmp_path / "skip", 5), _params(tmp_path / "skip", 1), strict=True):
         np.testing.assert_array_equal(a, b)
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert result.skipped_steps == summary["skipped_steps"] == [2, 3, 4, 5]
+    assert summary["metrics_step"] == 1 and summary["step"] == 5
 
 
 def test_only_a_step_directory_missing_its_metadata_warns(caplog):

@@ -78,6 +78,11 @@ def _dry_run(config: config_lib.Config) -> int:
     return 0
 
 
+def _steps_text(steps: list[int], shown: int = 10) -> str:
+    text = ", ".join(map(str, steps[:shown]))
+    return text + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
+
+
 def _print_summary(result) -> None:
     import jax
 
@@ -86,18 +91,25 @@ def _print_summary(result) -> None:
     m = result.metrics
     lines = [f"\ntrained steps {result.start_step} -> {result.step} in {result.wall_s:.0f}s, "
              f"{result.tokens_per_s:.0f} tokens/s"]
+    if result.skipped_steps:
+        lines.append(f"{len(result.skipped_steps)} of {result.step - result.start_step} updates "
+                     f"skipped (non-finite): steps {_steps_text(result.skipped_steps)}")
     if "loss" in m:
-        lines.append(f"final loss {m['loss']:.4f}, token accuracy {m['accuracy']:.3f}")
+        at = (f" (logged at step {result.metrics_step})"
+              if result.metrics_step not in (None, result.step) else "")
+        lines.append(f"final loss {m['loss']:.4f}, token accuracy {m['accuracy']:.3f}{at}")
     for task in result.task_names:
-        if f"loss/{task}" in m:
-            evals = "".join(f"  {key.split('/')[-1]} {value:.3g}"
-                            for key, value in sorted(m.items())
-                            if key.startswith(f"eval/{task}/"))
-            lines.append(f"  {task:<28} loss {m[f'loss/{task}']:.4f}  "
-                         f"accuracy {m[f'accuracy/{task}']:.3f}{evals}")
+        # A task can miss the last logging window (a small batch) and still have eval results.
+        train = (f"loss {m[f'loss/{task}']:.4f}  accuracy {m[f'accuracy/{task}']:.3f}"
+                 if f"loss/{task}" in m else "(not in the last logged batches)")
+        evals = "".join(f"  {key.split('/')[-1]} {value:.3g}"
+                        for key, value in sorted(m.items()) if key.startswith(f"eval/{task}/"))
+        if f"loss/{task}" in m or evals:
+            lines.append(f"  {task:<28} {train}{evals}")
     if result.compilation_cache is not None and result.compilation_cache.directory:
         lines.append(result.compilation_cache.describe())
     wd = result.workdir.absolute()
-    lines.append(f"run directory {wd}: config.json, metrics.jsonl, summary.json, tensorboard/, "
-                 f"checkpoints/")
+    written = ["config.json", "metrics.jsonl", "summary.json"]
+    written += ["tensorboard/"] if (wd / "tensorboard").is_dir() else []
+    lines.append(f"run directory {wd}: {', '.join(written + ['checkpoints/'])}")
     print("\n".join(lines), file=sys.stderr)

@@ -182,15 +182,20 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(sums["loss_sum"])
+        grad_norm, param_norm = optim.global_norm(grads), optim.global_norm(new_params)
+        # A finite loss can still give infinite gradients, or an update that overflows the
+        # weights (a learning rate far too large): none of them may reach a checkpoint.
+        finite = (jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(param_norm))
         if skip_nonfinite:
             new_params, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
                 (new_params, new_opt_state), (state.params, state.opt_state))
+            param_norm = optim.global_norm(new_params)  # of the weights kept
         new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
         metrics = dict(sums)
-        metrics["grad_norm"] = optim.global_norm(grads)
-        metrics["param_norm"] = optim.global_norm(new_params)
+        metrics["grad_norm"] = grad_norm
+        metrics["param_norm"] = param_norm
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["finite"] = finite
         return new_state, metrics

@@ -53,6 +53,8 @@ class TrainResult:
     wall_s: float
     task_names: list[str]
     compilation_cache: compile_cache.CacheUse | None = None
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # on_nonfinite=skip
+    metrics_step: int | None = None  # the step ``metrics`` were logged at
 
 
 def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train",
@@ -305,6 +307,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     tokens_in_window, window_start = 0, time.time()
     total_tokens, loop_start, first_step_done = 0, None, False
     total_eval_s = 0.0
+    skipped: list[int] = []
+    last_summary_step = None
     step = start_step
     try:
         with mesh_lib.activate(mesh, rules):
@@ -320,7 +324,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 bar.update(1)  # before any evaluation: the bar reads the step being evaluated
                 # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
                 if pending is not None:
-                    window = _absorb(window, pending, config)
+                    window = _absorb(window, pending, config, skipped)
                 pending = (step, step_metrics)
                 tokens_in_window += tokens
                 if not first_step_done:
@@ -348,13 +352,14 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                         for k, v in sorted(eval_results.items())))
                 if (step % config.log.every_steps == 0 or is_last or must_save
                         or eval_results):
-                    window = _absorb(window, pending, config)
+                    window = _absorb(window, pending, config, skipped)
                     pending = None
                     if window is not None:
                         elapsed = max(time.time() - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
                         last_summary["tokens_per_s"] = tokens_in_window / elapsed
                         last_summary.update(eval_results)
+                        last_summary_step = step
                         writer.write(step, last_summary)
                         if host_log is not None:
                             host_log.write(step, last_summary)
@@ -378,23 +383,29 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
         tokens_per_s=total_tokens / loop_s if loop_s > 0 else 0.0,
-        wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use)
+        wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use,
+        skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
 
 
-def _absorb(window, pending, config: config_lib.Config):
-    """Add a fetched step's metrics to the window; stop or warn on a non-finite loss."""
+def _absorb(window, pending, config: config_lib.Config, skipped: list[int]):
+    """Add a fetched step's metrics to the window; stop, or note the step in ``skipped``, where
+    its loss, gradients or updated weights are not finite."""
     if pending is None:
         return window
     step, device_metrics = pending
     host = jax.device_get(device_metrics)
     if not bool(host["finite"]):
+        what = ", ".join(name for name, value in (
+            ("loss", host["loss_sum"]), ("gradients", host["grad_norm"]),
+            ("updated weights", host["param_norm"])) if not np.isfinite(value)) or "update"
         if config.train.on_nonfinite == "stop":
             raise TrainingError(
-                f"non-finite loss at step {step}; the last good checkpoint stays the latest. "
+                f"non-finite {what} at step {step}; the last good checkpoint stays the latest. "
                 f"Lower optim.learning_rate, or set train.on_nonfinite=skip to skip such updates")
-        _log(f"step {step}: non-finite loss, update skipped")
+        _log(f"mtjax: step {step}: non-finite {what}, update skipped")
+        skipped.append(step)
         return window
     return metrics_lib.accumulate(window, {k: v for k, v in host.items() if k != "finite"})
 
@@ -450,7 +461,8 @@ def _write_summary(result: TrainResult) -> None:
     summary = {
         "step": result.step, "start_step": result.start_step,
         "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
-        "metrics": result.metrics, "tasks": result.task_names,
+        "metrics": result.metrics, "metrics_step": result.metrics_step,
+        "skipped_steps": result.skipped_steps, "tasks": result.task_names,
         "checkpoints": str(result.workdir.absolute() / "checkpoints"),
         "metrics_jsonl": str(result.workdir.absolute() / "metrics.jsonl"),
     }
