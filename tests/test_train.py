@@ -240,3 +240,23 @@ def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message
         trainer.train(tiny_config("train.steps=2"), tmp_path / "run",
                       init_from=str(tmp_path / source), progress=False)
     assert not (tmp_path / "run").exists() and not open_managers
+
+
+def test_a_second_train_in_a_busy_run_directory_is_refused(tmp_path, open_managers):
+    """Two writers would resume the same checkpoint, interleave metrics.jsonl and prune each
+    other's checkpoints: the second is refused in one line, before anything is written."""
+    import os
+
+    from mtjax.train import trainer
+
+    (tmp_path / "run").mkdir()
+    first = trainer._RunLock(tmp_path / "run")  # what a running `mtjax train` holds
+    first.acquire()
+    try:
+        with pytest.raises(trainer.RunInUseError,
+                           match=rf"in use by another mtjax train \(pid {os.getpid()} on "):
+            trainer.train(tiny_config("train.steps=2"), tmp_path / "run", progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    finally:
+        first.release()
+    assert not open_managers

@@ -23,7 +23,7 @@ import numpy as np
 from mtjax import compile_cache
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
-from mtjax.errors import TrainingError
+from mtjax.errors import TrainingError, UserError
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import metrics as metrics_lib
 from mtjax.train import setup as setup_lib
@@ -175,15 +175,59 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         Preempted: SIGTERM or Ctrl-C arrived (from the start: a job preempted while it builds
             its input pipeline, restores or compiles exits 42 too, and its launcher resumes it).
     """
-    preemption = _Preemption()
+    preemption, lock = _Preemption(), _RunLock(pathlib.Path(workdir))
     try:
-        return _train(config, workdir, init_from, progress, preemption)
+        return _train(config, workdir, init_from, progress, preemption, lock)
     finally:
+        lock.release()
         preemption.restore()
 
 
+class RunInUseError(UserError, RuntimeError):
+    """Another ``mtjax train`` holds the run directory."""
+
+
+class _RunLock:
+    """One writer per run directory: process 0 holds an advisory lock on ``<workdir>/.lock``
+    while it trains. A second ``mtjax train`` in the same directory would otherwise resume the
+    same checkpoint, interleave metrics.jsonl and prune the other's checkpoints. The lock ends
+    with the process (a crash leaves no stale lock); the file records who holds it."""
+
+    FILE = ".lock"
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path, self.handle = workdir / self.FILE, None
+
+    def acquire(self) -> None:
+        if jax.process_index() != 0:
+            return
+        import fcntl
+        import socket
+
+        handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunInUseError(
+                f"run directory {self.path.parent} is in use by another mtjax train "
+                f"({holder}); wait for it to finish, or give another --workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # releases the lock
+            self.handle = None
+
+
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
-           progress: bool, preemption: _Preemption) -> TrainResult:
+           progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
     t_start = time.time()
     workdir = pathlib.Path(workdir)
 
@@ -199,6 +243,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
         find_state_dir(init_from)  # (a run that resumes does not use it: see below)
     workdir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
     _log(f"mtjax: workdir {workdir.absolute()}")
 
     # --- Mesh ---------------------------------------------------------------------------------
