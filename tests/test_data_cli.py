@@ -78,6 +78,7 @@ def test_tasks_preview_span_corruption_text(capsys):
      "does not exist"),
     (["tasks", "show", "mtjax_kb", "data.mixing=temprature"], "data.mixing"),
     (["vocab", "train", "--input", "/nonexistent.txt", "--out", "/tmp/x"], "not found"),
+    (["vocab", "encode", "{tmp}/raises.py", "hi"], "raises.py is not a SentencePiece model"),
     (["tasks", "show", "mtjax_add", "--split", "nosuch"],
      "task 'mtjax_add' has no split 'nosuch'"),
     (["tasks", "list", "--tasks-module", "{tmp}/raises.py"],
@@ -196,3 +197,8 @@ def test_bench_data_takes_a_users_mixture_and_names_an_unknown_one(user_module, 
     err = capsys.readouterr().err
     assert "mtjax bench: error: Unknown task or mixture 'user_mixx'" in err
     assert "Traceback" not in err and "--tasks-module" in err
+
+
+def test_vocab_encode_shows_the_bytes_of_a_multibyte_character(capsys):
+    code, out, _ = run(["vocab", "encode", "byte", "hé"], capsys)
+    assert code == 0 and json.loads(out)["pieces"] == ["h", "<0xC3>", "<0xA9>"]

@@ -54,12 +54,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"use it with: {summary['config']}", file=sys.stderr)
         return 0
     try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (surrogate-escaped)
+        raise vocab_lib.VocabularyError("vocab encode: the text is not valid UTF-8") from None
+    try:
         vocab = vocab_lib.get_vocabulary(args.model)
+        ids = [int(i) for i in vocab.encode(args.text)]  # seqio loads the model on first use
     except FileNotFoundError as e:
         raise vocab_lib.VocabularyError(str(e)) from None
-    ids = [int(i) for i in vocab.encode(args.text)]
-    pieces = ([vocab.tokenizer.id_to_piece(i) for i in ids]
-              if hasattr(vocab, "tokenizer") else [vocab.decode([i]) for i in ids])
+    except vocab_lib.VocabularyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SentencePiece's parser on a file that is no model
+        raise vocab_lib.VocabularyError(
+            f"vocab encode: {args.model} is not a SentencePiece model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+    # A byte of a multibyte character decodes to "" on its own: show the byte instead.
+    special = getattr(vocab, "_num_special_tokens", 3)  # ByteVocabulary: pad, EOS, UNK
+    pieces = ([vocab.tokenizer.id_to_piece(i) for i in ids] if hasattr(vocab, "tokenizer")
+              else [vocab.decode([i]) or f"<0x{i - special:02X}>" for i in ids])
     print(json.dumps({"vocabulary": vocab_lib.describe(vocab), "ids": ids, "pieces": pieces,
                       "decoded": vocab.decode(ids)}))
     return 0
