@@ -260,3 +260,19 @@ def test_a_second_train_in_a_busy_run_directory_is_refused(tmp_path, open_manage
     finally:
         first.release()
     assert not open_managers
+
+
+def test_a_best_metric_that_is_never_logged_is_named_once(tmp_path, capsys):
+    from mtjax.train import trainer
+
+    trainer.train(tiny_config("train.steps=4", "checkpoint.every_steps=2", "log.every_steps=2",
+                              "checkpoint.keep=1", "checkpoint.keep_best=1",
+                              "checkpoint.best_metric=los", "eval.at_end=false"),
+                  tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("checkpoint.best_metric=los is not among the logged metrics") == 1, err
+    assert "(did you mean loss?)" in err
+    trainer.train(tiny_config("train.steps=2", "checkpoint.keep_best=1",
+                              "checkpoint.best_metric=eval/mtjax_add/exact_match",
+                              "eval.at_end=false"), tmp_path / "run2", progress=False)
+    assert "is an evaluation metric, and this run evaluates nothing" in capsys.readouterr().err

@@ -331,6 +331,12 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                      f"(eval.at_end=false says that this is meant)")
                 evaluator = None
 
+        if (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
+                and evaluator is None):
+            _log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
+                 f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
+                 f"checkpoint is kept as the best by it")
+
         def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding, v)
                     for k, v in host_batch.items()}
@@ -354,6 +360,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     total_eval_s = 0.0
     skipped: list[int] = []
     last_summary_step = None
+    best_metric_unchecked = config.checkpoint.keep_best > 0
     step = start_step
     try:
         with mesh_lib.activate(mesh, rules):
@@ -412,6 +419,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                                         tok_s=f"{last_summary['tokens_per_s']:.0f}")
                     window, tokens_in_window, window_start = None, 0, time.time()
                 if must_save:
+                    if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
+                        best_metric_unchecked = False
                     checkpoints.save(step, state, pipeline, config_dict,
                                      metrics=_finite_only(last_summary), force=True)
                 if preempted and not is_last:
@@ -432,6 +441,23 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
+
+
+def _best_metric_known(config: config_lib.Config, summary: dict[str, float], bar) -> bool:
+    """Whether ``summary`` can tell if ``checkpoint.best_metric`` exists (an eval metric: once
+    an evaluation ran); warns once where it does not: every checkpoint would rank worst by it,
+    and only the latest ``checkpoint.keep`` would stay."""
+    import difflib
+
+    name = config.checkpoint.best_metric
+    if name.startswith("eval/") and not any(k.startswith("eval/") for k in summary):
+        return False
+    if name not in summary:
+        close = difflib.get_close_matches(name, list(summary), n=1)
+        _log_above(bar, f"mtjax: warning: checkpoint.best_metric={name} is not among the logged "
+                        f"metrics" + (f" (did you mean {close[0]}?)" if close else "")
+                   + "; no checkpoint is kept as the best by it")
+    return True
 
 
 def _absorb(window, pending, config: config_lib.Config, skipped: list[int]):
