@@ -27,14 +27,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     metric = listing["best_metric"]
     print(f"{listing['run_dir']}/checkpoints  (best by {metric}, {listing['best_mode']})")
-    print(f"{'step':>8}  {'saved (UTC)':<19}  {'size':>9}  {metric:>10}  hosts")
+    width = max(10, len(metric))  # eval/<task>/<metric> names are long
+    print(f"{'step':>8}  {'saved (UTC)':<19}  {'size':>9}  {metric:>{width}}  hosts")
     for row in listing["checkpoints"]:
         when = datetime.datetime.fromtimestamp(row["time"], datetime.timezone.utc)
         value = row["metrics"].get(metric)
         marks = [m for m, key in (("latest", "latest"), ("best", "best"))
                  if listing[key] == row["step"]]
         print(f"{row['step']:>8}  {when:%Y-%m-%d %H:%M:%S}  {row['bytes'] / 2**20:>7.1f}MB  "
-              f"{'' if value is None else f'{value:.4f}':>10}  {row['hosts']:>5}  "
+              f"{'' if value is None else f'{value:.4f}':>{width}}  {row['hosts']:>5}  "
               f"{' '.join(marks)}")
     if not listing["checkpoints"]:
         print("  (no complete checkpoint)")
