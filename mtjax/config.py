@@ -316,6 +316,12 @@ def validate(config: Config) -> Config:
     for key in ("mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor"):
         if get(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be positive, got {get(config, key)}")
+    if config.data.mixing_cap is not None and config.data.mixing_cap < 1:
+        raise ConfigError(f"config key 'data.mixing_cap' must be positive (or None: no cap), "
+                          f"got {config.data.mixing_cap}")
+    if not config.data.mixing_temperature > 0:
+        raise ConfigError(f"config key 'data.mixing_temperature' must be > 0, got "
+                          f"{config.data.mixing_temperature}")
     if config.checkpoint.keep_best < 0:
         raise ConfigError("config key 'checkpoint.keep_best' must be >= 0")
     _validate_rules(config.mesh.rules)

@@ -29,6 +29,8 @@ def test_unknown_key_names_the_key_and_the_closest_valid_one():
     ("optim.name=sgd", "optim.name"),
     ("train.batch_size=0", "train.batch_size"),
     ("nosection", "nosection"),
+    ("data.mixing_cap=0", "data.mixing_cap"),
+    ("data.mixing_temperature=-1", "data.mixing_temperature"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(config_lib.ConfigError) as e:

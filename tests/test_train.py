@@ -242,6 +242,15 @@ def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message
     assert not (tmp_path / "run").exists() and not open_managers
 
 
+def test_a_mesh_that_does_not_fit_fails_before_the_run_directory_is_made(tmp_path):
+    from mtjax.parallel.mesh import MeshError
+    from mtjax.train import trainer
+
+    with pytest.raises(MeshError, match="mesh.data=3"):
+        trainer.train(tiny_config("mesh.data=3"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_second_train_in_a_busy_run_directory_is_refused(tmp_path, open_managers):
     """Two writers would resume the same checkpoint, interleave metrics.jsonl and prune each
     other's checkpoints: the second is refused in one line, before anything is written."""

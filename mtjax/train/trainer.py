@@ -242,12 +242,13 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         from mtjax.checkpoint import find_state_dir
 
         find_state_dir(init_from)  # (a run that resumes does not use it: see below)
+    # A mesh that does not fit the devices or the batch: also before anything is written.
+    mesh, rules = setup_lib.mesh_and_rules(config)
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     _log(f"mtjax: workdir {workdir.absolute()}")
 
     # --- Mesh ---------------------------------------------------------------------------------
-    mesh, rules = setup_lib.mesh_and_rules(config)
     _log(mesh_lib.describe(mesh))
     cache_use = compile_cache.enable(config.train.compilation_cache)
 
