@@ -267,6 +267,20 @@ def repeated_keys(overrides: Sequence[str]) -> list[str]:
             for key, items in given.items() if len(items) > 1]
 
 
+def unused_settings(config: Config) -> list[str]:
+    """Notes on values set away from their defaults that the rest of the config makes moot."""
+    data, default = config.data, DataConfig()
+    notes = []
+    if data.mixing_cap != default.mixing_cap and data.mixing not in (
+            "examples_proportional", "temperature"):
+        notes.append(f"data.mixing_cap={data.mixing_cap} is not used with "
+                     f"data.mixing={data.mixing} (only examples_proportional and temperature)")
+    if data.mixing_temperature != default.mixing_temperature and data.mixing != "temperature":
+        notes.append(f"data.mixing_temperature={data.mixing_temperature} is not used with "
+                     f"data.mixing={data.mixing} (only temperature)")
+    return notes
+
+
 def _check_types(config: Config) -> Config:
     """Each field's value against its annotation, for configs built in Python (``get_config()``,
     config.json), which the override parser never saw. An int where a float is expected is

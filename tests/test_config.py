@@ -147,3 +147,11 @@ def test_train_help_lists_every_key_with_its_default(capsys):
     text = capsys.readouterr().out
     for key in config_lib.all_keys():
         assert f"{key}={config_lib.get(config_lib.Config(), key)}" in text, key
+
+
+def test_mixing_values_that_the_strategy_does_not_use_are_noted():
+    notes = config_lib.unused_settings(config_lib.load(None, [
+        "data.mixing=equal", "data.mixing_cap=100", "data.mixing_temperature=4"]))
+    assert len(notes) == 2 and "data.mixing_cap=100 is not used with data.mixing=equal" in notes[0]
+    assert not config_lib.unused_settings(config_lib.load(None, [
+        "data.mixing=temperature", "data.mixing_cap=100", "data.mixing_temperature=4"]))

@@ -257,6 +257,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     pipeline = make_pipeline(config, per_host_batch)
     task_names = list(pipeline.task_names)
     _log(pipeline.describe())
+    for note in config_lib.unused_settings(config):
+        _log(f"mtjax: note: {note}")
     _warn_truncation(config)
     # The embedding rounds the mixture's vocabulary up to a multiple of 128 (accelerator tiles).
     vocab_size = -(-pipeline.vocab_size // 128) * 128
