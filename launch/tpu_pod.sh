@@ -2,9 +2,10 @@
 # Train on a TPU VM pod slice (v4/v5e/v5p): the same command on every worker through
 # `gcloud compute tpus tpu-vm ssh --worker=all`; jax.distributed.initialize() finds the other
 # workers from the TPU metadata. mtjax must be installed on every worker (same path), and the
-# workdir must be shared storage (a gs:// bucket or a mounted filesystem).
+# workdir must be a filesystem every worker mounts at the same path: mtjax writes the run
+# directory through the local filesystem, so mount a bucket (gcsfuse) rather than give gs://.
 #
-#   launch/tpu_pod.sh my-v4-32 us-central2-b --workdir gs://bucket/runs/xl \
+#   launch/tpu_pod.sh my-v4-32 us-central2-b --workdir /mnt/bucket/runs/xl \
 #       model.name=t5_1_1_xl model.dtype=bfloat16 train.batch_size=256 mesh.fsdp=-1
 #
 # Multi-slice: add mesh.dcn_data=<slices>. On maintenance events the workers get SIGTERM,

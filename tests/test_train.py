@@ -285,3 +285,12 @@ def test_a_best_metric_that_is_never_logged_is_named_once(tmp_path, capsys):
                               "checkpoint.best_metric=eval/mtjax_add/exact_match",
                               "eval.at_end=false"), tmp_path / "run2", progress=False)
     assert "is an evaluation metric, and this run evaluates nothing" in capsys.readouterr().err
+
+
+def test_a_bucket_url_as_workdir_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from mtjax.train import trainer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match="mount the bucket"):
+        trainer.train(tiny_config(), "gs://bucket/runs/x", progress=False)
+    assert not list(tmp_path.iterdir())  # no local "gs:" directory

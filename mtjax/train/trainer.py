@@ -204,7 +204,7 @@ class _RunLock:
         import fcntl
         import socket
 
-        handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -229,6 +229,10 @@ class _RunLock:
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
            progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
     t_start = time.time()
+    if "://" in str(workdir):
+        raise config_lib.ConfigError(
+            f"--workdir {workdir}: mtjax writes the run directory through the local filesystem; "
+            f"mount the bucket (e.g. gcsfuse) and give the mounted path")
     workdir = pathlib.Path(workdir)
 
     # --- A misspelt model, tasks module or mixture: one line, before anything is printed ----
