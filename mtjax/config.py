@@ -181,9 +181,9 @@ def keys_help(width: int = 100) -> str:
     """Every config key with its default, a paragraph per section (for ``--help``)."""
     import textwrap
 
-    blocks = []
+    blocks, defaults = [], Config()
     for section in dataclasses.fields(Config):
-        values = getattr(Config(), section.name)
+        values = getattr(defaults, section.name)
         items = [f"{section.name}.{f.name}={getattr(values, f.name)}"
                  for f in dataclasses.fields(values)]
         blocks.append(textwrap.fill("  ".join(items), width=width, initial_indent="  ",
@@ -196,12 +196,16 @@ def _field_type(section_cls: type, name: str) -> Any:
     return typing.get_type_hints(section_cls)[name]
 
 
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, True), or (``annotation``, False)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None)), True
+    return annotation, False
+
+
 def _parse_value(key: str, text: str, annotation: Any) -> Any:
     """Parse ``text`` to ``annotation`` (int, float, bool, str or Optional of one)."""
-    optional = False
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional, annotation = True, args[0]
+    annotation, optional = _unwrap_optional(annotation)
     if optional and text.lower() in ("none", "null", ""):
         return None
     try:
@@ -295,12 +299,9 @@ def _check_types(config: Config) -> Config:
         for field in dataclasses.fields(section):
             key = f"{section_field.name}.{field.name}"
             value = getattr(section, field.name)
-            annotation = _field_type(type(section), field.name)
-            optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-            if optional:
-                annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-                if value is None:
-                    continue
+            annotation, optional = _unwrap_optional(_field_type(type(section), field.name))
+            if optional and value is None:
+                continue
             if annotation is float and type(value) is int:
                 fixed[field.name] = float(value)
             elif not (type(value) is annotation
@@ -408,17 +409,12 @@ def _absolute_paths(config: Config) -> Config:
     and ``mtjax eval`` of the run may start in another directory. Names that are not files here
     are left as given (the import or the vocabulary lookup says what is wrong)."""
     data = config.data
-    changes = {}
-    if data.tasks_module and data.tasks_module.endswith(".py"):
-        changes["tasks_module"] = data.tasks_module
-    if data.vocabulary and data.vocabulary != "byte":
-        changes["vocabulary"] = data.vocabulary
-    for key, value in list(changes.items()):
-        path = pathlib.Path(value).expanduser()
-        if path.is_absolute() or not path.is_file():
-            del changes[key]
-        else:
-            changes[key] = str(path.resolve())
+    files = {"tasks_module": data.tasks_module if (data.tasks_module or "").endswith(".py")
+             else None,
+             "vocabulary": data.vocabulary if data.vocabulary != "byte" else None}
+    paths = {key: pathlib.Path(value).expanduser() for key, value in files.items() if value}
+    changes = {key: str(path.resolve()) for key, path in paths.items()
+               if not path.is_absolute() and path.is_file()}
     if not changes:
         return config
     return dataclasses.replace(config, data=dataclasses.replace(data, **changes))

@@ -54,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed or 0)
     records = records_lib.read_records(args.input, required=() if args.task else ("inputs",),
                                        allow_text=True)
-    _inference.check_output(args)
     _inference.note_empty_input(args, records)
-    model = _inference.load(args)
+    model = _inference.load(args)  # checks --output first
     if length is None:  # the run's target length
         import dataclasses
 

@@ -24,9 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from mtjax.infer import records as records_lib
 
     records = records_lib.read_records(args.input, required=("inputs", "targets"))
-    _inference.check_output(args)
     _inference.note_empty_input(args, records)
-    model = _inference.load(args)
+    model = _inference.load(args)  # checks --output first
     with _inference.progress_bar(args, len(records), "ex") as update:
         records_lib.write_jsonl(
             records_lib.score(model, records, batch_size=args.batch_size, progress=update),
