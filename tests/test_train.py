@@ -294,3 +294,20 @@ def test_a_bucket_url_as_workdir_is_refused_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(config_lib.ConfigError, match="mount the bucket"):
         trainer.train(tiny_config(), "gs://bucket/runs/x", progress=False)
     assert not list(tmp_path.iterdir())  # no local "gs:" directory
+
+
+def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
+    """The first step compiles, so a window of it alone has no tokens/s: the record leaves the
+    field out, rather than logging 0 (or the compile-bound rate) as the run's speed."""
+    from mtjax import cli
+
+    argv = ["train", "--workdir", str(tmp_path / "run"), "--no-progress", *TINY,
+            "train.steps=1", "log.every_steps=1", "eval.at_end=false", "model.remat=full"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("training 1 step of batch 8 (64/32 tokens, packed); adafactor (learning rate "
+            "0.01, rsqrt decay after 100 steps); activations float32, remat full") in err
+    assert "tokens/s not measured (only one step ran, and it compiles)" in err
+    [record] = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["step"] == 1 and record["loss"] > 0 and "tokens_per_s" not in record
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens_per_s"] is None

@@ -90,7 +90,8 @@ def _print_summary(result) -> None:
         return  # nothing was trained (the trainer said so)
     m = result.metrics
     lines = [f"\ntrained steps {result.start_step} -> {result.step} in {result.wall_s:.0f}s, "
-             f"{result.tokens_per_s:.0f} tokens/s"]
+             + (f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s is not None
+                else "tokens/s not measured (only one step ran, and it compiles)")]
     if result.skipped_steps:
         lines.append(f"{len(result.skipped_steps)} of {result.step - result.start_step} updates "
                      f"skipped (non-finite): steps {_steps_text(result.skipped_steps)}")

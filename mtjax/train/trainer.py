@@ -49,7 +49,7 @@ class TrainResult:
     start_step: int
     step: int
     metrics: dict[str, float]
-    tokens_per_s: float
+    tokens_per_s: float | None  # None: only the compiling first step ran (nothing timed)
     wall_s: float
     task_names: list[str]
     compilation_cache: compile_cache.CacheUse | None = None
@@ -274,6 +274,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     _log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
          f"mixture {config.data.mixture}: {', '.join(task_names)}")
+    _log(_describe_training(config))
 
     config_dict = config_lib.to_dict(config)
 
@@ -285,30 +286,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     # Until the loop's own `finally` takes over, whatever raises (a refused resume, damaged
     # --init-from weights, the evaluator's set-up, a SIGTERM) closes the manager first.
     try:
-        target = setup.target()
-        resumed = checkpoints.restore_latest(
-            target, pipeline,
-            check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
-        if resumed is not None:
-            latest, state, data_restored = resumed
-            if not data_restored:
-                pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
-            _log(f"resuming from {checkpoints.directory / str(latest)}")
-            if init_from:
-                # Resume wins, so that a job restarted after preemption with its original command
-                # line does not start over; but say so, in case a fine-tune was meant.
-                _log(f"mtjax: note: --init-from {init_from} is not used: {workdir} already has "
-                     f"checkpoints, and a run resumes from its latest; give a new --workdir to "
-                     f"start from {init_from}'s weights")
-            _truncate_metrics(workdir / "metrics.jsonl", latest)
-        else:
-            state = setup.init_state(config.train.seed)
-            if init_from:
-                from mtjax.checkpoint import restore_params
-
-                state = state.replace(params=restore_params(init_from, target.params))
-                _log(f"initialised weights from {init_from}")
-        start_step = int(jax.device_get(state.step))
+        state, pipeline, start_step = _initial_state(
+            config, setup, checkpoints, pipeline, init_from, workdir, config_dict, per_host_batch)
         if start_step >= config.train.steps:
             # A finished run asked again: nothing to train, and its summary and config stay as
             # they are (rewriting them would erase the final metrics).
@@ -318,7 +297,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
                 workdir / "metrics.jsonl").exists() else []
             return TrainResult(workdir=workdir, start_step=start_step, step=start_step,
-                               metrics=records[-1] if records else {}, tokens_per_s=0.0,
+                               metrics=records[-1] if records else {}, tokens_per_s=None,
                                wall_s=time.time() - t_start, task_names=task_names,
                                compilation_cache=cache_use)
         # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
@@ -326,23 +305,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             config_lib.dump(config, workdir / "config.json")
 
         jitted, batch_sharding = setup.step, setup.batch_sharding
-        evaluator = None
-        if config.eval.every_steps or config.eval.at_end:
-            from mtjax.infer import evaluate as evaluate_lib
-
-            evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
-                                                    progress=False)
-            if not evaluator.task_names:
-                _log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
-                     f"{config.eval.split!r} split, so nothing is evaluated "
-                     f"(eval.at_end=false says that this is meant)")
-                evaluator = None
-
-        if (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
-                and evaluator is None):
-            _log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
-                 f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
-                 f"checkpoint is kept as the best by it")
+        evaluator = _make_evaluator(config, mesh, rules, setup)
 
         def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -400,6 +363,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 if evaluator is not None and (
                         (config.eval.every_steps and step % config.eval.every_steps == 0)
                         or (is_last and config.eval.at_end)):
+                    from mtjax.infer import evaluate as evaluate_lib
+
                     eval_start = time.time()
                     eval_results = evaluate_lib.flatten(evaluator(state.params, step))
                     # Evaluation time is not training time: keep it out of tokens/s.
@@ -416,14 +381,16 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     if window is not None:
                         elapsed = max(time.time() - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
-                        last_summary["tokens_per_s"] = tokens_in_window / elapsed
+                        if tokens_in_window:  # not a window of the compiling first step alone
+                            last_summary["tokens_per_s"] = tokens_in_window / elapsed
                         last_summary.update(eval_results)
                         last_summary_step = step
                         writer.write(step, last_summary)
                         if host_log is not None:
                             host_log.write(step, last_summary)
-                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
-                                        tok_s=f"{last_summary['tokens_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}", **(
+                            {"tok_s": f"{last_summary['tokens_per_s']:.0f}"}
+                            if "tokens_per_s" in last_summary else {}))
                     window, tokens_in_window, window_start = None, 0, time.time()
                 if must_save:
                     if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
@@ -443,11 +410,79 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     loop_s = (time.time() - loop_start - total_eval_s) if loop_start else 0.0
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
-        tokens_per_s=total_tokens / loop_s if loop_s > 0 else 0.0,
+        tokens_per_s=total_tokens / loop_s if total_tokens and loop_s > 0 else None,
         wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use,
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
+
+
+def _describe_training(config: config_lib.Config) -> str:
+    """One start-up line with the settings that decide speed and numerics, so that a log says
+    what ran without config.json beside it."""
+    t, m, o, d = config.train, config.model, config.optim, config.data
+    tokens = f"{d.inputs_length}/{d.targets_length} tokens" + (", packed" if d.pack else "")
+    micro = f" in {t.microbatches} microbatches" if t.microbatches > 1 else ""
+    schedule = (f"learning rate {o.learning_rate:g}, "
+                + (f"rsqrt decay after {o.warmup_steps} steps" if o.name == "adafactor"
+                   else f"warmup {o.warmup_steps} steps, cosine decay"))
+    state = f", state {o.state_dtype}" if o.state_dtype != "float32" else ""
+    steps = f"{t.steps} step" + ("s" if t.steps != 1 else "")
+    return (f"training {steps} of batch {t.batch_size}{micro} ({tokens}); "
+            f"{o.name} ({schedule}{state}); activations {m.dtype}, remat {m.remat}"
+            + (", scanned layers" if m.scan_layers else ""))
+
+
+def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, config_dict,
+                   per_host_batch):
+    """The state to start from, in the start-up order: 1. the run's latest checkpoint (with the
+    pipeline's position), 2. ``--init-from``'s weights, 3. scratch. Returns
+    ``(state, pipeline, start_step)``."""
+    target = setup.target()
+    resumed = checkpoints.restore_latest(
+        target, pipeline,
+        check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
+    if resumed is not None:
+        latest, state, data_restored = resumed
+        if not data_restored:
+            pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
+        _log(f"resuming from {checkpoints.directory / str(latest)}")
+        if init_from:
+            # Resume wins, so that a job restarted after preemption with its original command
+            # line does not start over; but say so, in case a fine-tune was meant.
+            _log(f"mtjax: note: --init-from {init_from} is not used: {workdir} already has "
+                 f"checkpoints, and a run resumes from its latest; give a new --workdir to "
+                 f"start from {init_from}'s weights")
+        _truncate_metrics(workdir / "metrics.jsonl", latest)
+    else:
+        state = setup.init_state(config.train.seed)
+        if init_from:
+            from mtjax.checkpoint import restore_params
+
+            state = state.replace(params=restore_params(init_from, target.params))
+            _log(f"initialised weights from {init_from}")
+    return state, pipeline, int(jax.device_get(state.step))
+
+
+def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
+    """The evaluator the run uses, or None (no evaluation asked, or nothing to evaluate)."""
+    evaluator = None
+    if config.eval.every_steps or config.eval.at_end:
+        from mtjax.infer import evaluate as evaluate_lib
+
+        evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
+                                                progress=False)
+        if not evaluator.task_names:
+            _log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
+                 f"{config.eval.split!r} split, so nothing is evaluated "
+                 f"(eval.at_end=false says that this is meant)")
+            evaluator = None
+    if (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
+            and evaluator is None):
+        _log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
+             f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
+             f"checkpoint is kept as the best by it")
+    return evaluator
 
 
 def _best_metric_known(config: config_lib.Config, summary: dict[str, float], bar) -> bool:
