@@ -49,7 +49,8 @@ def test_tsv_malformed_lines_fail_with_count_and_location(data_dir):
     with pytest.raises(files_lib.DataFileError) as info:
         _examples(task)
     message = str(info.value)
-    assert "3 malformed line(s)" in message and "t_tsv_fail" in message
+    # The blank line 5 carries no example, as in text and JSONL files: it is not malformed.
+    assert "2 malformed line(s)" in message and "t_tsv_fail" in message
     assert "qa.tsv:3: 1 tab-separated fields, expected 2" in message
     assert "qa.tsv:6: 3 tab-separated fields" in message and "on_malformed='skip'" in message
     # The same error reaches a run as one DataError line (a UserError), not a TF trace.
@@ -65,7 +66,7 @@ def test_tsv_skip_keeps_the_good_lines(data_dir, capsys):
            for ex in _examples(task)]
     assert got == [("q: what is one", "one"), ("q: what is two", "two"),
                    ("q: what is four", "four")]
-    assert "skipping 3 malformed line(s)" in capsys.readouterr().err
+    assert "skipping 2 malformed line(s)" in capsys.readouterr().err
     assert task.num_input_examples("train") == 3
 
 
@@ -112,6 +113,38 @@ def test_file_task_definition_errors(data_dir):
     with pytest.raises(DataError, match="no split 'validation'"):
         InputPipeline("t_tsv_skip", inputs_length=32, targets_length=8, batch_size=2,
                       split="validation")
+
+
+def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):
+    """A byte-order mark and a trailing blank line are read as the editor meant; a null JSON
+    value, a compressed file and a missing file of a list are named, not turned into text or
+    dropped."""
+    (data_dir / "bom.tsv").write_bytes("\ufeffq\ta\nhello\tworld\nfoo\tbar\n\n".encode())
+    task = tasks.add_file_task("t_bom", str(data_dir / "bom.tsv"),
+                               columns={"inputs": "q", "targets": "a"})
+    got = [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+           for ex in _examples(task)]
+    assert got == [("hello", "world"), ("foo", "bar")]
+    (data_dir / "bom.jsonl").write_bytes('\ufeff{"inputs": "x", "targets": "y"}\n'.encode())
+    assert [ex["inputs_pretokenized"] for ex in _examples(
+        tasks.add_file_task("t_bom_jsonl", str(data_dir / "bom.jsonl")))] == [b"x"]
+
+    (data_dir / "nulls.jsonl").write_text('{"inputs": "a", "targets": null}\n')
+    task = tasks.add_file_task("t_nulls", str(data_dir / "nulls.jsonl"))
+    with pytest.raises(files_lib.DataFileError, match="nulls.jsonl:1: key 'targets' is null"):
+        _examples(task)
+
+    with pytest.raises(files_lib.DataFileError, match="is compressed.*decompress it"):
+        tasks.add_file_task("t_gz", str(data_dir / "qa.tsv.gz"))
+
+    task = tasks.add_file_task("t_list", [str(data_dir / "small.tsv"),
+                                          str(data_dir / "smal_typo.tsv")])
+    with pytest.raises(UserError, match=r"t_list.*no file matches '.*smal_typo.tsv'"):
+        task.num_input_examples("train")
+    task = tasks.add_file_task("t_glob_list", [str(data_dir / "small.tsv"),
+                                               str(data_dir / "nomatch*/x.tsv")])
+    with pytest.raises(UserError, match=r"no file matches '.*nomatch\*/x.tsv'"):
+        task.num_input_examples("train")
 
 
 def test_task_without_targets_is_a_clear_error():

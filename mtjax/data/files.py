@@ -9,8 +9,9 @@ location, or are skipped, as `on_malformed` says.
 
 What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
 (or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
-to a list/object; any format, a line that is not UTF-8. Blank lines of text and JSONL files are
-skipped silently.
+to a list/object or null; any format, a line that is not UTF-8. Blank lines are skipped silently,
+and a UTF-8 byte-order mark at the start of a file is dropped. Compressed (.gz) files are refused
+with the fix.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FORMATS = ("tsv", "jsonl", "text")
 _EXTENSIONS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
                ".text": "text"}
 _SHOWN_LOCATIONS = 5
+_BOM = "\ufeff".encode()
 
 
 class DataFileError(UserError, ValueError):
@@ -44,7 +46,10 @@ RUN_DEFAULTS = {"on_malformed": "fail"}
 
 def infer_format(path: str) -> str:
     """The format of a file from its extension (.tsv, .jsonl/.json, .txt/.text)."""
-    ext = os.path.splitext(path.removesuffix(".gz"))[1].lower()
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gz":
+        raise DataFileError(
+            f"{path!r} is compressed; mtjax reads plain text files: decompress it (gunzip -k)")
     if ext not in _EXTENSIONS:
         raise DataFileError(
             f"cannot tell the format of {path!r} from its extension; pass format= one of "
@@ -67,6 +72,9 @@ def _lines(path: str):
     """(line number, bytes without the line ending) for every line, as TextLineDataset splits."""
     with tf.io.gfile.GFile(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            # Editors on Windows start UTF-8 files with a byte-order mark (and concatenated
+            # files carry theirs into the middle): it is no part of the text.
+            raw = raw.removeprefix(_BOM)
             yield number, raw.rstrip(b"\n").rstrip(b"\r")
 
 
@@ -90,6 +98,8 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
             except UnicodeDecodeError:
                 bad(path, number, "not UTF-8")
                 continue
+            if not line.strip() and not (fmt == "tsv" and header and number == 1):
+                continue  # a blank line carries no example (editors leave one at the end)
             if fmt == "tsv":
                 fields = line.split("\t")
                 if header and number == 1:
@@ -103,8 +113,6 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
                 if len(fields) != expected:
                     bad(path, number, f"{len(fields)} tab-separated fields, expected {expected}")
                     continue
-            elif not line.strip():
-                continue  # blank lines of text and JSONL files carry no example
             elif fmt == "jsonl":
                 reason = _json_problem(line, keys)
                 if reason:
@@ -135,6 +143,8 @@ def _json_problem(line: str, keys: tuple) -> str | None:
     for key in keys:
         if key not in obj:
             return f"no key {key!r} (keys: {sorted(obj)[:8]})"
+        if obj[key] is None:
+            return f"key {key!r} is null, expected text or a number"
         if isinstance(obj[key], (dict, list)):
             return f"key {key!r} holds a {type(obj[key]).__name__}, expected text or a number"
     return None
@@ -183,16 +193,25 @@ class FileSource(seqio.FileDataSource):
         if split not in self._split_to_filepattern:
             raise DataFileError(
                 f"task {self.task_name!r} has no split {split!r} (splits: {list(self.splits)})")
-        # seqio passes a pattern without wildcards through unchecked: keep what exists.
-        files = [f for f in super().list_shards(split) if tf.io.gfile.exists(f)]
-        if not files:
-            pattern = self._split_to_filepattern[split]
-            patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-            relative = any(not os.path.isabs(p) and "://" not in p for p in patterns)
+        # Every pattern must match: a typo in one file of a list would otherwise train on the
+        # rest without a word (seqio passes a pattern without wildcards through unchecked).
+        pattern = self._split_to_filepattern[split]
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        files = []
+        for one in patterns:
+            matched = [f for f in seqio.utils.list_files(one) if tf.io.gfile.exists(f)]
+            if not matched:
+                relative = not os.path.isabs(one) and "://" not in one
+                raise DataFileError(
+                    f"task {self.task_name!r}, split {split!r}: no file matches {one!r}"
+                    + (f" (relative paths are read from the current directory, {os.getcwd()})"
+                       if relative else ""))
+            files += matched
+        compressed = [f for f in files if f.endswith(".gz")]
+        if compressed:
             raise DataFileError(
-                f"task {self.task_name!r}, split {split!r}: no file matches {pattern!r}"
-                + (f" (relative paths are read from the current directory, {os.getcwd()})"
-                   if relative else ""))
+                f"task {self.task_name!r}, split {split!r}: {compressed[0]} is compressed; "
+                "mtjax reads plain text files: decompress it (gunzip -k)")
         return files
 
     def scan(self, split: str) -> Scan:
@@ -200,7 +219,10 @@ class FileSource(seqio.FileDataSource):
         files = tuple(self.list_shards(split))
         stamp = tuple(tf.io.gfile.stat(f).mtime_nsec for f in files)
         keys = tuple(self.columns.values())
-        return _scan(files, self.fmt, keys, self.header, stamp)
+        try:
+            return _scan(files, self.fmt, keys, self.header, stamp)
+        except DataFileError as e:
+            raise DataFileError(f"task {self.task_name!r}, split {split!r}: {e}") from None
 
     def num_input_examples(self, split: str) -> int:
         return self.scan(split).examples
@@ -236,13 +258,15 @@ class FileSource(seqio.FileDataSource):
     def _read_file(self, path: tf.Tensor, scan: Scan) -> tf.data.Dataset:
         """TSV/text lines of one file -> examples; drops the lines the scan calls malformed."""
         ds = tf.data.TextLineDataset(path).skip(1 if self.header else 0)
-        ds = ds.map(lambda line: tf.strings.regex_replace(line, "\r$", ""))
+        # Without a byte-order mark or a carriage return, as _lines reads the lines.
+        ds = ds.map(lambda line: tf.strings.regex_replace(
+            tf.strings.regex_replace(line, "^\ufeff", ""), "\r$", ""))
         # Valid UTF-8 is what transcoding leaves unchanged.
         ds = ds.filter(lambda line: tf.equal(
             tf.strings.unicode_transcode(line, "UTF-8", "UTF-8", errors="replace"), line))
+        ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
         if self.fmt == "text":
             (feature,) = self.columns
-            ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
             return ds.map(lambda line: {feature: line})
         index = {k: (scan.header.index(c) if isinstance(c, str) else c)
                  for k, c in self.columns.items()}
