@@ -9,11 +9,13 @@ as it was, rather than an emptied or half-written one that looks complete.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 from mtjax.errors import UserError
 
@@ -63,3 +65,22 @@ def write_text(path: str | os.PathLike, text: str, flag: str = "--output") -> No
     """Replace ``path`` with ``text``, whole or not at all."""
     with replaced_on_success(path, flag) as out:
         out.write(text)
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, in nested dicts and lists.
+
+    Python writes them as ``NaN``/``Infinity``, which strict JSON readers (jq, browsers, Go)
+    refuse; ``null`` is what JSON has for "no number"."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """``json.dumps`` of strict JSON: non-finite numbers become null (see finite_or_null)."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **kwargs)

@@ -349,6 +349,38 @@ def test_mixture_of_mixtures_with_strategies(three_tasks):
     assert "t_large" in table and "50.0%" in table and "4,000" in table
 
 
+def test_equal_mixing_needs_no_sizes_and_members_must_be_registered(three_tasks):
+    """A task whose source cannot tell its size (a generator: the plain seqio pattern) mixes
+    equally; the strategies that need sizes say which task lacks one and what to do."""
+    name = "t_sizeless"
+    seqio.TaskRegistry.remove(name)
+
+    def generate(split, shuffle_files):
+        return tf.data.Dataset.from_generator(
+            lambda: iter([{"inputs": "a", "targets": "b"}] * 5),
+            output_signature={k: tf.TensorSpec([], tf.string) for k in ("inputs", "targets")})
+
+    byte = vocab_lib.get_vocabulary("byte")
+    seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(generate, ["train"]),
+                           preprocessors=[seqio.preprocessors.tokenize],
+                           output_features={k: seqio.Feature(byte) for k in ("inputs", "targets")})
+    assert mixing.num_examples(seqio.get_mixture_or_task(name)) is None
+    tasks.add_mixture("t_sizeless_equal", [name, "t_small"], mixing="equal")
+    assert mixing.mixture_rates("t_sizeless_equal") == {name: 0.5, "t_small": 0.5}
+    assert mixing.resolve_rates("t_sizeless_equal", "equal") == {name: 0.5, "t_small": 0.5}
+    with pytest.raises(mixing.MixingError, match="t_sizeless cannot tell its size.*"
+                                                 "data.mixing=equal"):
+        mixing.resolve_rates("t_sizeless_equal", "examples_proportional")
+    tasks.add_mixture("t_sizeless_prop", [name, "t_small"], mixing="examples_proportional")
+    with pytest.raises(mixing.MixingError, match="register 't_sizeless_prop' with "
+                                                 "mixing='equal'"):
+        mixing.mixture_rates("t_sizeless_prop")
+    with pytest.raises(mixing.MixingError, match="mixture 't_typo': no task or mixture "
+                                                 "'t_smal' is registered .did you mean t_small"):
+        tasks.add_mixture("t_typo", ["t_smal", "t_large"])
+    assert "t_typo" not in seqio.MixtureRegistry.names()
+
+
 def test_knowledge_suite_holds_out_qa_people():
     train = {q.split()[-1] for q in knowledge.questions("train")[0]}
     held_out = {p["name"] for p in knowledge.qa_people("validation")}

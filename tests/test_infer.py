@@ -491,3 +491,36 @@ def test_a_reader_that_stops_early_ends_infer_quietly(trained_run, tmp_path):
         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
     assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["inputs"] == "copy: w0"
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_task_whose_source_yields_lines_takes_the_line(tmp_path):
+    """A seqio.TextLineDataSource yields bare strings, not a dict of fields: --task takes the
+    record's text line (or its `text` field) as that string (it was an AttributeError)."""
+    import seqio
+    import tensorflow as tf
+
+    from mtjax.data import vocab as vocab_lib
+    from mtjax.errors import UserError
+    from mtjax.infer import records
+
+    (tmp_path / "upper.tsv").write_text("one\tONE\n")
+
+    @seqio.map_over_dataset
+    def parse(line):
+        inputs, targets = tf.io.decode_csv(line, record_defaults=["", ""], field_delim="\t",
+                                           use_quote_delim=False)
+        return {"inputs": "upper: " + inputs, "targets": targets}
+
+    byte = vocab_lib.get_vocabulary("byte")
+    seqio.TaskRegistry.remove("t_lines")
+    seqio.TaskRegistry.add(
+        "t_lines", source=seqio.TextLineDataSource({"train": str(tmp_path / "upper.tsv")}),
+        preprocessors=[parse, seqio.preprocessors.tokenize],
+        output_features={k: seqio.Feature(byte) for k in ("inputs", "targets")})
+    task = records.TaskText("t_lines")
+    ids, examples = task.encode([{"inputs": "two\t"}, {"text": "three\tTHREE"}])
+    assert [ex["inputs_pretokenized"] for ex in examples] == [b"upper: two", b"upper: three"]
+    assert ids[0] == list(byte.encode("upper: two"))
+    with pytest.raises(UserError, match="input record 4 has no text: task 't_lines' reads "
+                                        "lines"):
+        task.encode([{"question": "x"}], first=4)

@@ -311,3 +311,18 @@ def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
     [record] = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["step"] == 1 and record["loss"] > 0 and "tokens_per_s" not in record
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens_per_s"] is None
+
+
+def test_result_files_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    """Python writes NaN and Infinity, which jq and other strict JSON readers refuse: a
+    non-finite metric (a task's metric function may return NaN) is written as null."""
+    from mtjax import outputs
+
+    writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
+    writer.write(3, {"loss": 1.5, "eval/t/f1": float("nan"), "eval/t/ppl": float("inf")})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == {
+        "step": 3, "loss": 1.5, "eval/t/f1": None, "eval/t/ppl": None}
+    assert (outputs.dumps({"a": [1.0, float("-inf")], "b": "NaN"})
+            == '{"a": [1.0, null], "b": "NaN"}')

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -173,7 +172,7 @@ def main(argv: list[str]) -> int:
         return 2
     # `train` prints its result; `all` nests them so new benchmarks add keys, not shapes.
     result = results[args.benchmark] if args.benchmark in BENCHMARKS else {"benchmarks": results}
-    text = json.dumps(result, indent=2)
+    text = outputs.dumps(result, indent=2)
     print(text)
     if args.output:
         outputs.write_text(args.output, text + "\n")

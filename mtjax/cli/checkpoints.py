@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+
+from mtjax import outputs
 
 HELP = "list a run's checkpoints (step, time, size, metrics, latest, best)"
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     listing = list_checkpoints(args.run_dir)
     if args.json:
-        print(json.dumps(listing, indent=2))
+        print(outputs.dumps(listing, indent=2))
         return 0
     metric = listing["best_metric"]
     print(f"{listing['run_dir']}/checkpoints  (best by {metric}, {listing['best_mode']})")

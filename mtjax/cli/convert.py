@@ -11,7 +11,8 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
+
+from mtjax import outputs
 
 HELP = "import Hugging Face / T5X checkpoints; export to Hugging Face"
 PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter}
@@ -36,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
 
     summary = interop.convert(args.src, args.dst, from_format=args.from_format,
                               to_format=args.to_format, vocab=args.vocab)
-    print(json.dumps(summary, indent=2))
+    print(outputs.dumps(summary, indent=2))
     return 0

@@ -5,7 +5,6 @@ task -> metric -> value."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from mtjax import outputs
 from mtjax.cli import _inference
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             f"nothing to evaluate: no task of {data.mixture!r} has metric_fns and a split "
             f"{args.split!r} (its tasks' splits: {', '.join(splits)})")
     results = evaluator(model.params, model.step)
-    text = json.dumps(results, indent=2, sort_keys=True)
+    text = outputs.dumps(results, indent=2, sort_keys=True)
     print(text)
     if args.output:
         outputs.write_text(args.output, text + "\n")

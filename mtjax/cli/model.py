@@ -4,7 +4,8 @@ FLOPs per token, bytes of parameters and optimizer state; computed without alloc
 from __future__ import annotations
 
 import argparse
-import json
+
+from mtjax import outputs
 
 HELP = "model sizes and their cost"
 
@@ -42,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     info = model_info(args.name, inputs_length=args.inputs_length,
                       targets_length=args.targets_length, vocab_size=args.vocab_size)
-    print(json.dumps(info, indent=2))
+    print(outputs.dumps(info, indent=2))
     return 0

@@ -11,10 +11,10 @@ lengths (data.inputs_length, data.targets_length), vocabulary and mixing strateg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mtjax import config as config_lib
+from mtjax import outputs
 from mtjax.cli.train import add_config_arguments
 
 HELP = "list, show and preview tasks and mixtures; `mtjax tasks --help`"
@@ -97,7 +97,7 @@ def _list(args: argparse.Namespace, config: config_lib.Config) -> int:
         rows.append({"name": name, "kind": "task", "detail": type(task.source).__name__})
     if args.json:
         for row in rows:
-            print(json.dumps(row))
+            print(outputs.dumps(row))
         return 0
     width = max(len(r["name"]) for r in rows)
     for row in rows:
@@ -114,7 +114,7 @@ def _show(args: argparse.Namespace, config: config_lib.Config) -> int:
                             cap=data.mixing_cap, temperature=data.mixing_temperature,
                             split=args.split)
     table = info.pop("table", None)
-    print(json.dumps(preview.as_json(info), indent=2))
+    print(outputs.dumps(preview.as_json(info), indent=2))
     if table:
         print(table, file=sys.stderr)
     return 0
@@ -150,8 +150,8 @@ def _preview(args: argparse.Namespace, config: config_lib.Config) -> int:
             shown.append(row)
         if args.json:
             for row in shown:
-                print(json.dumps(row))
-            print(json.dumps({"task": task.name, "stats": stats}))
+                print(outputs.dumps(row))
+            print(outputs.dumps({"task": task.name, "stats": stats}))
         else:
             _print_task(task.name, shown, stats)
     for warning in preview.truncation_warnings(stats_by_task):

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from mtjax import config as config_lib
+from mtjax import outputs
 
 HELP = "train (or resume) a run"
 PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter,
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: config_lib.Config) -> int:
-    import json
-
     from mtjax.parallel import mesh as mesh_lib
     from mtjax.train import dryrun, setup
 
@@ -74,7 +73,7 @@ def _dry_run(config: config_lib.Config) -> int:
           "a large model takes minutes)", file=sys.stderr, flush=True)
     report = dryrun.dry_run(config)
     print(dryrun.format_report(report, mesh_lib.describe(mesh)), file=sys.stderr)
-    print(json.dumps(report, indent=2))
+    print(outputs.dumps(report, indent=2))
     return 0
 
 

@@ -12,8 +12,9 @@ adds T5's 100 sentinel ids on top, as `seqio.SentencePieceVocabulary(path, extra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from mtjax import outputs
 
 HELP = "train a SentencePiece vocabulary on local text (T5 settings)"
 PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter}
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             args.input, args.size, args.out, character_coverage=args.character_coverage,
             max_sentences=args.max_sentences, model_type=args.model_type, progress=True,
             force=args.force)
-        print(json.dumps(summary, indent=2))
+        print(outputs.dumps(summary, indent=2))
         print(f"use it with: {summary['config']}", file=sys.stderr)
         return 0
     try:
@@ -72,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
     special = getattr(vocab, "_num_special_tokens", 3)  # ByteVocabulary: pad, EOS, UNK
     pieces = ([vocab.tokenizer.id_to_piece(i) for i in ids] if hasattr(vocab, "tokenizer")
               else [vocab.decode([i]) or f"<0x{i - special:02X}>" for i in ids])
-    print(json.dumps({"vocabulary": vocab_lib.describe(vocab), "ids": ids, "pieces": pieces,
+    print(outputs.dumps({"vocabulary": vocab_lib.describe(vocab), "ids": ids, "pieces": pieces,
                       "decoded": vocab.decode(ids)}))
     return 0

@@ -1,5 +1,6 @@
 """Mixing rates from the T5 paper (Raffel et al. 2020, §3.5.2), normalized to sum to 1."""
 
+import difflib
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -96,14 +97,14 @@ def num_examples(task: seqio.Task, split: str = "train") -> int | None:
     return n
 
 
-def _sizes(names: Iterable[str], split: str, strategy: str, size_of) -> dict[str, int]:
+def _sizes(names: Iterable[str], split: str, strategy: str, size_of, fix: str) -> dict[str, int]:
     sizes = {name: size_of(name) for name in names}
     unknown = [name for name, n in sizes.items() if n is None]
     if unknown:
         raise MixingError(
             f"mixing {strategy!r} needs the size of every task's {split!r} split, but "
             f"{', '.join(unknown)} cannot tell its size (give its source num_input_examples, "
-            "or use data.mixing=equal or data.mixing=mixture)")
+            f"or {fix})")
     return sizes
 
 
@@ -144,7 +145,10 @@ def resolve_rates(mixture: str, strategy: str = "mixture", *, cap: int | None = 
     provider = seqio.get_mixture_or_task(mixture)
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     by_name = {t.name: t for t in tasks}
-    sizes = _sizes(by_name, split, strategy, lambda n: num_examples(by_name[n], split))
+    if strategy == "equal":  # needs no sizes (a task may not know its own)
+        return equal(by_name)
+    sizes = _sizes(by_name, split, strategy, lambda n: num_examples(by_name[n], split),
+                   fix="use data.mixing=equal or data.mixing=mixture")
     return strategy_rates(strategy, sizes, cap=cap, temperature=temperature)
 
 
@@ -178,6 +182,8 @@ def add_mixture(name: str, members: Sequence[str | tuple[str, float]], *,
     Returns:
         The registered mixture (an existing one of that name is replaced).
     """
+    for member in members:
+        _check_registered(name, member if isinstance(member, str) else member[0])
     if mixing == "explicit":
         if not all(isinstance(m, tuple) for m in members):
             raise MixingError(f"mixture {name!r}: explicit mixing needs (name, weight) pairs")
@@ -190,18 +196,35 @@ def add_mixture(name: str, members: Sequence[str | tuple[str, float]], *,
 
         @functools.cache
         def rates() -> dict[str, float]:
+            if mixing == "equal":  # needs no sizes (a task may not know its own)
+                return equal(names)
+
             def size(member: str) -> int | None:
                 provider = seqio.get_mixture_or_task(member)
                 tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
                 counts = [num_examples(t, split) for t in tasks]
                 return None if None in counts else sum(counts)
 
-            sizes = _sizes(names, split, mixing, size)
+            sizes = _sizes(names, split, mixing, size, fix=(
+                f"register {name!r} with mixing='equal' or 'explicit' (name, weight) pairs"))
             return strategy_rates(mixing, sizes, cap=cap, temperature=temperature)
 
         pairs = [(n, lambda provider, n=n: rates()[n]) for n in names]
     seqio.MixtureRegistry.remove(name)
     return seqio.MixtureRegistry.add(name, pairs, mixture_cls=StrategyMixture)
+
+
+def _check_registered(mixture: str, member: str) -> None:
+    """A member must be registered before its mixture: one line with the names it may mean
+    (seqio's own error says only "Provider name not registered")."""
+    if member in seqio.TaskRegistry.names() or member in seqio.MixtureRegistry.names():
+        return
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(member, known, n=3, cutoff=0.5)
+    raise MixingError(
+        f"mixture {mixture!r}: no task or mixture {member!r} is registered"
+        + (f" (did you mean {', '.join(close)}?)" if close else "")
+        + "; register it before the mixture")
 
 
 def rates_table(rates: Mapping[str, float], sizes: Mapping[str, int | None] | None = None,

@@ -97,6 +97,9 @@ def encode_texts(vocabulary, texts: Iterable[str]) -> list[list[int]]:
     return [list(vocabulary.encode(text)) + [eos] for text in texts]
 
 
+_LINE = object()  # the one unnamed field of a source that yields bare lines
+
+
 class TaskText:
     """A seqio task's preprocessing of raw records, and its postprocessing of predictions."""
 
@@ -120,6 +123,8 @@ class TaskText:
             spec = source.get_dataset(split=split, shuffle=False).element_spec
         except Exception:  # noqa: BLE001 - a source that cannot say: records are taken as given
             return None
+        if not isinstance(spec, dict):  # lines of a seqio.TextLineDataSource, say
+            return {_LINE: spec.dtype} if getattr(spec, "shape", None) == () else None
         return {k: v.dtype for k, v in spec.items() if v.shape.rank == 0}
 
     def _columns(self, records: Sequence[dict[str, Any]], first: int = 1) -> dict[str, Any]:
@@ -134,6 +139,16 @@ class TaskText:
             columns = {k: [r.get(k, "") for r in records] for k in keys}
             columns.setdefault("targets", [""] * len(records))
             return columns
+        if _LINE in fields:
+            # The source yields bare lines: the record's `text`, or the input line itself.
+            lines = [r.get("text", r.get("inputs")) for r in records]
+            for number, line in enumerate(lines, first):
+                if not isinstance(line, str):
+                    raise InputError(
+                        f"input record {number} has no text: task {self.task.name!r} reads "
+                        f"lines from its data source; give each record as a text line, or a "
+                        f"'text' field holding the line")
+            return {_LINE: tf.constant(lines, dtype=fields[_LINE])}
         wanted = ", ".join(f"{k!r} ({dtype.name})" for k, dtype in fields.items())
         columns = {}
         for key, dtype in fields.items():
@@ -157,7 +172,8 @@ class TaskText:
         ``first``: the input's number of the first record, for messages."""
         import tensorflow as tf
 
-        dataset = tf.data.Dataset.from_tensor_slices(self._columns(records, first))
+        columns = self._columns(records, first)
+        dataset = tf.data.Dataset.from_tensor_slices(columns.get(_LINE, columns))
         try:  # tf.data traces the task's functions in map(), and runs them when iterated
             dataset = self.task.preprocess_precache(dataset, seed=0)
             dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=0)
@@ -264,7 +280,7 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: str | None) -> int:
 def _write_lines(records: Iterable[dict[str, Any]], out, flush: bool = False) -> int:
     count = 0
     for record in records:
-        out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        out.write(outputs.dumps(record, ensure_ascii=False, default=str) + "\n")
         if flush:
             out.flush()
         count += 1

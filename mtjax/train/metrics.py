@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mtjax import outputs
+
 
 def summarize(sums: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, float]:
     """Ratios from summed step metrics: ``loss``, ``accuracy``, ``loss/<task>``, ...
@@ -73,7 +75,7 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(outputs.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, float(value), int(step))

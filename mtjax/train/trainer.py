@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mtjax import compile_cache
+from mtjax import compile_cache, outputs
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
 from mtjax.errors import TrainingError, UserError
@@ -156,7 +156,7 @@ class _HostLog:
     def write(self, step: int, summary: dict[str, float]) -> None:
         record = {"step": step, "process": jax.process_index(), "loss": summary.get("loss"),
                   "example_hashes": self._hashes}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(outputs.dumps(record) + "\n")
         self._file.flush()
         self._hashes = []
 
@@ -581,4 +581,4 @@ def _write_summary(result: TrainResult) -> None:
     }
     if result.compilation_cache is not None:
         summary["compilation_cache"] = result.compilation_cache.to_json()
-    (result.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (result.workdir / "summary.json").write_text(outputs.dumps(summary, indent=2) + "\n")
