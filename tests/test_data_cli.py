@@ -85,8 +85,13 @@ def test_tasks_preview_span_corruption_text(capsys):
      "failed to import (at {tmp}/raises.py:2): KeyError: 'text_col'"),
     (["tasks", "list", "--tasks-module", "{tmp}/broken.py"],
      "failed to import (at {tmp}/broken.py:1): SyntaxError: invalid syntax"),
+    # A module name for a file of the current directory, which is not on the module path.
+    (["tasks", "list", "--tasks-module", "raises"],
+     "'raises' not found on Python's module path, but raises.py is here: give the file, "
+     "--tasks-module raises.py"),
 ])
-def test_mistakes_are_one_line(capsys, argv, needle, tmp_path):
+def test_mistakes_are_one_line(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("columns = {}\ncolumn = columns['text_col']\n")
     (tmp_path / "broken.py").write_text("def f(:\n")
     argv = [a.format(tmp=tmp_path) for a in argv]

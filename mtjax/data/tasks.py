@@ -73,6 +73,11 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
     except ModuleNotFoundError as e:
         if e.name is not None and not name_or_path.startswith(e.name):
             raise _failed_import(name_or_path, e) from e  # a module the tasks module imports
+        as_file = pathlib.Path(*name_or_path.split(".")).with_suffix(".py")
+        if as_file.is_file():  # `mtjax` does not put the current directory on sys.path
+            raise TasksModuleError(
+                f"tasks module {name_or_path!r} not found on Python's module path, but "
+                f"{as_file} is here: give the file, --tasks-module {as_file}") from e
         raise TasksModuleError(
             f"tasks module {name_or_path!r} not found ({e}); give an importable module path "
             f"or a .py file") from e
