@@ -96,6 +96,8 @@ class PipelineHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         async def write() -> None:
             target = directory / f"process_{jax.process_index()}"
             target.mkdir(parents=True, exist_ok=True)
+            if jax.process_index() == 0:  # so that a host's missing position shows
+                (directory / _PROCESS_COUNT_FILE).write_text(f"{jax.process_count()}\n")
             for name, data in args.files.items():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 (target / name).write_bytes(data)
@@ -142,13 +144,36 @@ _COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/commit_succ
 INCOMPLETE_SUFFIX = ".incomplete"
 
 
+# The JSON files of a step: Orbax's commit record (written last: cut short, the commit did not
+# finish), the run config and the metrics; each must parse, or the step is not used.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics")
+_PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their position (not
+# named process_*: those are the positions)
+
+
 def _is_complete(step_dir: pathlib.Path) -> bool:
     if not all((step_dir / marker).exists() for marker in _COMMIT_MARKERS):
         return False
-    try:  # Orbax's commit record, written last: cut short, the commit did not finish
-        return isinstance(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()), dict)
-    except (OSError, ValueError):
-        return False
+    for name in _JSON_FILES:
+        path = step_dir / name
+        if name == _JSON_FILES[0] or path.exists():
+            try:
+                if not isinstance(json.loads(path.read_text()), dict):
+                    return False
+            except (OSError, ValueError):
+                return False
+    return _data_complete(step_dir / "data")
+
+
+def _data_complete(data: pathlib.Path) -> bool:
+    """Every host's input position is there (a step saved without a pipeline has no data/)."""
+    if not data.is_dir():
+        return True
+    written = len(list(data.glob("process_*")))
+    try:
+        return written == int((data / _PROCESS_COUNT_FILE).read_text())
+    except (OSError, ValueError):  # written before the count was recorded
+        return written > 0
 
 
 def _log(message: str) -> None:
@@ -439,7 +464,7 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
         raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
     if (path / "state").is_dir():
-        return path / "state"
+        return _complete_state_dir(path) if path.name.isdigit() else path / "state"
     if (path / "config.json").is_file() and (
             any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
         raise CheckpointError(f"{path} is a Hugging Face model, not an mtjax checkpoint: "
@@ -451,7 +476,15 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
         raise CheckpointError(
             f"no complete checkpoint under {path}; give a run directory, its checkpoints/ "
             f"folder, or one checkpoint step directory")
-    return steps[-1][1] / "state"
+    return _complete_state_dir(steps[-1][1])
+
+
+def _complete_state_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    """``step_dir/state``, or the error naming the step as incomplete and an older one (reading
+    commands move nothing, and do not fall back silently to an older checkpoint)."""
+    if not _is_complete(step_dir):
+        raise unreadable(step_dir, OSError("it is incomplete: a save cut short?"))
+    return step_dir / "state"
 
 
 def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:

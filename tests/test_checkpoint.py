@@ -162,19 +162,36 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
         shutil.copytree(ckpts / "10", ckpts / str(step))
         largest = max(files, key=lambda f: f.stat().st_size)
         largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    # 22: the input position of its one host gone (it resumed from a fresh shuffle, as if the
+    # host count had changed); 24, 26: its config or metrics item cut short (a traceback).
+    for step, damage in ((22, "data/process_0"), (24, "config/metadata"),
+                         (26, "metrics/metrics")):
+        shutil.copytree(ckpts / "10", ckpts / str(step))
+        target = ckpts / str(step) / damage
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.write_text(target.read_text()[:10])
+    # metrics.jsonl: a last line cut short by a kill as it was written.
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "loss": 3.5')
     config = config_lib.load(None, TINY + [
         "train.steps=12", "checkpoint.every_steps=2", "checkpoint.keep=1",
         "checkpoint.keep_best=1", "checkpoint.best_mode=max", "log.every_steps=2"])
     result = trainer.train(config, run, progress=False)
     err = capsys.readouterr().err
     for message in ("12 is incomplete", "14 cannot be read", "16 cannot be read",
-                    "18 cannot be read", "20 is incomplete"):
+                    "18 cannot be read", "20 is incomplete", "22 is incomplete",
+                    "24 is incomplete", "26 is incomplete"):
         assert message in err, (message, err[-3000:])
     assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     assert result.start_step == 10 and result.step == 12
     names = sorted(p.name for p in ckpts.iterdir())
     assert {"12.incomplete", "14.incomplete", "16.incomplete", "18.incomplete",
-            "20.incomplete", "12"} <= set(names), names
+            "20.incomplete", "22.incomplete", "24.incomplete", "26.incomplete",
+            "12"} <= set(names), names
+    assert [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl")] == [
+        2, 4, 6, 8, 10, 12]
     assert cli.main(["checkpoints", str(run), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -159,10 +160,33 @@ def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys,
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(trainer.Preempted):
         trainer.train(tiny_config("train.steps=5"), tmp_path / "run", progress=False)
-    assert "SIGTERM before the first step" in capsys.readouterr().err
+    assert "SIGTERM during set-up: nothing new to save; exiting with code 42" in (
+        capsys.readouterr().err)
     assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
     assert signal.getsignal(signal.SIGTERM) == before
     assert not open_managers
+
+
+def test_sigterm_while_mtjax_starts_exits_as_preempted(tmp_path, monkeypatch, capsys):
+    """A SIGTERM while `mtjax train` imports and reads its config (before the trainer exists)
+    is kept, and the run stops at its first set-up check with 42, not killed with 143."""
+    import os
+    import signal
+
+    from mtjax import cli
+
+    load = config_lib.load
+
+    def load_then_get_preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(config_lib, "load", load_then_get_preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train", "--workdir", str(tmp_path / "run"), "--no-progress",
+                     *TINY]) == 42
+    assert "SIGTERM during set-up: nothing new to save" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys):
@@ -226,6 +250,9 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
     ("missing", "does not exist"),
     ("a_file", "no complete checkpoint under"),
     ("hf_model", "is a Hugging Face model, not an mtjax checkpoint: convert it first"),
+    # A step whose save was cut short (no commit record): named, not used silently.
+    ("cut_short/checkpoints/7", "cut_short/checkpoints/7 cannot be read, its files are "
+                                "damaged (it is incomplete: a save cut short?)"),
 ])
 def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message,
                                                        open_managers):
@@ -236,7 +263,8 @@ def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message
     (tmp_path / "hf_model").mkdir()
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "hf_model" / name).write_text("{}")
-    with pytest.raises(CheckpointError, match=message):
+    (tmp_path / "cut_short/checkpoints/7/state").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         trainer.train(tiny_config("train.steps=2"), tmp_path / "run",
                       init_from=str(tmp_path / source), progress=False)
     assert not (tmp_path / "run").exists() and not open_managers

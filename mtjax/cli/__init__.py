@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"mtjax: training stopped: {e}", file=sys.stderr)
         return TRAINING_ERROR_EXIT_CODE
+    except KeyboardInterrupt:  # a Ctrl-C that nothing turned into an orderly stop
+        print("\nmtjax: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ saved at the end of the step; a second Ctrl-C stops at once)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mtjax import config as config_lib
@@ -43,6 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mtjax.train import early_stop
+
+    previous = early_stop.install()  # before the seconds of imports below
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.tasks_module:
         overrides.append(f"data.tasks_module={args.tasks_module}")

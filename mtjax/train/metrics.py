@@ -87,5 +87,14 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+    """All records of a ``metrics.jsonl``; a last line cut short (the writer was killed as it
+    wrote it) is left out."""
+    lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return records

@@ -83,13 +83,15 @@ def _log_above(bar, msg: str) -> None:
         bar.write(msg, file=sys.stderr)
 
 
-def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drop records past the resumed step so a resumed run's JSONL reads like an unbroken one."""
-    if jax.process_index() != 0 or not path.exists():
+def _truncate_metrics(path: pathlib.Path, last_step: int, writer: int | None = 0) -> None:
+    """Drop records past the resumed step so a resumed run's JSONL reads like an unbroken one;
+    ``writer``: the process that writes ``path`` (None: every process its own)."""
+    if writer not in (None, jax.process_index()) or not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [json.dumps(record) for record in metrics_lib.read_jsonl(path)
+            if record["step"] <= last_step]
+    # Replaced whole: a kill during the rewrite leaves the old file, not half of it.
+    outputs.write_text(path, "".join(line + "\n" for line in kept), flag=path.name)
 
 
 class _Preemption:
@@ -103,6 +105,11 @@ class _Preemption:
         self._multihost = jax.process_count() > 1 and _preemption_service_running()
         self._previous: dict[int, Any] = {}
         if not self._multihost:
+            from mtjax.train import early_stop
+
+            # A SIGTERM that came while mtjax started (several hosts cannot use it: they must
+            # agree on the step to stop at, which JAX's preemption service does).
+            self.raised = early_stop.take()
             # Ctrl-C too, on one process: save and stop instead of a KeyboardInterrupt that
             # loses every step since the last checkpoint. A second Ctrl-C stops at once.
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -112,6 +119,8 @@ class _Preemption:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             if self.raised and self.signal_name == "Ctrl-C":
+                print("\nCtrl-C again: stopping now, without saving (the run resumes from its "
+                      "last checkpoint)", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt
             if not self.raised:
                 self.signal_name = "Ctrl-C"
@@ -122,6 +131,16 @@ class _Preemption:
     @property
     def exit_code(self) -> int:
         return INTERRUPTED_EXIT_CODE if self.signal_name == "Ctrl-C" else PREEMPTED_EXIT_CODE
+
+    def stop_during_set_up(self) -> None:
+        """Raise :class:`Preempted` if a signal came while the run was being set up (one
+        process; several stop at an agreed step of the loop): nothing is trained yet, so
+        nothing is saved, and the launcher restarts the job without waiting for the rest of
+        the set-up (a restore or a compilation can take minutes, longer than SLURM's grace)."""
+        if self.raised and not self._multihost:
+            _log(f"{self.signal_name} during set-up: nothing new to save; exiting with code "
+                 f"{self.exit_code}")
+            raise Preempted(-1, self.exit_code)
 
     def reached(self, step: int) -> bool:
         if self._multihost:
@@ -141,10 +160,13 @@ class _HostLog:
     disjoint data shards)."""
 
     def __init__(self, workdir: pathlib.Path) -> None:
-        directory = workdir / "processes"
-        directory.mkdir(parents=True, exist_ok=True)
-        self._file = open(directory / f"process_{jax.process_index()}.jsonl", "a")  # noqa: SIM115
+        self.path(workdir).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path(workdir), "a")  # noqa: SIM115
         self._hashes: list[int] = []
+
+    @staticmethod
+    def path(workdir: pathlib.Path) -> pathlib.Path:
+        return workdir / "processes" / f"process_{jax.process_index()}.jsonl"
 
     def add_batch(self, host_batch: dict[str, np.ndarray]) -> None:
         tokens_BS, segments_BS = host_batch["encoder_input_tokens"], host_batch[
@@ -259,6 +281,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     # --- Data ---------------------------------------------------------------------------------
     per_host_batch = config.train.batch_size // jax.process_count()
     pipeline = make_pipeline(config, per_host_batch)
+    preemption.stop_during_set_up()
     task_names = list(pipeline.task_names)
     _log(pipeline.describe())
     for note in config_lib.unused_settings(config):
@@ -270,6 +293,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     # --- Model, optimizer, state shapes, the jitted step -----------------------------------------
     setup = setup_lib.build(config, vocab_size=vocab_size, num_tasks=len(task_names),
                             mesh=mesh, rules=rules)
+    preemption.stop_during_set_up()
     abstract_state = setup.abstract_state
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     _log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
@@ -454,13 +478,14 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
                  f"checkpoints, and a run resumes from its latest; give a new --workdir to "
                  f"start from {init_from}'s weights")
         _truncate_metrics(workdir / "metrics.jsonl", latest)
+        _truncate_metrics(_HostLog.path(workdir), latest, writer=None)
     else:
         state = setup.init_state(config.train.seed)
         if init_from:
-            from mtjax.checkpoint import restore_params
+            from mtjax.checkpoint import find_state_dir, restore_params
 
             state = state.replace(params=restore_params(init_from, target.params))
-            _log(f"initialised weights from {init_from}")
+            _log(f"initialised weights from {find_state_dir(init_from).parent}")
     return state, pipeline, int(jax.device_get(state.step))
 
 
