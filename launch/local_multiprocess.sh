@@ -12,6 +12,10 @@
 # "[Gloo] Rank r is connected to n peer ranks. Expected number ... is : n" lines come from the
 # gloo library inside jaxlib (it has no switch to quiet them): matching numbers mean all connected.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,${/^#\( \|$\)/!q;s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
   echo "usage: $0 N [mtjax train arguments...]" >&2
@@ -56,7 +60,7 @@ for i in "${!pids[@]}"; do
   done
   if (( code != 0 )); then
     (( status == 0 )) && status=$code
-    if (( i > 0 )); then
+    if (( i > 0 && code != 42 && code != 130 )); then  # 42, 130: stopped at a checkpoint
       echo "$0: process $i exited with $code; log: $LOG_DIR/mtjax_process_$i.log" >&2
     fi
   fi

@@ -76,7 +76,7 @@ def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
     proc, calls = _run("launch/slurm.sbatch", ["--workdir", "/shared/run"], REPO, tmp_path,
                        SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="77", EXIT_CODES="42 0")
     assert proc.returncode == 0, proc.stderr
-    assert calls[0].startswith(f"cwd={REPO} args=--kill-on-bad-exit=1 mtjax train --workdir "
+    assert calls[0].startswith(f"cwd={REPO} args=--kill-on-bad-exit=0 mtjax train --workdir "
                                f"/shared/run xla=--xla_gpu_enable_latency_hiding_scheduler")
     assert calls[1].startswith(f"cwd={REPO} args=requeue 77 "), calls
     # Submitted from a directory without the checkout and no MTJAX_LAUNCH_DIR: one clear line.
@@ -88,3 +88,52 @@ def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
     proc, calls = _run("launch/slurm.sbatch", [], tmp_path, tmp_path,
                        SLURM_SUBMIT_DIR=str(tmp_path), MTJAX_LAUNCH_DIR=str(REPO / "launch"))
     assert proc.returncode == 0 and calls[0].startswith(f"cwd={tmp_path} "), proc.stderr
+
+
+# Saves on SIGTERM as mtjax does: records it and exits 42; otherwise trains (sleeps) for long.
+TRAINER_STAND_IN = """#!/usr/bin/env bash
+trap 'echo "TERM" >> "$CALLS"; exit 42' TERM
+echo "started" >> "$CALLS"
+for i in $(seq 600); do sleep 0.1; done
+"""
+
+
+def test_gpu_host_passes_sigterm_on_and_does_not_restart_when_stopped(tmp_path):
+    """In a container the script is the process that gets SIGTERM: mtjax must get it too (it
+    kept training as an orphan, and was killed without saving when the container went)."""
+    import signal
+    import time
+
+    mtjax = tmp_path / "bin" / "mtjax"
+    mtjax.parent.mkdir()
+    mtjax.write_text(TRAINER_STAND_IN)
+    mtjax.chmod(mtjax.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(CALLS=str(calls), MTJAX_BIN=str(mtjax), MTJAX_RESTART_ON_PREEMPT="1")
+    proc = subprocess.Popen(["bash", str(REPO / "launch/gpu_host.sh"), "--workdir", "w"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (calls.exists() and "started" in calls.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 42, proc.stderr.read()
+    assert calls.read_text().splitlines() == ["started", "TERM"]  # passed on, not restarted
+
+
+def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
+    for script in ("gpu_host.sh", "local_multiprocess.sh", "tpu_pod.sh", "slurm.sbatch"):
+        proc = subprocess.run(["bash", str(REPO / "launch" / script), "--help"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and len(proc.stdout.splitlines()) > 5, (script, proc)
+        assert "#" not in proc.stdout.splitlines()[0] and "SBATCH" not in proc.stdout, script
+    # gcloud exits 42 every time: 1 run + MTJAX_MAX_RESTARTS restarts, each one announced.
+    _stand_in(tmp_path, "gcloud")
+    proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a", "--workdir", "/mnt/r"],
+                       tmp_path, tmp_path, EXIT_CODES="42 42 42 42", MTJAX_MAX_RESTARTS="2")
+    assert proc.returncode == 42 and len(calls) == 3
+    assert proc.stderr.count("; restarting (") == 2 and "not restarting" in proc.stderr
+    assert calls[0].endswith("--command TF_CPP_MIN_LOG_LEVEL=2 mtjax train --workdir /mnt/r "
+                             "xla= pythonpath="), calls[0]
+    proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "--help"], tmp_path, tmp_path)
+    assert proc.returncode == 0 and len(calls) == 3  # gcloud not called again
