@@ -146,7 +146,9 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 # The JSON files of a step: Orbax's commit record (written last: cut short, the commit did not
 # finish), the run config and the metrics; each must parse, or the step is not used.
-_JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics")
+LOG_WINDOW_ITEM = "log_window"
+_JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics",
+               f"{LOG_WINDOW_ITEM}/metadata")
 _PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their position (not
 # named process_*: those are the positions)
 
@@ -234,7 +236,8 @@ class RunCheckpoints:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": PipelineHandler(),
-                           "config": ocp.JsonCheckpointHandler()},
+                           "config": ocp.JsonCheckpointHandler(),
+                           LOG_WINDOW_ITEM: ocp.JsonCheckpointHandler()},
         )
 
     def _set_aside_incomplete(self) -> None:
@@ -265,11 +268,16 @@ class RunCheckpoints:
 
     def save(self, step: int, state: Any, pipeline: Checkpointable | None,
              config: dict[str, Any], metrics: dict[str, float] | None = None,
-             force: bool = False) -> bool:
-        """Start saving ``step`` (asynchronously); returns whether a save was started."""
+             force: bool = False, log_window: dict[str, Any] | None = None) -> bool:
+        """Start saving ``step`` (asynchronously); returns whether a save was started.
+
+        ``log_window``: the metrics of the steps since the last logged row, where a stop comes
+        between logging steps (JSON; see :meth:`log_window`)."""
         if not force and not self._manager.should_save(step):
             return False
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if log_window is not None:
+            items[LOG_WINDOW_ITEM] = ocp.args.JsonSave(log_window)
         if pipeline is not None:
             items["data"] = PipelineSave(snapshot_pipeline(pipeline))
         # {} rather than None: a step without metrics ranks worst (metric_key_fn), and Orbax
@@ -343,6 +351,11 @@ class RunCheckpoints:
                     f"the input position in checkpoint {self.directory / str(step)} cannot be "
                     f"read: {_short(e)}") from e
         return restored["state"]
+
+    def log_window(self, step: int) -> dict[str, Any] | None:
+        """The logging window saved with ``step`` (None: it was saved at a logging step)."""
+        item = self.directory / str(step) / LOG_WINDOW_ITEM
+        return read_json_item(item) if item.is_dir() else None
 
     def restore_config(self, step: int) -> dict[str, Any]:
         return self._manager.restore(

@@ -222,6 +222,14 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(trainer, "make_pipeline", build)
     result = trainer.train(config, tmp_path / "run", progress=False)
     assert result.start_step == 3 and result.step == 6
+    # Step 3 is no logging step (every 5): steps 1-3 were saved with the checkpoint, not
+    # logged early, so the rows are those of an uninterrupted run, to the bit.
+    trainer.train(config, tmp_path / "whole", progress=False)
+    rows = [{k: v for k, v in r.items() if k != "tokens_per_s"}
+            for r in metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [5, 6]
+    assert rows == [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                    for r in metrics_lib.read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
 
 
 def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypatch):

@@ -54,6 +54,19 @@ def accumulate(total: dict[str, Any] | None, sums: Mapping[str, Any]) -> dict[st
     return out
 
 
+def window_to_json(window: Mapping[str, Any]) -> dict[str, Any]:
+    """A logging window as JSON, exactly (float32 values are exact as JSON numbers)."""
+    return {key: {"dtype": str(np.asarray(value).dtype), "value": np.asarray(value).tolist()}
+            for key, value in window.items()}
+
+
+def window_from_json(saved: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The window :func:`window_to_json` saved, with its dtypes (None: none saved)."""
+    if not saved:
+        return None
+    return {key: np.asarray(item["value"], dtype=item["dtype"]) for key, item in saved.items()}
+
+
 class MetricsWriter:
     """Appends to ``metrics.jsonl`` and TensorBoard events in the run directory."""
 

@@ -310,7 +310,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     # Until the loop's own `finally` takes over, whatever raises (a refused resume, damaged
     # --init-from weights, the evaluator's set-up, a SIGTERM) closes the manager first.
     try:
-        state, pipeline, start_step = _initial_state(
+        state, pipeline, start_step, resumed_window = _initial_state(
             config, setup, checkpoints, pipeline, init_from, workdir, config_dict, per_host_batch)
         if start_step >= config.train.steps:
             # A finished run asked again: nothing to train, and its summary and config stay as
@@ -347,7 +347,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
     host_log = _HostLog(workdir) if config.log.all_processes else None
     bar = _progress_bar(start_step, config.train.steps, progress)
-    window, pending = None, None
+    window, pending = resumed_window, None
     last_summary: dict[str, float] = {}
     tokens_in_window, window_start = 0, time.time()
     total_tokens, loop_start, first_step_done = 0, None, False
@@ -398,7 +398,15 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     _log_above(bar, f"step {step} eval: " + ", ".join(
                         f"{k.removeprefix('eval/')} {v:.3g}"
                         for k, v in sorted(eval_results.items())))
-                if (step % config.log.every_steps == 0 or is_last or must_save
+                # A stop between logging steps saves the steps since the last row with the
+                # checkpoint instead of logging them early: the resumed run logs the same rows.
+                carry_window = preempted and not (
+                    checkpoints.save_due(step) or is_last or eval_results
+                    or step % config.log.every_steps == 0)
+                if carry_window:
+                    window = _absorb(window, pending, config, skipped)
+                    pending = None
+                elif (step % config.log.every_steps == 0 or is_last or must_save
                         or eval_results):
                     window = _absorb(window, pending, config, skipped)
                     pending = None
@@ -419,8 +427,13 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 if must_save:
                     if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
                         best_metric_unchecked = False
+                    saved_metrics = last_summary
+                    if carry_window and window is not None:
+                        saved_metrics = metrics_lib.summarize(window, task_names)
                     checkpoints.save(step, state, pipeline, config_dict,
-                                     metrics=_finite_only(last_summary), force=True)
+                                     metrics=_finite_only(saved_metrics), force=True,
+                                     log_window=metrics_lib.window_to_json(window)
+                                     if carry_window and window is not None else None)
                 if preempted and not is_last:
                     checkpoints.wait()
                     _log_above(bar, f"{preemption.signal_name}: saved step {step}; exiting "
@@ -461,7 +474,8 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
                    per_host_batch):
     """The state to start from, in the start-up order: 1. the run's latest checkpoint (with the
     pipeline's position), 2. ``--init-from``'s weights, 3. scratch. Returns
-    ``(state, pipeline, start_step)``."""
+    ``(state, pipeline, start_step, logging window)``: the window holds the steps a stop
+    between logging steps saved with the checkpoint (None: nothing to carry on)."""
     target = setup.target()
     resumed = checkpoints.restore_latest(
         target, pipeline,
@@ -479,14 +493,16 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
                  f"start from {init_from}'s weights")
         _truncate_metrics(workdir / "metrics.jsonl", latest)
         _truncate_metrics(_HostLog.path(workdir), latest, writer=None)
+        window = metrics_lib.window_from_json(checkpoints.log_window(latest))
     else:
+        window = None
         state = setup.init_state(config.train.seed)
         if init_from:
             from mtjax.checkpoint import find_state_dir, restore_params
 
             state = state.replace(params=restore_params(init_from, target.params))
             _log(f"initialised weights from {find_state_dir(init_from).parent}")
-    return state, pipeline, int(jax.device_get(state.step))
+    return state, pipeline, int(jax.device_get(state.step)), window
 
 
 def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
