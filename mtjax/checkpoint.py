@@ -36,7 +36,8 @@ class CheckpointError(UserError, RuntimeError):
 
 # The items of a step directory (the CheckpointManager's item_handlers below, plus the metrics
 # best_fn makes it keep).
-ITEMS = ("state", "data", "config", "metrics")
+LOG_WINDOW_ITEM = "log_window"
+ITEMS = ("state", "data", "config", "metrics", LOG_WINDOW_ITEM)
 
 
 class _ItemMetadataExpected(logging.Filter):
@@ -146,7 +147,6 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 # The JSON files of a step: Orbax's commit record (written last: cut short, the commit did not
 # finish), the run config and the metrics; each must parse, or the step is not used.
-LOG_WINDOW_ITEM = "log_window"
 _JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics",
                f"{LOG_WINDOW_ITEM}/metadata")
 _PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their position (not

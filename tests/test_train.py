@@ -278,6 +278,26 @@ def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message
     assert not (tmp_path / "run").exists() and not open_managers
 
 
+def test_a_set_up_error_leaves_no_run_directory_it_made(tmp_path, monkeypatch):
+    """Some mistakes show only once the model is set up on the mesh (a parameter it cannot
+    split): the run directory this run made, holding only its lock, goes too."""
+    from mtjax.parallel.mesh import MeshError
+    from mtjax.train import setup as setup_lib
+    from mtjax.train import trainer
+
+    def cannot_split(*args, **kwargs):
+        raise MeshError("parameter x of shape (6,) cannot be split over mesh.tensor=4")
+
+    monkeypatch.setattr(setup_lib, "build", cannot_split)
+    with pytest.raises(MeshError, match="cannot be split"):
+        trainer.train(tiny_config(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()  # a directory the user made stays
+    with pytest.raises(MeshError):
+        trainer.train(tiny_config(), tmp_path / "kept", progress=False)
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_a_mesh_that_does_not_fit_fails_before_the_run_directory_is_made(tmp_path):
     from mtjax.parallel.mesh import MeshError
     from mtjax.train import trainer

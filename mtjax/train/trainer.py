@@ -198,11 +198,25 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
             its input pipeline, restores or compiles exits 42 too, and its launcher resumes it).
     """
     preemption, lock = _Preemption(), _RunLock(pathlib.Path(workdir))
+    created = not pathlib.Path(workdir).exists()
     try:
         return _train(config, workdir, init_from, progress, preemption, lock)
+    except UserError:
+        # A mistake found during set-up (a parameter the mesh cannot split, say) leaves no
+        # empty run directory behind when this run made it.
+        if created and lock.handle is not None:
+            lock.release()
+            _remove_if_only_lock(pathlib.Path(workdir))
+        raise
     finally:
         lock.release()
         preemption.restore()
+
+
+def _remove_if_only_lock(workdir: pathlib.Path) -> None:
+    if [p.name for p in workdir.iterdir()] == [_RunLock.FILE]:
+        (workdir / _RunLock.FILE).unlink()
+        workdir.rmdir()
 
 
 class RunInUseError(UserError, RuntimeError):
@@ -351,7 +365,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     last_summary: dict[str, float] = {}
     tokens_in_window, window_start = 0, time.time()
     total_tokens, loop_start, first_step_done = 0, None, False
-    total_eval_s = 0.0
+    total_eval_s = total_save_s = 0.0  # left out of tokens/s, which measures training steps
+    loop_end = None
     skipped: list[int] = []
     last_summary_step = None
     best_metric_unchecked = config.checkpoint.keep_best > 0
@@ -430,10 +445,17 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     saved_metrics = last_summary
                     if carry_window and window is not None:
                         saved_metrics = metrics_lib.summarize(window, task_names)
+                    save_start = time.time()
                     checkpoints.save(step, state, pipeline, config_dict,
                                      metrics=_finite_only(saved_metrics), force=True,
                                      log_window=metrics_lib.window_to_json(window)
                                      if carry_window and window is not None else None)
+                    # The save's blocking part (a copy of the state off the device, and the
+                    # wait for the previous save) is not training time: out of tokens/s too.
+                    save_s = time.time() - save_start
+                    window_start += save_s
+                    total_save_s += save_s
+                loop_end = time.time()
                 if preempted and not is_last:
                     checkpoints.wait()
                     _log_above(bar, f"{preemption.signal_name}: saved step {step}; exiting "
@@ -444,7 +466,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         checkpoints.close()
         writer.close()
 
-    loop_s = (time.time() - loop_start - total_eval_s) if loop_start else 0.0
+    loop_s = (loop_end - loop_start - total_eval_s - total_save_s) if loop_start else 0.0
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
         tokens_per_s=total_tokens / loop_s if total_tokens and loop_s > 0 else None,
