@@ -237,8 +237,11 @@ def test_cli_dry_run_reports_plan_without_training(tmp_path, capsys):
     from mtjax import cli
 
     code = cli.main(["train", "--dry-run", "--workdir", str(tmp_path / "run"), *TINY])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     report = json.loads(out)
+    # The table's columns line up however long the names are.
+    table = err[err.index("parameter  "):].split("\n\n")[0].splitlines()
+    assert len(table) > 5 and len({line.index(" (") for line in table[1:]}) == 1, table
     assert code == 0 and not (tmp_path / "run").exists()
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert report["param_bytes_per_device"] == report["param_bytes_total"] == 4 * report["params"]

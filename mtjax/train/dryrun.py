@@ -102,10 +102,14 @@ def format_report(report: dict[str, Any], mesh_table: str) -> str:
              f"(of {gib(report['param_bytes_total'])})",
              f"optimizer state {gib(report['opt_state_bytes_per_device'])} per device "
              f"(of {gib(report['opt_state_bytes_total'])}, {report['optimizer']})", "",
-             f"{'parameter':<52} {'shape':<16} spec"]
-    for g in report["parameter_groups"]:
-        count = f" x{g['count']}" if g["count"] > 1 else ""
-        lines.append(f"{g['name'] + count:<52} {str(tuple(g['shape'])):<16} {g['spec']}")
+             ]
+    rows = [(g["name"] + (f" x{g['count']}" if g["count"] > 1 else ""),
+             str(tuple(g["shape"])), str(g["spec"])) for g in report["parameter_groups"]]
+    # Columns as wide as their longest entry: long parameter names kept them from lining up.
+    name_width = max([len("parameter"), *(len(r[0]) for r in rows)])
+    shape_width = max([len("shape"), *(len(r[1]) for r in rows)])
+    for name, shape, spec in [("parameter", "shape", "spec"), *rows]:
+        lines.append(f"{name:<{name_width}}  {shape:<{shape_width}}  {spec}")
     if "compile_s" in report:
         lines.append(f"\ncompiled the train step in {report['compile_s']:.1f}s")
         memory = report.get("compiled_memory_per_device") or {}
