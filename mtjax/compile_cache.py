@@ -26,6 +26,8 @@ import jax
 DEFAULT_DIR = pathlib.Path("~/.cache/mtjax/jax")
 DEFAULT_MAX_BYTES = 16 * 1024**3
 _BACKENDS_BY_DEFAULT = ("gpu", "tpu")
+# Ways of saying "off" (they made a directory of that name, and cached there).
+OFF_SPELLINGS = ("off", "false", "none", "no", "0")
 
 
 @dataclasses.dataclass
@@ -56,10 +58,11 @@ def resolve(setting: str, backend: str, jax_dir: str | None) -> str | None:
         backend: ``jax.default_backend()``.
         jax_dir: JAX's own ``jax_compilation_cache_dir`` (set by the user), or None.
     """
-    if setting == "off":
+    if setting.strip().lower() in OFF_SPELLINGS:
         return None
     if setting != "auto":
-        return setting if "://" in setting else str(pathlib.Path(setting).expanduser())
+        # Absolute: the summary names the directory wherever the run started.
+        return setting if "://" in setting else str(pathlib.Path(setting).expanduser().absolute())
     if jax_dir:
         return jax_dir
     if backend in _BACKENDS_BY_DEFAULT:
@@ -86,6 +89,8 @@ def enable(setting: str) -> CacheUse:
     if directory is not None and "://" not in directory:
         try:
             os.makedirs(directory, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):  # else JAX warns at every program
+                raise PermissionError("not writable")
         except OSError as e:
             import sys
 

@@ -20,6 +20,8 @@ import os
 import sys
 from collections.abc import Mapping
 
+from mtjax.switches import switched_off
+
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "MTJAX_HUGEPAGES"
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -59,7 +61,7 @@ def tunables_to_set(env: Mapping[str, str], thp_mode: str | None,
         thp_mode: :func:`transparent_hugepage_mode`.
         glibc: :func:`glibc_version`.
     """
-    if env.get(OPT_OUT, "1") == "0" or glibc is None or glibc < _MIN_GLIBC:
+    if switched_off(env, OPT_OUT) or glibc is None or glibc < _MIN_GLIBC:
         return None
     # "always" already backs large mappings with huge pages; "never" ignores the advice.
     if thp_mode != "madvise":

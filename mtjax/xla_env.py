@@ -21,6 +21,8 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping
 
+from mtjax.switches import switched_off
+
 # Flag name -> value; the order is the order they are appended in.
 CPU_FLAGS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
@@ -56,7 +58,7 @@ def set_cpu_defaults(env: MutableMapping[str, str] | None = None,
         The flags added, as ``--name=value`` strings (empty when none was).
     """
     env = os.environ if env is None else env
-    if env.get("MTJAX_XLA_DEFAULTS", "1") == "0":
+    if switched_off(env, "MTJAX_XLA_DEFAULTS"):
         return []
     version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
     if not version.startswith(_MEASURED_JAXLIB):

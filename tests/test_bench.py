@@ -110,6 +110,30 @@ def test_all_runs_every_registered_benchmark(monkeypatch, capsys):
     assert calls == [("train", "t5_1_1_test", 4), ("data", "t5_1_1_test", 4)]
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_a_peak_that_is_not_a_positive_number_is_refused(value, capsys):
+    """0 was ignored silently, -5 gave an MFU of -2.4e9, nan a null one."""
+    assert bench.main(["train", "--smoke", f"--peak-flops={value}"]) == 2
+    assert "--peak-flops must be a positive number of FLOP/s" in capsys.readouterr().err
+
+
+def test_an_output_that_fails_to_write_after_the_run_is_one_line(monkeypatch, tmp_path, capsys):
+    """The check before the run cannot see a full disk: the write after it fails in one line
+    (it was a traceback), and the result is on stdout all the same."""
+    monkeypatch.setattr(bench, "BENCHMARKS", {"train": lambda config, options: {"x": 1.0}})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench.outputs, "write_text", disk_full)
+    assert bench.main(["train", "--smoke", "--output", str(tmp_path / "b.json")]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"x": 1.0}
+    assert err.strip().splitlines()[-1] == (
+        f"mtjax bench: error: --output {tmp_path / 'b.json'}: cannot write it ([Errno 28] No "
+        "space left on device); the result is on stdout above")
+
+
 def test_defaults_are_the_peer_shape_and_overrides_win():
     args = bench.build_parser().parse_intermixed_args(
         ["train", "--warmup", "0", "train.batch_size=4", "--steps", "10", "data.pack=true"])

@@ -26,6 +26,9 @@ REJECTED_ON_THIS_HOST = "doesn't match the machine type for execution"
     ("off", "gpu", "/scratch/jax", None),
     ("~/cc", "cpu", None, str(pathlib.Path("~/cc").expanduser())),
     ("gs://bucket/cc", "tpu", "/scratch/jax", "gs://bucket/cc"),
+    # Other ways of saying off (each made a directory of its name in the current one).
+    ("Off", "gpu", None, None), ("false", "cpu", None, None), ("none", "tpu", None, None),
+    ("rel/cc", "cpu", None, str(pathlib.Path("rel/cc").absolute())),
 ])
 def test_resolve(setting, backend, jax_dir, expected):
     assert compile_cache.resolve(setting, backend, jax_dir) == expected
@@ -38,6 +41,24 @@ def test_a_value_that_is_no_directory_is_refused(tmp_path):
         with pytest.raises(config_lib.ConfigError, match="train.compilation_cache"):
             config_lib.load(None, [f"train.compilation_cache={value}"])
     assert config_lib.load(None, [f"train.compilation_cache={tmp_path}/new"])
+
+
+def test_a_directory_it_cannot_write_turns_the_cache_off_in_one_line(tmp_path, capsys):
+    """JAX warned twice per program (a UserWarning and its source line) for a cache directory
+    that exists but cannot be written."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere
+        locked = pathlib.Path("/proc/self")  # exists, and not writable even by root
+    try:
+        use = compile_cache.enable(str(locked))
+        assert use.directory is None
+        assert capsys.readouterr().err.startswith(
+            f"mtjax: warning: compilation cache {locked} unusable")
+    finally:
+        compile_cache.enable("off")
 
 
 @pytest.fixture

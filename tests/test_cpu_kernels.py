@@ -164,9 +164,10 @@ def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatc
 
 def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("MTJAX_CPU_KERNELS", "0")
-    with pytest.raises(kernels.KernelUnavailable, match="MTJAX_CPU_KERNELS=0"):
-        kernels.build()
+    for off in ("0", "false", "Off"):  # "false" used to leave the kernels on
+        monkeypatch.setenv("MTJAX_CPU_KERNELS", off)
+        with pytest.raises(kernels.KernelUnavailable, match=f"MTJAX_CPU_KERNELS={off}"):
+            kernels.build()
     monkeypatch.delenv("MTJAX_CPU_KERNELS")
     monkeypatch.setattr(kernels, "cpu_kernel_isa", lambda: ("avx2", ""))
     with pytest.raises(kernels.KernelUnavailable, match=r"no C\+\+ compiler 'no-such-c\+\+'"):
@@ -194,13 +195,26 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
     assert path.parent == tmp_path and path.stat().st_size > 0
     assert f"building its CPU kernels for avx2 into {tmp_path}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [path.name, "cpu_kernels-avx2-recent.so", "someone_elses.so"])  # no partial file left
+        [path.name, path.name + ".sha256", "cpu_kernels-avx2-recent.so",
+         "someone_elses.so"])  # no partial file left
     os.utime(path, (month_ago, month_ago))
     built = path.stat().st_ino
     assert kernels.build() == path and path.stat().st_ino == built  # not rebuilt
     assert capsys.readouterr().err == ""  # and silent
     assert path.stat().st_mtime > month_ago + 86400  # but marked as used
-    assert os.access(path, os.R_OK)
+    assert os.access(path, os.R_OK) and path.stat().st_mode & 0o777 == 0o755
+    # A build cut short (a copy, a disk fault) crashed the process that loaded it (SIGBUS):
+    # its digest no longer matches, so it is built again, with a note.
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert kernels.build() == path and path.read_bytes() == whole
+    assert "is damaged or unfinished; building it again" in capsys.readouterr().err
+    # CXX may carry flags or a wrapper; a missing compiler is named as given.
+    with pytest.raises(kernels.KernelUnavailable, match=r"no C\+\+ compiler 'nocc -O2'"):
+        kernels.build("nocc -O2")
+    # A wrapper with its own arguments runs (here `env false`, a compiler that fails at once).
+    with pytest.raises(kernels.KernelUnavailable, match=r"^env false -O3 .* failed \(1\)"):
+        kernels.build("env false")
 
 
 def test_kernels_build_for_the_best_instruction_set_the_cpu_has(monkeypatch):
@@ -325,7 +339,7 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
     # 4 kernel cases, 2 model variants, the mask bias, the loss; none skipped.
     assert passed and int(passed.group(1)) >= 8 and "skipped" not in result.stdout, \
         result.stdout[-2000:]
-    (library,) = tmp_path.iterdir()
+    (library,) = tmp_path.glob("*.so")
     assert library.name.startswith("cpu_kernels-avx2-")
     if shutil.which("objdump"):
         disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True,
@@ -339,10 +353,11 @@ def test_setup_says_once_why_the_cpu_kernels_are_missing(monkeypatch, capsys):
     config = config_lib.load(None, ["model.name=t5_1_1_test", "train.batch_size=2",
                                     "data.inputs_length=24", "data.targets_length=8"])
 
-    def build():
+    def build(config=config):
         mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
-        setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4, mesh=mesh,
-                        rules=mesh_lib.get_rules("data"))
+        setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
+                                mesh=mesh, rules=mesh_lib.get_rules("data"))
+        build.attention_kernel = setup.attention_kernel
         return capsys.readouterr().err
 
     setup_lib._say_why_no_cpu_kernels.cache_clear()
@@ -355,6 +370,34 @@ def test_setup_says_once_why_the_cpu_kernels_are_missing(monkeypatch, capsys):
                         lambda: (False, "switched off by MTJAX_CPU_KERNELS=0"))
     assert build() == ""  # off on purpose: nothing to say
     setup_lib._say_why_no_cpu_kernels.cache_clear()
+    monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no C++ compiler 'c++'"))
+    # The loss set to XLA: the attention's kernel is still missed, and said so.
+    assert build(dataclasses.replace(config, train=dataclasses.replace(
+        config.train, cross_entropy="xla"))) == (
+        "mtjax: the step runs XLA's attention: mtjax's faster CPU kernels are unavailable "
+        "here (no C++ compiler 'c++')\n")
+    setup_lib._say_why_no_cpu_kernels.cache_clear()
+
+
+def test_dropout_trains_with_xla_attention_and_says_so():
+    """Neither fused kernel has dropout on the attention probabilities: with dropout the
+    train step takes XLA's attention, the setup records that (bench reported cpu_fused), and
+    naming a kernel is refused in one line."""
+    if kernels.cpu_kernel_problem():
+        pytest.skip(f"no kernel build here: {kernels.cpu_kernel_problem()}")
+    base = ["model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=24",
+            "data.targets_length=8", "model.dropout_rate=0.1"]
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1), jax.devices()[:1])
+
+    def build(*extra):
+        return setup_lib.build(config_lib.load(None, base + list(extra)), vocab_size=VOCAB,
+                               num_tasks=1, total_steps=4, mesh=mesh,
+                               rules=mesh_lib.get_rules("data"))
+
+    assert build().attention_kernel == "xla"
+    with pytest.raises(config_lib.ConfigError, match="model.attention=cpu_fused cannot train "
+                                                     "with model.dropout_rate=0.1"):
+        build("model.attention=cpu_fused")
 
 
 SHARDED_ATTENTION = """

@@ -188,6 +188,9 @@ def test_bench_data_smoke(capsys):
         assert case["batches"] == 30 and case["examples_per_s"] > 0
         assert 0 < case["packing_efficiency"] <= case["binding_side_efficiency"] <= 1
     assert result["cases"]["mixture"]["mixture"] == "mtjax_demo"
+    # Versions recorded as in every bench JSON, the input pipeline's own libraries too.
+    assert {"jax", "tensorflow", "seqio"} <= set(result["environment"]["versions"])
+    assert result["environment"]["versions"]["seqio"]
 
 
 def test_bench_data_takes_a_users_mixture_and_names_an_unknown_one(user_module, capsys):

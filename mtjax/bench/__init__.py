@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +136,11 @@ def resolve(args: argparse.Namespace):
         options = dataclasses.replace(options, warmup=args.warmup)
     if options.steps < 1 or options.warmup < 0:
         raise config_lib.ConfigError("--steps must be >= 1 and --warmup >= 0")
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops)
+                                            and args.peak_flops > 0):
+        raise config_lib.ConfigError(
+            f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got "
+            f"{args.peak_flops}")
     return config, dataclasses.replace(options, peak_flops=args.peak_flops)
 
 
@@ -175,5 +181,10 @@ def main(argv: list[str]) -> int:
     text = outputs.dumps(result, indent=2)
     print(text)
     if args.output:
-        outputs.write_text(args.output, text + "\n")
+        try:
+            outputs.write_text(args.output, text + "\n")
+        except OSError as e:  # a full disk, a filesystem that takes no new files (/proc)
+            print(f"mtjax bench: error: --output {args.output}: cannot write it ({e}); the "
+                  f"result is on stdout above", file=sys.stderr)
+            return 2
     return 0

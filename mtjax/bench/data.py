@@ -126,5 +126,6 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
         **headline,
         "cases": cases,
         "host_peak_memory_bytes": report.host_peak_memory_bytes(),
+        "environment": report.environment(packages=("tensorflow", "seqio")),
         "config": config_lib.to_dict(config),
     }

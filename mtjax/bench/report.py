@@ -68,12 +68,12 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
     return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
 
 
-def environment() -> dict[str, Any]:
-    """Library versions and the device the benchmark ran on."""
+def environment(packages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Library versions (``packages`` too) and the device the benchmark ran on."""
     import jax
 
     versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", *packages):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -14,7 +14,9 @@ AVX-512 machine.
 The shared library is cached under ``$MTJAX_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/mtjax/kernels``, else ``~/.cache/mtjax/kernels``), named by a hash of the
 source, the compiler command and jaxlib's version, and written atomically, so concurrent
-processes (multi-host runs on one machine) never load a half-written file. A new build removes
+processes (multi-host runs on one machine) never load a half-written file; its SHA-256 is kept
+beside it and checked before loading, so a damaged file (a disk fault, a copy cut short) is built
+again rather than loaded, which would crash the process. A new build removes
 the builds no process has used for 30 days (other versions of mtjax, jaxlib or the compiler).
 ``MTJAX_CPU_KERNELS=0`` turns the kernels off.
 """
@@ -28,11 +30,14 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from mtjax.switches import switched_off
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "attention_cpu.cc", _HERE / "cross_entropy_cpu.cc")
@@ -121,22 +126,28 @@ def build(compiler: str | None = None) -> pathlib.Path:
         KernelUnavailable: kernels switched off, an unsupported CPU, no compiler, or the
             compiler failed (its output is in the message).
     """
-    if os.environ.get("MTJAX_CPU_KERNELS", "1") == "0":
-        raise KernelUnavailable("switched off by MTJAX_CPU_KERNELS=0")
+    if switched_off(os.environ, "MTJAX_CPU_KERNELS"):
+        raise KernelUnavailable(
+            f"switched off by MTJAX_CPU_KERNELS={os.environ['MTJAX_CPU_KERNELS']}")
     isa, why_not = cpu_kernel_isa()
     if isa is None:
         raise KernelUnavailable(why_not)
     flags = (*_COMPILE_FLAGS, *ISAS[isa][1])
     compiler = compiler or os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
+    compiler_command = shlex.split(compiler)  # CXX may carry flags or a wrapper (ccache g++)
+    if not compiler_command or shutil.which(compiler_command[0]) is None:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
     import jax.ffi  # late: keeps this module importable without initialising JAX
 
     include_dir = jax.ffi.include_dir()
     target = _library_path(compiler, flags, isa, include_dir)
     if target.exists():
-        _mark_used(target)
-        return target
+        if _intact(target):
+            _mark_used(target)
+            return target
+        # Loading a cut-short library kills the process (SIGBUS): build it again instead.
+        print(f"mtjax: the cached kernel build {target} is damaged or unfinished; building "
+              "it again", file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
@@ -147,19 +158,58 @@ def build(compiler: str | None = None) -> pathlib.Path:
     # Seconds of silence otherwise, once per machine and mtjax version.
     print(f"mtjax: building its CPU kernels for {isa} into {target.parent} (once)",
           file=sys.stderr, flush=True)
-    command = [compiler, *flags, "-isystem", include_dir, *map(str, _SOURCES), "-o",
+    command = [*compiler_command, *flags, "-isystem", include_dir, *map(str, _SOURCES), "-o",
                partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise KernelUnavailable(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+        os.chmod(partial, 0o755)  # other users of a shared cache load it too
+        _fsync(partial)  # on disk before its name is: a host crash leaves no torn library
+        digest = _sha256(pathlib.Path(partial))
         os.replace(partial, target)  # atomic: readers see no file or the whole file
+        _write_atomically(_digest_path(target), digest + "\n")
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     _prune(target.parent, keep=target)
     return target
+
+
+def _digest_path(library: pathlib.Path) -> pathlib.Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: pathlib.Path) -> bool:
+    """The library is the whole file its build wrote: the digest recorded beside it matches (a
+    library without one is a build that did not finish, or an older cache)."""
+    try:
+        return _digest_path(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(partial, 0o644)
+    os.replace(partial, path)
 
 
 # Builds unused this long are removed when another is made (other mtjax or jaxlib versions,
@@ -184,6 +234,7 @@ def _prune(cache: pathlib.Path, keep: pathlib.Path) -> None:
             try:
                 if path != keep and now - path.stat().st_mtime > max_age_s:
                     path.unlink()
+                    _digest_path(path).unlink(missing_ok=True)
             except OSError:  # gone already (another process pruned it) or not ours to remove
                 pass
 
@@ -191,17 +242,19 @@ def _prune(cache: pathlib.Path, keep: pathlib.Path) -> None:
 @functools.cache
 def _load() -> str:
     """Build, load and register the CPU kernels; '' on success, else the reason."""
+    path = cache_dir()
     try:
-        library = ctypes.CDLL(str(build()))
+        path = build()
+        library = ctypes.CDLL(str(path))
+        handlers = {target: getattr(library, symbol) for target, symbol in TARGETS.items()}
     except KernelUnavailable as e:
         return str(e)
-    except OSError as e:  # a cached file that does not load: say which, so it can be removed
-        return f"cannot load the built kernel ({e}); remove {cache_dir()} to rebuild it"
+    except (OSError, AttributeError) as e:  # a file that does not load, or not this build
+        return f"cannot load the built kernel ({e}); remove {path} to rebuild it"
     import jax.ffi
 
-    for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return ""
 
 

@@ -123,14 +123,14 @@ class TrainSetup:
 
 
 @functools.cache
-def _say_why_no_cpu_kernels() -> None:
+def _say_why_no_cpu_kernels(parts: str = "attention and loss") -> None:
     """On CPU, a step without mtjax's CPU kernels is slower (README, "mtjax's CPU kernels"):
     say why once, unless they were switched off on purpose."""
     if jax.default_backend() != "cpu":
         return
     ready, why_not = kernels.cpu_kernel_status()
-    if not ready and "MTJAX_CPU_KERNELS=0" not in why_not:
-        print(f"mtjax: the step runs XLA's attention and loss: mtjax's faster CPU kernels are "
+    if not ready and "switched off by MTJAX_CPU_KERNELS" not in why_not:
+        print(f"mtjax: the step runs XLA's {parts}: mtjax's faster CPU kernels are "
               f"unavailable here ({why_not})", file=sys.stderr, flush=True)
 
 
@@ -165,8 +165,19 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
             cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
-    if config.train.cross_entropy == "auto":
-        _say_why_no_cpu_kernels()
+    if config.model.dropout_rate > 0 and attention_kernel in ("cpu_fused", "dot_product"):
+        # Neither fused kernel applies dropout to the attention probabilities: training steps
+        # take the XLA path (evaluation, without dropout, still uses the kernel).
+        if config.model.attention != "auto":
+            raise config_lib.ConfigError(
+                f"model.attention={config.model.attention} cannot train with "
+                f"model.dropout_rate={config.model.dropout_rate}: the kernel has no dropout on "
+                f"the attention probabilities; use model.attention=auto or xla")
+        attention_kernel = "xla"
+    automatic = [part for part, key in (("attention", config.model.attention),
+                                        ("loss", config.train.cross_entropy)) if key == "auto"]
+    if automatic:
+        _say_why_no_cpu_kernels(" and ".join(automatic))
     model_cfg = model_config(config, vocab_size)
     tx, schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps,
                                         per_layer_kind=config.model.scan_layers)
