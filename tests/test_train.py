@@ -214,7 +214,9 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(trainer, "make_pipeline",
                         lambda *a, **k: InterruptedAtThirdBatch(build(*a, **k)))
-    config = tiny_config("train.steps=6", "checkpoint.every_steps=100")
+    # The three runs compile the same programs: the later ones load them from the cache.
+    config = tiny_config("train.steps=6", "checkpoint.every_steps=100",
+                         f"train.compilation_cache={tmp_path / 'jax_cache'}")
     with pytest.raises(trainer.Preempted) as info:
         trainer.train(config, tmp_path / "run", progress=False)
     assert info.value.exit_code == 130 and info.value.step == 3
