@@ -17,6 +17,7 @@ if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
 fi
 # Paths in the arguments (--workdir, --config, a tasks file) stay relative to where you run this.
 source "$(dirname "${BASH_SOURCE[0]}")/xla_gpu_env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for.sh"
 MTJAX_BIN=${MTJAX_BIN:-mtjax}
 
 child=""
@@ -29,13 +30,7 @@ trap forward TERM INT
 while true; do
   $MTJAX_BIN train "$@" &
   child=$!
-  code=0
-  wait "$child" || code=$?
-  # A trapped signal interrupts `wait` (it returns 128+signal): wait again for mtjax's code.
-  while kill -0 "$child" 2>/dev/null; do
-    code=0
-    wait "$child" || code=$?
-  done
+  wait_for "$child"
   child=""
   if [[ $code -eq 42 && "${MTJAX_RESTART_ON_PREEMPT:-0}" == 1 && $stopping == 0 ]]; then
     echo "$0: preempted (checkpoint written); restarting" >&2

@@ -22,6 +22,7 @@ if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
   exit 2
 fi
 N=$1; shift
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for.sh"
 TOTAL=${MTJAX_LOCAL_DEVICES:-8}
 if (( TOTAL % N )); then
   echo "$0: MTJAX_LOCAL_DEVICES=$TOTAL is not divisible by N=$N" >&2
@@ -51,13 +52,7 @@ trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 
 status=0
 for i in "${!pids[@]}"; do
-  code=0
-  wait "${pids[$i]}" || code=$?
-  # A trapped signal interrupts `wait` (it returns 128+signal): wait again for the real code.
-  while kill -0 "${pids[$i]}" 2>/dev/null; do
-    code=0
-    wait "${pids[$i]}" || code=$?
-  done
+  wait_for "${pids[$i]}"
   if (( code != 0 )); then
     (( status == 0 )) && status=$code
     if (( i > 0 && code != 42 && code != 130 )); then  # 42, 130: stopped at a checkpoint
