@@ -208,7 +208,7 @@ def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     assert kernels.build() == path and path.read_bytes() == whole
-    assert "is damaged or unfinished; building it again" in capsys.readouterr().err
+    assert "is damaged; building it again" in capsys.readouterr().err
     # CXX may carry flags or a wrapper; a missing compiler is named as given.
     with pytest.raises(kernels.KernelUnavailable, match=r"no C\+\+ compiler 'nocc -O2'"):
         kernels.build("nocc -O2")

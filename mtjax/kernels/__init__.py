@@ -146,8 +146,10 @@ def build(compiler: str | None = None) -> pathlib.Path:
             _mark_used(target)
             return target
         # Loading a cut-short library kills the process (SIGBUS): build it again instead.
-        print(f"mtjax: the cached kernel build {target} is damaged or unfinished; building "
-              "it again", file=sys.stderr, flush=True)
+        # (A build from before digests were kept has none: it is rebuilt without a word.)
+        if _digest_path(target).exists():
+            print(f"mtjax: the cached kernel build {target} is damaged; building it again",
+                  file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
