@@ -174,9 +174,11 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
             shutil.rmtree(target)
         else:
             target.write_text(target.read_text()[:10])
-    # metrics.jsonl: a last line cut short by a kill as it was written.
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 11, "loss": 3.5')
+    # metrics.jsonl: a line damaged inside (kept aside), and a last line cut short by a kill as
+    # it was written (dropped).
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines.insert(1, "\x00\x00 not json")
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "loss": 3.5')
     config = config_lib.load(None, TINY + [
         "train.steps=12", "checkpoint.every_steps=2", "checkpoint.keep=1",
         "checkpoint.keep_best=1", "checkpoint.best_mode=max", "log.every_steps=2"])
@@ -194,6 +196,8 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
             "12"} <= set(names), names
     assert [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl")] == [
         2, 4, 6, 8, 10, 12]
+    assert "metrics.jsonl: record 2 is not JSON" in err
+    assert "not json" in (run / "metrics.jsonl.damaged").read_text()
     assert cli.main(["checkpoints", str(run), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]

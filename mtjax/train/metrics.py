@@ -107,7 +107,7 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if number < len(lines):
-                raise
+                raise ValueError(f"record {number} is not JSON ({e.msg})") from e
     return records

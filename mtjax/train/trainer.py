@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -88,8 +89,21 @@ def _truncate_metrics(path: pathlib.Path, last_step: int, writer: int | None = 0
     ``writer``: the process that writes ``path`` (None: every process its own)."""
     if writer not in (None, jax.process_index()) or not path.exists():
         return
-    kept = [json.dumps(record) for record in metrics_lib.read_jsonl(path)
-            if record["step"] <= last_step]
+    try:
+        records = metrics_lib.read_jsonl(path)
+    except ValueError as e:  # damaged inside, not just a last line cut short
+        # A log must not stop the run: keep the file as it was beside the readable records.
+        damaged = path.with_name(path.name + ".damaged")
+        shutil.copyfile(path, damaged)
+        _log(f"mtjax: warning: {path}: {e}; kept as it was in {damaged.name}, and the "
+             f"readable records go on")
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    kept = [json.dumps(record) for record in records if record.get("step", 0) <= last_step]
     # Replaced whole: a kill during the rewrite leaves the old file, not half of it.
     outputs.write_text(path, "".join(line + "\n" for line in kept), flag=path.name)
 
