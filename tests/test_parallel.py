@@ -442,6 +442,19 @@ def test_sigterm_on_one_host_stops_all_hosts_at_one_step(tmp_path):
     assert (step_dir / "data/process_0").is_dir() and (step_dir / "data/process_1").is_dir()
     assert f"Reached preemption sync point, step={saved}" in (
         tmp_path / "mtjax_process_1.log").read_text()
+    # The run directory held by another writer: every process stops in one line (process 1
+    # failed later, in a collective, with a traceback).
+    import fcntl
+
+    with open(workdir / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        again = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2", *args],
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "is in use by another mtjax train" in again.stderr
+    log_1 = (tmp_path / "mtjax_process_1.log").read_text()
+    assert "is in use by another mtjax train (see process 0)" in log_1
+    assert "Traceback" not in log_1, log_1[-3000:]
 
 
 def test_launcher_sigterm_exits_with_the_processes_code(tmp_path):

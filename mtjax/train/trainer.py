@@ -249,8 +249,24 @@ class _RunLock:
         self.path, self.handle = workdir / self.FILE, None
 
     def acquire(self) -> None:
-        if jax.process_index() != 0:
-            return
+        holder = None  # who holds the lock, where process 0 could not take it
+        if jax.process_index() == 0:
+            holder = self._try_lock()
+        if jax.process_count() > 1:
+            # Every process learns the outcome and stops alike (the others failed later in a
+            # collective, with a traceback of their own).
+            from jax.experimental import multihost_utils
+
+            refused = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
+            if int(refused) and holder is None:
+                holder = "see process 0"
+        if holder is not None:
+            raise RunInUseError(
+                f"run directory {self.path.parent} is in use by another mtjax train "
+                f"({holder}); wait for it to finish, or give another --workdir")
+
+    def _try_lock(self) -> str | None:
+        """Take the lock (None), or say who holds it."""
         import fcntl
         import socket
 
@@ -261,14 +277,13 @@ class _RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunInUseError(
-                f"run directory {self.path.parent} is in use by another mtjax train "
-                f"({holder}); wait for it to finish, or give another --workdir") from None
+            return holder
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         self.handle = handle
+        return None
 
     def release(self) -> None:
         if self.handle is not None:
