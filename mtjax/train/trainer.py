@@ -146,15 +146,16 @@ class _Preemption:
     def exit_code(self) -> int:
         return INTERRUPTED_EXIT_CODE if self.signal_name == "Ctrl-C" else PREEMPTED_EXIT_CODE
 
-    def stop_during_set_up(self) -> None:
+    def stop_during_set_up(self, step: int | None = None) -> None:
         """Raise :class:`Preempted` if a signal came while the run was being set up (one
         process; several stop at an agreed step of the loop): nothing is trained yet, so
         nothing is saved, and the launcher restarts the job without waiting for the rest of
         the set-up (a restore or a compilation can take minutes, longer than SLURM's grace)."""
         if self.raised and not self._multihost:
-            _log(f"{self.signal_name} during set-up: nothing new to save; exiting with code "
+            at = f" (the run is at step {step})" if step is not None else ""
+            _log(f"{self.signal_name} during set-up: nothing new to save{at}; exiting with code "
                  f"{self.exit_code}")
-            raise Preempted(-1, self.exit_code)
+            raise Preempted(-1 if step is None else step, self.exit_code)
 
     def reached(self, step: int) -> bool:
         if self._multihost:
@@ -378,10 +379,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             return {k: jax.make_array_from_process_local_data(batch_sharding, v)
                     for k, v in host_batch.items()}
 
-        if preemption.raised:  # during set-up: nothing trained since the checkpoint, so no save
-            _log(f"{preemption.signal_name} before the first step: nothing new to save (the run "
-                 f"is at step {start_step}); exiting with code {preemption.exit_code}")
-            raise Preempted(start_step, preemption.exit_code)
+        preemption.stop_during_set_up(start_step)
     except BaseException:
         checkpoints.close()
         raise
