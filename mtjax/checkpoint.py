@@ -146,7 +146,8 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 # The JSON files of a step: Orbax's commit record (written last: cut short, the commit did not
-# finish), the run config and the metrics; each must parse, or the step is not used.
+# finish; a commit marker, so always there), the run config, the metrics and the logging window
+# (where saved); each must parse, or the step is not used.
 _JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics",
                f"{LOG_WINDOW_ITEM}/metadata")
 _PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their position (not
@@ -158,7 +159,7 @@ def _is_complete(step_dir: pathlib.Path) -> bool:
         return False
     for name in _JSON_FILES:
         path = step_dir / name
-        if name == _JSON_FILES[0] or path.exists():
+        if path.exists():
             try:
                 if not isinstance(json.loads(path.read_text()), dict):
                     return False
@@ -171,11 +172,16 @@ def _data_complete(data: pathlib.Path) -> bool:
     """Every host's input position is there (a step saved without a pipeline has no data/)."""
     if not data.is_dir():
         return True
-    written = len(list(data.glob("process_*")))
+    written = _positions_written(data)
     try:
         return written == int((data / _PROCESS_COUNT_FILE).read_text())
     except (OSError, ValueError):  # written before the count was recorded
         return written > 0
+
+
+def _positions_written(data: pathlib.Path) -> int:
+    """How many hosts' input positions a step's ``data/`` holds (0: none, or no ``data/``)."""
+    return len(list(data.glob("process_*"))) if data.is_dir() else 0
 
 
 def _log(message: str) -> None:
@@ -294,8 +300,7 @@ class RunCheckpoints:
 
     def saved_process_count(self, step: int) -> int:
         """How many hosts wrote an input-pipeline position into ``step`` (0: none)."""
-        data = self.directory / str(step) / "data"
-        return len(list(data.glob("process_*"))) if data.is_dir() else 0
+        return _positions_written(self.directory / str(step) / "data")
 
     def restore_latest(self, abstract_state: Any, pipeline: Checkpointable | None,
                        check=None) -> tuple[int, Any, bool] | None:
@@ -630,7 +635,7 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
             "time": meta.get("commit_timestamp_nsecs", 0) / 1e9,
             "bytes": sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file()),
             "metrics": metrics,
-            "hosts": len(list((step_dir / "data").glob("process_*"))),
+            "hosts": _positions_written(step_dir / "data"),
             "path": str(step_dir),
         })
         config = _recorded_config(step_dir) or config

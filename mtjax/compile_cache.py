@@ -23,11 +23,14 @@ import pathlib
 
 import jax
 
+from mtjax.switches import OFF_VALUES
+
 DEFAULT_DIR = pathlib.Path("~/.cache/mtjax/jax")
 DEFAULT_MAX_BYTES = 16 * 1024**3
 _BACKENDS_BY_DEFAULT = ("gpu", "tpu")
-# Ways of saying "off" (they made a directory of that name, and cached there).
-OFF_SPELLINGS = ("off", "false", "none", "no", "0")
+# Ways of saying "off" (they made a directory of that name, and cached there): the switches'
+# own, and "none".
+OFF_SPELLINGS = (*OFF_VALUES, "none")
 
 
 @dataclasses.dataclass

@@ -49,6 +49,8 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())  # on disk before its name is: a crash leaves no torn file
         if target.exists():  # keep the permissions of the file being replaced
             os.chmod(partial, target.stat().st_mode & 0o7777)
         else:

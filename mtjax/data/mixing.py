@@ -214,13 +214,22 @@ def add_mixture(name: str, members: Sequence[str | tuple[str, float]], *,
     return seqio.MixtureRegistry.add(name, pairs, mixture_cls=StrategyMixture)
 
 
+def registered_names() -> list[str]:
+    """Every registered task and mixture name, sorted."""
+    return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def similar_names(name: str, n: int) -> list[str]:
+    """Up to ``n`` registered task or mixture names close to ``name`` (for "did you mean")."""
+    return difflib.get_close_matches(name, registered_names(), n=n, cutoff=0.5)
+
+
 def _check_registered(mixture: str, member: str) -> None:
     """A member must be registered before its mixture: one line with the names it may mean
     (seqio's own error says only "Provider name not registered")."""
     if member in seqio.TaskRegistry.names() or member in seqio.MixtureRegistry.names():
         return
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    close = difflib.get_close_matches(member, known, n=3, cutoff=0.5)
+    close = similar_names(member, n=3)
     raise MixingError(
         f"mixture {mixture!r}: no task or mixture {member!r} is registered"
         + (f" (did you mean {', '.join(close)}?)" if close else "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -50,8 +49,8 @@ def lookup(name: str) -> seqio.Task | seqio.Mixture:
         return seqio.MixtureRegistry.get(name)
     if name in tasks:
         return seqio.TaskRegistry.get(name)
-    known = sorted(set(tasks) | set(mixtures))
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    known = mixing_lib.registered_names()
+    close = mixing_lib.similar_names(name, n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownTaskError(
         f"Unknown task or mixture {name!r}.{hint} If it is your own task, pass the module that "

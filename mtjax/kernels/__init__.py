@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 
+from mtjax import outputs
 from mtjax.switches import switched_off
 
 _HERE = pathlib.Path(__file__).parent
@@ -171,7 +172,8 @@ def build(compiler: str | None = None) -> pathlib.Path:
         _fsync(partial)  # on disk before its name is: a host crash leaves no torn library
         digest = _sha256(pathlib.Path(partial))
         os.replace(partial, target)  # atomic: readers see no file or the whole file
-        _write_atomically(_digest_path(target), digest + "\n")
+        outputs.write_text(_digest_path(target), digest + "\n", flag="kernel cache")
+        os.chmod(_digest_path(target), 0o644)  # as the library: readable by every user
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -202,16 +204,6 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(partial, 0o644)
-    os.replace(partial, path)
 
 
 # Builds unused this long are removed when another is made (other mtjax or jaxlib versions,

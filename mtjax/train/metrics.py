@@ -99,15 +99,21 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | pathlib.Path,
+               unreadable: list[str] | None = None) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl``; a last line cut short (the writer was killed as it
-    wrote it) is left out."""
+    wrote it) is left out. Another line that is not JSON raises ValueError, or, where
+    ``unreadable`` is given, is left out and described in it."""
     lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if number < len(lines):
-                raise ValueError(f"record {number} is not JSON ({e.msg})") from e
+            if number == len(lines):
+                continue
+            problem = f"record {number} is not JSON ({e.msg})"
+            if unreadable is None:
+                raise ValueError(problem) from e
+            unreadable.append(problem)
     return records

@@ -89,20 +89,14 @@ def _truncate_metrics(path: pathlib.Path, last_step: int, writer: int | None = 0
     ``writer``: the process that writes ``path`` (None: every process its own)."""
     if writer not in (None, jax.process_index()) or not path.exists():
         return
-    try:
-        records = metrics_lib.read_jsonl(path)
-    except ValueError as e:  # damaged inside, not just a last line cut short
+    unreadable: list[str] = []
+    records = metrics_lib.read_jsonl(path, unreadable)
+    if unreadable:  # damaged inside, not just a last line cut short
         # A log must not stop the run: keep the file as it was beside the readable records.
         damaged = path.with_name(path.name + ".damaged")
         shutil.copyfile(path, damaged)
-        _log(f"mtjax: warning: {path}: {e}; kept as it was in {damaged.name}, and the "
-             f"readable records go on")
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        _log(f"mtjax: warning: {path}: {'; '.join(unreadable)}; kept as it was in "
+             f"{damaged.name}, and the readable records go on")
     kept = [json.dumps(record) for record in records if record.get("step", 0) <= last_step]
     # Replaced whole: a kill during the rewrite leaves the old file, not half of it.
     outputs.write_text(path, "".join(line + "\n" for line in kept), flag=path.name)
@@ -442,16 +436,12 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                         for k, v in sorted(eval_results.items())))
                 # A stop between logging steps saves the steps since the last row with the
                 # checkpoint instead of logging them early: the resumed run logs the same rows.
-                carry_window = preempted and not (
-                    checkpoints.save_due(step) or is_last or eval_results
-                    or step % config.log.every_steps == 0)
-                if carry_window:
+                log_due = step % config.log.every_steps == 0 or is_last or bool(eval_results)
+                carry_window = preempted and not (log_due or checkpoints.save_due(step))
+                if log_due or must_save:
                     window = _absorb(window, pending, config, skipped)
                     pending = None
-                elif (step % config.log.every_steps == 0 or is_last or must_save
-                        or eval_results):
-                    window = _absorb(window, pending, config, skipped)
-                    pending = None
+                if (log_due or must_save) and not carry_window:
                     if window is not None:
                         elapsed = max(time.time() - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
@@ -469,14 +459,14 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 if must_save:
                     if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
                         best_metric_unchecked = False
-                    saved_metrics = last_summary
-                    if carry_window and window is not None:
-                        saved_metrics = metrics_lib.summarize(window, task_names)
+                    carried = window if carry_window else None
+                    saved_metrics = (last_summary if carried is None
+                                     else metrics_lib.summarize(carried, task_names))
                     save_start = time.time()
                     checkpoints.save(step, state, pipeline, config_dict,
                                      metrics=_finite_only(saved_metrics), force=True,
-                                     log_window=metrics_lib.window_to_json(window)
-                                     if carry_window and window is not None else None)
+                                     log_window=None if carried is None
+                                     else metrics_lib.window_to_json(carried))
                     # The save's blocking part (a copy of the state off the device, and the
                     # wait for the previous save) is not training time: out of tokens/s too.
                     save_s = time.time() - save_start
