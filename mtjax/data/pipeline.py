@@ -188,7 +188,8 @@ class InputPipeline:
                     num_epochs=None, try_in_mem_cache=False,  # sources are in memory already
                 )
             datasets.append(ds.map(_with_task_id(i + 1), num_parallel_calls=tf.data.AUTOTUNE))
-        ds = mix(datasets, [self.rates[n] for n in self.task_names], seed)
+        ds = mix(datasets, [self.rates[n] for n in self.task_names],
+                 host_mixing_seed(seed, shard_index))
         converter = TaskIdEncDecFeatureConverter(pack=pack)
         ds = converter(ds, {**lengths, "task_ids": targets_length})
         if not pack:
@@ -228,6 +229,16 @@ class InputPipeline:
         """Restores a position written by `save` of a pipeline built with the same arguments."""
         checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
+
+
+def host_mixing_seed(seed: int, shard_index: int) -> int:
+    """The seed of one host's task draws. Hosts must draw independently: with one seed, every
+    host picks the same task at the same position, and a global batch holds N copies of one
+    host's task mix instead of N independent ones. Host 0 keeps ``seed``: one-host runs are
+    unchanged."""
+    if shard_index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
 
 
 def mix(datasets: list[tf.data.Dataset], rates: list[float], seed: int) -> tf.data.Dataset:
