@@ -115,6 +115,27 @@ def test_vocab_cli_round_trip(capsys, tmp_path):
     assert encoded["decoded"] == "kopido lives in cuxaca." and encoded["ids"][-1] != 1
 
 
+def test_lossless_vocabulary_gives_back_any_text(capsys, tmp_path):
+    """T5's SentencePiece settings normalise text (NFKC, whitespace runs) and map unseen
+    characters to UNK; --lossless decodes back exactly what was encoded."""
+    from mtjax.data import get_vocabulary, knowledge
+
+    corpus = tmp_path / "bios.txt"
+    corpus.write_text("\n".join(knowledge.biographies("validation")) + "\n")
+    texts = ["def  f(x):\n\treturn x", "\ufb01ne caf\u00e9 \u65e5\u672c \U0001f600",
+             " lead, trail "]
+    decoded = {}
+    for lossless in (False, True):
+        out_dir = tmp_path / f"lossless_{lossless}"
+        code, out, _ = run(["vocab", "train", "--input", str(corpus), "--size", "300", "--out",
+                            str(out_dir), *(["--lossless"] if lossless else [])], capsys)
+        assert code == 0 and json.loads(out)["lossless"] is lossless
+        vocab = get_vocabulary(str(out_dir / "spm.model"))
+        decoded[lossless] = [vocab.decode(vocab.encode(t)) for t in texts]
+    assert decoded[True] == texts
+    assert all(got != text for got, text in zip(decoded[False], texts, strict=True))
+
+
 def test_user_task_module_trains_by_path(capsys, tmp_path, user_module):
     code, _, err = run([
         "train", "--workdir", str(tmp_path), "--tasks-module", str(user_module), "--no-progress",

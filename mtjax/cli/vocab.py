@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--character-coverage", type=float, default=1.0,
                        help="1.0 for small alphabets; 0.9995 for large ones (CJK)")
+    train.add_argument("--lossless", action="store_true",
+                       help="decode(encode(text)) == text for any text: no NFKC normalisation, "
+                       "whitespace kept, unseen characters as UTF-8 bytes (256 of the pieces); "
+                       "T5's settings (the default) do not round-trip such text")
     train.add_argument("--max-sentences", type=int, default=10_000_000,
                        help="lines sampled for training (default 10M)")
     encode = sub.add_parser("encode", allow_abbrev=False,
@@ -49,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab_command == "train":
         summary = vocab_lib.train_sentencepiece(
             args.input, args.size, args.out, character_coverage=args.character_coverage,
-            max_sentences=args.max_sentences, model_type=args.model_type, progress=True,
-            force=args.force)
+            max_sentences=args.max_sentences, model_type=args.model_type,
+            lossless=args.lossless, progress=True, force=args.force)
         print(outputs.dumps(summary, indent=2))
         print(f"use it with: {summary['config']}", file=sys.stderr)
         return 0

@@ -93,8 +93,8 @@ def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = 128) -> int:
 
 def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
                         character_coverage: float = 1.0, max_sentences: int = 10_000_000,
-                        model_type: str = "unigram", quiet: bool = True,
-                        progress: bool = False, force: bool = False) -> dict:
+                        model_type: str = "unigram", lossless: bool = False,
+                        quiet: bool = True, progress: bool = False, force: bool = False) -> dict:
     """Trains a SentencePiece model with T5's settings on local text files.
 
     Args:
@@ -105,6 +105,9 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
             0.9995 for large ones such as CJK).
         max_sentences: at most this many lines are sampled for training.
         model_type: "unigram" (T5) or "bpe".
+        lossless: decoding gives back exactly the encoded text: no NFKC normalisation, runs
+            of whitespace kept, and characters outside the pieces as UTF-8 bytes (byte
+            fallback, 256 of the pieces). T5's settings (the default) change such text.
         quiet: keep SentencePiece's own log off stderr.
         progress: say on stderr what is being trained.
         force: replace a model already in ``out_dir`` (runs trained with it are tied to its
@@ -140,7 +143,7 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=".spm-training-", dir=out))
     try:
         _train_into(spm, scratch / "spm", inputs, size, model_type, character_coverage,
-                    max_sentences, quiet)
+                    max_sentences, lossless, quiet)
         for suffix in (".vocab", ".model"):
             os.replace(scratch / f"spm{suffix}", out / f"spm{suffix}")
     finally:
@@ -151,6 +154,7 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
         "model": os.path.abspath(prefix + ".model"),
         "pieces": size,
         "extra_ids": EXTRA_IDS,
+        "lossless": lossless,
         "vocab_size": vocab.vocab_size,
         "model_vocab_size": padded_vocab_size(vocab),
         "id": describe(vocab),
@@ -161,8 +165,15 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
     return summary
 
 
+# What --lossless changes from T5's settings: SentencePiece's NFKC rule turns "ﬁ" into "fi",
+# its whitespace rule collapses runs of spaces, and a character it never saw becomes UNK.
+LOSSLESS_OPTIONS = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+                    "byte_fallback": True}
+
+
 def _train_into(spm, prefix: pathlib.Path, inputs: Sequence[str], size: int, model_type: str,
-                character_coverage: float, max_sentences: int, quiet: bool) -> None:
+                character_coverage: float, max_sentences: int, lossless: bool,
+                quiet: bool) -> None:
     try:
         spm.SentencePieceTrainer.train(
             input=",".join(inputs), model_prefix=str(prefix), vocab_size=size,
@@ -170,9 +181,13 @@ def _train_into(spm, prefix: pathlib.Path, inputs: Sequence[str], size: int, mod
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids; seqio relies on them
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=1 << 16, minloglevel=2 if quiet else 0,
+            **(LOSSLESS_OPTIONS if lossless else {}),
         )
     except RuntimeError as e:
         # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
         reason = str(e).strip().rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        reason = reason.replace("--character_coverage", "--character-coverage")
+        if lossless and "required_chars" in reason:
+            reason += " --lossless counts the 256 byte pieces among the characters."
         raise VocabularyError(f"vocab train: SentencePiece failed: {reason} (--size {size}, "
                               f"{len(inputs)} input file(s))") from None
