@@ -54,6 +54,15 @@ def test_registration_is_idempotent():
     assert len(builtin.TASK_NAMES) >= 5
 
 
+@pytest.mark.parametrize("task", ["copy", "reverse", "sort", "add", "translate",
+                                  "span_corruption"])
+def test_validation_split_holds_no_train_example(task):
+    train = set(zip(*builtin.generate(task, "train"), strict=True))
+    validation = list(zip(*builtin.generate(task, "validation"), strict=True))
+    assert len(validation) == builtin.SPLIT_SIZES["validation"]
+    assert not [pair for pair in validation if pair in train]
+
+
 def test_exact_match():
     assert builtin.exact_match(["a", "b"], ["a", "c"]) == {"exact_match": 50.0}
 

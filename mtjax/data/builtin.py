@@ -93,7 +93,13 @@ def _make_example(task: str, rng: random.Random) -> tuple[str, str]:
 def generate(task: str, split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Returns (inputs, targets) of a built-in task's split; deterministic, cached."""
     rng = random.Random(f"mtjax-{task}-{split}")
-    pairs = [_make_example(task, rng) for _ in range(SPLIT_SIZES[split])]
+    # Held-out splits hold no example of the train split: a copy would score as learned.
+    seen = set() if split == "train" else set(zip(*generate(task, "train"), strict=True))
+    pairs = []
+    while len(pairs) < SPLIT_SIZES[split]:
+        pair = _make_example(task, rng)
+        if pair not in seen:
+            pairs.append(pair)
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
