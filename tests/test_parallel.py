@@ -202,6 +202,8 @@ from mtjax.train import setup as setup_lib
 for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
                   ["mesh.data=3", "mesh.fsdp=1"], ["mesh.data=2", "mesh.fsdp=2"],
                   ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4", "mesh.rules=fsdp_tensor",
+                   "model.name=t5_1_1_test"],
+                  ["mesh.data=2", "mesh.fsdp=4", "mesh.rules=batch=data,embed=fsdp,mlp=fsdp",
                    "model.name=t5_1_1_test"]):
     try:
         config = config_lib.load(None, overrides)
@@ -213,7 +215,7 @@ for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
 
 def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     lines = subprocess_python(BAD_MESH, devices=8).stdout.strip().splitlines()
-    assert len(lines) == 4, lines
+    assert len(lines) == 5, lines
     assert lines[0].startswith("ConfigError") and "train.batch_size=6" in lines[0]
     assert "mesh.data*mesh.fsdp" in lines[0]
     assert lines[1].startswith("MeshError") and "8 devices" in lines[1]
@@ -221,6 +223,9 @@ def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     # t5_1_1_test has 2 heads: tensor=4 cannot split them; named before compiling.
     assert lines[3].startswith("MeshError") and "mesh.tensor = 4" in lines[3]
     assert "relpos_bias" in lines[3] or "heads" in lines[3]
+    # Two axes of one parameter on one mesh axis: named, not JAX's DuplicateSpecError.
+    assert lines[4].startswith("MeshError") and "map to mesh axis 'fsdp'" in lines[4]
+    assert "mlp.wi" in lines[4] and "mlp=none" in lines[4]
 
 
 def test_rules_table_and_unknown_axis():

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtjax.model import t5
+from mtjax.model import layers, t5
 from mtjax.model.sizes import T5Config
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import layerwise
@@ -45,8 +45,34 @@ class ModelDef:
 
 def abstract_model(config: T5Config, mesh: Mesh, rules: mesh_lib.AxisRules, seed: int = 0):
     """The model's shapes and logical names, without allocating anything."""
-    with mesh_lib.activate(mesh, rules):
-        return nnx.eval_shape(lambda: t5.T5(config, rngs=nnx.Rngs(seed)))
+    try:
+        with mesh_lib.activate(mesh, rules):
+            return nnx.eval_shape(lambda: t5.T5(config, rngs=nnx.Rngs(seed)))
+    except Exception:  # noqa: BLE001 - JAX's own error for it is private and 90 lines deep
+        _check_no_axis_twice(config, mesh, rules)
+        raise
+
+
+def _check_no_axis_twice(config: T5Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> None:
+    """A mesh axis can split one dimension of a parameter only: name the first parameter whose
+    logical axes ``rules`` map to one mesh axis twice."""
+    replicated = tuple((logical, None) for logical, _ in rules)
+    with mesh_lib.activate(mesh, replicated):
+        model = nnx.eval_shape(lambda: t5.T5(config, rngs=nnx.Rngs(0)))
+    table = dict(rules)
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = tuple(getattr(param, "out_sharding", None) or ())
+        seen: dict[str, str] = {}
+        for logical in names:
+            for axis in layers.mesh_axes(table.get(logical)):
+                if axis in seen:
+                    name = ".".join(str(part) for part in path)
+                    raise mesh_lib.MeshError(
+                        f"mesh.rules: {name} has logical axes {names}, and both {seen[axis]} and "
+                        f"{logical} map to mesh axis {axis!r}; a mesh axis splits one dimension "
+                        f"of a parameter: map {logical} (or {seen[axis]}) elsewhere, e.g. "
+                        f"{logical}=none")
+                seen[axis] = logical
 
 
 def abstract_params(config: T5Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> dict[str, Any]:
