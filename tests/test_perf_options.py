@@ -554,7 +554,7 @@ def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches):
                             mesh=mesh, rules=mesh_lib.get_rules("data"))
     host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
     weights = np.ones((4, 8), np.int32)
-    weights[0, 5:] = 0  # the first microbatch weighs 7 tokens, the second 16
+    weights[0, 5:] = 0  # the microbatches, rows (0, 2) and (1, 3), weigh 13 and 10 tokens
     weights[1, 2:] = 0
     host["decoder_loss_weights"] = weights
     batch = {k: jnp.asarray(v) for k, v in host.items()}
@@ -569,3 +569,13 @@ def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches):
     _, metrics = setup.step(state, batch)
     assert float(metrics["weight_sum"]) == 23.0
     np.testing.assert_allclose(metrics["grad_norm"], want, rtol=2e-5)
+
+
+def test_microbatch_i_takes_every_nth_row():
+    """Microbatch i holds rows i, i + n, ...: with the batch split over devices in contiguous
+    blocks, every microbatch takes the same rows from each device's block."""
+    x = jnp.arange(8 * 3).reshape(8, 3)
+    split = step_lib.split_microbatches(x, 2)
+    assert split.shape == (2, 4, 3)
+    for i in range(2):
+        np.testing.assert_array_equal(split[i], x[i::2])
