@@ -186,6 +186,29 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(tiny):
         np.testing.assert_allclose(score_a[row], expected, rtol=1e-5)
 
 
+def test_each_row_samples_its_own_noise_whatever_the_batch(tiny):
+    """A row's sample depends on the seed and its index in the input: repeated inputs differ,
+    and decoding one row at a time (first_row says where) gives what one batch gives."""
+    same = np.repeat(ENC[:1], 4, axis=0)
+    options = DecodeOptions(max_decode_length=7, temperature=1.0, seed=3)
+    whole, scores = tiny.decoder(tiny.params, same, options)
+    assert len({tuple(row) for row in whole.tolist()}) > 1, whole
+    for row in range(4):
+        alone, score = tiny.decoder(tiny.params, same[row:row + 1], options, first_row=row)
+        np.testing.assert_array_equal(alone[0], whole[row])
+        np.testing.assert_allclose(score[0], scores[row], rtol=1e-5)
+
+
+def test_a_vanishing_temperature_is_greedy(tiny):
+    """logits / 1e-45 overflows float32 to inf, where sampling took the first infinite logit
+    rather than the largest."""
+    greedy, _ = tiny.decoder(tiny.params, ENC, DecodeOptions(max_decode_length=7))
+    for temperature in (1e-6, 1e-45):
+        cold, _ = tiny.decoder(tiny.params, ENC, DecodeOptions(max_decode_length=7,
+                                                               temperature=temperature))
+        np.testing.assert_array_equal(cold, greedy, err_msg=str(temperature))
+
+
 # --- Scoring ----------------------------------------------------------------------------------
 
 def test_score_equals_training_loss(tiny):

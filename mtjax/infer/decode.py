@@ -128,7 +128,8 @@ def _encode_and_cache(model, encoder_input_tokens_BS, max_length: int, num_decod
 
 
 def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOptions,
-                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  rng: jax.Array | None = None,
+                  first_row: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
     """Greedy (temperature 0) or sampled decoding; traceable, call under ``jax.jit``.
 
     Args:
@@ -136,6 +137,10 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
         encoder_input_tokens_BS: int32 [B, S], 0 is padding.
         options: max length, temperature, top-k, top-p, EOS.
         rng: a PRNG key when sampling.
+        first_row: the index of row 0 in the whole input. Row r samples with ``rng`` folded
+            with ``first_row + r``: a record's sample depends on the seed and its place in
+            the input, not on the batch it landed in (one key for every batch repeated the
+            same noise in each batch's row r).
 
     Returns:
         (int32 tokens [B, T], float32 log-probability sums [B]).
@@ -145,6 +150,7 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
     cache = _encode_and_cache(model, encoder_input_tokens_BS, t)
     if rng is None:
         rng = jax.random.key(options.seed)
+    row_keys_B = jax.vmap(lambda row: jax.random.fold_in(rng, row))(first_row + jnp.arange(b))
 
     def cond(carry):
         i, _, _, _, done_B, _ = carry
@@ -154,9 +160,14 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
         i, tokens_BT, prev_B1, cache, done_B, logprob_B = carry
         logits_BV, cache = model.decode_step(prev_B1, cache, i)
         if options.sampling:
-            filtered_BV = filter_logits(logits_BV / options.temperature, options.top_k,
-                                        options.top_p)
-            token_B = jax.random.categorical(jax.random.fold_in(rng, i), filtered_BV, axis=-1)
+            # In float32: a tiny temperature overflows logits / T to inf, and categorical
+            # then takes the first infinite logit, not the largest; the argmax keeps the top.
+            scaled_BV = logits_BV.astype(jnp.float32) / options.temperature
+            top_B = jnp.argmax(logits_BV, axis=-1)
+            filtered_BV = filter_logits(scaled_BV, options.top_k, options.top_p)
+            token_B = jax.vmap(lambda key, row_V: jax.random.categorical(
+                jax.random.fold_in(key, i), row_V))(row_keys_B, filtered_BV)
+            token_B = jnp.where(jnp.all(jnp.isfinite(scaled_BV), axis=-1), token_B, top_B)
         else:
             token_B = jnp.argmax(logits_BV, axis=-1)
         token_B = jnp.where(done_B, 0, token_B).astype(jnp.int32)
@@ -254,12 +265,14 @@ def beam_search(model, encoder_input_tokens_BS: jax.Array,
 
 
 def decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOptions,
-           rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The best sequence [B, T] and its score [B] by the algorithm ``options`` select."""
+           rng: jax.Array | None = None,
+           first_row: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+    """The best sequence [B, T] and its score [B] by the algorithm ``options`` select
+    (``first_row``: see ``sample_decode``)."""
     if options.beam_size > 1:
         seqs_BKT, scores_BK = beam_search(model, encoder_input_tokens_BS, options)
         return seqs_BKT[:, 0], scores_BK[:, 0]
-    return sample_decode(model, encoder_input_tokens_BS, options, rng)
+    return sample_decode(model, encoder_input_tokens_BS, options, rng, first_row)
 
 
 class Decoder:
@@ -284,9 +297,9 @@ class Decoder:
     def _fn(self, options: DecodeOptions) -> Callable:
         options = dataclasses.replace(options, seed=0)  # the key is an argument: no recompile
         if options not in self._compiled:
-            def run(params, tokens_BS, rng):
+            def run(params, tokens_BS, rng, first_row):
                 model = self.model_def.merge(params)
-                return decode(model, tokens_BS, options, rng)
+                return decode(model, tokens_BS, options, rng, first_row)
 
             # Inputs keep the shardings they are placed with (parameters by their logical
             # rules, tokens split over the batch axes); outputs are replicated so that every
@@ -296,7 +309,8 @@ class Decoder:
 
     def __call__(self, params: Any, encoder_input_tokens_BS: np.ndarray,
                  options: DecodeOptions, *, batch_size: int | None = None,
-                 rng: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 rng: jax.Array | None = None,
+                 first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decode a host batch (the same on every host).
 
         Args:
@@ -305,6 +319,8 @@ class Decoder:
             options: the decoding algorithm and its settings.
             batch_size: pad to this many rows (keeps one compiled shape across batches).
             rng: sampling key (default: from ``options.seed``).
+            first_row: the index of the batch's first row in the whole input (sampling
+                draws each row's noise from its index, whatever the batch).
 
         Returns:
             (int32 tokens [B, T], float32 scores [B]) as numpy arrays.
@@ -317,7 +333,8 @@ class Decoder:
         if rng is None:
             rng = jax.random.key(options.seed)
         with mesh_lib.activate(self.mesh, self.rules):
-            tokens_BT, scores_B = self._fn(options)(params, tokens_BS, rng)
+            tokens_BT, scores_B = self._fn(options)(params, tokens_BS, rng,
+                                                    np.int32(first_row))
         tokens_BT, scores_B = jax.device_get((tokens_BT, scores_B))
         return np.asarray(tokens_BT)[:n], np.asarray(scores_B)[:n]
 

@@ -224,7 +224,8 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
         else:
             ids, examples = encode_texts(vocabulary, (r["inputs"] for r in chunk)), None
         tokens_BS = batching.pad_ids(ids, batching.bucket_length(max(map(len, ids))))
-        tokens_BT, scores_B = decoder(model.params, tokens_BS, options, batch_size=batch_size)
+        tokens_BT, scores_B = decoder(model.params, tokens_BS, options, batch_size=batch_size,
+                                      first_row=done)
         for i, record in enumerate(chunk):
             text = vocabulary.decode(trim_at_eos(tokens_BT[i], options.eos_id))
             prediction = task_text.postprocess(text, examples[i]) if task_text else text
