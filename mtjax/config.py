@@ -91,8 +91,8 @@ class OptimConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0  # 0 disables clipping
-    # Storage dtype of the optimizer's float state (Adam moments, Adafactor factors); the update
-    # itself is computed in float32. "bfloat16" halves the optimizer's memory.
+    # Storage dtype of the optimizer's first moments (AdamW's mu); the update itself is computed
+    # in float32, and second moments stay float32. "bfloat16" cuts AdamW's state by a quarter.
     state_dtype: str = "float32"
 
 
@@ -351,6 +351,12 @@ def validate(config: Config) -> Config:
                              and pathlib.Path(cache).expanduser().is_file()):
         raise ConfigError(f"config key 'train.compilation_cache' must be 'auto', 'off' or a "
                           f"directory, got {cache!r}")
+    if config.optim.state_dtype != "float32" and config.optim.name == "adafactor":
+        raise ConfigError(
+            f"optim.state_dtype={config.optim.state_dtype} stores first moments (momentum) in "
+            f"that dtype, and adafactor keeps none: its state is second-moment statistics, which "
+            f"stay float32 (rounded to bfloat16 after every step they stop decaying); drop "
+            f"optim.state_dtype, or use optim.name=adamw")
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "

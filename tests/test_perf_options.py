@@ -233,13 +233,43 @@ def test_bfloat16_optimizer_state_stores_bf16_and_updates_like_f32():
     f32_tx, _ = optim.make_optimizer(cfg, 10)
     bf16_tx, _ = optim.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"), 10)
     f32_state, bf16_state = f32_tx.init(params), bf16_tx.init(params)
-    floats = [x for x in jax.tree.leaves(bf16_state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
-    assert any(x.dtype == jnp.int32 for x in jax.tree.leaves(bf16_state))  # counts kept
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_flatten_with_path(bf16_state)[0]}
+    # The first moment in bfloat16; the second moment and the count as they were.
+    assert [d for k, d in dtypes.items() if ".mu" in k] == [jnp.bfloat16]
+    assert [d for k, d in dtypes.items() if ".nu" in k] == [jnp.float32]
+    assert jnp.int32 in dtypes.values()
     for _ in range(3):
         f32_updates, f32_state = f32_tx.update(grads, f32_state, params)
         bf16_updates, bf16_state = bf16_tx.update(grads, bf16_state, params)
         np.testing.assert_allclose(bf16_updates["w"], f32_updates["w"], rtol=2e-2)
+
+
+def test_bfloat16_optimizer_state_follows_a_falling_gradient_scale():
+    """A second moment rounded to bfloat16 after each step never decays (b2 = 0.999 moves it
+    by less than half its last bit): after the gradients shrank 4x, AdamW's updates were half
+    of float32's. Only the first moment is stored in bfloat16, and the updates keep up."""
+    cfg = config_lib.OptimConfig(name="adamw", learning_rate=1e-3, warmup_steps=1,
+                                 grad_clip_norm=0.0)
+    txs = [optim.make_optimizer(dataclasses.replace(cfg, state_dtype=d), 10_000)[0]
+           for d in ("float32", "bfloat16")]
+    params = {"w": jnp.zeros((32, 32))}
+    noise = jax.random.normal(jax.random.key(0), (3000, 32, 32))
+    scale = jnp.where(jnp.arange(3000) < 1500, 1.0, 0.25)[:, None, None]
+
+    def last_update_rms(tx):
+        def body(state, g):
+            updates, state = tx.update({"w": g}, state, params)
+            return state, jnp.sqrt(jnp.mean(updates["w"] ** 2))
+        return jax.jit(lambda: jax.lax.scan(body, tx.init(params), noise * scale)[1][-1])()
+
+    f32_rms, bf16_rms = (float(last_update_rms(tx)) for tx in txs)
+    np.testing.assert_allclose(bf16_rms, f32_rms, rtol=0.05)
+
+
+def test_bfloat16_optimizer_state_with_adafactor_is_refused():
+    with pytest.raises(config_lib.ConfigError, match="adafactor keeps none"):
+        config_lib.load(None, ["optim.name=adafactor", "optim.state_dtype=bfloat16"])
 
 
 def test_train_step_with_every_option(mesh):
@@ -294,7 +324,7 @@ def test_cpu_xla_defaults_respect_user_flags(existing, expected_added):
 @pytest.mark.parametrize("name,extra", [
     ("adafactor", {}),
     ("adamw", {"weight_decay": 0.01}),
-    ("adafactor", {"state_dtype": "bfloat16"}),
+    ("adamw", {"state_dtype": "bfloat16"}),
 ])
 def test_layerwise_optimizer_matches_per_parameter_and_traces_less(mesh, name, extra):
     """model.scan_layers' optimizer: the same state layout and updates, traced once per stack."""
