@@ -609,3 +609,32 @@ def test_microbatch_i_takes_every_nth_row():
     assert split.shape == (2, 4, 3)
     for i in range(2):
         np.testing.assert_array_equal(split[i], x[i::2])
+
+
+def test_a_skipped_step_keeps_the_optimizer_count_with_the_step(mesh):
+    """train.on_nonfinite=skip keeps the old weights and statistics but not the old step count:
+    the optimizer's schedule stays at schedule(state.step), the learning rate the step logs
+    (reverting the count too left every later update one schedule step behind its log)."""
+    config = config_lib.load(None, [
+        "model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=16",
+        "data.targets_length=8", "optim.name=adamw", "optim.warmup_steps=10", "mesh.fsdp=1",
+        "train.on_nonfinite=skip"])
+    setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=20,
+                            mesh=mesh, rules=mesh_lib.get_rules("data"))
+    host = train_bench.synthetic_batch(2, 16, 8, VOCAB)
+    state = setup.init_state(0)
+    for call in range(3):
+        batch = dict(host)
+        if call == 1:  # a NaN weight: a non-finite loss, and the step is skipped
+            batch["decoder_loss_weights"] = host["decoder_loss_weights"].astype(np.float32)
+            batch["decoder_loss_weights"][0, 0] = np.nan
+        before = jax.device_get(state.params)  # the step donates the state's buffers
+        state, metrics = setup.step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+        assert bool(metrics["finite"]) == (call != 1)
+        counts = [int(x) for x in jax.tree.leaves(state.opt_state)
+                  if jnp.issubdtype(x.dtype, jnp.integer)]
+        assert counts and set(counts) == {int(state.step)} == {call + 1}, counts
+        kept = all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True))
+        if call:  # (the first update's warmup learning rate is 0)
+            assert kept == (call == 1)

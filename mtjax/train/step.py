@@ -197,8 +197,12 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         finite = (jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
                   & jnp.isfinite(param_norm))
         if skip_nonfinite:
+            # Weights and statistics keep their old values; the optimizer's step counts (its
+            # integer leaves) advance with state.step, so the update after a skip uses
+            # schedule(state.step), the learning rate logged for it.
             new_params, new_opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
+                lambda new, old: (jnp.where(finite, new, old)
+                                  if jnp.issubdtype(new.dtype, jnp.inexact) else new),
                 (new_params, new_opt_state), (state.params, state.opt_state))
             param_norm = optim.global_norm(new_params)  # of the weights kept
         new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
