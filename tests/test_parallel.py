@@ -342,6 +342,31 @@ def test_two_processes_train_as_one_run(tmp_path):
     assert records[-1]["loss"] < 1.2 * hosts[0][-1]["loss"]
 
 
+@pytest.mark.slow
+def test_a_set_up_error_on_one_host_stops_every_host_in_one_line(tmp_path):
+    """A tasks module that fails on process 1 alone: process 0 stops too, at once, with one
+    line and exit code 2 (it went on into the run lock's broadcast and died there 30 s later
+    with a gloo traceback and exit code 1)."""
+    module = tmp_path / "one_host_tasks.py"
+    module.write_text("import os\n"
+                      "if os.environ['MTJAX_PROCESS_ID'] == '1':\n"
+                      "    raise ValueError('this host lacks the data')\n")
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="2", MTJAX_LOG_DIR=str(tmp_path),
+               MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
+                           "--workdir", str(tmp_path / "run"), "--no-progress",
+                           "--tasks-module", str(module), *TINY, "train.steps=2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    host0 = proc.stdout + proc.stderr
+    host1 = (tmp_path / "mtjax_process_1.log").read_text()
+    assert proc.returncode == 2, host0[-3000:]
+    assert "process(es) 1 stopped in set-up" in host0, host0[-3000:]
+    assert "this host lacks the data" in host1, host1[-3000:]
+    for output in (host0, host1):
+        assert "Traceback" not in output and "DEADLINE_EXCEEDED" not in output
+    assert not (tmp_path / "run").exists()  # nothing written before every host agreed
+
+
 # Run by launch/local_multiprocess.sh in place of mtjax (its "train ..." arguments ignored): both
 # CPU kernels and the XLA paths on the same global arrays, split over the processes.
 KERNELS_OVER_PROCESSES = """

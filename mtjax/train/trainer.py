@@ -286,6 +286,26 @@ class _RunLock:
             self.handle = None
 
 
+def _agree_on_set_up(failure: UserError | None) -> None:
+    """Raise ``failure``, and on several hosts stop every host when any one failed its checks.
+
+    A check can fail on one host alone (a tasks module or an --init-from path its filesystem
+    lacks): the others went on into the run lock's broadcast and died there 30 s later with a
+    gloo traceback. Here they exchange the outcome first, and stop with one line."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.ravel(multihost_utils.process_allgather(np.int32(failure is not None)))
+        others = [i for i, f in enumerate(failed) if f and i != jax.process_index()]
+        if failure is None and others:
+            raise UserError(
+                f"process(es) {', '.join(map(str, others))} stopped in set-up with an error "
+                f"that this host did not see (its log has the line); every host needs the "
+                f"same files, e.g. the --tasks-module and --init-from paths")
+    if failure is not None:
+        raise failure
+
+
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
            progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
     t_start = time.time()
@@ -299,15 +319,20 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     from mtjax.data import pipeline as pipeline_lib
     from mtjax.model import sizes
 
-    sizes.get_config(config.model.name)
-    pipeline_lib.prepare(config)
-    pipeline_lib.resolve_task_names(config.data.mixture)
-    if init_from and not any(p.name.isdigit() for p in workdir.glob("checkpoints/*")):
-        from mtjax.checkpoint import find_state_dir
+    failure: UserError | None = None
+    try:
+        sizes.get_config(config.model.name)
+        pipeline_lib.prepare(config)
+        pipeline_lib.resolve_task_names(config.data.mixture)
+        if init_from and not any(p.name.isdigit() for p in workdir.glob("checkpoints/*")):
+            from mtjax.checkpoint import find_state_dir
 
-        find_state_dir(init_from)  # (a run that resumes does not use it: see below)
-    # A mesh that does not fit the devices or the batch: also before anything is written.
-    mesh, rules = setup_lib.mesh_and_rules(config)
+            find_state_dir(init_from)  # (a run that resumes does not use it: see below)
+        # A mesh that does not fit the devices or the batch: also before anything is written.
+        mesh, rules = setup_lib.mesh_and_rules(config)
+    except UserError as e:
+        failure = e
+    _agree_on_set_up(failure)
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     _log(f"mtjax: workdir {workdir.absolute()}")
