@@ -159,17 +159,15 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
     def body(carry):
         i, tokens_BT, prev_B1, cache, done_B, logprob_B = carry
         logits_BV, cache = model.decode_step(prev_B1, cache, i)
+        token_B = jnp.argmax(logits_BV, axis=-1)  # greedy
         if options.sampling:
             # In float32: a tiny temperature overflows logits / T to inf, and categorical
-            # then takes the first infinite logit, not the largest; the argmax keeps the top.
+            # then takes the first infinite logit, not the largest; such rows stay greedy.
             scaled_BV = logits_BV.astype(jnp.float32) / options.temperature
-            top_B = jnp.argmax(logits_BV, axis=-1)
             filtered_BV = filter_logits(scaled_BV, options.top_k, options.top_p)
-            token_B = jax.vmap(lambda key, row_V: jax.random.categorical(
+            sampled_B = jax.vmap(lambda key, row_V: jax.random.categorical(
                 jax.random.fold_in(key, i), row_V))(row_keys_B, filtered_BV)
-            token_B = jnp.where(jnp.all(jnp.isfinite(scaled_BV), axis=-1), token_B, top_B)
-        else:
-            token_B = jnp.argmax(logits_BV, axis=-1)
+            token_B = jnp.where(jnp.all(jnp.isfinite(scaled_BV), axis=-1), sampled_B, token_B)
         token_B = jnp.where(done_B, 0, token_B).astype(jnp.int32)
         logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
         token_logprob_B = jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
