@@ -334,29 +334,54 @@ def test_two_processes_train_as_one_run(tmp_path):
     assert records[-1]["loss"] < 1.2 * hosts[0][-1]["loss"]
 
 
+ON_HOST_1 = "import os, signal\nif os.environ['MTJAX_PROCESS_ID'] == '1':\n    {}\n"
+CONFIG_FILE = "from mtjax.config import Config\ndef get_config():\n    return Config()\n"
+
+
 @pytest.mark.slow
-def test_a_set_up_error_on_one_host_stops_every_host_in_one_line(tmp_path):
-    """A tasks module that fails on process 1 alone: process 0 stops too, at once, with one
-    line and exit code 2 (it went on into the run lock's broadcast and died there 30 s later
-    with a gloo traceback and exit code 1)."""
-    module = tmp_path / "one_host_tasks.py"
-    module.write_text("import os\n"
-                      "if os.environ['MTJAX_PROCESS_ID'] == '1':\n"
-                      "    raise ValueError('this host lacks the data')\n")
-    env = dict(os.environ, MTJAX_LOCAL_DEVICES="2", MTJAX_LOG_DIR=str(tmp_path),
-               MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
-                           "--workdir", str(tmp_path / "run"), "--no-progress",
-                           "--tasks-module", str(module), *TINY, "train.steps=2"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    host0 = proc.stdout + proc.stderr
-    host1 = (tmp_path / "mtjax_process_1.log").read_text()
-    assert proc.returncode == 2, host0[-3000:]
+@pytest.mark.parametrize("where", ["tasks_module", "config_file"])
+def test_a_set_up_error_on_one_host_stops_every_host_in_one_line(tmp_path, where):
+    """A tasks module or a config file that fails on process 1 alone: process 0 stops too, at
+    once, with one line and exit code 2. Before, a tasks module left process 0 to die in the
+    run lock's broadcast 30 s later with a gloo traceback and exit code 1, and a config file
+    left it waiting 300 s in jax.distributed's start, then aborting with a C++ trace."""
+    module = tmp_path / "one_host.py"
+    module.write_text(ON_HOST_1.format("raise ValueError('this host lacks the data')")
+                      + (CONFIG_FILE if where == "config_file" else ""))
+    flag = ["--tasks-module" if where == "tasks_module" else "--config", str(module)]
+    host0, host1, code = _run_two_hosts(tmp_path, [*flag, *TINY, "train.steps=2"])
+    assert code == 2, host0[-3000:]
     assert "process(es) 1 stopped in set-up" in host0, host0[-3000:]
     assert "this host lacks the data" in host1, host1[-3000:]
     for output in (host0, host1):
         assert "Traceback" not in output and "DEADLINE_EXCEEDED" not in output
     assert not (tmp_path / "run").exists()  # nothing written before every host agreed
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_one_host_starts_stops_every_host(tmp_path):
+    """SIGTERM to process 1 while it reads its config, before JAX's preemption service exists:
+    every host exits 42 before writing anything (the signal was lost, and the run trained to
+    its end and exited 0)."""
+    config = tmp_path / "config.py"
+    config.write_text(ON_HOST_1.format("os.kill(os.getpid(), signal.SIGTERM)") + CONFIG_FILE)
+    host0, host1, code = _run_two_hosts(tmp_path, ["--config", str(config), *TINY,
+                                                   "train.steps=2"])
+    assert code == 42, host0[-3000:] + host1[-3000:]
+    assert "SIGTERM during set-up (process(es) 1): nothing new to save" in host0, host0[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def _run_two_hosts(tmp_path: pathlib.Path, args: list[str]) -> tuple[str, str, int]:
+    """``mtjax train`` as two local processes of one device each: (process 0's output,
+    process 1's log, the launcher's exit code)."""
+    env = dict(os.environ, MTJAX_LOCAL_DEVICES="2", MTJAX_LOG_DIR=str(tmp_path),
+               MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
+                           "--workdir", str(tmp_path / "run"), "--no-progress", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    return (proc.stdout + proc.stderr, (tmp_path / "mtjax_process_1.log").read_text(),
+            proc.returncode)
 
 
 # Run by launch/local_multiprocess.sh in place of mtjax (its "train ..." arguments ignored): both

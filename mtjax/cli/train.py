@@ -11,6 +11,7 @@ import sys
 
 from mtjax import config as config_lib
 from mtjax import outputs
+from mtjax.errors import UserError
 
 HELP = "train (or resume) a run"
 PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter,
@@ -57,9 +58,16 @@ def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.tasks_module:
         overrides.append(f"data.tasks_module={args.tasks_module}")
-    config = config_lib.load(args.config, overrides)
     from mtjax.parallel import distributed
 
+    try:
+        config = config_lib.load(args.config, overrides)
+    except UserError as failure:
+        # On several hosts the others wait for this one in jax.distributed's start (300 s,
+        # then a C++ abort): join it and tell them why this host stops.
+        if distributed.initialize_from_env():
+            distributed.agree_on_set_up(failure)
+        raise
     distributed.initialize_from_env()
     if args.dry_run:
         return _dry_run(config)
@@ -76,10 +84,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: config_lib.Config) -> int:
+    from mtjax.parallel import distributed
     from mtjax.parallel import mesh as mesh_lib
     from mtjax.train import dryrun, setup
 
-    mesh, _ = setup.mesh_and_rules(config)
+    failure = None
+    try:
+        mesh, _ = setup.mesh_and_rules(config)
+    except UserError as e:
+        failure = e
+    distributed.agree_on_set_up(failure)  # what train does first: the hosts stop together
     print(f"mtjax: planning {config.model.name} and compiling its train step (nothing runs; "
           "a large model takes minutes)", file=sys.stderr, flush=True)
     report = dryrun.dry_run(config)

@@ -3,13 +3,18 @@
 Which runtime starts us decides how: explicit ``MTJAX_COORDINATOR_ADDRESS`` /
 ``MTJAX_NUM_PROCESSES`` / ``MTJAX_PROCESS_ID`` (the local launcher, or any scheduler), SLURM with
 more than one task, or a multi-host TPU VM; otherwise a single process needs nothing.
+
+JAX is imported only when a multi-process run is described: a single process that stops on a
+config mistake says so without the seconds of importing it.
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
+import numpy as np
+
+from mtjax.errors import UserError
 
 
 def _env_int(name: str) -> int | None:
@@ -24,6 +29,12 @@ def initialize_from_env() -> bool:
       True when a multi-process runtime was initialised.
     """
     address = os.environ.get("MTJAX_COORDINATOR_ADDRESS")
+    slurm = (_env_int("SLURM_NTASKS") or 1) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (address or slurm or tpu_pod):
+        return False
+    import jax
+
     if address:
         # CPU collectives across processes go through gloo (loopback multi-host runs); the
         # setting only concerns the CPU backend. Asking for the backend here would start it
@@ -34,12 +45,46 @@ def initialize_from_env() -> bool:
             num_processes=_env_int("MTJAX_NUM_PROCESSES"),
             process_id=_env_int("MTJAX_PROCESS_ID"),
         )
-        return True
-    if (_env_int("SLURM_NTASKS") or 1) > 1:
-        jax.distributed.initialize()  # reads SLURM's environment
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "," in hosts:
-        jax.distributed.initialize()  # reads the TPU VM's metadata
-        return True
-    return False
+    else:
+        jax.distributed.initialize()  # reads SLURM's environment or the TPU VM's metadata
+    return True
+
+
+def agree_on_set_up(failure: UserError | None, preempted: bool = False) -> list[int]:
+    """Raise ``failure``, and on several hosts stop every host when any one failed its checks.
+
+    A check can fail on one host alone (a config file, tasks module or --init-from path its
+    filesystem lacks, a per-host wrapper's misspelt key): the others would go on into the next
+    collective and die there with a gloo traceback, or wait for that host in
+    ``jax.distributed``'s start for 300 s and abort. Here every host exchanges the outcome of
+    its checks first, and they all stop with one line.
+
+    Args:
+      failure: this host's set-up error, if any.
+      preempted: whether this host had a SIGTERM while it started (before JAX's preemption
+        service existed to spread it).
+
+    Returns:
+      The processes that had such a SIGTERM (every host gets the same list, so every host
+      can stop before anything is written).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return [0] if preempted else []
+    from jax.experimental import multihost_utils
+
+    code = 2 if failure is not None else int(preempted)
+    codes = np.ravel(multihost_utils.process_allgather(np.int32(code)))
+    others = [i for i, c in enumerate(codes) if c == 2 and i != jax.process_index()]
+    if failure is not None:
+        raise failure
+    if others:
+        raise UserError(
+            f"process(es) {', '.join(map(str, others))} stopped in set-up with an error that "
+            f"this host did not see (its log has the line); every host needs the same command "
+            f"line and the same files (the --config file, the --tasks-module and --init-from "
+            f"paths)")
+    return [i for i, c in enumerate(codes) if c == 1]

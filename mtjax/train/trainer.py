@@ -25,6 +25,7 @@ from mtjax import compile_cache, outputs
 from mtjax import config as config_lib
 from mtjax.checkpoint import CheckpointError, RunCheckpoints
 from mtjax.errors import TrainingError, UserError
+from mtjax.parallel import distributed
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import metrics as metrics_lib
 from mtjax.train import setup as setup_lib
@@ -112,12 +113,13 @@ class _Preemption:
         self.signal_name = "SIGTERM"  # or "Ctrl-C", where that came first
         self._multihost = jax.process_count() > 1 and _preemption_service_running()
         self._previous: dict[int, Any] = {}
-        if not self._multihost:
-            from mtjax.train import early_stop
+        from mtjax.train import early_stop
 
-            # A SIGTERM that came while mtjax started (several hosts cannot use it: they must
-            # agree on the step to stop at, which JAX's preemption service does).
-            self.raised = early_stop.take()
+        # A SIGTERM that came while mtjax started, before JAX's preemption service or our
+        # handler existed: the hosts agree on it in set-up (:meth:`stop_at_start`).
+        self.at_start = early_stop.take()
+        if not self._multihost:
+            self.raised = self.at_start
             # Ctrl-C too, on one process: save and stop instead of a KeyboardInterrupt that
             # loses every step since the last checkpoint. A second Ctrl-C stops at once.
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -139,6 +141,16 @@ class _Preemption:
     @property
     def exit_code(self) -> int:
         return INTERRUPTED_EXIT_CODE if self.signal_name == "Ctrl-C" else PREEMPTED_EXIT_CODE
+
+    def stop_at_start(self, processes: list[int]) -> None:
+        """Raise :class:`Preempted` on every host when any host had a SIGTERM while mtjax
+        started (``processes``, agreed by every host): nothing is written yet."""
+        if processes:
+            where = (f" (process(es) {', '.join(map(str, processes))})"
+                     if self._multihost else "")
+            _log(f"SIGTERM during set-up{where}: nothing new to save; exiting with code "
+                 f"{PREEMPTED_EXIT_CODE}")
+            raise Preempted(-1, PREEMPTED_EXIT_CODE)
 
     def stop_during_set_up(self, step: int | None = None) -> None:
         """Raise :class:`Preempted` if a signal came while the run was being set up (one
@@ -286,26 +298,6 @@ class _RunLock:
             self.handle = None
 
 
-def _agree_on_set_up(failure: UserError | None) -> None:
-    """Raise ``failure``, and on several hosts stop every host when any one failed its checks.
-
-    A check can fail on one host alone (a tasks module or an --init-from path its filesystem
-    lacks): the others went on into the run lock's broadcast and died there 30 s later with a
-    gloo traceback. Here they exchange the outcome first, and stop with one line."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = np.ravel(multihost_utils.process_allgather(np.int32(failure is not None)))
-        others = [i for i, f in enumerate(failed) if f and i != jax.process_index()]
-        if failure is None and others:
-            raise UserError(
-                f"process(es) {', '.join(map(str, others))} stopped in set-up with an error "
-                f"that this host did not see (its log has the line); every host needs the "
-                f"same files, e.g. the --tasks-module and --init-from paths")
-    if failure is not None:
-        raise failure
-
-
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
            progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
     t_start = time.time()
@@ -332,7 +324,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         mesh, rules = setup_lib.mesh_and_rules(config)
     except UserError as e:
         failure = e
-    _agree_on_set_up(failure)
+    preemption.stop_at_start(distributed.agree_on_set_up(failure, preemption.at_start))
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     _log(f"mtjax: workdir {workdir.absolute()}")
