@@ -61,6 +61,11 @@ def test_validation_split_holds_no_train_example(task):
     validation = list(zip(*builtin.generate(task, "validation"), strict=True))
     assert len(validation) == builtin.SPLIT_SIZES["validation"]
     assert not [pair for pair in validation if pair in train]
+    # The sizes the source declares (mixing strategies read them) are the data's own.
+    source = seqio.get_mixture_or_task(f"mtjax_{task}").source
+    for split in ("train", "validation"):
+        counted = int(source.get_dataset(split=split, shuffle=False).cardinality())
+        assert source.num_input_examples(split) == counted == len(builtin.generate(task, split)[0])
 
 
 def test_exact_match():

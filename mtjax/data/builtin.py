@@ -179,6 +179,7 @@ def _replace_spans_with_sentinels(tokens, noise_mask, vocab_size):
 
 
 @seqio.map_over_dataset(num_seeds=1)
+@tf.autograph.experimental.do_not_convert  # plain TF ops: converting only costs start-up
 def span_corruption(features, seed, output_features):
     """Tokenized `targets` -> `inputs` with spans replaced by sentinels, `targets` the spans."""
     tokens = features["targets"]
@@ -208,7 +209,9 @@ def register() -> None:
             preprocessors.insert(1, span_corruption)
         seqio.TaskRegistry.add(
             name,
-            source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES)),
+            # The sizes are known without building the data (mixing strategies ask for them).
+            source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES),
+                                            num_input_examples=SPLIT_SIZES),
             output_features=features,
             preprocessors=preprocessors,
             # Span corruption's `targets_pretokenized` is the uncorrupted text, not the spans

@@ -81,6 +81,7 @@ def _assign_rows(sizes_KW: tf.Tensor, limits_K: tf.Tensor) -> tuple[tf.Tensor, .
     return rows.stack(), tf.transpose(offsets.stack()), segments.stack()
 
 
+@tf.autograph.experimental.do_not_convert  # TF ops and tf.while_loop: nothing to convert
 def _pack_window(batch: Mapping[str, tf.Tensor],
                  feature_lengths: Mapping[str, int]) -> dict[str, tf.Tensor]:
     keys = list(feature_lengths)
