@@ -547,3 +547,38 @@ def test_a_task_whose_source_yields_lines_takes_the_line(tmp_path):
     with pytest.raises(UserError, match="input record 4 has no text: task 't_lines' reads "
                                         "lines"):
         task.encode([{"question": "x"}], first=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["--input", "--checkpoint"])
+def test_a_file_one_host_lacks_stops_every_host_of_infer(trained_run, tmp_path, missing):
+    """`mtjax infer` as two processes of one multi-host run, where process 1 is given a file
+    that does not exist: both stop with one line and exit code 2. Before, a missing --input
+    left process 0 waiting 300 s for process 1 in jax.distributed's start, then aborting."""
+    import socket
+    import subprocess
+    import sys
+
+    good = tmp_path / "inputs.jsonl"
+    good.write_text('{"inputs": "copy: a b c"}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for process_id in (0, 1):
+        paths = {"--input": good, "--checkpoint": trained_run}
+        if process_id == 1:
+            paths[missing] = tmp_path / "not_on_this_host"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                   MTJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MTJAX_NUM_PROCESSES="2",
+                   MTJAX_PROCESS_ID=str(process_id))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mtjax", "infer", "--no-progress",
+             *(str(x) for pair in paths.items() for x in pair)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert "process(es) 1 stopped in set-up" in err0, err0[-2000:]
+    assert "not_on_this_host" in err1, err1[-2000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err, err[-3000:]

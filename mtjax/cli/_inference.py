@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from mtjax.errors import UserError
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,23 @@ def note_empty_input(args: argparse.Namespace, records: list) -> None:
               f"nothing to do", file=sys.stderr, flush=True)
 
 
+def on_every_host(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command's ``run`` whose mistakes before the checkpoint loads (a flag, an --input file
+    one host lacks) stop every host of a multi-host run, not this one alone."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except UserError as failure:
+            from mtjax.parallel import distributed
+
+            distributed.stop_with_the_others(failure)
+            raise
+
+    return wrapped
+
+
 def load(args: argparse.Namespace):
     """Start multi-host JAX if configured, then load the checkpoint (params only)."""
     from mtjax.config import ConfigError
@@ -46,14 +66,22 @@ def load(args: argparse.Namespace):
     distributed.initialize_from_env()
     from mtjax.infer import load as load_lib
 
+    # What can fail on one host alone, checked before any host reads the checkpoint (Orbax
+    # reads, even a config's JSON, wait for every host).
+    failure = None
+    try:
+        load_lib.find_step_dir(args.checkpoint)
+        if args.tasks_module:
+            from mtjax.data import tasks as tasks_lib
+
+            tasks_lib.import_tasks_module(args.tasks_module)
+    except UserError as e:
+        failure = e
+    distributed.agree_on_set_up(failure)
     model = load_lib.load(args.checkpoint)
     from mtjax import compile_cache
 
     compile_cache.enable(model.config.train.compilation_cache)  # the run's own setting
-    if args.tasks_module:
-        from mtjax.data import tasks as tasks_lib
-
-        tasks_lib.import_tasks_module(args.tasks_module)
     _log(args, f"mtjax: loaded {model.config.model.name} from {model.step_dir}")
     return model
 

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default 0: the longest target of the eval examples")
 
 
+@_inference.on_every_host
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 

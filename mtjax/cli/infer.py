@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the length penalty)")
 
 
+@_inference.on_every_host
 def run(args: argparse.Namespace) -> int:
     from mtjax.infer import records as records_lib
     from mtjax.infer.decode import DecodeOptions, DecodeOptionsError

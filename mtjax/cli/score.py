@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write (default: stdout)")
 
 
+@_inference.on_every_host
 def run(args: argparse.Namespace) -> int:
     from mtjax.infer import records as records_lib
 

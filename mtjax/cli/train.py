@@ -63,10 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = config_lib.load(args.config, overrides)
     except UserError as failure:
-        # On several hosts the others wait for this one in jax.distributed's start (300 s,
-        # then a C++ abort): join it and tell them why this host stops.
-        if distributed.initialize_from_env():
-            distributed.agree_on_set_up(failure)
+        distributed.stop_with_the_others(failure)
         raise
     distributed.initialize_from_env()
     if args.dry_run:

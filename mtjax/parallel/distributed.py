@@ -22,12 +22,16 @@ def _env_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+_started = False
+
+
 def initialize_from_env() -> bool:
     """Start ``jax.distributed`` when the environment describes a multi-process run.
 
     Returns:
       True when a multi-process runtime was initialised.
     """
+    global _started
     address = os.environ.get("MTJAX_COORDINATOR_ADDRESS")
     slurm = (_env_int("SLURM_NTASKS") or 1) > 1
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -47,7 +51,19 @@ def initialize_from_env() -> bool:
         )
     else:
         jax.distributed.initialize()  # reads SLURM's environment or the TPU VM's metadata
+    _started = True
     return True
+
+
+def stop_with_the_others(failure: UserError) -> None:
+    """Call before raising a set-up error found before ``jax.distributed`` started.
+
+    The other hosts wait for this one in the start (300 s, then a C++ abort): start it anyway,
+    and tell them at their first :func:`agree_on_set_up` why this host stops. Nothing to do
+    on one process, or once the start is behind us (the hosts agree at their own points).
+    """
+    if not _started and initialize_from_env():
+        agree_on_set_up(failure)
 
 
 def agree_on_set_up(failure: UserError | None, preempted: bool = False) -> list[int]:
