@@ -64,14 +64,15 @@ def _params(run_dir, step):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
-    """An uninterrupted run vs runs stopped at a random step by SIGKILL or SIGTERM and
-    restarted with the same command: identical per-step losses and final parameters.
+    """An uninterrupted run vs one run stopped at a random step by SIGKILL, restarted with the
+    same command, stopped again later by SIGTERM, and restarted again: identical per-step
+    losses and final parameters.
 
-    The run is 48 steps though the stop comes within the first 13: the signal must land before
+    The run is 48 steps though the stops come within the first 25: a signal must land before
     the run ends, and the tiny model goes through a step in tens of milliseconds (a 16-step run
     once finished between the test's polls on a loaded CI machine)."""
     total = 48
-    # The five runs compile the same programs: the later ones load them from a cache (about
+    # The four runs compile the same programs: the later ones load them from a cache (about
     # 6 s each here), and the resumed runs must match the uninterrupted one all the same.
     # Logged every 3 steps, saved every 4: a SIGTERM mostly lands between logging steps, and
     # the steps since the last row travel with its checkpoint (the rows must match too).
@@ -81,31 +82,34 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
     subprocess.run(_train_cmd(whole, *overrides), env=_env(), check=True, capture_output=True)
     expected = metrics_lib.read_jsonl(whole / "metrics.jsonl")
     rng = random.Random()
+    workdir, seen, stops = tmp_path / "stopped", 0, []
     for sig in (signal.SIGKILL, signal.SIGTERM):
-        stop_at = rng.randint(5, 13)
-        workdir = tmp_path / sig.name
         proc = subprocess.Popen(_train_cmd(workdir, *overrides), env=_env(),
                                 stderr=subprocess.PIPE, text=True)
+        # The second run starts from the first one's rows: wait for steps past them.
+        stop_at = rng.randint(seen + 4, seen + 12)
         seen = _wait_for_step_and_checkpoint(proc, workdir, stop_at)
+        stops.append(f"{sig.name} after step {seen} (random stop {stop_at})")
         proc.send_signal(sig)
         code = proc.wait(timeout=120)
         err = proc.stderr.read()
         if sig == signal.SIGTERM:
+            assert "resuming from" in err, err[-3000:]
             assert code == 42, (code, err[-2000:])
             saved = int(err.split("SIGTERM: saved step ")[1].split(";")[0])
             assert saved >= seen and (workdir / "checkpoints" / str(saved)).is_dir()
         else:
             assert code == -signal.SIGKILL
-        again = subprocess.run(_train_cmd(workdir, *overrides), env=_env(),
-                               capture_output=True, text=True)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "resuming from" in again.stderr
-        got = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
-        message = f"{sig.name} after step {seen} (random stop {stop_at})"
-        assert [r["step"] for r in got] == [r["step"] for r in expected], message
-        assert [r["loss"] for r in got] == [r["loss"] for r in expected], message
-        for a, b in zip(_params(workdir, total), _params(whole, total), strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=message)
+    again = subprocess.run(_train_cmd(workdir, *overrides), env=_env(),
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    got = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+    message = ", then ".join(stops)
+    assert [r["step"] for r in got] == [r["step"] for r in expected], message
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected], message
+    for a, b in zip(_params(workdir, total), _params(whole, total), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=message)
 
 
 @pytest.fixture(scope="module")

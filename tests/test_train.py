@@ -215,7 +215,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(trainer, "make_pipeline",
                         lambda *a, **k: InterruptedAtThirdBatch(build(*a, **k)))
     # The three runs compile the same programs: the later ones load them from the cache.
-    config = tiny_config("train.steps=6", "checkpoint.every_steps=100",
+    config = tiny_config("train.steps=6", "checkpoint.every_steps=100", "eval.at_end=false",
                          f"train.compilation_cache={tmp_path / 'jax_cache'}")
     with pytest.raises(trainer.Preempted) as info:
         trainer.train(config, tmp_path / "run", progress=False)
