@@ -266,6 +266,22 @@ def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     assert "mlp.wi" in lines[4] and "mlp=none" in lines[4]
 
 
+def test_an_unrelated_model_error_is_raised_as_itself(monkeypatch):
+    """A failure while building the model's shapes is diagnosed for a doubled mesh axis; an
+    unrelated one is raised as it was, not again by the diagnosis with the first chained."""
+    from mtjax.model import sizes, t5
+    from mtjax.train import state
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken model")
+
+    monkeypatch.setattr(t5, "T5", broken)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape())
+    with pytest.raises(ValueError, match="broken model") as info:
+        state.abstract_model(sizes.get_config("t5_1_1_test"), mesh, mesh_lib.get_rules("fsdp"))
+    assert info.value.__context__ is None
+
+
 def test_rules_table_and_unknown_axis():
     rules = dict(mesh_lib.get_rules("batch=data+fsdp,embed=fsdp,heads=tensor"))
     assert rules["batch"] == ("data", "fsdp") and rules["heads"] == "tensor"

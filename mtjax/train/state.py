@@ -49,7 +49,12 @@ def abstract_model(config: T5Config, mesh: Mesh, rules: mesh_lib.AxisRules, seed
         with mesh_lib.activate(mesh, rules):
             return nnx.eval_shape(lambda: t5.T5(config, rngs=nnx.Rngs(seed)))
     except Exception:  # noqa: BLE001 - JAX's own error for it is private and 90 lines deep
-        _check_no_axis_twice(config, mesh, rules)
+        try:
+            _check_no_axis_twice(config, mesh, rules)
+        except mesh_lib.MeshError:
+            raise
+        except Exception:  # noqa: BLE001, S110 - the first failure again: it is the one to show
+            pass
         raise
 
 
