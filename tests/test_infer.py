@@ -576,7 +576,11 @@ def test_a_file_one_host_lacks_stops_every_host_of_infer(trained_run, tmp_path, 
             [sys.executable, "-m", "mtjax", "infer", "--no-progress",
              *(str(x) for pair in paths.items() for x in pair)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    try:
+        (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()  # where one waits for the other (the failure): leave no process behind
     assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
     assert "process(es) 1 stopped in set-up" in err0, err0[-2000:]
     assert "not_on_this_host" in err1, err1[-2000:]
