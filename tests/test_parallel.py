@@ -374,6 +374,21 @@ def test_a_set_up_error_on_one_host_stops_every_host_in_one_line(tmp_path, where
     assert not (tmp_path / "run").exists()  # nothing written before every host agreed
 
 
+def test_a_start_that_fails_leaves_this_hosts_own_error(monkeypatch):
+    """A set-up error before jax.distributed started starts it to tell the other hosts; if
+    that start fails too (no coordinator), the host's own one-line error is still the one
+    raised, not the start's traceback."""
+    from mtjax.errors import UserError
+    from mtjax.parallel import distributed
+
+    def unreachable() -> bool:
+        raise RuntimeError("coordinator unreachable")
+
+    monkeypatch.setattr(distributed, "_started", False)
+    monkeypatch.setattr(distributed, "initialize_from_env", unreachable)
+    assert distributed.stop_with_the_others(UserError("unknown config key")) is None
+
+
 @pytest.mark.slow
 def test_a_sigterm_while_one_host_starts_stops_every_host(tmp_path):
     """SIGTERM to process 1 while it reads its config, before JAX's preemption service exists:

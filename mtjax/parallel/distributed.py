@@ -62,8 +62,15 @@ def stop_with_the_others(failure: UserError) -> None:
     and tell them at their first :func:`agree_on_set_up` why this host stops. Nothing to do
     on one process, or once the start is behind us (the hosts agree at their own points).
     """
-    if not _started and initialize_from_env():
-        agree_on_set_up(failure)
+    if _started:
+        return
+    try:
+        if initialize_from_env():
+            agree_on_set_up(failure)  # raises it
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - no runtime to tell: this host's error still shows
+        pass
 
 
 def agree_on_set_up(failure: UserError | None, preempted: bool = False) -> list[int]:
