@@ -349,7 +349,8 @@ def test_a_bucket_url_as_workdir_is_refused_with_the_fix(tmp_path, monkeypatch):
     from mtjax.train import trainer
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(config_lib.ConfigError, match="mount the bucket"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="--workdir gs://bucket/runs/x: .*mount the bucket"):
         trainer.train(tiny_config(), "gs://bucket/runs/x", progress=False)
     assert not list(tmp_path.iterdir())  # no local "gs:" directory
 

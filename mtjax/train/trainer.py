@@ -301,11 +301,7 @@ class _RunLock:
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
            progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
     t_start = time.time()
-    if "://" in str(workdir):
-        raise config_lib.ConfigError(
-            f"--workdir {workdir}: mtjax writes the run directory through the local filesystem; "
-            f"mount the bucket (e.g. gcsfuse) and give the mounted path")
-    workdir = pathlib.Path(workdir)
+    given, workdir = str(workdir), pathlib.Path(workdir)
 
     # --- A misspelt model, tasks module or mixture: one line, before anything is printed ----
     from mtjax.data import pipeline as pipeline_lib
@@ -313,6 +309,10 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
     failure: UserError | None = None
     try:
+        if "://" in given:
+            raise config_lib.ConfigError(
+                f"--workdir {given}: mtjax writes the run directory through the local "
+                f"filesystem; mount the bucket (e.g. gcsfuse) and give the mounted path")
         sizes.get_config(config.model.name)
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
