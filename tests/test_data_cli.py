@@ -85,6 +85,9 @@ def test_tasks_preview_span_corruption_text(capsys):
      "failed to import (at {tmp}/raises.py:2): KeyError: 'text_col'"),
     (["tasks", "list", "--tasks-module", "{tmp}/broken.py"],
      "failed to import (at {tmp}/broken.py:1): SyntaxError: invalid syntax"),
+    # Raised inside the standard library: the user's line that called it is named.
+    (["tasks", "list", "--tasks-module", "{tmp}/bad_json.py"],
+     "failed to import (at {tmp}/bad_json.py:3): JSONDecodeError: Expecting property name"),
     # A module name for a file of the current directory, which is not on the module path.
     (["tasks", "list", "--tasks-module", "raises"],
      "'raises' not found on Python's module path, but raises.py is here: give the file, "
@@ -94,6 +97,7 @@ def test_mistakes_are_one_line(capsys, argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("columns = {}\ncolumn = columns['text_col']\n")
     (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "bad_json.py").write_text("import json\n\njson.loads('{oops')\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
     needle = needle.format(tmp=tmp_path)
     code, _, err = run(argv, capsys)

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import pathlib
 import sys
+import sysconfig
 import traceback
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -86,12 +87,23 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
 
 
 def _failed_import(name_or_path: str, error: Exception) -> TasksModuleError:
-    """One line: the error, its type, and where in the user's code it was raised (the last
-    frame outside mtjax, seqio and the standard library's import machinery)."""
+    """One line: the error, its type, and where in the user's code it was raised: the last
+    frame outside mtjax, seqio, the import machinery, the standard library and installed
+    packages (a ``json.loads`` that fails is the user's line calling it, not json's own), else
+    the last frame outside the first three (a tasks module installed as a package)."""
+    frames = list(reversed(traceback.extract_tb(error.__traceback__)))
+    ours = (f"{os.sep}mtjax{os.sep}", f"{os.sep}seqio{os.sep}", "<frozen ")
+    installed = tuple(str(pathlib.Path(p)) + os.sep for key, p in sysconfig.get_paths().items()
+                      if key in ("stdlib", "platstdlib", "purelib", "platlib"))
+
+    def users(frame, strict: bool) -> bool:
+        return not any(part in frame.filename for part in ours) and not (
+            strict and frame.filename.startswith(installed))
+
     where = ""
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if not any(part in frame.filename for part in (
-                f"{os.sep}mtjax{os.sep}", f"{os.sep}seqio{os.sep}", "<frozen ")):
+    for strict in (True, False):
+        frame = next((f for f in frames if users(f, strict)), None)
+        if frame is not None:
             where = f" (at {frame.filename}:{frame.lineno})"
             break
     if isinstance(error, SyntaxError):
