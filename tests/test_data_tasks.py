@@ -110,6 +110,11 @@ def test_file_task_definition_errors(data_dir):
     tasks.add_file_task("t_empty", str(data_dir / "empty.tsv"))
     with pytest.raises(UserError, match="is empty"):
         InputPipeline("t_empty", inputs_length=32, targets_length=8, batch_size=2)
+    # Every line malformed: the pipeline says which and why, not just "empty".
+    (data_dir / "latin1.tsv").write_bytes("caf\xe9\tcoffee\n".encode("latin-1"))
+    tasks.add_file_task("t_latin1", str(data_dir / "latin1.tsv"))
+    with pytest.raises(UserError, match=r"1 malformed line\(s\): .*latin1.tsv:1: not UTF-8"):
+        InputPipeline("t_latin1", inputs_length=32, targets_length=8, batch_size=2)
     with pytest.raises(DataError, match="no split 'validation'"):
         InputPipeline("t_tsv_skip", inputs_length=32, targets_length=8, batch_size=2,
                       split="validation")

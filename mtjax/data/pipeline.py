@@ -174,9 +174,13 @@ class InputPipeline:
         self.num_examples = {t.name: mixing_lib.num_examples(t, split) for t in tasks}
         self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
                                               temperature=mixing_temperature, split=split)
-        for name, n in self.num_examples.items():
-            if n == 0:
-                raise DataError(f"task {name!r}: split {split!r} is empty (0 examples)")
+        for task in tasks:
+            if self.num_examples[task.name] == 0:
+                check = getattr(task.source, "check", None)  # a file task says why: the
+                if check is not None:  # malformed lines, or the files it read
+                    with _as_data_error(task.name, split):
+                        check(split)
+                raise DataError(f"task {task.name!r}: split {split!r} is empty (0 examples)")
         lengths = {"inputs": inputs_length, "targets": targets_length}
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
 
