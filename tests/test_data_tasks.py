@@ -120,6 +120,17 @@ def test_file_task_definition_errors(data_dir):
                       split="validation")
 
 
+def test_the_count_of_a_file_task_is_what_its_reader_yields(data_dir):
+    """Lines of Unicode whitespace (U+3000, NBSP, \\x1f) are text to the reader, which strips
+    ASCII whitespace only; the count (mixing rates, `tasks show`) said 2 examples of 4."""
+    (data_dir / "spaces.tsv").write_text("a\tb\n\u3000\t\u3000\nc\td\n\x1f\t\xa0\n \t \n\n")
+    task = tasks.add_file_task("t_spaces", str(data_dir / "spaces.tsv"))
+    got = [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+           for ex in _examples(task)]
+    assert got == [("a", "b"), ("\u3000", "\u3000"), ("c", "d"), ("\x1f", "\xa0")]
+    assert task.source.num_input_examples("train") == len(got)
+
+
 def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):
     """A byte-order mark and a trailing blank line are read as the editor meant; a null JSON
     value, a compressed file and a missing file of a list are named, not turned into text or

@@ -98,7 +98,7 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
             except UnicodeDecodeError:
                 bad(path, number, "not UTF-8")
                 continue
-            if not line.strip() and not (fmt == "tsv" and header and number == 1):
+            if _blank(line) and not (fmt == "tsv" and header and number == 1):
                 continue  # a blank line carries no example (editors leave one at the end)
             if fmt == "tsv":
                 fields = line.split("\t")
@@ -131,6 +131,13 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
                 f"column index(es) {too_far} out of range: {files[0]} has {expected} "
                 "tab-separated fields per line")
     return Scan(examples, malformed, tuple(locations), names, expected)
+
+
+def _blank(line: str) -> bool:
+    """Whitespace only, as the TSV/text reader's tf.strings.strip sees it: ASCII whitespace.
+    (Python's own strip() also takes U+3000, NBSP and \\x1c-\\x1f for blank, and the count
+    then missed lines the reader yields.)"""
+    return not line.strip(" \t\n\v\f\r")
 
 
 def _json_problem(line: str, keys: tuple) -> str | None:
@@ -287,7 +294,7 @@ class FileSource(seqio.FileDataSource):
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     continue
-                if not line.strip() or _json_problem(line, tuple(self.columns.values())):
+                if _blank(line) or _json_problem(line, tuple(self.columns.values())):
                     continue
                 obj = json.loads(line)
                 for k, key in self.columns.items():
