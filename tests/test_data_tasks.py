@@ -90,6 +90,14 @@ def test_jsonl_task_with_column_mapping(data_dir):
     assert scan.malformed == 3 and scan.examples == 2
     assert any("qa.jsonl:3: invalid JSON" in x for x in scan.locations)
     assert any("qa.jsonl:5: no key 'a'" in x for x in scan.locations)
+    # Numbers and true/false reach the model as the file writes them (json.dumps of the
+    # parsed value gave "100000.0" for 1e5 and "1.1" for 1.10).
+    (data_dir / "numbers.jsonl").write_text(
+        '{"q": 1e5, "a": 1.10}\n{"q": true, "a": -0}\n{"q": 12, "a": "x"}\n')
+    task = tasks.add_file_task("t_numbers", str(data_dir / "numbers.jsonl"),
+                               columns={"inputs": "q", "targets": "a"})
+    assert [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+            for ex in _examples(task)] == [("1e5", "1.10"), ("true", "-0"), ("12", "x")]
 
 
 def test_file_task_definition_errors(data_dir):

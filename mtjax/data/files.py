@@ -158,7 +158,7 @@ def _json_problem(line: str, keys: tuple) -> str | None:
 
 
 def _json_text(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value)  # true, false
 
 
 class FileSource(seqio.FileDataSource):
@@ -296,7 +296,8 @@ class FileSource(seqio.FileDataSource):
                     continue
                 if _blank(line) or _json_problem(line, tuple(self.columns.values())):
                     continue
-                obj = json.loads(line)
+                # Numbers as written in the file: json.dumps(1e5) would give "100000.0".
+                obj = json.loads(line, parse_int=str, parse_float=str, parse_constant=str)
                 for k, key in self.columns.items():
                     columns[k].append(_json_text(obj[key]))
         return tf.data.Dataset.from_tensor_slices(
