@@ -137,6 +137,9 @@ def test_lossless_vocabulary_gives_back_any_text(capsys, tmp_path):
         vocab = get_vocabulary(str(out_dir / "spm.model"))
         decoded[lossless] = [vocab.decode(vocab.encode(t)) for t in texts]
     assert decoded[True] == texts
+    # The README's exceptions: SentencePiece's space sign, and text that spells a sentinel.
+    assert vocab.decode(vocab.encode("meta\u2581char")) == "meta char"
+    assert vocab.vocab_size - 1 - 3 in vocab.encode("a <extra_id_3> b")
     assert all(got != text for got, text in zip(decoded[False], texts, strict=True))
 
 
