@@ -335,12 +335,20 @@ def detect_format(src: pathlib.Path) -> str:
     raise conv.ConversionError(f"cannot tell the format of {src}; pass --from hf|t5x|mtjax")
 
 
+# The sentinels <extra_id_0..99> mtjax adds on top of a SentencePiece model's pieces
+# (mtjax.data.vocab.EXTRA_IDS; not imported: that package starts seqio and TensorFlow).
+SENTINELS = 100
+
+
 def vocabulary_size(vocabulary: str) -> int:
+    """The size of the vocabulary `mtjax train` makes of this file: a SentencePiece model's
+    pieces plus the 100 sentinels (T5's 32,000 + 100, in 32,128 embedding rows)."""
     if vocabulary == "byte":
         return 259  # seqio.ByteVocabulary: pad, eos, unk, then 256 bytes
     import sentencepiece
 
-    return sentencepiece.SentencePieceProcessor(model_file=vocabulary).get_piece_size()
+    pieces = sentencepiece.SentencePieceProcessor(model_file=vocabulary).get_piece_size()
+    return pieces + SENTINELS
 
 
 def _check_vocabulary(vocab: str | None) -> str | None:

@@ -174,8 +174,17 @@ def test_spm_vocabulary_is_copied_and_recorded_relative(tmp_path):
     for name in ("config.json", "model.safetensors"):
         (hf / name).write_bytes((FIXTURES / "t5_1_0" / name).read_bytes())
     (hf / "spiece.model").write_bytes((tmp_path / "sp.model").read_bytes())
-    summary = interop.convert(hf, tmp_path / "ckpt", log=lambda _: None)
+    notes = []
+    summary = interop.convert(hf, tmp_path / "ckpt", log=notes.append)
     assert (tmp_path / "ckpt" / "spiece.model").read_bytes() == (hf / "spiece.model").read_bytes()
+    # The size train makes of the file: its pieces and the 100 sentinels (T5's 32,000 pieces
+    # in 32,128 rows were told they would not fit).
+    from mtjax.data import get_vocabulary
+
+    made = get_vocabulary(str(hf / "spiece.model")).vocab_size
+    assert interop.vocabulary_size(str(hf / "spiece.model")) == made == 30 + 100
+    rows = summary["model_config"]["vocab_size"]
+    assert any("will not fit" in n for n in notes) == (-(-made // 128) * 128 != rows), notes
     run_config = interop._read_json_item(tmp_path / "ckpt" / "checkpoints" / "0" / "config")
     assert run_config["data"]["vocabulary"] == "spiece.model"  # relative: the dir can move
     moved = tmp_path / "moved"
