@@ -257,6 +257,28 @@ def test_tfds_task_with_mock_data():
         assert batch["decoder_task_ids"].max() == 1
 
 
+def test_tfds_numbers_become_their_shortest_decimal_text():
+    """A float feature became six fixed decimals: 3.8 -> 3.800000, 1e-7 -> 0.000000."""
+    values = tf.constant([3.8, 1e-7, 12345678.0, 100.0, 0.1, -2.5, 1e16], tf.float32)
+    assert [t.decode() for t in tasks._number_text(values).numpy()] == [
+        "3.8", "1e-07", "12345678", "100", "0.1", "-2.5", "1e+16"]
+    assert tasks._number_text(tf.constant([0.30000000000000004], tf.float64)).numpy()[0] == (
+        b"0.30000000000000004")
+    assert tasks._number_text(tf.constant([70000, -3], tf.int64)).numpy().tolist() == [
+        b"70000", b"-3"]
+    assert tasks._number_text(tf.constant([True, False])).numpy().tolist() == [b"true", b"false"]
+    # Through a task: STS-B's float label reads back as the same float32.
+    task = tasks.add_tfds_task("t_stsb", "glue/stsb:2.0.0",
+                               columns={"inputs": "sentence1", "targets": "label"},
+                               splits=["train"])
+    with tfds.testing.mock_data(num_examples=8):
+        labels = sorted(float(ex["label"]) for ex in
+                        tfds.load("glue/stsb:2.0.0", split="train").as_numpy_iterator())
+        texts = [ex["targets_pretokenized"].decode() for ex in _examples(task)]
+    assert sorted(float(np.float32(t)) for t in texts) == labels
+    assert not [t for t in texts if len(t) > len(f"{np.float32(float(t))!r}")], texts
+
+
 @pytest.fixture(scope="module")
 def spm_model(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab")

@@ -355,13 +355,31 @@ def _tfds_columns(source: seqio.TfdsDataSource, columns: dict[str, str], task_na
                 if column in names:
                     value = tf.gather(names[column], value)
                 elif value.dtype != tf.string:
-                    value = tf.strings.as_string(value)
+                    value = _number_text(value)
                 out[key] = value
             return out
 
         return dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE)
 
     return preprocessor
+
+
+def _number_text(value: tf.Tensor) -> tf.Tensor:
+    """A number's shortest decimal text that reads back as the same value: 3.8, 1e-07,
+    12345678 (tf.strings.as_string alone writes six decimals: 3.800000, 0.000000), and ints
+    and bools as they are."""
+    if not value.dtype.is_floating:
+        return tf.strings.as_string(value)
+    if value.dtype not in (tf.float32, tf.float64):
+        value = tf.cast(value, tf.float32)  # float16, bfloat16: exact in float32
+    digits = 17 if value.dtype == tf.float64 else 9  # enough for any value to read back
+    text = tf.strings.as_string(value, precision=digits, shortest=True)
+    for precision in range(digits - 1, 0, -1):
+        shorter = tf.strings.as_string(value, precision=precision, shortest=True)
+        reads_back = tf.equal(tf.strings.to_number(shorter, value.dtype), value)
+        text = tf.where(reads_back & (tf.strings.length(shorter) <= tf.strings.length(text)),
+                        shorter, text)
+    return text
 
 
 def _before_tokenization(task: seqio.Task) -> list:
