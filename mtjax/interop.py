@@ -73,29 +73,58 @@ def read_hf(src: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not (src / "config.json").is_file():
         raise conv.ConversionError(f"{src} has no config.json; give a Hugging Face model "
                                    f"directory (config.json + model.safetensors)")
-    hf_config = json.loads((src / "config.json").read_text())
+    hf_config = _read_json(src / "config.json")
     for weights, reader in (("model.safetensors", _read_safetensors),
                             ("pytorch_model.bin", _read_torch)):
         index = src / f"{weights}.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise conv.ConversionError(f"{index} has no weight_map (tensor -> file); "
+                                           f"the download is incomplete, fetch it again")
+            files = sorted(set(weight_map.values()))
         elif (src / weights).is_file():
             files = [weights]
         else:
             continue
         tensors = {}
         for name in files:
-            tensors.update(reader(src / name))
+            if not (src / name).is_file():
+                raise conv.ConversionError(
+                    f"{src / name}, a shard {index.name} names, does not exist; the download "
+                    f"is incomplete, fetch the missing file(s)")
+            try:
+                tensors.update(reader(src / name))
+            except conv.ConversionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - each reader's own error for a damaged file
+                raise conv.ConversionError(
+                    f"{src / name} cannot be read ({type(e).__name__}: {_first_line(e)}); the "
+                    f"file is damaged or cut short, fetch it again") from e
         return hf_config, tensors
     raise conv.ConversionError(f"{src} has neither model.safetensors nor pytorch_model.bin "
                                f"(nor their .index.json)")
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise conv.ConversionError(f"{path} is not valid JSON ({_first_line(e)})") from e
+    if not isinstance(data, dict):
+        raise conv.ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def _hf_vocabulary(src: pathlib.Path) -> str | None:
     if (src / "spiece.model").is_file():
         return str(src / "spiece.model")
     tokenizer = src / "tokenizer_config.json"
-    if tokenizer.is_file() and "ByT5" in json.loads(tokenizer.read_text()).get(
+    if tokenizer.is_file() and "ByT5" in _read_json(tokenizer).get(
             "tokenizer_class", ""):
         return "byte"
     return None
@@ -332,6 +361,10 @@ def detect_format(src: pathlib.Path) -> str:
     if (src / "checkpoint").is_file() or any(src.glob("checkpoint_*")) or (
             src / "_METADATA").is_file():
         return "t5x"
+    if (src / "config.json").is_file():
+        raise conv.ConversionError(
+            f"{src} has a config.json but no weights (model.safetensors, pytorch_model.bin or "
+            f"their sharded .index.json); copy the weight files next to it")
     raise conv.ConversionError(f"cannot tell the format of {src}; pass --from hf|t5x|mtjax")
 
 

@@ -216,6 +216,38 @@ def test_errors_name_missing_misshaped_and_unknown_tensors(tmp_path, capsys):
     assert error.startswith("mtjax: error: ") and "mis-shaped: lm_head.weight" in error
 
 
+@pytest.mark.parametrize("damage, needle", [
+    ("cut_short", "model.safetensors cannot be read (SafetensorError"),
+    ("bad_config", "config.json is not valid JSON"),
+    ("index_without_map", "model.safetensors.index.json has no weight_map"),
+    ("missing_shard", "model-00002-of-00002.safetensors, a shard model.safetensors.index.json "
+                      "names, does not exist"),
+    ("no_weights", "has a config.json but no weights"),
+])
+def test_a_damaged_download_is_one_line(tmp_path, capsys, damage, needle):
+    """Files a download left damaged or incomplete: one line naming the file, exit 2 (they
+    were a SafetensorError, JSONDecodeError, KeyError or FileNotFoundError traceback)."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    config = (FIXTURES / "t5_1_0" / "config.json").read_bytes()
+    weights = (FIXTURES / "t5_1_0" / "model.safetensors").read_bytes()
+    (src / "config.json").write_bytes(b"{oops" if damage == "bad_config" else config)
+    if damage == "cut_short":
+        (src / "model.safetensors").write_bytes(weights[:100])
+    elif damage in ("index_without_map", "missing_shard"):
+        (src / "model-00001-of-00002.safetensors").write_bytes(weights)
+        index = {"metadata": {}} if damage == "index_without_map" else {"weight_map": {
+            "shared.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif damage == "bad_config":
+        (src / "model.safetensors").write_bytes(weights)
+    assert cli.main(["convert", str(src), str(tmp_path / "out"), "--vocab", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_embedding_copies_and_legacy_keys():
     hf_config, tensors = hf_fixture("t5_1_0")
     cfg = convert.hf_config_to_t5(hf_config)
