@@ -257,6 +257,19 @@ def test_tfds_task_with_mock_data():
         assert batch["decoder_task_ids"].max() == 1
 
 
+@pytest.mark.parametrize("splits", [None, ["train", "validation"]])
+def test_a_tfds_dataset_not_prepared_is_one_line_and_never_downloaded(tmp_path, splits):
+    """seqio's TFDS source called tfds.load(download=True): with the splits given, a dataset
+    not prepared locally started "Downloading and preparing" (and failed deep in TFDS);
+    without them it was "Task ... has no splits"."""
+    tasks.add_tfds_task("t_unprepared", "glue/cola:2.0.0", data_dir=str(tmp_path),
+                        columns={"inputs": "sentence", "targets": "label"}, splits=splits)
+    with pytest.raises(tasks.TfdsNotPreparedError,
+                       match=r"TFDS dataset 'glue/cola:2.0.0' is not prepared in .*tfds build"):
+        InputPipeline("t_unprepared", inputs_length=32, targets_length=8, batch_size=2)
+    assert not list(tmp_path.iterdir())  # nothing downloaded or generated there
+
+
 def test_tfds_numbers_become_their_shortest_decimal_text():
     """A float feature became six fixed decimals: 3.8 -> 3.800000, 1e-7 -> 0.000000."""
     values = tf.constant([3.8, 1e-7, 12345678.0, 100.0, 0.1, -2.5, 1e16], tf.float32)

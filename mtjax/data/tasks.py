@@ -47,6 +47,10 @@ class TasksModuleError(UserError, ImportError):
     """The ``--tasks-module`` could not be imported; the message names it and the cause."""
 
 
+class TfdsNotPreparedError(UserError, RuntimeError):
+    """A TFDS dataset with no prepared data where the task reads; the message says how."""
+
+
 def import_tasks_module(name_or_path: str) -> types.ModuleType:
     """Import a module path (``my_project.tasks``) or a ``.py`` file that registers tasks.
 
@@ -250,10 +254,41 @@ def add_prefix_lm_task(name: str, text_task: str, *, text_key: str | Sequence[st
 
 
 class TfdsSource(seqio.TfdsDataSource):
-    """`seqio.TfdsDataSource` that copes with TFDS metadata lacking split information.
+    """`seqio.TfdsDataSource` that reads prepared data only and copes with TFDS metadata
+    lacking split information.
 
-    Its size is then None (not a KeyError), and its split one shard, so hosts shard examples.
+    It never downloads or generates a dataset (seqio's default calls ``tfds.load(...,
+    download=True)``); data that is not there is one line saying how to provide it. Without
+    split information its size is None (not a KeyError), and its split one shard, so hosts
+    shard examples.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, read_only=True, **kwargs)
+
+    def _not_prepared(self) -> TfdsNotPreparedError:
+        builder = self.tfds_dataset.builder
+        name = self.tfds_dataset.name
+        return TfdsNotPreparedError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (mtjax reads TFDS "
+            f"data offline): prepare it where the internet is reachable (`tfds build {name} "
+            f"--data_dir DIR`), copy DIR here, and pass add_tfds_task(..., data_dir=DIR) or "
+            f"set TFDS_DATA_DIR")
+
+    @property
+    def splits(self):
+        splits = super().splits
+        if not splits and not self.tfds_dataset.builder.is_prepared():
+            raise self._not_prepared()
+        return splits
+
+    def get_dataset(self, split: str = "train", *args, **kwargs) -> tf.data.Dataset:
+        try:
+            return super().get_dataset(split, *args, **kwargs)
+        except AssertionError as e:  # TFDS's own way of saying it: "could not find data"
+            if "could not find data" in str(e):
+                raise self._not_prepared() from None
+            raise
 
     def num_input_examples(self, split: str) -> int | None:
         try:
