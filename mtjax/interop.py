@@ -26,9 +26,8 @@ import numpy as np
 
 from mtjax import config as config_lib
 from mtjax.model import convert as conv
-from mtjax.model.sizes import T5Config, get_config
+from mtjax.model.sizes import MODEL_CONFIG_FILE, T5Config, get_config
 
-MODEL_CONFIG_FILE = "model_config.json"
 Log = Callable[[str], None]
 
 

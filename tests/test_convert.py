@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 import stat
 import sys
 
@@ -391,25 +392,36 @@ def test_t5x_native_checkpoint_directory(tmp_path, capsys):
 # A converted checkpoint starts a training run
 # ---------------------------------------------------------------------------------------------
 
-def test_converted_checkpoint_initialises_training(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["t5_1_1_test", "custom"])
+def test_converted_checkpoint_initialises_training(tmp_path, capsys, name):
     """HF directory -> `mtjax convert` -> `mtjax train --init-from`; with learning rate 0 the
-    run's checkpoint holds exactly the converted weights, and exports back to the same file."""
-    # The t5_1_1_test network with the byte vocabulary of the built-in mixture (259 -> 384).
+    run's checkpoint holds exactly the converted weights, and exports back to the same file.
+    A size without a name (model.name=custom) trains from the architecture the conversion
+    recorded, and resumes from the run's own copy of it (it was "unknown model size")."""
+    # The t5_1_1_test network with the byte vocabulary of the built-in mixture (259 -> 384);
+    # "custom": with a d_ff no named size has.
     cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=384)
+    if name == "custom":
+        cfg = dataclasses.replace(cfg, d_ff=40)
     rng = np.random.default_rng(0)
     params = convert.unflatten({e.path: rng.normal(size=e.shape).astype(np.float32)
                                 for e in convert.param_table(cfg)})
     interop.write_hf(tmp_path / "hf", cfg, params, "byte")
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
-    assert json.loads(capsys.readouterr().out)["model"] == "t5_1_1_test"
-    assert cli.main(["train", "--init-from", str(tmp_path / "ckpt"), "--workdir",
-                     str(tmp_path / "run"), "--no-progress", "model.name=t5_1_1_test",
-                     "eval.at_end=false",
-                     "train.steps=1", "train.batch_size=2", "data.inputs_length=32",
-                     "data.targets_length=16", "optim.learning_rate=0", "log.tensorboard=false",
-                     "checkpoint.async_save=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == (None if name == "custom" else name)
+    args = ["train", "--workdir", str(tmp_path / "run"), "--no-progress", f"model.name={name}",
+            "eval.at_end=false", "train.batch_size=2", "data.inputs_length=32",
+            "data.targets_length=16", "optim.learning_rate=0", "log.tensorboard=false",
+            "checkpoint.async_save=false"]
+    assert cli.main([*args, "--init-from", str(tmp_path / "ckpt"), "train.steps=1"]) == 0
     _, trained, run_config = interop.read_mtjax(tmp_path / "run")
-    assert run_config["model"]["name"] == "t5_1_1_test"
+    assert run_config["model"]["name"] == name
+    if name == "custom":
+        assert (tmp_path / "run" / "model_config.json").is_file()
+        shutil.rmtree(tmp_path / "ckpt")  # the run resumes on its own
+        assert cli.main([*args, "train.steps=2"]) == 0
+        assert "resuming from" in capsys.readouterr().err
+        _, trained, _ = interop.read_mtjax(tmp_path / "run")  # lr 0: the weights stay
     flat = convert.flatten(trained)
     assert all(np.array_equal(flat[k], v) for k, v in convert.flatten(params).items())
     # A trained run (no model_config.json, no recorded vocabulary) exports to Hugging Face, with

@@ -26,7 +26,7 @@ from mtjax.model import sizes, t5
 from mtjax.parallel import mesh as mesh_lib
 
 # Written by converters next to ``checkpoints/``: the exact architecture ({"t5_config": {...}}).
-MODEL_CONFIG_FILE = "model_config.json"
+MODEL_CONFIG_FILE = sizes.MODEL_CONFIG_FILE
 
 
 class VocabularyError(UserError, FileNotFoundError):

@@ -178,11 +178,24 @@ class UnknownModelError(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+# model.name of a converted checkpoint whose architecture has no name here: the architecture is
+# its run directory's model_config.json, which `mtjax train` passes to use_custom.
+CUSTOM = "custom"
+MODEL_CONFIG_FILE = "model_config.json"
+_custom: T5Config | None = None
+
+
+def use_custom(cfg: T5Config) -> None:
+    """What ``get_config(CUSTOM)`` returns from now on in this process."""
+    global _custom
+    _custom = cfg
+
+
 def get_config(name: str) -> T5Config:
-    """The published config called ``name``.
+    """The published config called ``name`` (or the architecture :func:`use_custom` gave).
 
     Args:
-        name: a key of ``MODEL_SIZES``, e.g. ``"t5_1_1_base"``.
+        name: a key of ``MODEL_SIZES``, e.g. ``"t5_1_1_base"``, or ``"custom"``.
 
     Returns:
         The config.
@@ -192,6 +205,13 @@ def get_config(name: str) -> T5Config:
     """
     if name in MODEL_SIZES:
         return MODEL_SIZES[name]
+    if name == CUSTOM:
+        if _custom is not None:
+            return _custom
+        raise UnknownModelError(
+            "model.name=custom is the architecture of a converted checkpoint (its "
+            "model_config.json): train it with --init-from that checkpoint, or resume the run "
+            "that did")
     close = difflib.get_close_matches(name, MODEL_SIZES, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {sorted(MODEL_SIZES)}"
     raise UnknownModelError(f"model: unknown model size {name!r}; {hint}")

@@ -308,11 +308,14 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     from mtjax.model import sizes
 
     failure: UserError | None = None
+    custom_architecture: pathlib.Path | None = None
     try:
         if "://" in given:
             raise config_lib.ConfigError(
                 f"--workdir {given}: mtjax writes the run directory through the local "
                 f"filesystem; mount the bucket (e.g. gcsfuse) and give the mounted path")
+        if config.model.name == sizes.CUSTOM:
+            custom_architecture = _use_custom_architecture(workdir, init_from)
         sizes.get_config(config.model.name)
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
@@ -328,6 +331,10 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     _log(f"mtjax: workdir {workdir.absolute()}")
+    kept = workdir / sizes.MODEL_CONFIG_FILE
+    if custom_architecture not in (None, kept) and jax.process_index() == 0:
+        # The run's own copy: it resumes, evaluates and exports without the --init-from one.
+        shutil.copyfile(custom_architecture, kept)
 
     # --- Mesh ---------------------------------------------------------------------------------
     _log(mesh_lib.describe(mesh))
@@ -508,6 +515,34 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
+
+
+def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pathlib.Path:
+    """model.name=custom: the architecture in the run's model_config.json, else in the
+    --init-from checkpoint's (a converted size without a name); returns the file read."""
+    from mtjax.model import sizes
+
+    candidates = [workdir / sizes.MODEL_CONFIG_FILE]
+    if init_from:
+        from mtjax.checkpoint import find_state_dir
+
+        step_dir = find_state_dir(init_from).parent
+        run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else (
+            step_dir.parent)
+        candidates.append(run_dir / sizes.MODEL_CONFIG_FILE)
+    for path in candidates:
+        if path.is_file():
+            try:
+                sizes.use_custom(sizes.T5Config(**json.loads(path.read_text())["t5_config"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise config_lib.ConfigError(
+                    f"{path} does not describe a T5 architecture ({e}); convert the "
+                    f"checkpoint again") from e
+            return path
+    raise config_lib.ConfigError(
+        f"model.name=custom takes the architecture from model_config.json, and neither the run "
+        f"directory nor the --init-from checkpoint has one ({', '.join(map(str, candidates))}); "
+        f"give --init-from a checkpoint `mtjax convert` wrote, or a named model.name")
 
 
 def _describe_training(config: config_lib.Config) -> str:
