@@ -210,9 +210,11 @@ def register() -> None:
             preprocessors.insert(1, span_corruption)
         seqio.TaskRegistry.add(
             name,
-            # The sizes are known without building the data (mixing strategies ask for them).
-            source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES),
-                                            num_input_examples=SPLIT_SIZES),
+            # No num_input_examples: seqio would then cache these splits in memory (under
+            # 10,000 examples), and the evaluator's partial read of the cache prints TF's "did
+            # not fully read the dataset being cached" once per task. Counting the in-memory
+            # data (mixing asks) costs milliseconds.
+            source=seqio.FunctionDataSource(_dataset_fn(task), splits=tuple(SPLIT_SIZES)),
             output_features=features,
             preprocessors=preprocessors,
             # Span corruption's `targets_pretokenized` is the uncorrupted text, not the spans
