@@ -475,6 +475,12 @@ def _short(error: BaseException | None, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def run_dir_of(step_dir: pathlib.Path) -> pathlib.Path:
+    """The run directory of a checkpoint step: ``<run>/checkpoints/<step>`` -> ``<run>``; a
+    step directory outside a ``checkpoints/`` folder belongs to its parent."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
 def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
     """The ``state`` item of a checkpoint given as a run dir, its ``checkpoints/`` or one step."""
     path = pathlib.Path(path).absolute()

@@ -26,7 +26,7 @@ import numpy as np
 
 from mtjax import config as config_lib
 from mtjax.model import convert as conv
-from mtjax.model.sizes import MODEL_CONFIG_FILE, T5Config, get_config
+from mtjax.model.sizes import MODEL_CONFIG_FILE, T5Config, get_config, read_architecture
 
 Log = Callable[[str], None]
 
@@ -228,7 +228,7 @@ def checkpoint_vocabulary(path: str | pathlib.Path) -> str | None:
     records none (``data.vocabulary`` unset: the run used its mixture's own vocabulary), the
     output vocabulary of the recorded mixture, where that mixture can still be found here.
     """
-    from mtjax.checkpoint import find_state_dir
+    from mtjax.checkpoint import find_state_dir, run_dir_of
 
     step_dir = find_state_dir(path).parent
     run_config = _read_json_item(step_dir / "config")
@@ -237,7 +237,7 @@ def checkpoint_vocabulary(path: str | pathlib.Path) -> str | None:
         return _mixture_vocabulary(run_config, step_dir)
     if vocabulary == "byte" or pathlib.Path(vocabulary).is_absolute():
         return vocabulary
-    return str(_run_dir(step_dir) / vocabulary)
+    return str(run_dir_of(step_dir) / vocabulary)
 
 
 def _mixture_vocabulary(run_config: dict[str, Any], step_dir: pathlib.Path) -> str | None:
@@ -259,10 +259,6 @@ def _mixture_vocabulary(run_config: dict[str, Any], step_dir: pathlib.Path) -> s
     return getattr(vocabulary, "sentencepiece_model_file", None)
 
 
-def _run_dir(step_dir: pathlib.Path) -> pathlib.Path:
-    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
-
-
 def _read_json_item(item_dir: pathlib.Path) -> dict[str, Any]:
     if not item_dir.is_dir():
         return {}
@@ -275,7 +271,7 @@ def read_mtjax(src: pathlib.Path) -> tuple[T5Config, dict, dict[str, Any]]:
     """(model config, parameters as numpy, the run's config dict) of an mtjax checkpoint."""
     import jax
 
-    from mtjax.checkpoint import find_state_dir, restore_params, tree_metadata
+    from mtjax.checkpoint import find_state_dir, restore_params, run_dir_of, tree_metadata
 
     state_dir = find_state_dir(src)
     run_config = _read_json_item(state_dir.parent / "config")
@@ -286,10 +282,9 @@ def read_mtjax(src: pathlib.Path) -> tuple[T5Config, dict, dict[str, Any]]:
                             tree["params"])
     params = conv.unflatten({p: np.asarray(x) for p, x in
                              conv.flatten(restore_params(state_dir.parent, abstract)).items()})
-    model_file = _run_dir(state_dir.parent) / MODEL_CONFIG_FILE
+    model_file = run_dir_of(state_dir.parent) / MODEL_CONFIG_FILE
     if model_file.is_file():
-        saved = json.loads(model_file.read_text())["t5_config"]
-        cfg = T5Config(**saved)
+        cfg = read_architecture(model_file)
     else:
         model = run_config.get("model", {})
         try:
@@ -339,9 +334,9 @@ def write_mtjax(dst: pathlib.Path, cfg: T5Config, params: dict, vocabulary: str,
 
 def _saved_model_type(src: pathlib.Path, cfg: T5Config) -> str | None:
     """The Hugging Face model type to export as: the one imported from, else by named size."""
-    from mtjax.checkpoint import find_state_dir
+    from mtjax.checkpoint import find_state_dir, run_dir_of
 
-    model_file = _run_dir(find_state_dir(src).parent) / MODEL_CONFIG_FILE
+    model_file = run_dir_of(find_state_dir(src).parent) / MODEL_CONFIG_FILE
     if model_file.is_file():
         saved = json.loads(model_file.read_text()).get("source", {}).get("model_type")
         if saved:

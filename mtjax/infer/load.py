@@ -10,7 +10,6 @@ training runs the optimizer state) and ``config`` (the run's ``Config.to_dict()`
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -79,9 +78,9 @@ def model_config(config: config_lib.Config, vocab_size: int,
     The named size ``config.model.name``, unless the run directory holds the exact architecture
     in ``model_config.json`` (converted checkpoints of sizes without a name).
     """
-    exact = None if step_dir is None else _run_dir(step_dir) / MODEL_CONFIG_FILE
+    exact = None if step_dir is None else checkpoint_lib.run_dir_of(step_dir) / MODEL_CONFIG_FILE
     if exact is not None and exact.is_file():
-        base = sizes.T5Config(**json.loads(exact.read_text())["t5_config"])
+        base = sizes.read_architecture(exact)
     else:
         try:
             base = sizes.get_config(config.model.name)
@@ -116,10 +115,6 @@ def init_params(model_def: ModelDef, target: Any, mesh: Mesh, rules: mesh_lib.Ax
 
     with mesh_lib.activate(mesh, rules):
         return jax.jit(init, out_shardings=shardings)()
-
-
-def _run_dir(step_dir: pathlib.Path) -> pathlib.Path:
-    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
 
 
 def find_step_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -181,7 +176,7 @@ def resolve_vocabulary(config: config_lib.Config, step_dir: pathlib.Path):
         return vocab_lib.get_vocabulary("byte")
     path = pathlib.Path(name)
     candidates = [path] if path.is_absolute() else [
-        step_dir / path, _run_dir(step_dir) / path, path.absolute()]
+        step_dir / path, checkpoint_lib.run_dir_of(step_dir) / path, path.absolute()]
     for candidate in candidates:
         if candidate.is_file():
             return vocab_lib.get_vocabulary(str(candidate))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import pathlib
 
 from mtjax.errors import UserError
 
@@ -183,6 +185,11 @@ class UnknownModelError(UserError, KeyError):
 CUSTOM = "custom"
 MODEL_CONFIG_FILE = "model_config.json"
 _custom: T5Config | None = None
+
+
+def read_architecture(path: pathlib.Path) -> T5Config:
+    """The architecture a converter wrote to ``model_config.json``: {"t5_config": {...}}."""
+    return T5Config(**json.loads(path.read_text())["t5_config"])
 
 
 def use_custom(cfg: T5Config) -> None:

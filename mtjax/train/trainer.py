@@ -524,16 +524,13 @@ def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pa
 
     candidates = [workdir / sizes.MODEL_CONFIG_FILE]
     if init_from:
-        from mtjax.checkpoint import find_state_dir
+        from mtjax.checkpoint import find_state_dir, run_dir_of
 
-        step_dir = find_state_dir(init_from).parent
-        run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else (
-            step_dir.parent)
-        candidates.append(run_dir / sizes.MODEL_CONFIG_FILE)
+        candidates.append(run_dir_of(find_state_dir(init_from).parent) / sizes.MODEL_CONFIG_FILE)
     for path in candidates:
         if path.is_file():
             try:
-                sizes.use_custom(sizes.T5Config(**json.loads(path.read_text())["t5_config"]))
+                sizes.use_custom(sizes.read_architecture(path))
             except (ValueError, KeyError, TypeError) as e:
                 raise config_lib.ConfigError(
                     f"{path} does not describe a T5 architecture ({e}); convert the "
