@@ -270,6 +270,43 @@ def test_a_tfds_dataset_not_prepared_is_one_line_and_never_downloaded(tmp_path, 
     assert not list(tmp_path.iterdir())  # nothing downloaded or generated there
 
 
+class MtjaxTinyQa(tfds.core.GeneratorBasedBuilder):
+    """A TFDS dataset built here, offline: real split metadata, unlike mock_data."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(5), "validation": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"question": f"question {i}", "answer": f"answer {i}"}
+
+
+def test_a_tfds_split_the_dataset_lacks_is_one_line_naming_both(tmp_path):
+    """splits={"validation": "valid"} on a dataset without 'valid' was TFDS's ValueError
+    traceback at the start of training and `null` for its size in `tasks show`."""
+    MtjaxTinyQa(data_dir=str(tmp_path)).download_and_prepare()
+    task = tasks.add_tfds_task("t_tiny_qa", "mtjax_tiny_qa:1.0.0", data_dir=str(tmp_path),
+                               columns={"inputs": "question", "targets": "answer"},
+                               splits={"train": "train", "validation": "valid"})
+    assert mixing.num_examples(task, "train") == 5
+    assert sorted(ex["targets_pretokenized"] for ex in _examples(task)) == [
+        f"answer {i}".encode() for i in range(5)]
+    wrong = (r"task split 'validation' of TFDS dataset 'mtjax_tiny_qa:1.0.0': Unknown split "
+             r"'valid'. Should be one of \['train', 'validation'\]. \(fix splits= in add_tfds")
+    with pytest.raises(tasks.TfdsSplitError, match=wrong):
+        mixing.num_examples(task, "validation")
+    with pytest.raises(tasks.TfdsSplitError, match=wrong):
+        _examples(task, split="validation")
+    with pytest.raises(tasks.TfdsSplitError, match=wrong):
+        preview.describe("t_tiny_qa")
+
+
 def test_tfds_numbers_become_their_shortest_decimal_text():
     """A float feature became six fixed decimals: 3.8 -> 3.800000, 1e-7 -> 0.000000."""
     values = tf.constant([3.8, 1e-7, 12345678.0, 100.0, 0.1, -2.5, 1e16], tf.float32)

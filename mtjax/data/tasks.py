@@ -51,6 +51,10 @@ class TfdsNotPreparedError(UserError, RuntimeError):
     """A TFDS dataset with no prepared data where the task reads; the message says how."""
 
 
+class TfdsSplitError(UserError, LookupError):
+    """A task split mapped to a TFDS split its dataset lacks; the message names both."""
+
+
 def import_tasks_module(name_or_path: str) -> types.ModuleType:
     """Import a module path (``my_project.tasks``) or a ``.py`` file that registers tasks.
 
@@ -282,6 +286,11 @@ class TfdsSource(seqio.TfdsDataSource):
             raise self._not_prepared()
         return splits
 
+    def _unknown_split(self, split: str, error: ValueError) -> TfdsSplitError:
+        return TfdsSplitError(
+            f"task split {split!r} of TFDS dataset {self.tfds_dataset.name!r}: {error} "
+            f"(fix splits= in add_tfds_task)")
+
     def get_dataset(self, split: str = "train", *args, **kwargs) -> tf.data.Dataset:
         try:
             return super().get_dataset(split, *args, **kwargs)
@@ -289,18 +298,30 @@ class TfdsSource(seqio.TfdsDataSource):
             if "could not find data" in str(e):
                 raise self._not_prepared() from None
             raise
+        except ValueError as e:
+            if str(e).startswith("Unknown split"):
+                raise self._unknown_split(split, e) from None
+            raise
 
     def num_input_examples(self, split: str) -> int | None:
         try:
             return super().num_input_examples(split)
-        except KeyError:
+        except KeyError:  # metadata without split information
             return None
+        except ValueError as e:  # TFDS's "Unknown split 'x'. Should be one of [...]"
+            if str(e).startswith("Unknown split"):
+                raise self._unknown_split(split, e) from None
+            raise
 
     def list_shards(self, split: str):
         try:
             return super().list_shards(split)
         except KeyError:
             return [split]
+        except ValueError as e:
+            if str(e).startswith("Unknown split"):
+                raise self._unknown_split(split, e) from None
+            raise
 
 
 # --- Internals -----------------------------------------------------------------------------------
