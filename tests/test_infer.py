@@ -586,3 +586,34 @@ def test_a_file_one_host_lacks_stops_every_host_of_infer(trained_run, tmp_path, 
     assert "not_on_this_host" in err1, err1[-2000:]
     for err in (err0, err1):
         assert "Traceback" not in err, err[-3000:]
+
+
+CACHE_WARNING_CODE = r"""
+import gc, sys
+import seqio
+from mtjax.data import builtin  # registers mtjax_kb_qa_only (800 validation examples, sized)
+from mtjax.infer import evaluate
+
+def build(make):
+    make()
+    gc.collect()  # TensorFlow logs the warning when the partly read iterator is destroyed
+    sys.stderr.flush()
+
+build(lambda: seqio.Evaluator("mtjax_kb_qa_only", seqio.EncDecFeatureConverter(pack=False),
+                              eval_split="validation", num_examples=4, use_memory_cache=True))
+print("--- mtjax ---", file=sys.stderr, flush=True)
+ev = evaluate.seqio_evaluator("mtjax_kb_qa_only", "validation", 4, None)
+gc.collect()
+print(sum(1 for _ in ev._cached_model_datasets["mtjax_kb_qa"]))
+"""
+
+
+def test_evaluating_part_of_a_small_split_prints_no_tensorflow_cache_warning(subprocess_python):
+    """seqio caches a split of known size under 10,000 examples in memory before the evaluator
+    takes eval.max_examples of it; the partial read printed "did not fully read the dataset
+    being cached" at the end of every run. The plain seqio.Evaluator is the control."""
+    proc = subprocess_python(CACHE_WARNING_CODE, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    control, ours = proc.stderr.split("--- mtjax ---")
+    assert "did not fully read the dataset being cached" in control
+    assert "did not fully read" not in ours
+    assert proc.stdout.split() == ["4"]

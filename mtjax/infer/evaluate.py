@@ -35,6 +35,31 @@ def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, n
     yield from dataset.batch(batch_size).as_numpy_iterator()
 
 
+def seqio_evaluator(mixture: str, split: str, max_examples: int | None,
+                    sequence_length: Mapping[str, int] | None) -> Any:
+    """A ``seqio.Evaluator`` that caches the first ``max_examples`` of each task once, itself.
+
+    Without the override, seqio's ``Task.get_dataset`` also caches a split of known size under
+    10,000 examples in memory *before* the evaluator takes its first N, so every partial read
+    printed TensorFlow's "did not fully read the dataset being cached" when its iterator died.
+    The evaluator's own cache (after the take) makes that first cache useless anyway.
+    """
+    import seqio
+    from seqio import dataset_providers
+
+    limit = getattr(dataset_providers, "_MAX_EXAMPLES_TO_MEM_CACHE", None)
+    if limit is not None:
+        dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = 0
+    try:
+        return seqio.Evaluator(
+            mixture, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+            sequence_length=sequence_length, num_examples=max_examples or None,
+            use_memory_cache=True, async_compute_metrics=False)
+    finally:
+        if limit is not None:
+            dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = limit
+
+
 def _scalar(value: Any) -> float | None:
     """A metric value as a float, or None for non-scalar values (text, histograms)."""
     value = getattr(value, "value", value)  # seqio.metrics.Scalar
@@ -74,7 +99,6 @@ class Evaluator:
                  batch_size: int = 32, options: DecodeOptions | None = None,
                  max_decode_length: int | None = None,
                  sequence_length: Mapping[str, int] | None = None, progress: bool = False):
-        import seqio
 
         self.batch_size = batch_size
         self.options = options or DecodeOptions()
@@ -83,10 +107,7 @@ class Evaluator:
         self._counts = {"decoded": 0, "scored": 0}
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
-        self._seqio = seqio.Evaluator(
-            mixture, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
-            sequence_length=sequence_length, num_examples=max_examples or None,
-            use_memory_cache=True, async_compute_metrics=False)
+        self._seqio = seqio_evaluator(mixture, split, max_examples, sequence_length)
         self.task_names = [t.name for t in self._seqio.eval_tasks]
 
     def _log(self, message: str) -> None:
