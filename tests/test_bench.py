@@ -166,6 +166,7 @@ def test_synthetic_batch_is_full_length_and_teacher_forced():
 @pytest.mark.parametrize("kind,dtype,expected", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "bfloat16", 835e12),  # not the SXM's 989e12
     ("NVIDIA H200", "bfloat16", 989e12),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
     ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
@@ -179,6 +180,46 @@ def test_synthetic_batch_is_full_length_and_teacher_forced():
 ])
 def test_peak_table_lookup(kind, dtype, expected):
     assert peak_lib.lookup_peak(kind, dtype) == expected
+
+
+def test_a_peak_is_one_chips_on_accelerators_and_one_hosts_on_cpu(monkeypatch):
+    """--peak-flops 989e12 on 8 GPUs meant 8x that for MFU only when it came from the table;
+    given by hand it was taken as the total (MFU 8x too high)."""
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert peak_lib.peak_units("gpu") == 8
+    assert peak_lib.peak_units("tpu") == 8
+    assert peak_lib.peak_units("cpu") == 2  # a host's measured matmul uses all its cores
+
+
+def test_bench_all_reports_each_benchmarks_own_memory_peak(monkeypatch, capsys):
+    """ru_maxrss and a device's peak_bytes_in_use cover the whole process: in `bench all` every
+    benchmark reported at least the peak of the ones before it."""
+    ballast = []
+    device_peaks = iter([0, 500, 500])  # before train, decode and data
+
+    def fake(name, allocate_mb, device_after):
+        def run(config, options):
+            if allocate_mb:
+                ballast.append(np.ones(allocate_mb * 2**20, np.uint8))
+                ballast.clear()  # freed again: only the peak remembers it
+            return {"benchmark": name, "host_peak_memory_bytes": report.host_peak_memory_bytes(),
+                    "device_peak_memory_bytes": device_after}
+        return run
+
+    monkeypatch.setattr(report, "device_peak_memory_bytes", lambda: next(device_peaks))
+    monkeypatch.setattr(bench, "BENCHMARKS", {"train": fake("train", 400, 500),
+                                              "decode": fake("decode", 0, 500),
+                                              "data": fake("data", 0, 900)})
+    assert bench.main(["all", "--smoke"]) == 0
+    result = json.loads(capsys.readouterr().out)["benchmarks"]
+    if report.reset_host_peak_memory():
+        assert (result["decode"]["host_peak_memory_bytes"]
+                < result["train"]["host_peak_memory_bytes"] - 300 * 2**20)
+    assert result["train"]["device_peak_memory_bytes"] == 500
+    assert result["decode"]["device_peak_memory_bytes"] is None  # train's, not its own
+    assert "run `mtjax bench decode` alone" in result["decode"]["device_peak_memory_note"]
+    assert result["data"]["device_peak_memory_bytes"] == 900
 
 
 def test_resolve_peak_order():

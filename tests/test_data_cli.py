@@ -221,6 +221,28 @@ def test_bench_data_smoke(capsys):
     assert result["environment"]["versions"]["seqio"]
 
 
+def test_bench_data_shapes_follow_the_smoke_flag_not_the_numbers(monkeypatch):
+    """Span corruption ran at the configured lengths whenever steps < 10 and inputs < 64, and at
+    512/128 with --smoke --steps 10."""
+    from mtjax import config as config_lib
+    from mtjax.bench import data as data_bench
+    from mtjax.bench.train import BenchOptions
+
+    seen = {}
+
+    def fake_case(config, mixture, lengths, batches, warmup):
+        seen[mixture] = lengths
+        return {k: 1.0 for k in ("examples_per_s", "packed_tokens_per_s", "packing_efficiency",
+                                 "binding_side_efficiency")}
+
+    monkeypatch.setattr(data_bench, "_case", fake_case)
+    config = config_lib.load(None, ["data.inputs_length=32", "data.targets_length=16"])
+    data_bench.run(config, BenchOptions(steps=2))
+    assert seen[data_bench.SPAN_CORRUPTION_TASK] == data_bench.SPAN_CORRUPTION_LENGTHS
+    data_bench.run(config, BenchOptions(steps=10, smoke=True))
+    assert seen[data_bench.SPAN_CORRUPTION_TASK] == (32, 16)
+
+
 def test_bench_data_takes_a_users_mixture_and_names_an_unknown_one(user_module, capsys):
     from mtjax import bench
 

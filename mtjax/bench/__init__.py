@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps after compilation (default 2)")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="peak FLOP/s for MFU (default: chip table, or a measured matmul "
-                        "on CPU)")
+                        help="peak FLOP/s of one GPU/TPU chip (or of one host's CPU) for MFU; "
+                        "MFU divides by it times the chips (hosts) of the job (default: the "
+                        "chip table, or a measured matmul on CPU)")
     parser.add_argument("--output", default=None, metavar="FILE.json",
                         help="also write the JSON here")
     parser.add_argument("--config", default=None,
@@ -129,7 +130,7 @@ def resolve(args: argparse.Namespace):
     options = BenchOptions()
     if args.smoke:
         options = dataclasses.replace(options, steps=SMOKE_STEPS, warmup=SMOKE_WARMUP,
-                                      matmul_size=SMOKE_MATMUL)
+                                      matmul_size=SMOKE_MATMUL, smoke=True)
     if args.steps is not None:
         options = dataclasses.replace(options, steps=args.steps)
     if args.warmup is not None:
@@ -150,8 +151,18 @@ def run(names: list[str], config: config_lib.Config, options: Any) -> dict[str, 
 
     results = {}
     for name in names:
-        results[name] = BENCHMARKS[name](config, options)
-        print(report.format_table(name, results[name]), file=sys.stderr, flush=True)
+        report.reset_host_peak_memory()
+        device_peak_before = report.device_peak_memory_bytes()
+        result = results[name] = BENCHMARKS[name](config, options)
+        # JAX cannot reset a device's peak: one no higher than before this benchmark belongs
+        # to an earlier one, and this benchmark's own is unknown.
+        peak = result.get("device_peak_memory_bytes")
+        if peak is not None and device_peak_before and peak <= device_peak_before:
+            result["device_peak_memory_bytes"] = None
+            result["device_peak_memory_note"] = (
+                f"no higher than an earlier benchmark's peak in this process "
+                f"({device_peak_before} bytes); run `mtjax bench {name}` alone for its own")
+        print(report.format_table(name, result), file=sys.stderr, flush=True)
     return results
 
 

@@ -107,8 +107,7 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
     pipeline_lib.prepare(config)
     batches = max(options.steps * BATCHES_PER_STEP, 1)
     warmup = options.warmup * BATCHES_PER_STEP
-    smoke = options.steps < 10 and config.data.inputs_length < 64
-    span_lengths = ((config.data.inputs_length, config.data.targets_length) if smoke
+    span_lengths = ((config.data.inputs_length, config.data.targets_length) if options.smoke
                     else SPAN_CORRUPTION_LENGTHS)
     cases = {}
     for name, mixture, lengths in (

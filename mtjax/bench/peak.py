@@ -16,6 +16,7 @@ import time
 # f32 on TPU: default precision runs f32 matmuls as one bf16 pass, so the bf16 rate.
 PEAK_TABLE: tuple[tuple[str, float, float], ...] = (
     ("h100 pcie", 756e12, 378e12),
+    ("h100 nvl", 835e12, 417.5e12),
     ("h100", 989e12, 494.7e12),  # SXM: "NVIDIA H100 80GB HBM3"
     ("h200", 989e12, 494.7e12),
     ("a100", 312e12, 156e12),
@@ -103,6 +104,15 @@ def _best_seconds(run, trials: int, give_up_after: float = float("inf")) -> floa
         if best > give_up_after:
             break
     return best
+
+
+def peak_units(platform: str) -> int:
+    """How many peaks a step runs on: every chip of the job on a GPU/TPU, where a peak (table,
+    ``--peak-flops`` or a one-chip matmul) is one chip's; every host on CPU, where the measured
+    matmul already uses all of a host's cores and its "devices" share them."""
+    import jax
+
+    return jax.process_count() if platform == "cpu" else jax.device_count()
 
 
 def resolve_peak(device_kind: str, platform: str, dtype: str, override: float | None = None,

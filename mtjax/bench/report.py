@@ -19,8 +19,31 @@ def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
+def reset_host_peak_memory() -> bool:
+    """Start the host peak afresh from the current resident size (Linux), so that each benchmark
+    of ``bench all`` reports its own peak rather than that of the ones before it.
+
+    Returns:
+        False where the peak cannot be reset (it then covers the whole process lifetime).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the kernel's "reset the peak RSS to the current RSS"
+    except OSError:
+        return False
+    return True
+
+
 def host_peak_memory_bytes() -> int:
-    """Peak resident memory of this process (``getrusage`` maxrss, whole process lifetime)."""
+    """Peak resident memory of this process since :func:`reset_host_peak_memory` (Linux's
+    VmHWM), else since it started (``getrusage`` maxrss, which no reset clears)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 

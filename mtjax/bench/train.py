@@ -32,6 +32,7 @@ class BenchOptions:
     warmup: int = 2  # untimed steps after compilation (allocator and cache warm-up)
     peak_flops: float | None = None  # overrides the table / measured peak for MFU
     matmul_size: int = 2048  # side of the CPU peak matmul
+    smoke: bool = False  # --smoke: tiny shapes everywhere (CI)
 
 
 def synthetic_batch(batch_size: int, inputs_length: int, targets_length: int,
@@ -144,8 +145,7 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
     peak, peak_source = peak_lib.resolve_peak(
         env["device_kind"], env["platform"], config.model.dtype, options.peak_flops,
         options.matmul_size)
-    # The table peak is per chip; the step runs on all of them.
-    peak_total = peak * (jax.device_count() if peak_source == "table" else 1)
+    peak_total = peak * peak_lib.peak_units(env["platform"])
     attention_kernel, cross_entropy_kernel = setup.attention_kernel, setup.cross_entropy_kernel
     uses_cpu_kernels = "cpu_fused" in (attention_kernel, cross_entropy_kernel)
     return {
