@@ -146,10 +146,11 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 # The JSON files of a step: Orbax's commit record (written last: cut short, the commit did not
-# finish; a commit marker, so always there), the run config, the metrics and the logging window
-# (where saved); each must parse, or the step is not used.
-_JSON_FILES = ("_CHECKPOINT_METADATA", "config/metadata", "metrics/metrics",
-               f"{LOG_WINDOW_ITEM}/metadata")
+# finish; a commit marker, so always there), the state's tree and shardings, the run config, the
+# metrics and the logging window (where saved); each must parse, or the step is not used. (A
+# damaged array file shows only when read: `mtjax train` then sets the step aside.)
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding", "config/metadata",
+               "metrics/metrics", f"{LOG_WINDOW_ITEM}/metadata")
 _PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their position (not
 # named process_*: those are the positions)
 
@@ -311,6 +312,7 @@ class RunCheckpoints:
         the user's error, not damage). A checkpoint that fails to read is moved aside with a
         message and the next older one is tried.
         """
+        damaged = []
         for step in sorted(self.all_steps(), reverse=True):
             if check is not None:
                 check(step, self.restore_config(step))
@@ -328,6 +330,14 @@ class RunCheckpoints:
                     self._quarantine(step, f"cannot be read ({_short(e.__cause__)})")
                 _sync(f"mtjax_quarantine_{step}")
                 self._manager.reload()
+                damaged.append(step)
+        if damaged:
+            # Starting over here would silently train from step 0 on top of the run's outputs.
+            moved = ", ".join(f"{s}{INCOMPLETE_SUFFIX}" for s in damaged)
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be read (set aside as {moved}); "
+                f"run the same command again to start this run over from step 0 (its metrics "
+                f"are then rewritten), or give a new --workdir")
         return None
 
     def restore(self, step: int, abstract_state: Any, pipeline: Checkpointable | None) -> Any:
@@ -494,8 +504,8 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
         raise CheckpointError(f"{path} is a Hugging Face model, not an mtjax checkpoint: "
                               f"convert it first (mtjax convert {path} DIR) and give DIR")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted((int(p.name), p) for p in root.glob("*")
-                   if p.name.isdigit() and (p / "state").is_dir())
+    # Every step directory, whole or not: the latest one cut short is named, not skipped.
+    steps = sorted((int(p.name), p) for p in root.glob("*") if p.name.isdigit() and p.is_dir())
     if not steps:
         raise CheckpointError(
             f"no complete checkpoint under {path}; give a run directory, its checkpoints/ "

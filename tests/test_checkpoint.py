@@ -5,6 +5,7 @@ step), incomplete or unreadable checkpoints skipped with a message, keep-latest-
 import json
 import logging
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -207,7 +208,7 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]
 
 
-@pytest.mark.parametrize("damage", ["array_file", "tree_metadata", "config_item"])
+@pytest.mark.parametrize("damage", ["array_file", "tree_metadata", "config_item", "state_gone"])
 def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
         kept_run, tmp_path, capsys, damage):
     """eval/infer/score/--init-from load through infer.load: one line naming the damaged
@@ -215,7 +216,9 @@ def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
     run = tmp_path / "run"
     shutil.copytree(kept_run, run)
     latest = run / "checkpoints" / "10"
-    if damage == "array_file":
+    if damage == "state_gone":  # it loaded the older step silently
+        shutil.rmtree(latest / "state")
+    elif damage == "array_file":
         files = list((latest / "state").rglob("d/*"))
         for f in files:  # every array: only the parameters are read
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -238,6 +241,71 @@ def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
         assert len(lines) == 1 and lines[0].startswith("mtjax: error:"), err[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_listing_sets_apart_steps_whose_metadata_does_not_parse(kept_run, tmp_path, capsys):
+    """A garbage state/_METADATA or _sharding was listed as a good step, even 'latest best',
+    though train sets it aside and infer refuses it."""
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    ckpts = run / "checkpoints"
+    for step, name in ((12, "_METADATA"), (14, "_sharding")):
+        shutil.copytree(ckpts / "10", ckpts / str(step))
+        (ckpts / str(step) / "state" / name).write_text("\x00garbage")
+    assert cli.main(["checkpoints", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["latest"] == 10 and listing["incomplete"] == ["12", "14"]
+    assert 12 not in [c["step"] for c in listing["checkpoints"]]
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(
+        kept_run, tmp_path, capsys):
+    """It trained from step 0 on top of the run, with no word of it, and metrics.jsonl held
+    every step twice. Now it stops (exit 2) once, and the same command then starts over."""
+    from mtjax.checkpoint import CheckpointError
+    from mtjax.train import trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir())
+    for f in (run / "checkpoints").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    records = (run / "metrics.jsonl").read_text()
+    config = config_lib.load(None, TINY + ["train.steps=4", "log.every_steps=2"])
+    moved = ", ".join(f"{s}.incomplete" for s in reversed(steps))
+    with pytest.raises(CheckpointError, match=rf"no checkpoint in .* can be read \(set aside as "
+                                              rf"{moved}\); run the same command again"):
+        trainer.train(config, run, progress=False)
+    assert (run / "metrics.jsonl").read_text() == records
+    result = trainer.train(config, run, progress=False)
+    assert result.start_step == 0 and result.step == 4
+    assert [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl")] == [2, 4]
+
+
+def test_resume_refuses_a_new_seed_and_an_optimizer_state_of_another_shape():
+    """A new train.seed was accepted and recorded though it changed nothing; clipping switched
+    off failed in Orbax's words ("tree structures do not match ... partial_restore=True")."""
+    from mtjax.train import trainer
+
+    class Checkpoints:
+        directory = pathlib.Path("/run/checkpoints")
+
+    saved = config_lib.to_dict(config_lib.load(None, TINY))
+
+    def refusal(*overrides):
+        current = config_lib.to_dict(config_lib.load(None, TINY + list(overrides)))
+        try:
+            trainer._check_resumable(saved, current, Checkpoints, 8)
+        except trainer.CheckpointError as e:
+            return str(e)
+        return None
+
+    assert refusal("optim.learning_rate=0.5", "optim.grad_clip_norm=2.0") is None
+    assert "train.seed: checkpoint 0 vs now 1" in refusal("train.seed=1")
+    assert ("optim.grad_clip_norm: checkpoint 1.0 vs now 0.0 (clipping on/off changes the "
+            "optimizer state)") in refusal("optim.grad_clip_norm=0")
+    assert "optim.weight_decay: checkpoint 0.0 vs now 0.001 (Adafactor's weight decay" in (
+        refusal("optim.weight_decay=0.001"))
 
 
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path, capsys):

@@ -130,3 +130,17 @@ def test_a_missing_argument_is_named_as_the_usage_names_it(capsys, argv, missing
         cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.strip().endswith(missing), err
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(tmp_path):
+    """`mtjax checkpoints RUN --json | head` printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoints").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mtjax", "checkpoints", str(tmp_path),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command has started writing: its write fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         value = row["metrics"].get(metric)
         marks = [m for m, key in (("latest", "latest"), ("best", "best"))
                  if listing[key] == row["step"]]
-        print(f"{row['step']:>8}  {when:%Y-%m-%d %H:%M:%S}  {row['bytes'] / 2**20:>7.1f}MB  "
+        print(f"{row['step']:>8}  {when:%Y-%m-%d %H:%M:%S}  {row['bytes'] / 2**20:>6.1f}MiB  "
               f"{'' if value is None else f'{value:.4f}':>{width}}  {row['hosts']:>5}  "
               f"{' '.join(marks)}")
     if not listing["checkpoints"]:

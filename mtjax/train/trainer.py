@@ -584,6 +584,10 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
         window = metrics_lib.window_from_json(checkpoints.log_window(latest))
     else:
         window = None
+        # A run that stopped before its first save, or whose checkpoints were all set aside,
+        # starts over: its records begin again rather than repeating the steps.
+        _truncate_metrics(workdir / "metrics.jsonl", 0)
+        _truncate_metrics(_HostLog.path(workdir), 0, writer=None)
         state = setup.init_state(config.train.seed)
         if init_from:
             from mtjax.checkpoint import find_state_dir, restore_params
@@ -673,9 +677,11 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints
     """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
     # The shapes of the model and optimizer, and of the saved input stream's batches (its
     # iterator restores batches of the saved size and lengths only).
+    # train.seed: a resumed run's shuffle and random state come from the checkpoint, so a new
+    # seed would change nothing but what config.json records.
     keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
             ("optim", "name"), ("train", "batch_size"), ("data", "inputs_length"),
-            ("data", "targets_length"), ("data", "pack")]
+            ("data", "targets_length"), ("data", "pack"), ("train", "seed")]
     def same(s: str, k: str) -> bool:
         if (s, k) == ("data", "vocabulary") and None not in (saved[s][k], current[s][k]):
             # Runs of older versions recorded a vocabulary file as given, relative.
@@ -684,10 +690,30 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints
 
     differ = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
               for s, k in keys if k in saved.get(s, {}) and not same(s, k)]
+    # Settings that add or remove a part of the optimizer state (its values may change freely).
+    for key, why in _optimizer_state_parts(saved.get("optim", {}), current["optim"]):
+        differ.append(f"optim.{key}: checkpoint {saved['optim'][key]!r} vs now "
+                      f"{current['optim'][key]!r} ({why} changes the optimizer state)")
     if differ:
         raise CheckpointError(
             f"{checkpoints.directory / str(step)} was written by a different run ("
             + "; ".join(differ) + "). Use another --workdir, or --init-from for weights only")
+
+
+def _optimizer_state_parts(saved: dict[str, Any], current: dict[str, Any]
+                           ) -> list[tuple[str, str]]:
+    """(key, what it switches) for each optim setting turned on in one config and off in the
+    other where that adds a transform, and so a part of the state (see optim.build)."""
+    def on(optim: dict[str, Any], key: str) -> bool:
+        return (optim.get(key) or 0) > 0
+
+    parts = []
+    if "grad_clip_norm" in saved and on(saved, "grad_clip_norm") != on(current, "grad_clip_norm"):
+        parts.append(("grad_clip_norm", "clipping on/off"))
+    if (current["name"] == saved.get("name") == "adafactor" and "weight_decay" in saved
+            and on(saved, "weight_decay") != on(current, "weight_decay")):
+        parts.append(("weight_decay", "Adafactor's weight decay on/off"))
+    return parts
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
