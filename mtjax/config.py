@@ -86,7 +86,10 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adafactor"  # "adafactor" (T5's rsqrt schedule) | "adamw" (warmup + cosine)
+    name: str = "adafactor"  # "adafactor" | "adamw"
+    # "auto": T5's rsqrt for adafactor, warmup + cosine for adamw; or "rsqrt", "constant" (T5's
+    # fine-tuning), "linear" (to 0 at train.steps), "cosine" (to a tenth at train.steps).
+    schedule: str = "auto"
     learning_rate: float = 0.01
     warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -155,6 +158,7 @@ class Config:
 
 _CHOICES = {
     "optim.name": ("adafactor", "adamw"),
+    "optim.schedule": ("auto", "rsqrt", "constant", "linear", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots_saveable", "full"),
     "model.attention": ("auto", "xla", "dot_product", "cpu_fused"),

@@ -638,3 +638,31 @@ def test_a_skipped_step_keeps_the_optimizer_count_with_the_step(mesh):
             jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True))
         if call:  # (the first update's warmup learning rate is 0)
             assert kept == (call == 1)
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    # T5's rsqrt: the plateau value until warmup_steps, then learning_rate * sqrt(warmup / step).
+    ("rsqrt", 10, {0: 1.0, 10: 1.0, 40: 0.5, 250: 0.2}),
+    # Linear warmup from 0, then each shape; the step is optax's count (0 for the first update).
+    ("constant", 10, {0: 0.0, 5: 0.5, 10: 1.0, 99: 1.0, 500: 1.0}),
+    ("constant", 0, {0: 1.0, 99: 1.0}),  # T5's fine-tuning schedule
+    ("linear", 10, {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0, 200: 0.0}),
+    ("linear", 0, {0: 1.0, 50: 0.5, 100: 0.0}),
+    ("cosine", 10, {0: 0.0, 10: 1.0, 55: 0.55, 100: 0.1}),
+])
+def test_learning_rate_schedules_follow_their_formulas(schedule, warmup, expected):
+    cfg = config_lib.load(None, [f"optim.schedule={schedule}", f"optim.warmup_steps={warmup}",
+                                 "optim.learning_rate=1.0"]).optim
+    lr = optim.make_schedule(cfg, total_steps=100)
+    assert {s: float(lr(s)) for s in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_auto_schedule_is_rsqrt_for_adafactor_and_cosine_for_adamw():
+    for name, resolved in (("adafactor", "rsqrt"), ("adamw", "cosine")):
+        cfg = config_lib.load(None, [f"optim.name={name}"]).optim
+        assert optim.schedule_name(cfg) == resolved
+        explicit = dataclasses.replace(cfg, schedule=resolved)
+        assert [float(optim.make_schedule(cfg, 1000)(s)) for s in (0, 50, 500, 999)] == [
+            float(optim.make_schedule(explicit, 1000)(s)) for s in (0, 50, 500, 999)]
+    with pytest.raises(config_lib.ConfigError, match="optim.schedule"):
+        config_lib.load(None, ["optim.schedule=exponential"])

@@ -10,22 +10,41 @@ from mtjax.config import OptimConfig
 from mtjax.train import layerwise
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """T5's inverse-square-root schedule for Adafactor; warmup + cosine for AdamW.
+def schedule_name(cfg: OptimConfig) -> str:
+    """``optim.schedule`` with "auto" resolved: rsqrt for Adafactor (T5), cosine for AdamW."""
+    if cfg.schedule != "auto":
+        return cfg.schedule
+    return "rsqrt" if cfg.name == "adafactor" else "cosine"
 
-    rsqrt: ``lr(step) = learning_rate * min(1, sqrt(warmup_steps / step))`` — T5's
-    ``1/sqrt(max(step, 10k))`` with the plateau value given as ``learning_rate``.
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate at each step, by ``optim.schedule``.
+
+    - rsqrt: ``learning_rate * min(1, sqrt(warmup_steps / step))``: T5's ``1/sqrt(max(step,
+      10k))`` with the plateau value given as ``learning_rate`` (the "warmup" is the plateau).
+    - constant: ``learning_rate`` (T5's fine-tuning: Adafactor at 1e-3), after a linear warmup
+      from 0 over ``warmup_steps`` (none at 0).
+    - linear: linear warmup, then linear decay to 0 at ``total_steps``.
+    - cosine: linear warmup, then cosine decay to a tenth of ``learning_rate`` at ``total_steps``.
     """
-    warmup = max(cfg.warmup_steps, 1)
-    if cfg.name == "adafactor":
+    name, peak = schedule_name(cfg), cfg.learning_rate
+    if name == "rsqrt":
+        warmup = max(cfg.warmup_steps, 1)
+
         def rsqrt(step):
             step = jnp.maximum(jnp.asarray(step, jnp.float32), 1.0)
-            return cfg.learning_rate * jnp.minimum(1.0, jnp.sqrt(warmup / step))
+            return peak * jnp.minimum(1.0, jnp.sqrt(warmup / step))
         return rsqrt
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=min(warmup, total_steps),
-        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * 0.1,
-    )
+    warmup = min(cfg.warmup_steps, total_steps)
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
+            decay_steps=max(total_steps, warmup + 1), end_value=peak * 0.1)
+    after = (optax.constant_schedule(peak) if name == "constant"
+             else optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1)))
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, *, per_layer_kind: bool = False

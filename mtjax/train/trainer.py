@@ -28,6 +28,7 @@ from mtjax.errors import TrainingError, UserError
 from mtjax.parallel import distributed
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import metrics as metrics_lib
+from mtjax.train import optim as optim_lib
 from mtjax.train import setup as setup_lib
 from mtjax.train.setup import model_config  # noqa: F401 - re-exported
 
@@ -548,9 +549,13 @@ def _describe_training(config: config_lib.Config) -> str:
     t, m, o, d = config.train, config.model, config.optim, config.data
     tokens = f"{d.inputs_length}/{d.targets_length} tokens" + (", packed" if d.pack else "")
     micro = f" in {t.microbatches} microbatches" if t.microbatches > 1 else ""
-    schedule = (f"learning rate {o.learning_rate:g}, "
-                + (f"rsqrt decay after {o.warmup_steps} steps" if o.name == "adafactor"
-                   else f"warmup {o.warmup_steps} steps, cosine decay"))
+    name = optim_lib.schedule_name(o)
+    warmup = f"warmup {o.warmup_steps} steps, " if o.warmup_steps else ""
+    schedule = f"learning rate {o.learning_rate:g}, " + {
+        "rsqrt": f"rsqrt decay after {o.warmup_steps} steps",
+        "constant": f"{warmup}constant",
+        "linear": f"{warmup}linear decay to 0",
+        "cosine": f"{warmup}cosine decay"}[name]
     state = f", state {o.state_dtype}" if o.state_dtype != "float32" else ""
     steps = f"{t.steps} step" + ("s" if t.steps != 1 else "")
     return (f"training {steps} of batch {t.batch_size}{micro} ({tokens}); "
