@@ -11,6 +11,7 @@ config mistake says so without the seconds of importing it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -23,6 +24,46 @@ def _env_int(name: str) -> int | None:
 
 
 _started = False
+
+
+def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
+    """The local GPUs one SLURM task drives: all of its node's when SLURM runs one task per node.
+
+    JAX's SLURM detection gives each process the one GPU numbered by its ``SLURM_LOCALID``: right
+    for one task per GPU, but with one task per node (``launch/slurm.sbatch``) each process would
+    drive GPU 0 alone and leave the rest idle.
+
+    Args:
+      env: the process environment.
+
+    Returns:
+      ``[0, ..., n - 1]`` for the node's n visible GPUs, or None to leave JAX's choice (one task
+      per GPU, ``JAX_LOCAL_DEVICE_IDS`` set, or a GPU count SLURM does not give).
+    """
+    if env.get("JAX_LOCAL_DEVICE_IDS") or not _one_task_per_node(env):
+        return None
+    count = _visible_gpus(env)
+    return list(range(count)) if count else None
+
+
+def _one_task_per_node(env: Mapping[str, str]) -> bool:
+    """Whether SLURM's layout (the step's first, then the job's) has one task on every node."""
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if layout := env.get(name):
+            # Counts per node, runs of equal ones compressed: "1(x4)", "8(x2)", "2,1(x3)".
+            return all(part.split("(")[0].strip() == "1" for part in layout.split(","))
+    if per_node := env.get("SLURM_NTASKS_PER_NODE"):
+        return per_node == "1"
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+    return nodes is not None and env.get("SLURM_NTASKS") == nodes
+
+
+def _visible_gpus(env: Mapping[str, str]) -> int | None:
+    """The GPUs this process can see: SLURM's CUDA_VISIBLE_DEVICES, else its count per node."""
+    if (visible := env.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    count = env.get("SLURM_GPUS_ON_NODE", "")
+    return int(count) if count.isdigit() else None
 
 
 def initialize_from_env() -> bool:
@@ -50,7 +91,8 @@ def initialize_from_env() -> bool:
             process_id=_env_int("MTJAX_PROCESS_ID"),
         )
     else:
-        jax.distributed.initialize()  # reads SLURM's environment or the TPU VM's metadata
+        # Reads SLURM's environment or the TPU VM's metadata; only the GPUs are ours to choose.
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
     _started = True
     return True
 

@@ -1,0 +1,67 @@
+"""How ``mtjax.parallel.distributed`` reads the environment it is started in: which runtime starts
+``jax.distributed`` and with which local GPUs. ``jax.distributed.initialize`` is replaced by a
+recorder: only the decision is under test, no cluster is needed."""
+
+import os
+
+import jax
+import pytest
+
+from mtjax.parallel import distributed
+
+# A SLURM task as srun starts it: JAX's SLURM detection needs these.
+STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-04]", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("layout, expected", [
+    # launch/slurm.sbatch: one task per node, 8 GPUs each, as SLURM's gres sets them.
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x4)", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"},
+     list(range(8))),
+    ({"SLURM_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, [0, 1, 2, 3]),
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_NTASKS": "4", "SLURM_NNODES": "4", "SLURM_GPUS_ON_NODE": "4"}, [0, 1, 2, 3]),
+    # One task per GPU: JAX's own choice (the GPU numbered SLURM_LOCALID) stays.
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x4)", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),
+    ({"SLURM_TASKS_PER_NODE": "2,1", "SLURM_GPUS_ON_NODE": "2"}, None),
+    ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}, None),
+    ({"SLURM_NTASKS": "8", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "8"}, None),
+    # The step's layout decides over the job's (srun -n 8 inside a one-task-per-node job).
+    ({"SLURM_STEP_TASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"},
+     None),
+    # One task per node but no GPU count known, no GPUs, or the user's own choice: JAX's.
+    ({"SLURM_TASKS_PER_NODE": "1(x2)"}, None),
+    ({"SLURM_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": ""}, None),
+    ({"SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "8", "JAX_LOCAL_DEVICE_IDS": "0,1"},
+     None),
+    ({}, None),
+])
+def test_one_slurm_task_per_node_drives_all_of_its_gpus(layout, expected):
+    assert distributed.slurm_local_device_ids({**STEP, **layout}) == expected
+
+
+def _recorded_start(monkeypatch, env: dict[str, str]) -> list[dict]:
+    """The calls of ``jax.distributed.initialize`` that ``initialize_from_env`` makes in ``env``
+    (the variables it reads are cleared first)."""
+    for name in ("MTJAX_COORDINATOR_ADDRESS", "MTJAX_DISTRIBUTED", "TPU_WORKER_HOSTNAMES",
+                 "CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("SLURM_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(distributed, "_started", False)
+    distributed.initialize_from_env()
+    return calls
+
+
+def test_a_slurm_job_of_one_task_per_node_starts_with_every_local_gpu(monkeypatch):
+    """Before, ``jax.distributed.initialize()`` without arguments let JAX give each node's one
+    process GPU 0 alone (``local_device_ids=[SLURM_LOCALID]``): 1 GPU of 8 trained."""
+    calls = _recorded_start(monkeypatch, {**STEP, "SLURM_NTASKS": "4", "SLURM_NNODES": "4",
+                                          "SLURM_TASKS_PER_NODE": "1(x4)",
+                                          "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+    assert calls == [{"local_device_ids": list(range(8))}]
