@@ -65,3 +65,19 @@ def test_a_slurm_job_of_one_task_per_node_starts_with_every_local_gpu(monkeypatc
                                           "SLURM_TASKS_PER_NODE": "1(x4)",
                                           "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
     assert calls == [{"local_device_ids": list(range(8))}]
+
+
+def test_an_salloc_shell_runs_one_process_with_a_note(monkeypatch, capsys):
+    """salloc's shell has SLURM_NTASKS but no task of an srun step: JAX's SLURM detection finds
+    nothing there and ``mtjax train`` stopped with its 'coordinator_address should be defined'
+    traceback. Now it trains as one process and says once how to start one per task."""
+    salloc = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_NNODES": "4",
+              "SLURM_TASKS_PER_NODE": "1(x4)", "SLURM_NODELIST": "gpu[01-04]"}
+    monkeypatch.setattr(distributed, "_noted_outside_srun", False)
+    assert _recorded_start(monkeypatch, salloc) == []
+    assert _recorded_start(monkeypatch, salloc) == []  # a second start (on an error) is quiet
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "SLURM_NTASKS=4" in err[0] and "srun" in err[0], err
+    # In each task of `srun` within that allocation it starts as before.
+    assert len(_recorded_start(monkeypatch, {**salloc, **STEP})) == 1
+    assert capsys.readouterr().err == ""

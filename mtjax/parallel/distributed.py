@@ -11,6 +11,7 @@ config mistake says so without the seconds of importing it.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,6 +25,12 @@ def _env_int(name: str) -> int | None:
 
 
 _started = False
+_noted_outside_srun = False
+
+# What JAX's SLURM detection reads: a task that srun started has them all; the shell of salloc
+# (or of sbatch) has only the job's, and JAX would stop there with "coordinator_address should
+# be defined".
+_SLURM_TASK = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
@@ -74,7 +81,7 @@ def initialize_from_env() -> bool:
     """
     global _started
     address = os.environ.get("MTJAX_COORDINATOR_ADDRESS")
-    slurm = (_env_int("SLURM_NTASKS") or 1) > 1
+    slurm = _slurm_tasks()
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not (address or slurm or tpu_pod):
         return False
@@ -95,6 +102,21 @@ def initialize_from_env() -> bool:
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
     _started = True
     return True
+
+
+def _slurm_tasks() -> bool:
+    """Whether this is one of several tasks srun started; outside srun, a note and False."""
+    global _noted_outside_srun
+    tasks = _env_int("SLURM_NTASKS") or 1
+    if tasks == 1 or all(name in os.environ for name in _SLURM_TASK):
+        return tasks > 1
+    if not _noted_outside_srun:
+        print(f"mtjax: note: SLURM_NTASKS={tasks} but this process was not started by srun "
+              f"(an salloc shell?): running as one process; for one process per task, start "
+              f"it with `srun mtjax ...` or submit launch/slurm.sbatch", file=sys.stderr,
+              flush=True)
+        _noted_outside_srun = True
+    return False
 
 
 def stop_with_the_others(failure: UserError) -> None:
