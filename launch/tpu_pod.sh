@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a TPU VM pod slice (v4/v5e/v5p): the same command on every worker through
-# `gcloud compute tpus tpu-vm ssh --worker=all`; jax.distributed.initialize() finds the other
-# workers from the TPU metadata. mtjax must be installed on every worker (same path), and the
+# `gcloud compute tpus tpu-vm ssh --worker=all`, with MTJAX_DISTRIBUTED=auto:
+# jax.distributed.initialize() finds the other workers from the TPU metadata. mtjax must be installed on every worker (same path), and the
 # workdir must be a filesystem every worker mounts at the same path: mtjax writes the run
 # directory through the local filesystem, so mount a bucket (gcsfuse) rather than give gs://.
 # The command runs in the workers' home directory, or in MTJAX_REMOTE_DIR (e.g. a checkout
@@ -30,7 +30,9 @@ if [[ $# -lt 2 ]]; then
 fi
 TPU_NAME=$1; ZONE=$2; shift 2
 ARGS=$(printf ' %q' "$@")
-COMMAND="TF_CPP_MIN_LOG_LEVEL=2 mtjax train$ARGS"
+# MTJAX_DISTRIBUTED=auto: JAX finds the other workers through the TPU metadata server, which
+# mtjax cannot see from the environment (without it mtjax would not start jax.distributed).
+COMMAND="MTJAX_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 mtjax train$ARGS"
 if [[ -n "${MTJAX_REMOTE_DIR:-}" ]]; then
   COMMAND="cd $(printf '%q' "$MTJAX_REMOTE_DIR") && $COMMAND"
 fi

@@ -81,3 +81,29 @@ def test_an_salloc_shell_runs_one_process_with_a_note(monkeypatch, capsys):
     # In each task of `srun` within that allocation it starts as before.
     assert len(_recorded_start(monkeypatch, {**salloc, **STEP})) == 1
     assert capsys.readouterr().err == ""
+
+
+def test_mtjax_distributed_auto_starts_from_jaxs_own_detection(monkeypatch):
+    """A GCE TPU VM pod has no variable mtjax reads (JAX asks the metadata server), so
+    jax.distributed never started there; MTJAX_DISTRIBUTED=auto (launch/tpu_pod.sh sets it)
+    leaves the detection to JAX. Without it, such a host stays one process."""
+    assert _recorded_start(monkeypatch, {}) == []
+    assert _recorded_start(monkeypatch, {"MTJAX_DISTRIBUTED": "auto"}) == [
+        {"local_device_ids": None}]
+    # A GKE TPU pod, as before: JAX reads its TPU_WORKER_HOSTNAMES.
+    assert len(_recorded_start(monkeypatch, {"TPU_WORKER_HOSTNAMES": "w-0,w-1"})) == 1
+
+
+def test_mtjax_distributed_mistakes_are_one_line(monkeypatch):
+    from mtjax.errors import UserError
+
+    with pytest.raises(UserError, match="MTJAX_DISTRIBUTED=yes: the one value is 'auto'"):
+        _recorded_start(monkeypatch, {"MTJAX_DISTRIBUTED": "yes"})
+
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setenv("MTJAX_DISTRIBUTED", "auto")
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(UserError, match="JAX found no cluster it knows here"):
+        distributed.initialize_from_env()

@@ -133,7 +133,9 @@ def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
                        tmp_path, tmp_path, EXIT_CODES="42 42 42 42", MTJAX_MAX_RESTARTS="2")
     assert proc.returncode == 42 and len(calls) == 3
     assert proc.stderr.count("; restarting (") == 2 and "not restarting" in proc.stderr
-    assert calls[0].endswith("--command TF_CPP_MIN_LOG_LEVEL=2 mtjax train --workdir /mnt/r "
-                             "xla= pythonpath="), calls[0]
+    # MTJAX_DISTRIBUTED=auto: on a GCE TPU VM only JAX's own detection (the metadata server)
+    # finds the other workers; mtjax's did not, and jax.distributed never started.
+    assert calls[0].endswith("--command MTJAX_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 mtjax "
+                             "train --workdir /mnt/r xla= pythonpath="), calls[0]
     proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "--help"], tmp_path, tmp_path)
     assert proc.returncode == 0 and len(calls) == 3  # gcloud not called again

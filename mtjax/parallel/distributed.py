@@ -2,7 +2,10 @@
 
 Which runtime starts us decides how: explicit ``MTJAX_COORDINATOR_ADDRESS`` /
 ``MTJAX_NUM_PROCESSES`` / ``MTJAX_PROCESS_ID`` (the local launcher, or any scheduler), SLURM with
-more than one task, or a multi-host TPU VM; otherwise a single process needs nothing.
+more than one task, a GKE TPU pod (``TPU_WORKER_HOSTNAMES``), or ``MTJAX_DISTRIBUTED=auto``:
+JAX's own cluster detection, the one way to a GCE TPU VM pod (``launch/tpu_pod.sh`` sets it),
+whose workers JAX finds through the metadata server and mtjax cannot see from the environment.
+Otherwise a single process needs nothing.
 
 JAX is imported only when a multi-process run is described: a single process that stops on a
 config mistake says so without the seconds of importing it.
@@ -80,10 +83,11 @@ def initialize_from_env() -> bool:
       True when a multi-process runtime was initialised.
     """
     global _started
+    auto = _auto_detect()
     address = os.environ.get("MTJAX_COORDINATOR_ADDRESS")
-    slurm = _slurm_tasks()
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not (address or slurm or tpu_pod):
+    slurm = not auto and _slurm_tasks()
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # GKE names the workers
+    if not (address or slurm or tpu_pod or auto):
         return False
     import jax
 
@@ -99,9 +103,27 @@ def initialize_from_env() -> bool:
         )
     else:
         # Reads SLURM's environment or the TPU VM's metadata; only the GPUs are ours to choose.
-        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+        try:
+            jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+        except ValueError as error:
+            if not (auto and "coordinator_address" in str(error)):
+                raise
+            raise UserError("MTJAX_DISTRIBUTED=auto, but JAX found no cluster it knows here (a "
+                            "task of srun, a TPU VM pod, Kubernetes, Open MPI): unset it to run "
+                            "one process, or set MTJAX_COORDINATOR_ADDRESS, MTJAX_NUM_PROCESSES "
+                            "and MTJAX_PROCESS_ID") from None
     _started = True
     return True
+
+
+def _auto_detect() -> bool:
+    """Whether ``MTJAX_DISTRIBUTED=auto`` asks for JAX's own cluster detection."""
+    value = os.environ.get("MTJAX_DISTRIBUTED", "")
+    if value not in ("", "auto"):
+        raise UserError(f"MTJAX_DISTRIBUTED={value}: the one value is 'auto' (start "
+                        f"jax.distributed from JAX's own cluster detection); unset, mtjax starts "
+                        f"it for SLURM, a GKE TPU pod or MTJAX_COORDINATOR_ADDRESS")
+    return value == "auto"
 
 
 def _slurm_tasks() -> bool:
