@@ -78,7 +78,8 @@ def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert calls[0].startswith(f"cwd={REPO} args=--kill-on-bad-exit=0 mtjax train --workdir "
                                f"/shared/run xla=--xla_gpu_enable_latency_hiding_scheduler")
-    assert calls[1].startswith(f"cwd={REPO} args=requeue 77 "), calls
+    assert calls[1].startswith(f"cwd={REPO} args=show job 77 "), calls  # not cancelled?
+    assert calls[2].startswith(f"cwd={REPO} args=requeue 77 "), calls
     # Submitted from a directory without the checkout and no MTJAX_LAUNCH_DIR: one clear line.
     (tmp_path / "calls").unlink()
     (tmp_path / "calls.n").unlink()
@@ -88,6 +89,27 @@ def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
     proc, calls = _run("launch/slurm.sbatch", [], tmp_path, tmp_path,
                        SLURM_SUBMIT_DIR=str(tmp_path), MTJAX_LAUNCH_DIR=str(REPO / "launch"))
     assert proc.returncode == 0 and calls[0].startswith(f"cwd={tmp_path} "), proc.stderr
+
+
+def test_slurm_fails_when_the_requeue_fails_and_leaves_a_cancelled_job_alone(tmp_path):
+    """A failed `scontrol requeue` exited 0: the job showed COMPLETED and never resumed."""
+    _stand_in(tmp_path, "srun")
+    _stand_in(tmp_path, "scontrol")
+    proc, calls = _run("launch/slurm.sbatch", [], REPO, tmp_path, SLURM_SUBMIT_DIR=str(REPO),
+                       SLURM_JOB_ID="77", EXIT_CODES="42 0 1")
+    assert proc.returncode == 42 and "requeue 77 failed" in proc.stderr, proc.stderr
+    assert [c.split(" xla=")[0].split("args=")[1] for c in calls] == [
+        "--kill-on-bad-exit=0 mtjax train", "show job 77", "requeue 77"]
+    # scancel: the job is CANCELLED already; the run saved and exited 42, and stays cancelled.
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$CALLS"\n'
+                        'echo "   JobState=CANCELLED Reason=None"\n')
+    (tmp_path / "calls").unlink()
+    (tmp_path / "calls.n").unlink()
+    proc, calls = _run("launch/slurm.sbatch", [], REPO, tmp_path, SLURM_SUBMIT_DIR=str(REPO),
+                       SLURM_JOB_ID="77", EXIT_CODES="42")
+    assert proc.returncode == 42 and "cancelled, not requeueing" in proc.stderr, proc.stderr
+    assert calls[1:] == ["scontrol show job 77"]
 
 
 # Saves on SIGTERM as mtjax does: records it and exits 42; otherwise trains (sleeps) for long.
@@ -139,3 +161,34 @@ def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
                              "train --workdir /mnt/r xla= pythonpath="), calls[0]
     proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "--help"], tmp_path, tmp_path)
     assert proc.returncode == 0 and len(calls) == 3  # gcloud not called again
+
+
+def test_slurm_requeues_when_preemption_signals_the_batch_shell_too(tmp_path):
+    """SLURM sends SIGTERM to every process of a preempted job, this script's shell included:
+    with srun in the foreground and no trap, the shell died with 143 while the run was saving,
+    and the job was never requeued."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # srun takes the signal and returns its tasks' code: exec stands for that.
+    srun = '#!/usr/bin/env bash\nshift\nexec "$@"\n'
+    for name, text in [("mtjax", TRAINER_STAND_IN), ("srun", srun), ("scontrol", STAND_IN)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(CALLS=str(calls), SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="77",
+               PATH=f"{bin_dir}:{env['PATH']}")
+    proc = subprocess.Popen(["bash", str(REPO / "launch/slurm.sbatch"), "--workdir", "w"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 30
+    while not (calls.exists() and "started" in calls.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # as slurmd signals the job: every process
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    lines = calls.read_text().splitlines()
+    assert lines[:2] == ["started", "TERM"], lines
+    assert lines[-1].startswith(f"cwd={tmp_path} args=requeue 77 "), lines
