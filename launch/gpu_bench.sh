@@ -6,7 +6,9 @@
 #   OUT=/some/dir launch/gpu_bench.sh     # also bench_<benchmark>_<model>.json in $OUT
 #
 # Installs nothing: mtjax and its JAX must already be importable by $PYTHON (default python3).
-# Expect about 1-3 minutes per model (compile dominates); well under 8 minutes in all.
+# Expect about 1-3 minutes per model (compile dominates). Each run is stopped after 5 minutes,
+# so a hung one costs at most that (30 minutes in all at worst). A failed run is named and the
+# rest still run; the script then exits 1. Ctrl-C stops the run and the script.
 # Extra KEY=VALUE overrides or flags are passed to every run, e.g. `--steps 20 train.microbatches=2`.
 set -euo pipefail
 # Paths (OUT, --config, a tasks file) stay relative to where you run this; mtjax is imported
@@ -25,6 +27,10 @@ COMMON=(model.dtype=bfloat16 optim.name=adamw data.inputs_length=512 data.target
         data.pack=true --steps 10 --warmup 2)
 
 BENCHMARKS=(${BENCHMARKS:-train decode checkpoint})
+# --foreground below keeps each run in the terminal's process group, so a Ctrl-C reaches it;
+# the run handles it and exits, and bash (which runs a trap once the run has ended) stops too.
+trap 'echo "$0: interrupted" >&2; exit 130' INT
+failed=()
 for run in "${RUNS[@]}"; do
   model=${run%%:*}
   batch=${run##*:}
@@ -35,7 +41,17 @@ for run in "${RUNS[@]}"; do
       output=(--output "$OUT/bench_${benchmark}_${model}.json")
     fi
     echo "== mtjax bench $benchmark: $model, batch $batch, bf16, 512/114 ==" >&2
-    timeout 300 "$PYTHON" -m mtjax bench "$benchmark" model.name="$model" \
-      train.batch_size="$batch" "${COMMON[@]}" "${output[@]}" "$@" || echo "$benchmark failed" >&2
+    code=0
+    timeout --foreground 300 "$PYTHON" -m mtjax bench "$benchmark" model.name="$model" \
+      train.batch_size="$batch" "${COMMON[@]}" "${output[@]}" "$@" || code=$?
+    if (( code != 0 )); then
+      (( code == 124 )) && why="stopped after 300 s" || why="exit code $code"
+      echo "$0: mtjax bench $benchmark $model failed ($why)" >&2
+      failed+=("$benchmark $model")
+    fi
   done
 done
+if (( ${#failed[@]} )); then
+  echo "$0: ${#failed[@]} run(s) failed: $(IFS=,; echo "${failed[*]}")" >&2
+  exit 1
+fi

@@ -70,6 +70,44 @@ def test_gpu_bench_runs_in_the_callers_directory_with_this_checkout_importable(t
     assert (tmp_path / "results").is_dir()
 
 
+def test_gpu_bench_runs_the_rest_after_a_failure_and_then_fails(tmp_path):
+    """`|| echo "$benchmark failed"` made the script exit 0 when a benchmark failed."""
+    python = _stand_in(tmp_path, "python")
+    proc, calls = _run("launch/gpu_bench.sh", [], tmp_path, tmp_path, PYTHON=str(python),
+                       BENCHMARKS="train decode", EXIT_CODES="0 3 0 0")
+    assert proc.returncode == 1 and len(calls) == 4, proc.stderr
+    assert "mtjax bench decode t5_1_1_base failed (exit code 3)" in proc.stderr
+    assert "1 run(s) failed: decode t5_1_1_base" in proc.stderr
+
+
+def test_gpu_bench_stops_at_ctrl_c(tmp_path):
+    """`timeout` ran each benchmark in a process group of its own: a Ctrl-C at the terminal
+    did not reach it, and the script went on to the next one."""
+    import signal
+    import time
+
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text("#!/usr/bin/env bash\ntrap 'echo INT >> \"$CALLS\"; exit 130' INT\n"
+                      'echo started >> "$CALLS"\nfor i in $(seq 300); do sleep 0.1; done\n')
+    python.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = dict(os.environ, CALLS=str(calls), PYTHON=str(python), BENCHMARKS="train")
+    proc = subprocess.Popen(["bash", str(REPO / "launch/gpu_bench.sh")], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 30
+    while not (calls.exists() and "started" in calls.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: its foreground process group
+    try:
+        assert proc.wait(timeout=30) == 130, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert calls.read_text().splitlines()[0:2] == ["started", "INT"]
+    assert "started" not in calls.read_text().splitlines()[2:]  # the next model never began
+
+
 def test_slurm_requeues_on_preemption_and_finds_its_settings(tmp_path):
     _stand_in(tmp_path, "srun")
     _stand_in(tmp_path, "scontrol")
