@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Train on a TPU VM pod slice (v4/v5e/v5p): the same command on every worker through
 # `gcloud compute tpus tpu-vm ssh --worker=all`, with MTJAX_DISTRIBUTED=auto:
-# jax.distributed.initialize() finds the other workers from the TPU metadata. mtjax must be installed on every worker (same path), and the
-# workdir must be a filesystem every worker mounts at the same path: mtjax writes the run
-# directory through the local filesystem, so mount a bucket (gcsfuse) rather than give gs://.
+# jax.distributed.initialize() finds the other workers from the TPU metadata. mtjax must be
+# installed on every worker (same path), and the workdir must be a filesystem every worker
+# mounts at the same path: mtjax writes the run directory through the local filesystem, so
+# mount a bucket (gcsfuse) rather than give gs://.
 # The command runs in the workers' home directory, or in MTJAX_REMOTE_DIR (e.g. a checkout
-# there): relative paths in the arguments (--config, a tasks file) are read from it.
+# there): relative paths in the arguments (--config, a tasks file) are read from it. It runs in
+# a non-login shell, whose PATH may lack where pip put mtjax (~/.local/bin for `pip install
+# --user`): set MTJAX_BIN to the workers' command, e.g. MTJAX_BIN="python3 -m mtjax" or a full
+# path (default: mtjax).
 #
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --workdir /mnt/bucket/runs/xl \
 #       model.name=t5_1_1_xl model.dtype=bfloat16 train.batch_size=256 mesh.fsdp=-1
 #
-# Multi-slice: add mesh.dcn_data=<slices>. On maintenance events the workers get SIGTERM,
-# save at an agreed step and exit 42; this script then re-runs the command (it resumes), up to
-# MTJAX_MAX_RESTARTS times (default 100).
+# One TPU name is one slice: several slices over DCN (multi-slice, queued resources) need the
+# command on every slice's workers, with mesh.dcn_data=<slices>, which this script does not do.
+# On maintenance events the workers get SIGTERM, save at an agreed step and exit 42; this
+# script then re-runs the command (it resumes), up to MTJAX_MAX_RESTARTS times (default 100).
 set -uo pipefail
 usage="usage: $0 TPU_NAME ZONE [mtjax train arguments...]"
 for arg in "${@:1:2}"; do
@@ -32,7 +37,7 @@ TPU_NAME=$1; ZONE=$2; shift 2
 ARGS=$(printf ' %q' "$@")
 # MTJAX_DISTRIBUTED=auto: JAX finds the other workers through the TPU metadata server, which
 # mtjax cannot see from the environment (without it mtjax would not start jax.distributed).
-COMMAND="MTJAX_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 mtjax train$ARGS"
+COMMAND="MTJAX_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 ${MTJAX_BIN:-mtjax} train$ARGS"
 if [[ -n "${MTJAX_REMOTE_DIR:-}" ]]; then
   COMMAND="cd $(printf '%q' "$MTJAX_REMOTE_DIR") && $COMMAND"
 fi

@@ -199,6 +199,10 @@ def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
                              "train --workdir /mnt/r xla= pythonpath="), calls[0]
     proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "--help"], tmp_path, tmp_path)
     assert proc.returncode == 0 and len(calls) == 3  # gcloud not called again
+    # ssh runs a non-login shell on the workers, whose PATH may lack mtjax: MTJAX_BIN.
+    proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a"], tmp_path, tmp_path,
+                       MTJAX_BIN="python3 -m mtjax")
+    assert proc.returncode == 0 and " TF_CPP_MIN_LOG_LEVEL=2 python3 -m mtjax train " in calls[3]
 
 
 def test_slurm_requeues_when_preemption_signals_the_batch_shell_too(tmp_path):
