@@ -234,3 +234,24 @@ def test_slurm_requeues_when_preemption_signals_the_batch_shell_too(tmp_path):
     lines = calls.read_text().splitlines()
     assert lines[:2] == ["started", "TERM"], lines
     assert lines[-1].startswith(f"cwd={tmp_path} args=requeue 77 "), lines
+
+
+def test_gpu_lease_stops_where_its_checkout_is_not_found(tmp_path):
+    """benchmarks/gpu/lease.sh went on after a failed `cd` to the checkout, running the smoke
+    benchmark and the sweep from wherever it was."""
+    for name in ("nvidia-smi", "python3", "timeout"):
+        _stand_in(tmp_path, name)
+    script = (REPO / "benchmarks/gpu/lease.sh").read_text()
+    proc, calls = _run_text(script, "/no/such/dir/benchmarks/gpu/lease.sh", tmp_path,
+                            OUT=str(tmp_path / "out"))
+    assert proc.returncode == 2 and not calls, (proc.stderr, calls)
+
+
+def _run_text(script: str, name: str, tmp_path: pathlib.Path, **env):
+    """``script`` run by bash as if from the file ``name`` (its $0), stand-ins first on PATH."""
+    full_env = dict(os.environ, CALLS=str(tmp_path / "calls"), **env)
+    full_env["PATH"] = f"{tmp_path / 'bin'}:{full_env['PATH']}"
+    proc = subprocess.run(["bash", "-c", script, name], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return proc, calls

@@ -10,7 +10,7 @@
 # SKIP_SMOKE=1 goes straight to the sweep; ATTENTION_TIMEOUT=75 first runs attention_variants.py
 # for at most that many seconds. Budget: smoke about 30 s, then sweep.py stops starting work at DEADLINE seconds (default 330).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/mtjax_gpu_out}
 mkdir -p "$OUT"
