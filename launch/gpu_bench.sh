@@ -6,9 +6,10 @@
 #   OUT=/some/dir launch/gpu_bench.sh     # also bench_<benchmark>_<model>.json in $OUT
 #
 # Installs nothing: mtjax and its JAX must already be importable by $PYTHON (default python3).
-# Expect about 1-3 minutes per model (compile dominates). Each run is stopped after 5 minutes,
-# so a hung one costs at most that (30 minutes in all at worst). A failed run is named and the
-# rest still run; the script then exits 1. Ctrl-C stops the run and the script.
+# The whole script keeps to BUDGET_S seconds (default 480, the 8 minutes of a lent GPU): each
+# run gets what is left (at most RUN_S, default 300), and runs that no longer fit (under 30 s
+# left) are not started. A failed, stopped or skipped run is named and the rest still run; the
+# script then exits 1. Ctrl-C stops the run and the script.
 # Extra KEY=VALUE overrides or flags are passed to every run, e.g. `--steps 20 train.microbatches=2`.
 set -euo pipefail
 # Paths (OUT, --config, a tasks file) stay relative to where you run this; mtjax is imported
@@ -30,6 +31,9 @@ BENCHMARKS=(${BENCHMARKS:-train decode checkpoint})
 # --foreground below keeps each run in the terminal's process group, so a Ctrl-C reaches it;
 # the run handles it and exits, and bash (which runs a trap once the run has ended) stops too.
 trap 'echo "$0: interrupted" >&2; exit 130' INT
+BUDGET_S=${BUDGET_S:-480}
+RUN_S=${RUN_S:-300}
+deadline=$(( SECONDS + BUDGET_S ))
 failed=()
 for run in "${RUNS[@]}"; do
   model=${run%%:*}
@@ -40,12 +44,19 @@ for run in "${RUNS[@]}"; do
       mkdir -p "$OUT"
       output=(--output "$OUT/bench_${benchmark}_${model}.json")
     fi
-    echo "== mtjax bench $benchmark: $model, batch $batch, bf16, 512/114 ==" >&2
+    left=$(( deadline - SECONDS ))
+    if (( left < 30 )); then
+      echo "$0: mtjax bench $benchmark $model not started (${BUDGET_S} s budget spent)" >&2
+      failed+=("$benchmark $model")
+      continue
+    fi
+    limit=$(( left < RUN_S ? left : RUN_S ))
+    echo "== mtjax bench $benchmark: $model, batch $batch, bf16, 512/114 (at most $limit s) ==" >&2
     code=0
-    timeout --foreground 300 "$PYTHON" -m mtjax bench "$benchmark" model.name="$model" \
+    timeout --foreground "$limit" "$PYTHON" -m mtjax bench "$benchmark" model.name="$model" \
       train.batch_size="$batch" "${COMMON[@]}" "${output[@]}" "$@" || code=$?
     if (( code != 0 )); then
-      (( code == 124 )) && why="stopped after 300 s" || why="exit code $code"
+      (( code == 124 )) && why="stopped after $limit s" || why="exit code $code"
       echo "$0: mtjax bench $benchmark $model failed ($why)" >&2
       failed+=("$benchmark $model")
     fi

@@ -80,6 +80,22 @@ def test_gpu_bench_runs_the_rest_after_a_failure_and_then_fails(tmp_path):
     assert "1 run(s) failed: decode t5_1_1_base" in proc.stderr
 
 
+def test_gpu_bench_keeps_to_its_budget(tmp_path):
+    """Six runs of up to 300 s each could take 30 minutes; a lent GPU has 8."""
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\nsleep 5\n')
+    python.chmod(0o755)
+    proc, calls = _run("launch/gpu_bench.sh", [], tmp_path, tmp_path, PYTHON=str(python),
+                       BENCHMARKS="train decode", BUDGET_S="37", RUN_S="3")
+    assert proc.returncode == 1, proc.stderr
+    # 3 s each (stopped), then under 30 s left after the third: the fourth is not started.
+    assert len(calls) == 3, calls
+    assert "mtjax bench train t5_1_1_base failed (stopped after 3 s)" in proc.stderr
+    assert "mtjax bench decode t5_1_1_large not started (37 s budget spent)" in proc.stderr
+    assert "4 run(s) failed" in proc.stderr
+
+
 def test_gpu_bench_stops_at_ctrl_c(tmp_path):
     """`timeout` ran each benchmark in a process group of its own: a Ctrl-C at the terminal
     did not reach it, and the script went on to the next one."""
