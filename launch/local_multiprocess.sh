@@ -7,8 +7,12 @@
 #   launch/local_multiprocess.sh 2 --workdir runs/mh model.name=t5_1_1_test mesh.data=2
 #
 # Process 0 prints to the terminal; process i>0 logs to <MTJAX_LOG_DIR or /tmp>/mtjax_process_<i>.log.
-# Env: MTJAX_BIN (default: mtjax), MTJAX_PORT (default: a free port), MTJAX_LOCAL_DEVICES.
-# Exit code: the first non-zero exit code of any process (42: preempted, resume by re-running).
+# Env: MTJAX_BIN (default: mtjax), MTJAX_PORT (default: a free port), MTJAX_LOCAL_DEVICES,
+# MTJAX_STOP_GRACE_S (default 30).
+# Exit code: the first non-zero exit code of any process, in time (42: preempted, resume by
+# re-running). A process that fails (any code but 42 and 130, which are stops at a checkpoint)
+# gets the others a SIGTERM, and a SIGKILL MTJAX_STOP_GRACE_S seconds later: without it they
+# wait for JAX's heartbeat timeout (minutes), or forever in start-up for a peer that never came.
 # "[Gloo] Rank r is connected to n peer ranks. Expected number ... is : n" lines come from the
 # gloo library inside jaxlib (it has no switch to quiet them): matching numbers mean all connected.
 set -euo pipefail
@@ -22,7 +26,6 @@ if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
   exit 2
 fi
 N=$1; shift
-source "$(dirname "${BASH_SOURCE[0]}")/wait_for.sh"
 TOTAL=${MTJAX_LOCAL_DEVICES:-8}
 if (( TOTAL % N )); then
   echo "$0: MTJAX_LOCAL_DEVICES=$TOTAL is not divisible by N=$N" >&2
@@ -31,10 +34,33 @@ fi
 PER_PROCESS=$(( TOTAL / N ))
 PORT=${MTJAX_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 LOG_DIR=${MTJAX_LOG_DIR:-/tmp}
+if (( N > 1 )) && [[ ! -d "$LOG_DIR" || ! -w "$LOG_DIR" ]]; then
+  echo "$0: MTJAX_LOG_DIR=$LOG_DIR is not a writable directory (processes 1..$((N - 1)) log there)" >&2
+  exit 2
+fi
 read -r -a BIN <<< "${MTJAX_BIN:-mtjax}"
+GRACE=${MTJAX_STOP_GRACE_S:-30}
 
 pids=()
+killer=""
+stopping=0
+stop_all() {  # $1: the signal
+  kill "-$1" "${pids[@]}" 2>/dev/null || true
+}
+# Forward SIGTERM/SIGINT to every process (preemption: each saves and exits 42). Set before the
+# first start, so that no signal falls between two starts; a stuck start-up gets the SIGKILL.
+on_signal() {
+  stopping=1
+  stop_all TERM
+  if [[ -z "$killer" ]]; then
+    ( sleep "$GRACE"; kill -KILL "${pids[@]}" 2>/dev/null ) </dev/null >/dev/null 2>&1 &
+    killer=$!
+  fi
+}
+trap on_signal TERM INT
+
 for (( i = 0; i < N; i++ )); do
+  (( stopping )) && break  # signalled while starting: start no more
   env_vars=(
     MTJAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" MTJAX_NUM_PROCESSES="$N" MTJAX_PROCESS_ID="$i"
     JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$PER_PROCESS ${XLA_FLAGS:-}"
@@ -47,17 +73,26 @@ for (( i = 0; i < N; i++ )); do
   pids+=($!)
 done
 
-# Forward SIGTERM/SIGINT to every process (preemption: each saves and exits 42).
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
-
+declare -A running  # pid -> process index
+for i in "${!pids[@]}"; do running[${pids[$i]}]=$i; done
 status=0
-for i in "${!pids[@]}"; do
-  wait_for "${pids[$i]}"
-  if (( code != 0 )); then
-    (( status == 0 )) && status=$code
-    if (( i > 0 && code != 42 && code != 130 )); then  # 42, 130: stopped at a checkpoint
-      echo "$0: process $i exited with $code; log: $LOG_DIR/mtjax_process_$i.log" >&2
-    fi
-  fi
+while (( ${#running[@]} > 0 )); do
+  pid=""
+  code=0
+  wait -n -p pid "${!running[@]}" || code=$?  # the next to end, whichever it is
+  [[ -z "${pid:-}" ]] && continue  # a trapped signal interrupted the wait (pid unset)
+  i=${running[$pid]}
+  unset "running[$pid]"
+  (( code == 0 )) && continue
+  (( status == 0 )) && status=$code
+  (( code == 42 || code == 130 )) && continue  # stopped at a checkpoint, as the others will
+  where=$([[ $i -gt 0 ]] && echo "; log: $LOG_DIR/mtjax_process_$i.log" || true)
+  echo "$0: process $i exited with $code$where; stopping the others" >&2
+  on_signal
 done
+(( ${#pids[@]} == 0 )) && status=143  # signalled before the first start
+if [[ -n "$killer" ]]; then
+  pkill -P "$killer" 2>/dev/null || true  # its sleep
+  kill "$killer" 2>/dev/null || true
+fi
 exit $status

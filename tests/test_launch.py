@@ -6,6 +6,7 @@ import os
 import pathlib
 import stat
 import subprocess
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -271,3 +272,49 @@ def _run_text(script: str, name: str, tmp_path: pathlib.Path, **env):
                           capture_output=True, text=True, timeout=60)
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
     return proc, calls
+
+
+# Stands in for mtjax in launch/local_multiprocess.sh: process i does what $BEHAVIOUR_<i> says.
+FAKE_PROCESS = """#!/usr/bin/env bash
+echo "started $MTJAX_PROCESS_ID" >> "$CALLS"
+case $(eval echo \\$BEHAVIOUR_$MTJAX_PROCESS_ID) in
+  fail) sleep 0.3; exit 3 ;;
+  killed) sleep 0.3; kill -KILL $$ ;;
+  stuck) trap '' TERM; while true; do sleep 0.1; done ;;  # deaf, as in jax.distributed start-up
+  slow_abort) trap 'sleep 1; exit 134' TERM; while true; do sleep 0.1; done ;;
+esac
+"""
+
+
+def _local_multiprocess(tmp_path, **behaviours):
+    fake = tmp_path / "fake_mtjax"
+    fake.write_text(FAKE_PROCESS)
+    fake.chmod(0o755)
+    env = {f"BEHAVIOUR_{i}": b for i, b in behaviours.items()}
+    start = time.monotonic()
+    proc, calls = _run("launch/local_multiprocess.sh", ["2"], tmp_path, tmp_path,
+                       MTJAX_BIN=str(fake), MTJAX_LOG_DIR=str(tmp_path), MTJAX_STOP_GRACE_S="2",
+                       **env)
+    return proc, calls, time.monotonic() - start
+
+
+def test_local_multiprocess_stops_a_process_stuck_in_start_up_when_another_fails(tmp_path):
+    """The others were left to JAX's heartbeat timeout, or forever when stuck starting up."""
+    proc, calls, seconds = _local_multiprocess(tmp_path, **{"0": "stuck", "1": "fail"})
+    assert proc.returncode == 3, proc.stderr
+    assert "process 1 exited with 3; log: " in proc.stderr and "stopping the others" in proc.stderr
+    assert seconds < 20  # 0.3 s, then SIGTERM (ignored) and SIGKILL 2 s later
+
+
+def test_local_multiprocess_exits_with_the_first_failure_in_time(tmp_path):
+    """It took the first non-zero code in process order: 134 of process 0's abort rather than
+    the SIGKILL (137) of process 1 that caused it."""
+    proc, calls, _ = _local_multiprocess(tmp_path, **{"0": "slow_abort", "1": "killed"})
+    assert proc.returncode == 137, proc.stderr
+
+
+def test_local_multiprocess_names_a_log_dir_it_cannot_write(tmp_path):
+    proc, calls = _run("launch/local_multiprocess.sh", ["2"], tmp_path, tmp_path,
+                       MTJAX_LOG_DIR=str(tmp_path / "missing"))
+    assert proc.returncode == 2 and not calls
+    assert f"MTJAX_LOG_DIR={tmp_path / 'missing'} is not a writable directory" in proc.stderr
