@@ -43,7 +43,12 @@ def check_writable(path: str | os.PathLike, flag: str = "--output") -> pathlib.P
 def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iterator[TextIO]:
     """A text file to write ``path``'s new content into: it replaces ``path`` when the block
     ends normally, and is deleted when it raises (Ctrl-C included)."""
-    target = check_writable(path, flag)
+    # Through a symlink: replace the file it names, not the link.
+    target = check_writable(path, flag).resolve()
+    if target.exists() and not target.is_file():  # /dev/null, /dev/stdout, a FIFO: in place
+        with open(target, "w", encoding="utf-8") as out:
+            yield out
+        return
     handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
                                        dir=target.parent)
     try:

@@ -407,6 +407,15 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     (["infer", "--checkpoint", "{missing}", "--input", "{empty}"], "is a directory; give a file"),
     (["eval", "--checkpoint", "{missing}", "--beam-size", "0"], "--beam-size must be at least 1"),
     (["eval", "--checkpoint", "{missing}", "--max-examples", "-3"], "--max-examples must be"),
+    # NaN passed every `value < least` check.
+    (["eval", "--checkpoint", "{missing}", "--alpha", "nan"],
+     "--alpha must be at least 0, got nan"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--temperature", "nan"],
+     "--temperature must be a finite number, got nan"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--max-decode-length",
+      "100000000"], "--max-decode-length 100000000 is more than mtjax decodes (65536"),
+    (["score", "--checkpoint", "{missing}", "--input", "{surrogate}"],
+     "surrogate.jsonl:2: field 'inputs' holds a lone UTF-16 surrogate"),
     # A flag of another command is not taken for the --tasks-module it abbreviates.
     (["score", "--checkpoint", "{missing}", "--input", "{pairs}", "--task", "x"],
      "mtjax score: error: unrecognized arguments: --task x"),
@@ -414,11 +423,13 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
 def test_command_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):
     paths = {"missing": tmp_path / "nope", "empty": tmp_path / "empty",
              "pairs": tmp_path / "pairs.jsonl", "bad": tmp_path / "bad.jsonl",
-             "latin1": tmp_path / "latin1.txt"}
+             "latin1": tmp_path / "latin1.txt", "surrogate": tmp_path / "surrogate.jsonl"}
     paths["empty"].mkdir()
     paths["pairs"].write_text(json.dumps({"inputs": "a", "targets": "b"}) + "\n")
     paths["bad"].write_text(json.dumps({"inputs": "a", "targets": "b"}) + "\n{oops\n")
     paths["latin1"].write_bytes(b"fine\ncaf\xe9\n")
+    paths["surrogate"].write_text('{"inputs": "a", "targets": "b"}\n'
+                                  '{"inputs": "a\\ud800b", "targets": "x"}\n')
     code, _, err = _cli([a.format(**paths) for a in argv], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err, err
@@ -617,3 +628,74 @@ def test_evaluating_part_of_a_small_split_prints_no_tensorflow_cache_warning(sub
     assert "did not fully read the dataset being cached" in control
     assert "did not fully read" not in ours
     assert proc.stdout.split() == ["4"]
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    """str.splitlines() also broke at U+2028, U+0085 and form feeds: a JSON string holding one
+    raw (as infer and score write it) became a malformed line, and a text line two inputs."""
+    from mtjax.infer import records
+
+    path = tmp_path / "in.txt"
+    path.write_text('{"inputs": "a\u2028b", "targets": "x"}\r\npage one\fpage two\n'
+                    'nel\x85here\n', encoding="utf-8")
+    got = records.read_records(str(path), allow_text=True)
+    assert [r["inputs"] for r in got] == ["a\u2028b", "page one\fpage two", "nel\x85here"]
+
+
+def test_an_output_through_a_symlink_or_into_a_fifo_is_written_there(tmp_path):
+    """os.replace swapped the link itself, or the device or FIFO, for a new regular file (as
+    root, --output /dev/null would have replaced the system's /dev/null)."""
+    import stat
+    import threading
+
+    from mtjax import outputs
+
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    outputs.write_text(link, "new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    outputs.write_text(fifo, "through the pipe\n")
+    reader.join(timeout=10)
+    assert received == ["through the pipe\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_task_preprocessing_noise_does_not_depend_on_the_batch_size(trained_run):
+    """Span corruption was seeded afresh for every batch, so a record's corruption (and its
+    prediction) depended on its place in its batch: --batch-size changed the output."""
+    from mtjax.infer import records
+
+    model = load_lib.load(trained_run)
+    texts = ["the quick brown fox jumps over the lazy dog"] * 3 + [
+        "pack my box with five dozen liquor jugs"] * 2
+    options = DecodeOptions(max_decode_length=8)
+    outs = [list(records.predict(model, [{"targets": t} for t in texts], options,
+                                 batch_size=size, task="mtjax_span_corruption"))
+            for size in (1, 2, 8)]
+    assert outs[0] == outs[1] == outs[2]
+    assert len({o["inputs"] for o in outs[0][:3]}) > 1  # each record its own noise
+
+
+def test_a_batch_too_large_for_memory_is_one_line(trained_run, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED came out as a traceback (a 40,000-character input asked for
+    2 TB at batch 32)."""
+    from mtjax.infer import records
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2234993607064 bytes.")
+
+    monkeypatch.setattr(Decoder, "__call__", out_of_memory)
+    model = load_lib.load(trained_run)
+    with pytest.raises(records.InputError, match=r"out of memory on records 1-2 \(inputs of up "
+                                                 r"to 64 tokens, 8 decoded tokens, batches of 4 "
+                                                 r"rows\): lower --batch-size"):
+        list(records.predict(model, [{"inputs": "copy: " + "x" * 40}, {"inputs": "y"}],
+                             DecodeOptions(max_decode_length=8), batch_size=4))

@@ -5,6 +5,7 @@ task -> metric -> value."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from mtjax import outputs
 from mtjax.cli import _inference
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value, least in (("--beam-size", args.beam_size, 1), ("--alpha", args.alpha, 0),
                                ("--max-examples", args.max_examples, 0),
                                ("--max-decode-length", args.max_decode_length, 0)):
-        if value < least:
+        if not (math.isfinite(value) and value >= least):  # NaN passes `value < least`
             raise config_lib.ConfigError(f"{flag} must be at least {least}, got {value}")
     model = _inference.load(args)
     config = model.config

@@ -19,6 +19,7 @@ Letter legend: B batch, S encoder length, T decode length, V vocab, K beams.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,9 @@ from mtjax.parallel import mesh as mesh_lib
 # value): finite, so sums of a few of them stay ordered and never turn into NaN.
 NEG_INF = -1.0e7
 
+# Longest decode: the KV cache is allocated for the whole length up front, and far beyond this
+# XLA aborts the process on the buffer's size instead of raising an error.
+MAX_DECODE_LENGTH = 65536
 EOS_ID = 1  # T5 vocabularies (SentencePiece and byte) put EOS at id 1; 0 is padding/BOS
 
 
@@ -68,6 +72,14 @@ class DecodeOptions:
     seed: int = 0
 
     def __post_init__(self):
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                            ("--alpha", self.alpha)):
+            if not math.isfinite(value):  # NaN passes every comparison below
+                raise DecodeOptionsError(f"{flag} must be a finite number, got {value}")
+        if self.max_decode_length > MAX_DECODE_LENGTH:
+            raise DecodeOptionsError(
+                f"--max-decode-length {self.max_decode_length} is more than mtjax decodes "
+                f"({MAX_DECODE_LENGTH}: its cache is allocated for the whole length)")
         if self.max_decode_length < 1:
             raise DecodeOptionsError(
                 f"--max-decode-length must be at least 1, got {self.max_decode_length}")

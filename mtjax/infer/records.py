@@ -8,6 +8,7 @@ and a power-of-two length, so a file needs only a few compilations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -54,7 +55,9 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
         data = file.read_bytes()
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1.
-        lines = data.decode("utf-8-sig").splitlines()
+        # Lines end at \n (or \r\n) only: str.splitlines() also breaks at U+2028, U+0085,
+        # form feeds..., which JSON strings may hold raw (infer and score write them so).
+        lines = [line.removesuffix("\r") for line in data.decode("utf-8-sig").split("\n")]
     except UnicodeDecodeError as e:
         number = data[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{number}: not UTF-8 text (byte {data[e.start]:#04x}); "
@@ -82,8 +85,21 @@ def read_records(path: str, *, required: Sequence[str] = ("inputs",),
                 problem = "missing" if key not in record else "non-string"
                 raise InputError(f"{path}:{number}: {problem} field {key!r} "
                                  f"(expected string fields: {', '.join(required)})")
+        for key, value in record.items():
+            if isinstance(value, str) and not _is_text(value):
+                raise InputError(f"{path}:{number}: field {key!r} holds a lone UTF-16 "
+                                 f"surrogate (an escape such as \\ud800 without its pair), "
+                                 f"which is not text; fix the escape")
         records.append(record)
     return records
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -191,6 +207,22 @@ class TaskText:
         return self.task.postprocess_fn(text, example=example, is_target=False)
 
 
+@contextlib.contextmanager
+def _out_of_memory_is_an_input_error(done: int, chunk: Sequence[Any], batch_size: int,
+                                     input_tokens: int, what: str) -> Iterator[None]:
+    """A batch too large for the device is the input's or the flags' doing: say which records
+    and what to change, not XLA's allocation traceback."""
+    try:
+        yield
+    except Exception as e:  # jax's JaxRuntimeError; its class moved between versions
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise InputError(
+            f"out of memory on records {done + 1}-{done + len(chunk)} (inputs of up to "
+            f"{input_tokens} tokens, {what}, batches of {batch_size} rows): lower --batch-size, "
+            f"shorten the longest inputs, or lower --max-decode-length") from None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -216,16 +248,23 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
     """
     vocabulary = model.vocabulary
     task_text = TaskText(task) if task else None
+    if task_text:
+        # All records in one pass: a random preprocessor (span corruption) draws each record's
+        # noise by its place in the input, not in its batch, so --batch-size changes nothing.
+        all_ids, all_examples = task_text.encode(records)
     decoder = Decoder(model.model_def, model.mesh, model.rules)
     done = 0
     for chunk in _chunks(records, batch_size):
         if task_text:
-            ids, examples = task_text.encode(chunk, first=done + 1)
+            ids = all_ids[done:done + len(chunk)]
+            examples = all_examples[done:done + len(chunk)]
         else:
             ids, examples = encode_texts(vocabulary, (r["inputs"] for r in chunk)), None
         tokens_BS = batching.pad_ids(ids, batching.bucket_length(max(map(len, ids))))
-        tokens_BT, scores_B = decoder(model.params, tokens_BS, options, batch_size=batch_size,
-                                      first_row=done)
+        with _out_of_memory_is_an_input_error(done, chunk, batch_size, tokens_BS.shape[1],
+                                              f"{options.max_decode_length} decoded tokens"):
+            tokens_BT, scores_B = decoder(model.params, tokens_BS, options,
+                                          batch_size=batch_size, first_row=done)
         for i, record in enumerate(chunk):
             text = vocabulary.decode(trim_at_eos(tokens_BT[i], options.eos_id))
             prediction = task_text.postprocess(text, examples[i]) if task_text else text
@@ -252,7 +291,9 @@ def score(model: LoadedModel, records: Sequence[dict[str, Any]], *, batch_size: 
         batch = batching.score_batch_arrays(
             inputs, targets, inputs_length=batching.bucket_length(max(map(len, inputs))),
             targets_length=batching.bucket_length(max(map(len, targets))))
-        scores_B, counts_B = scorer(model.params, batch, batch_size=batch_size)
+        with _out_of_memory_is_an_input_error(done, chunk, batch_size, max(map(len, inputs)),
+                                              f"targets of {max(map(len, targets))} tokens"):
+            scores_B, counts_B = scorer(model.params, batch, batch_size=batch_size)
         for record, value, count in zip(chunk, scores_B, counts_B, strict=True):
             yield {**record, "score": float(value), "num_tokens": int(count)}
         done += len(chunk)
