@@ -385,3 +385,65 @@ def test_result_files_are_strict_json_with_null_for_non_finite_numbers(tmp_path)
         "step": 3, "loss": 1.5, "eval/t/f1": None, "eval/t/ppl": None}
     assert (outputs.dumps({"a": [1.0, float("-inf")], "b": "NaN"})
             == '{"a": [1.0, null], "b": "NaN"}')
+
+
+def _tensorboard_scalars(run) -> dict[tuple[str, int], list[float]]:
+    """(tag, step) -> values, as TensorBoard reads them: event files in order, and a session
+    START at step s drops what came before it from step s on."""
+    import tensorflow as tf
+
+    values: dict[tuple[str, int], list[float]] = {}
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                values = {key: v for key, v in values.items() if key[1] < event.step}
+            for value in event.summary.value:
+                values.setdefault((value.tag, event.step), []).append(value.simple_value)
+    return values
+
+
+def test_rows_are_log_every_steps_apart_whatever_the_checkpoint_interval(tmp_path):
+    """A checkpoint between logging steps wrote a row of its own, so rows were 1-2 steps apart
+    instead of log.every_steps; and summary.json's tokens/s, which also timed the writing of the
+    rows, came out below every row's."""
+    from mtjax.train import trainer
+
+    common = ("train.steps=7", "eval.at_end=false")
+    trainer.train(tiny_config(*common, "log.every_steps=1", "checkpoint.every_steps=100"),
+                  tmp_path / "each", progress=False)
+    per_step = {r["step"]: r for r in metrics_lib.read_jsonl(tmp_path / "each" / "metrics.jsonl")}
+    result = trainer.train(tiny_config(*common, "log.every_steps=3", "checkpoint.every_steps=2",
+                                       "checkpoint.keep=10"), tmp_path / "run", progress=False)
+    rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    for row, steps in zip(rows, ((1, 2, 3), (4, 5, 6), (7,)), strict=True):
+        tokens = [per_step[s]["target_tokens"] for s in steps]
+        assert row["target_tokens"] == sum(tokens)
+        weighted = sum(per_step[s]["loss"] * t for s, t in zip(steps, tokens, strict=True))
+        assert row["loss"] == pytest.approx(weighted / sum(tokens), rel=1e-5)
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    assert min(rates) <= result.tokens_per_s <= max(rates), (rates, result.tokens_per_s)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "2", "4", "6", "7"]
+
+
+def test_tensorboard_matches_metrics_jsonl_after_a_run_starts_over(tmp_path):
+    """metrics.jsonl is cut back when a run resumes or starts over, but the earlier process's
+    TensorBoard events stayed: two values for the same step, one from the discarded run."""
+    import shutil
+
+    from mtjax.train import trainer
+
+    run = tmp_path / "run"
+    common = ("train.steps=4", "log.every_steps=1", "eval.at_end=false", "log.tensorboard=true")
+    trainer.train(tiny_config(*common), run, progress=False)
+    shutil.rmtree(run / "checkpoints")  # as if it had stopped before its first save
+    trainer.train(tiny_config(*common, "optim.learning_rate=0.05"), run, progress=False)
+    rows = metrics_lib.read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.05] * 4)
+    scalars = _tensorboard_scalars(run)
+    for row in rows:
+        for tag, value in row.items():
+            if tag != "step":
+                assert scalars[(tag, row["step"])] == [pytest.approx(value, rel=1e-6)], tag

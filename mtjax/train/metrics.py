@@ -70,7 +70,10 @@ def window_from_json(saved: Mapping[str, Any] | None) -> dict[str, Any] | None:
 class MetricsWriter:
     """Appends to ``metrics.jsonl`` and TensorBoard events in the run directory."""
 
-    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True,
+                 purge_from: int | None = None):
+        """``purge_from``: TensorBoard discards the events of this step and later that earlier
+        writers left in the directory (a restart from a checkpoint, or from scratch)."""
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
@@ -81,7 +84,8 @@ class MetricsWriter:
                 print("mtjax: tensorboardX not installed; TensorBoard events disabled",
                       file=sys.stderr)
             else:
-                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                         purge_step=purge_from)
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:

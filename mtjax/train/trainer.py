@@ -404,15 +404,19 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         raise
 
     # --- Loop ---------------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+    # TensorBoard drops the events of steps after start_step that an earlier run (cut short, or
+    # set aside) wrote, as metrics.jsonl was truncated to start_step.
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard,
+                                       purge_from=start_step + 1)
     host_log = _HostLog(workdir) if config.log.all_processes else None
     bar = _progress_bar(start_step, config.train.steps, progress)
     window, pending = resumed_window, None
     last_summary: dict[str, float] = {}
     tokens_in_window, window_start = 0, time.time()
-    total_tokens, loop_start, first_step_done = 0, None, False
-    total_eval_s = total_save_s = 0.0  # left out of tokens/s, which measures training steps
-    loop_end = None
+    first_step_done = False
+    # summary.json's tokens/s: the logged windows' tokens over their time, so it is the rows'
+    # own figure (their token-weighted harmonic mean).
+    logged_tokens, logged_s = 0, 0.0
     skipped: list[int] = []
     last_summary_step = None
     best_metric_unchecked = config.checkpoint.keep_best > 0
@@ -437,10 +441,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 if not first_step_done:
                     # The first step includes compilation: keep it out of tokens/s.
                     jax.block_until_ready(step_metrics)
-                    first_step_done, loop_start = True, time.time()
+                    first_step_done = True
                     tokens_in_window, window_start = 0, time.time()
-                else:
-                    total_tokens += tokens
                 is_last = step == config.train.steps
                 preempted = preemption.reached(step)
                 must_save = checkpoints.save_due(step) or is_last or preempted
@@ -455,23 +457,29 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     # Evaluation time is not training time: keep it out of tokens/s.
                     eval_s = time.time() - eval_start
                     window_start += eval_s
-                    total_eval_s += eval_s
                     _log_above(bar, f"step {step} eval: " + ", ".join(
                         f"{k.removeprefix('eval/')} {v:.3g}"
                         for k, v in sorted(eval_results.items())))
-                # A stop between logging steps saves the steps since the last row with the
-                # checkpoint instead of logging them early: the resumed run logs the same rows.
+                # A save between logging steps (a checkpoint interval or a stop that is not one
+                # of log.every_steps) saves the steps since the last row with the checkpoint
+                # instead of logging them early: rows stay log.every_steps apart, and a resumed
+                # run logs the same rows.
                 log_due = step % config.log.every_steps == 0 or is_last or bool(eval_results)
-                carry_window = preempted and not (log_due or checkpoints.save_due(step))
+                carry_window = must_save and not log_due
                 if log_due or must_save:
                     window = _absorb(window, pending, config, skipped)
                     pending = None
-                if (log_due or must_save) and not carry_window:
+                if log_due:
+                    # Writing the row counts in the next window, so that the windows add up
+                    # to the loop's time, which summary.json's tokens/s divides by.
+                    now = time.time()
                     if window is not None:
-                        elapsed = max(time.time() - window_start, 1e-9)
+                        elapsed = max(now - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
                         if tokens_in_window:  # not a window of the compiling first step alone
                             last_summary["tokens_per_s"] = tokens_in_window / elapsed
+                            logged_tokens, logged_s = logged_tokens + tokens_in_window, (
+                                logged_s + elapsed)
                         last_summary.update(eval_results)
                         last_summary_step = step
                         writer.write(step, last_summary)
@@ -480,7 +488,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                         bar.set_postfix(loss=f"{last_summary['loss']:.3f}", **(
                             {"tok_s": f"{last_summary['tokens_per_s']:.0f}"}
                             if "tokens_per_s" in last_summary else {}))
-                    window, tokens_in_window, window_start = None, 0, time.time()
+                    window, tokens_in_window, window_start = None, 0, now
                 if must_save:
                     if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
                         best_metric_unchecked = False
@@ -496,8 +504,6 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     # wait for the previous save) is not training time: out of tokens/s too.
                     save_s = time.time() - save_start
                     window_start += save_s
-                    total_save_s += save_s
-                loop_end = time.time()
                 if preempted and not is_last:
                     checkpoints.wait()
                     _log_above(bar, f"{preemption.signal_name}: saved step {step}; exiting "
@@ -508,10 +514,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         checkpoints.close()
         writer.close()
 
-    loop_s = (loop_end - loop_start - total_eval_s - total_save_s) if loop_start else 0.0
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
-        tokens_per_s=total_tokens / loop_s if total_tokens and loop_s > 0 else None,
+        tokens_per_s=logged_tokens / logged_s if logged_tokens else None,
         wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use,
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
