@@ -699,3 +699,23 @@ def test_a_batch_too_large_for_memory_is_one_line(trained_run, monkeypatch):
                                                  r"rows\): lower --batch-size"):
         list(records.predict(model, [{"inputs": "copy: " + "x" * 40}, {"inputs": "y"}],
                              DecodeOptions(max_decode_length=8), batch_size=4))
+
+
+def test_a_few_records_are_not_padded_to_a_large_batch_size(trained_run, monkeypatch):
+    """Rows are padded to --batch-size: 4 lines at --batch-size 8192 decoded 8192 rows."""
+    from mtjax.infer import records
+
+    sizes = []
+    decode = Decoder.__call__
+
+    def recording(self, params, tokens_BS, options, *, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return decode(self, params, tokens_BS, options, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(Decoder, "__call__", recording)
+    model = load_lib.load(trained_run)
+    texts = [{"inputs": f"copy: {w}"} for w in ("a", "b", "c")]
+    options = DecodeOptions(max_decode_length=8)
+    small = list(records.predict(model, texts, options, batch_size=8192))
+    assert sizes == [4]
+    assert small == list(records.predict(model, texts, options, batch_size=2))

@@ -102,6 +102,12 @@ def _is_text(value: str) -> bool:
     return True
 
 
+def _fitted_batch_size(batch_size: int, count: int) -> int:
+    """``batch_size``, or for fewer records the power of two that holds them: rows are padded
+    to the batch size, and 4 lines at --batch-size 8192 decoded 8192 rows (19 s against 9)."""
+    return min(batch_size, batching.bucket_length(count, minimum=1))
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -247,6 +253,7 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
         progress: called with the number of records done after each batch.
     """
     vocabulary = model.vocabulary
+    batch_size = _fitted_batch_size(batch_size, len(records))
     task_text = TaskText(task) if task else None
     if task_text:
         # All records in one pass: a random preprocessor (span corruption) draws each record's
@@ -283,6 +290,7 @@ def score(model: LoadedModel, records: Sequence[dict[str, Any]], *, batch_size: 
     """Score each record's ``targets`` given its ``inputs``; yields the record plus ``score``
     (float32 sum of target token log-likelihoods, EOS included) and ``num_tokens``."""
     vocabulary = model.vocabulary
+    batch_size = _fitted_batch_size(batch_size, len(records))
     scorer = Scorer(model.model_def, model.mesh, model.rules)
     done = 0
     for chunk in _chunks(records, batch_size):
