@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 import types
 import typing
@@ -170,6 +171,8 @@ _CHOICES = {
     "data.on_malformed": ("fail", "skip"),
     "checkpoint.best_mode": ("min", "max"),
 }
+_MAX_INT = 2**63 - 1  # what numpy and JAX take for a seed or a count
+_MAX_LENGTH = 2**20  # tokens: far past any T5 run, and short of the overflow in the position tables
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.inputs_length",
              "data.targets_length", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps")
 
@@ -343,6 +346,7 @@ def validate(config: Config) -> Config:
                           f"{config.data.mixing_temperature}")
     if config.checkpoint.keep_best < 0:
         raise ConfigError("config key 'checkpoint.keep_best' must be >= 0")
+    _check_ranges(config)
     _validate_rules(config.mesh.rules)
     for key in ("eval.every_steps", "eval.max_examples", "eval.max_decode_length", "eval.alpha"):
         if get(config, key) < 0:
@@ -367,6 +371,37 @@ def validate(config: Config) -> Config:
             f"train.microbatches={config.train.microbatches}"
         )
     return config
+
+
+# key -> (least, most, whether `least` itself is allowed); NaN and infinities are refused too.
+_RANGES = {
+    "optim.learning_rate": (0.0, math.inf, True),  # 0: weights stay (a check, a probe)
+    "optim.weight_decay": (0.0, math.inf, True),
+    "optim.grad_clip_norm": (0.0, math.inf, True),  # 0 disables clipping
+    "optim.warmup_steps": (0, _MAX_INT, True),
+    "train.z_loss": (0.0, math.inf, True),
+    "train.seed": (-_MAX_INT, _MAX_INT, True),
+    "model.dropout_rate": (0.0, 1.0, True),  # and below 1: see _check_ranges
+    "data.inputs_length": (1, _MAX_LENGTH, True),
+    "data.targets_length": (1, _MAX_LENGTH, True),
+    "data.mixing_temperature": (0.0, math.inf, False),
+    "eval.alpha": (0.0, math.inf, True),
+    "eval.max_decode_length": (0, _MAX_LENGTH, True),
+}
+
+
+def _check_ranges(config: Config) -> None:
+    for key, (least, most, least_allowed) in _RANGES.items():
+        value = get(config, key)
+        low_ok = value >= least if least_allowed else value > least
+        if not (low_ok and value <= most and math.isfinite(value)) or (
+                key == "model.dropout_rate" and value >= 1):
+            bound = ">=" if least_allowed else ">"
+            upper = "" if most == math.inf else f" and at most {most}"
+            if key == "model.dropout_rate":
+                upper = " and below 1"
+            raise ConfigError(f"config key {key!r} must be a finite number {bound} {least}"
+                              f"{upper}, got {value}")
 
 
 def _validate_rules(rules: str) -> None:
@@ -395,8 +430,16 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
     config = Config()
     if path is not None:
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; give a .py file "
+                              f"defining get_config()")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        if path.suffix != ".py":
+            # A run's config.json is a record of what ran, not an input.
+            raise ConfigError(f"config file {str(path)!r} is not a .py file; give a Python "
+                              f"file defining get_config() (a run's config.json records what "
+                              f"ran: re-run the run's command to resume it)")
         spec = importlib.util.spec_from_file_location(f"mtjax_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         try:
@@ -405,7 +448,11 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
             raise ConfigError(f"config file {str(path)!r} failed to load: {e}") from e
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-        config = module.get_config()
+        try:
+            config = module.get_config()
+        except Exception as e:  # noqa: BLE001 - the user's function failed
+            raise ConfigError(f"get_config() in {str(path)!r} failed: "
+                              f"{type(e).__name__}: {e}") from e
         if not isinstance(config, Config):
             raise ConfigError(
                 f"get_config() in {str(path)!r} returned {type(config).__name__}, not mtjax Config"

@@ -1,6 +1,7 @@
 """Config schema: overrides are typed, unknown keys and bad values fail with the key's name."""
 
 import json
+import re
 
 import pytest
 
@@ -50,6 +51,44 @@ def test_config_file_and_json_round_trip(tmp_path):
     config_lib.dump(cfg, tmp_path / "config.json")
     again = config_lib.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    # Each was accepted and failed later: NaN after compiling, a traceback, or silently.
+    ("optim.learning_rate=nan", "'optim.learning_rate' must be a finite number >= 0.0, got nan"),
+    ("optim.learning_rate=-0.01", "'optim.learning_rate' must be a finite number >= 0.0"),
+    ("optim.learning_rate=inf", "'optim.learning_rate' must be a finite number"),
+    ("optim.grad_clip_norm=-1", "'optim.grad_clip_norm' must be a finite number >= 0.0"),
+    ("optim.weight_decay=-1", "'optim.weight_decay'"),
+    ("optim.warmup_steps=-5", "'optim.warmup_steps' must be a finite number >= 0"),
+    ("train.z_loss=nan", "'train.z_loss'"),
+    ("eval.alpha=nan", "'eval.alpha'"),
+    ("model.dropout_rate=1.5", "'model.dropout_rate' must be a finite number >= 0.0 and below 1"),
+    ("model.dropout_rate=1.0", "'model.dropout_rate'"),
+    ("train.seed=99999999999999999999", "'train.seed'"),
+    ("data.inputs_length=99999999999", "'data.inputs_length' must be a finite number >= 1 and "
+                                       "at most 1048576"),
+    ("data.mixing_temperature=inf", "'data.mixing_temperature'"),
+])
+def test_numbers_out_of_range_are_refused_by_name(override, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.load(None, [override])
+
+
+def test_a_config_file_that_is_not_python_or_whose_get_config_raises_is_one_line(tmp_path):
+    """A run's config.json given as --config, or a get_config() that raised, was a traceback
+    with exit 1 (AttributeError on a None loader; the function's own exception)."""
+    recorded = tmp_path / "config.json"
+    config_lib.dump(config_lib.load(None), recorded)
+    with pytest.raises(config_lib.ConfigError, match="is not a .py file.*config.json records"):
+        config_lib.load(recorded)
+    with pytest.raises(config_lib.ConfigError, match="is a directory"):
+        config_lib.load(tmp_path)
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"get_config\(\) in .*raising.py' failed: RuntimeError: boom"):
+        config_lib.load(raising)
 
 
 def test_missing_config_file_is_a_config_error(tmp_path):

@@ -447,3 +447,16 @@ def test_tensorboard_matches_metrics_jsonl_after_a_run_starts_over(tmp_path):
         for tag, value in row.items():
             if tag != "step":
                 assert scalars[(tag, row["step"])] == [pytest.approx(value, rel=1e-6)], tag
+
+
+def test_an_eval_split_no_task_has_stops_before_training(tmp_path):
+    """eval.split=bogus was a note, and the run trained without the evaluation asked for
+    (`mtjax eval --split bogus` refused it)."""
+    from mtjax.train import trainer
+
+    with pytest.raises(config_lib.ConfigError, match=r"eval.split='bogus': no task of "
+                                                     r"mtjax_demo with metrics has that split "
+                                                     r"\(they have: train, validation\)"):
+        trainer.train(tiny_config("train.steps=2", "eval.split=bogus"), tmp_path / "run",
+                      progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

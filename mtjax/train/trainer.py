@@ -616,6 +616,7 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
         evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                 progress=False)
         if not evaluator.task_names:
+            _check_eval_split(config)
             _log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
@@ -626,6 +627,21 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
              f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
              f"checkpoint is kept as the best by it")
     return evaluator
+
+
+def _check_eval_split(config: config_lib.Config) -> None:
+    """Refuse an eval.split that no task with metrics has (a typo), before training: it was a
+    note, and the run trained without the evaluation asked for."""
+    import seqio
+
+    scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(config.data.mixture))
+              if t.metric_fns or getattr(t, "score_metric_fns", None)]
+    if scored:
+        splits = sorted({s for t in scored for s in t.splits})
+        raise config_lib.ConfigError(
+            f"eval.split={config.eval.split!r}: no task of {config.data.mixture} with metrics "
+            f"has that split (they have: {', '.join(splits)}); fix eval.split, or set "
+            f"eval.at_end=false eval.every_steps=0 to train without evaluating")
 
 
 def _best_metric_known(config: config_lib.Config, summary: dict[str, float], bar) -> bool:
