@@ -16,6 +16,11 @@
 # "[Gloo] Rank r is connected to n peer ranks. Expected number ... is : n" lines come from the
 # gloo library inside jaxlib (it has no switch to quiet them): matching numbers mean all connected.
 set -euo pipefail
+if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
+  # `wait -n -p` (which process ended) came with bash 5.1.
+  echo "$0: needs bash 5.1 or later (this is $BASH_VERSION)" >&2
+  exit 2
+fi
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,${/^#\( \|$\)/!q;s/^# \{0,1\}//p}' "$0"
   exit 0
@@ -80,7 +85,12 @@ while (( ${#running[@]} > 0 )); do
   pid=""
   code=0
   wait -n -p pid "${!running[@]}" || code=$?  # the next to end, whichever it is
-  [[ -z "${pid:-}" ]] && continue  # a trapped signal interrupted the wait (pid unset)
+  if [[ -z "${pid:-}" ]]; then
+    (( code > 128 )) && continue  # a trapped signal interrupted the wait (pid unset)
+    echo "$0: wait failed ($code) with processes still running; stopping them" >&2
+    on_signal
+    exit 1
+  fi
   i=${running[$pid]}
   unset "running[$pid]"
   (( code == 0 )) && continue

@@ -221,6 +221,7 @@ class RunCheckpoints:
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.every_steps = every_steps
         self.best_metric, self.best_mode = best_metric, best_mode
+        self.set_aside: list[int] = []  # steps this process found incomplete and moved aside
         if not read_only:
             self._set_aside_incomplete()
         policies = ocp.checkpoint_managers
@@ -248,14 +249,21 @@ class RunCheckpoints:
         )
 
     def _set_aside_incomplete(self) -> None:
-        """Rename step directories that lack Orbax's commit markers; process 0 does it."""
-        if jax.process_index() == 0 and self.directory.is_dir():
-            for step_dir in sorted(self.directory.iterdir()):
-                if step_dir.name.isdigit() and not _is_complete(step_dir):
-                    self._quarantine(int(step_dir.name), "is incomplete (a save was cut short?)")
+        """Rename step directories that lack Orbax's commit markers or whose metadata does not
+        parse; process 0 renames, and every host notes which (read before the renames), so that
+        all of them know when nothing of the run was left to resume."""
+        found = sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+        incomplete = [p for p in found if p.name.isdigit() and not _is_complete(p)]
+        self.set_aside = [int(p.name) for p in incomplete]
+        _sync("mtjax_checkpoint_scanned")
+        if jax.process_index() == 0:
+            for step_dir in incomplete:
+                self._quarantine(int(step_dir.name),
+                                 "is incomplete (a save cut short, or a damaged metadata file)")
         _sync("mtjax_checkpoint_scan")
 
-    def _quarantine(self, step: int, why: str) -> None:
+    def _quarantine(self, step: int, why: str) -> str:
+        """Moves ``step`` aside with a message; returns the name it now has."""
         step_dir = self.directory / str(step)
         target = step_dir.with_name(step_dir.name + INCOMPLETE_SUFFIX)
         n = 1
@@ -263,6 +271,7 @@ class RunCheckpoints:
             target, n = step_dir.with_name(f"{step_dir.name}{INCOMPLETE_SUFFIX}{n}"), n + 1
         step_dir.rename(target)
         _log(f"checkpoint {step_dir} {why}; moved aside to {target.name}, not used")
+        return target.name
 
     def save_due(self, step: int) -> bool:
         return step % self.every_steps == 0
@@ -312,7 +321,7 @@ class RunCheckpoints:
         the user's error, not damage). A checkpoint that fails to read is moved aside with a
         message and the next older one is tried.
         """
-        damaged = []
+        damaged = list(self.set_aside)
         for step in sorted(self.all_steps(), reverse=True):
             if check is not None:
                 check(step, self.restore_config(step))
@@ -333,11 +342,12 @@ class RunCheckpoints:
                 damaged.append(step)
         if damaged:
             # Starting over here would silently train from step 0 on top of the run's outputs.
-            moved = ", ".join(f"{s}{INCOMPLETE_SUFFIX}" for s in damaged)
+            moved = ", ".join(map(str, sorted(damaged, reverse=True)))
+            moved = f"steps {moved} were" if len(damaged) > 1 else f"step {moved} was"
             raise CheckpointError(
-                f"no checkpoint in {self.directory} can be read (set aside as {moved}); "
-                f"run the same command again to start this run over from step 0 (its metrics "
-                f"are then rewritten), or give a new --workdir")
+                f"no checkpoint in {self.directory} can be read ({moved} set aside as "
+                f"<step>{INCOMPLETE_SUFFIX}); run the same command again to start this run "
+                f"over from step 0 (its metrics are then rewritten), or give a new --workdir")
         return None
 
     def restore(self, step: int, abstract_state: Any, pipeline: Checkpointable | None) -> Any:

@@ -43,12 +43,14 @@ def check_writable(path: str | os.PathLike, flag: str = "--output") -> pathlib.P
 def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iterator[TextIO]:
     """A text file to write ``path``'s new content into: it replaces ``path`` when the block
     ends normally, and is deleted when it raises (Ctrl-C included)."""
-    # Through a symlink: replace the file it names, not the link.
-    target = check_writable(path, flag).resolve()
-    if target.exists() and not target.is_file():  # /dev/null, /dev/stdout, a FIFO: in place
-        with open(target, "w", encoding="utf-8") as out:
+    given = pathlib.Path(path)
+    if given.exists() and not given.is_file() and not given.is_dir():
+        # /dev/null, /dev/stdout (a link to a pipe, maybe), a FIFO: written in place.
+        with open(given, "w", encoding="utf-8") as out:
             yield out
         return
+    # Through a symlink: replace the file it names, not the link (its directory checked too).
+    target = check_writable(check_writable(path, flag).resolve(), flag)
     handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
                                        dir=target.parent)
     try:

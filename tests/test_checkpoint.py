@@ -272,14 +272,21 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     records = (run / "metrics.jsonl").read_text()
     config = config_lib.load(None, TINY + ["train.steps=4", "log.every_steps=2"])
-    moved = ", ".join(f"{s}.incomplete" for s in reversed(steps))
-    with pytest.raises(CheckpointError, match=rf"no checkpoint in .* can be read \(set aside as "
-                                              rf"{moved}\); run the same command again"):
+    moved = ", ".join(map(str, reversed(steps)))
+    with pytest.raises(CheckpointError, match=rf"no checkpoint in .* can be read \(steps "
+                                              rf"{moved} were set aside as <step>.incomplete\); "
+                                              rf"run the same command again"):
         trainer.train(config, run, progress=False)
     assert (run / "metrics.jsonl").read_text() == records
     result = trainer.train(config, run, progress=False)
     assert result.start_step == 0 and result.step == 4
     assert [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl")] == [2, 4]
+    # The same when the damage shows before any read (a metadata file that does not parse:
+    # the step is set aside as incomplete when the run opens its checkpoints).
+    for f in (run / "checkpoints").glob("*/state/_METADATA"):
+        f.write_text(f.read_text()[:20])
+    with pytest.raises(CheckpointError, match=r"can be read \(step 4 was set aside"):
+        trainer.train(config, run, progress=False)
 
 
 def test_resume_refuses_a_new_seed_and_an_optimizer_state_of_another_shape():

@@ -83,6 +83,20 @@ def test_an_salloc_shell_runs_one_process_with_a_note(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_explicit_coordinator_in_an_salloc_shell_starts_without_the_srun_note(
+        monkeypatch, capsys):
+    """launch/local_multiprocess.sh inside an allocation: the processes start from their
+    MTJAX_COORDINATOR_ADDRESS, and the 'running as one process' note was wrong."""
+    monkeypatch.setattr(distributed, "_noted_outside_srun", False)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # gloo: not in this process
+    calls = _recorded_start(monkeypatch, {
+        "SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "MTJAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+        "MTJAX_NUM_PROCESSES": "2", "MTJAX_PROCESS_ID": "0"})
+    assert calls == [{"coordinator_address": "127.0.0.1:1", "num_processes": 2,
+                      "process_id": 0}]
+    assert capsys.readouterr().err == ""
+
+
 def test_mtjax_distributed_auto_starts_from_jaxs_own_detection(monkeypatch):
     """A GCE TPU VM pod has no variable mtjax reads (JAX asks the metadata server), so
     jax.distributed never started there; MTJAX_DISTRIBUTED=auto (launch/tpu_pod.sh sets it)

@@ -666,6 +666,20 @@ def test_an_output_through_a_symlink_or_into_a_fifo_is_written_there(tmp_path):
     reader.join(timeout=10)
     assert received == ["through the pipe\n"]
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+    # /dev/stdout is a link to /proc/self/fd/1: into a pipe, its target resolves to a name
+    # that does not exist ("pipe:[N]"), so it is written as given.
+    stdout_like = tmp_path / "stdout"
+    stdout_like.symlink_to(fifo)
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    outputs.write_text(stdout_like, "again\n")
+    reader.join(timeout=10)
+    assert received[-1] == "again\n"
+    # A link into a directory that does not exist: one line, as for the path itself.
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "missing" / "x.jsonl")
+    with pytest.raises(outputs.OutputError, match="does not exist; create it first"):
+        outputs.write_text(dangling, "x\n")
 
 
 def test_task_preprocessing_noise_does_not_depend_on_the_batch_size(trained_run):
@@ -695,8 +709,9 @@ def test_a_batch_too_large_for_memory_is_one_line(trained_run, monkeypatch):
     monkeypatch.setattr(Decoder, "__call__", out_of_memory)
     model = load_lib.load(trained_run)
     with pytest.raises(records.InputError, match=r"out of memory on records 1-2 \(inputs of up "
-                                                 r"to 64 tokens, 8 decoded tokens, batches of 4 "
-                                                 r"rows\): lower --batch-size"):
+                                                 r"to 47 tokens, 8 decoded tokens, batches of 2 "
+                                                 r"rows\): lower --batch-size, shorten the "
+                                                 r"longest inputs, or lower --max-decode"):
         list(records.predict(model, [{"inputs": "copy: " + "x" * 40}, {"inputs": "y"}],
                              DecodeOptions(max_decode_length=8), batch_size=4))
 

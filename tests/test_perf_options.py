@@ -657,6 +657,14 @@ def test_learning_rate_schedules_follow_their_formulas(schedule, warmup, expecte
     assert {s: float(lr(s)) for s in expected} == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["rsqrt", "constant", "linear", "cosine"])
+def test_every_schedule_takes_a_one_step_run_without_warmup(schedule):
+    """cosine with warmup_steps=0 and train.steps=1 asked optax for 0 decay steps (a
+    traceback)."""
+    cfg = config_lib.load(None, [f"optim.schedule={schedule}", "optim.warmup_steps=0"]).optim
+    assert np.isfinite(float(optim.make_schedule(cfg, total_steps=1)(0)))
+
+
 def test_auto_schedule_is_rsqrt_for_adafactor_and_cosine_for_adamw():
     for name, resolved in (("adafactor", "rsqrt"), ("adamw", "cosine")):
         cfg = config_lib.load(None, [f"optim.name={name}"]).optim

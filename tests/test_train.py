@@ -427,7 +427,7 @@ def test_rows_are_log_every_steps_apart_whatever_the_checkpoint_interval(tmp_pat
         "2", "4", "6", "7"]
 
 
-def test_tensorboard_matches_metrics_jsonl_after_a_run_starts_over(tmp_path):
+def test_tensorboard_matches_metrics_jsonl_after_a_run_starts_over(tmp_path, capsys):
     """metrics.jsonl is cut back when a run resumes or starts over, but the earlier process's
     TensorBoard events stayed: two values for the same step, one from the discarded run."""
     import shutil
@@ -438,7 +438,10 @@ def test_tensorboard_matches_metrics_jsonl_after_a_run_starts_over(tmp_path):
     common = ("train.steps=4", "log.every_steps=1", "eval.at_end=false", "log.tensorboard=true")
     trainer.train(tiny_config(*common), run, progress=False)
     shutil.rmtree(run / "checkpoints")  # as if it had stopped before its first save
+    capsys.readouterr()
     trainer.train(tiny_config(*common, "optim.learning_rate=0.05"), run, progress=False)
+    assert "the records of an earlier start in metrics.jsonl are dropped" in (
+        capsys.readouterr().err)
     rows = metrics_lib.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["learning_rate"] for r in rows] == pytest.approx([0.05] * 4)

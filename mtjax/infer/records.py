@@ -215,7 +215,8 @@ class TaskText:
 
 @contextlib.contextmanager
 def _out_of_memory_is_an_input_error(done: int, chunk: Sequence[Any], batch_size: int,
-                                     input_tokens: int, what: str) -> Iterator[None]:
+                                     input_tokens: int, what: str,
+                                     also: str) -> Iterator[None]:
     """A batch too large for the device is the input's or the flags' doing: say which records
     and what to change, not XLA's allocation traceback."""
     try:
@@ -226,7 +227,7 @@ def _out_of_memory_is_an_input_error(done: int, chunk: Sequence[Any], batch_size
         raise InputError(
             f"out of memory on records {done + 1}-{done + len(chunk)} (inputs of up to "
             f"{input_tokens} tokens, {what}, batches of {batch_size} rows): lower --batch-size, "
-            f"shorten the longest inputs, or lower --max-decode-length") from None
+            f"shorten the longest inputs, or {also}") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -268,8 +269,9 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
         else:
             ids, examples = encode_texts(vocabulary, (r["inputs"] for r in chunk)), None
         tokens_BS = batching.pad_ids(ids, batching.bucket_length(max(map(len, ids))))
-        with _out_of_memory_is_an_input_error(done, chunk, batch_size, tokens_BS.shape[1],
-                                              f"{options.max_decode_length} decoded tokens"):
+        with _out_of_memory_is_an_input_error(
+                done, chunk, batch_size, max(map(len, ids)),
+                f"{options.max_decode_length} decoded tokens", "lower --max-decode-length"):
             tokens_BT, scores_B = decoder(model.params, tokens_BS, options,
                                           batch_size=batch_size, first_row=done)
         for i, record in enumerate(chunk):
@@ -299,8 +301,9 @@ def score(model: LoadedModel, records: Sequence[dict[str, Any]], *, batch_size: 
         batch = batching.score_batch_arrays(
             inputs, targets, inputs_length=batching.bucket_length(max(map(len, inputs))),
             targets_length=batching.bucket_length(max(map(len, targets))))
-        with _out_of_memory_is_an_input_error(done, chunk, batch_size, max(map(len, inputs)),
-                                              f"targets of {max(map(len, targets))} tokens"):
+        with _out_of_memory_is_an_input_error(
+                done, chunk, batch_size, max(map(len, inputs)),
+                f"targets of up to {max(map(len, targets))} tokens", "shorten the targets"):
             scores_B, counts_B = scorer(model.params, batch, batch_size=batch_size)
         for record, value, count in zip(chunk, scores_B, counts_B, strict=True):
             yield {**record, "score": float(value), "num_tokens": int(count)}

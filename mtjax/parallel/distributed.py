@@ -85,7 +85,7 @@ def initialize_from_env() -> bool:
     global _started
     auto = _auto_detect()
     address = os.environ.get("MTJAX_COORDINATOR_ADDRESS")
-    slurm = not auto and _slurm_tasks()
+    slurm = not (auto or address) and _slurm_tasks()
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # GKE names the workers
     if not (address or slurm or tpu_pod or auto):
         return False

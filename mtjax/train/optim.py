@@ -37,8 +37,9 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         return rsqrt
     warmup = min(cfg.warmup_steps, total_steps)
     if name == "cosine":
+        warmup = max(warmup, 1)  # optax's own minimum, and decay needs a step past it
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=peak * 0.1)
     after = (optax.constant_schedule(peak) if name == "constant"
              else optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1)))

@@ -594,16 +594,21 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
         window = metrics_lib.window_from_json(checkpoints.log_window(latest))
     else:
         window = None
-        # A run that stopped before its first save, or whose checkpoints were all set aside,
-        # starts over: its records begin again rather than repeating the steps.
-        _truncate_metrics(workdir / "metrics.jsonl", 0)
-        _truncate_metrics(_HostLog.path(workdir), 0, writer=None)
         state = setup.init_state(config.train.seed)
         if init_from:
             from mtjax.checkpoint import find_state_dir, restore_params
 
             state = state.replace(params=restore_params(init_from, target.params))
             _log(f"initialised weights from {find_state_dir(init_from).parent}")
+        # A run that stopped before its first save, or whose checkpoints were all set aside,
+        # starts over: its records begin again rather than repeating the steps (once the
+        # start can no longer fail on a bad --init-from).
+        records = workdir / "metrics.jsonl"
+        if jax.process_index() == 0 and records.exists() and records.stat().st_size:
+            _log(f"mtjax: note: starting from step 0 in {workdir}, which has no checkpoint to "
+                 f"resume: the records of an earlier start in metrics.jsonl are dropped")
+        _truncate_metrics(records, 0)
+        _truncate_metrics(_HostLog.path(workdir), 0, writer=None)
     return state, pipeline, int(jax.device_get(state.step)), window
 
 
