@@ -16,6 +16,7 @@ tensors), never `from_generator`, so the run's input iterator can be checkpointe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -25,7 +26,7 @@ import sys
 import sysconfig
 import traceback
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
@@ -286,42 +287,41 @@ class TfdsSource(seqio.TfdsDataSource):
             raise self._not_prepared()
         return splits
 
-    def _unknown_split(self, split: str, error: ValueError) -> TfdsSplitError:
-        return TfdsSplitError(
-            f"task split {split!r} of TFDS dataset {self.tfds_dataset.name!r}: {error} "
-            f"(fix splits= in add_tfds_task)")
+    @contextlib.contextmanager
+    def _split_named(self, split: str) -> Iterator[None]:
+        """TFDS's "Unknown split 'x'. Should be one of [...]" as one line naming the task's
+        split and the fix."""
+        try:
+            yield
+        except ValueError as e:
+            if not str(e).startswith("Unknown split"):
+                raise
+            raise TfdsSplitError(
+                f"task split {split!r} of TFDS dataset {self.tfds_dataset.name!r}: {e} "
+                f"(fix splits= in add_tfds_task)") from None
 
     def get_dataset(self, split: str = "train", *args, **kwargs) -> tf.data.Dataset:
         try:
-            return super().get_dataset(split, *args, **kwargs)
+            with self._split_named(split):
+                return super().get_dataset(split, *args, **kwargs)
         except AssertionError as e:  # TFDS's own way of saying it: "could not find data"
             if "could not find data" in str(e):
                 raise self._not_prepared() from None
             raise
-        except ValueError as e:
-            if str(e).startswith("Unknown split"):
-                raise self._unknown_split(split, e) from None
-            raise
 
     def num_input_examples(self, split: str) -> int | None:
         try:
-            return super().num_input_examples(split)
+            with self._split_named(split):
+                return super().num_input_examples(split)
         except KeyError:  # metadata without split information
             return None
-        except ValueError as e:  # TFDS's "Unknown split 'x'. Should be one of [...]"
-            if str(e).startswith("Unknown split"):
-                raise self._unknown_split(split, e) from None
-            raise
 
     def list_shards(self, split: str):
         try:
-            return super().list_shards(split)
+            with self._split_named(split):
+                return super().list_shards(split)
         except KeyError:
             return [split]
-        except ValueError as e:
-            if str(e).startswith("Unknown split"):
-                raise self._unknown_split(split, e) from None
-            raise
 
 
 # --- Internals -----------------------------------------------------------------------------------
