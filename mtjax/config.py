@@ -341,14 +341,11 @@ def validate(config: Config) -> Config:
     if config.data.mixing_cap is not None and config.data.mixing_cap < 1:
         raise ConfigError(f"config key 'data.mixing_cap' must be positive (or None: no cap), "
                           f"got {config.data.mixing_cap}")
-    if not config.data.mixing_temperature > 0:
-        raise ConfigError(f"config key 'data.mixing_temperature' must be > 0, got "
-                          f"{config.data.mixing_temperature}")
     if config.checkpoint.keep_best < 0:
         raise ConfigError("config key 'checkpoint.keep_best' must be >= 0")
     _check_ranges(config)
     _validate_rules(config.mesh.rules)
-    for key in ("eval.every_steps", "eval.max_examples", "eval.max_decode_length", "eval.alpha"):
+    for key in ("eval.every_steps", "eval.max_examples"):  # the others in _RANGES
         if get(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {get(config, key)}")
     for key in ("eval.batch_size", "eval.beam_size"):
@@ -373,35 +370,34 @@ def validate(config: Config) -> Config:
     return config
 
 
-# key -> (least, most, whether `least` itself is allowed); NaN and infinities are refused too.
+# key -> (least, whether least itself is allowed, most, whether most is); NaN and infinities are
+# refused too.
 _RANGES = {
-    "optim.learning_rate": (0.0, math.inf, True),  # 0: weights stay (a check, a probe)
-    "optim.weight_decay": (0.0, math.inf, True),
-    "optim.grad_clip_norm": (0.0, math.inf, True),  # 0 disables clipping
-    "optim.warmup_steps": (0, _MAX_INT, True),
-    "train.z_loss": (0.0, math.inf, True),
-    "train.seed": (-_MAX_INT, _MAX_INT, True),
-    "model.dropout_rate": (0.0, 1.0, True),  # and below 1: see _check_ranges
-    "data.inputs_length": (1, _MAX_LENGTH, True),
-    "data.targets_length": (1, _MAX_LENGTH, True),
-    "data.mixing_temperature": (0.0, math.inf, False),
-    "eval.alpha": (0.0, math.inf, True),
-    "eval.max_decode_length": (0, _MAX_LENGTH, True),
+    "optim.learning_rate": (0.0, True, math.inf, False),  # 0: weights stay (a check, a probe)
+    "optim.weight_decay": (0.0, True, math.inf, False),
+    "optim.grad_clip_norm": (0.0, True, math.inf, False),  # 0 disables clipping
+    "optim.warmup_steps": (0, True, _MAX_INT, True),
+    "train.z_loss": (0.0, True, math.inf, False),
+    "train.seed": (-_MAX_INT, True, _MAX_INT, True),
+    "model.dropout_rate": (0.0, True, 1.0, False),
+    "data.inputs_length": (1, True, _MAX_LENGTH, True),
+    "data.targets_length": (1, True, _MAX_LENGTH, True),
+    "data.mixing_temperature": (0.0, False, math.inf, False),
+    "eval.alpha": (0.0, True, math.inf, False),
+    "eval.max_decode_length": (0, True, _MAX_LENGTH, True),
 }
 
 
 def _check_ranges(config: Config) -> None:
-    for key, (least, most, least_allowed) in _RANGES.items():
+    for key, (least, least_ok, most, most_ok) in _RANGES.items():
         value = get(config, key)
-        low_ok = value >= least if least_allowed else value > least
-        if not (low_ok and value <= most and math.isfinite(value)) or (
-                key == "model.dropout_rate" and value >= 1):
-            bound = ">=" if least_allowed else ">"
-            upper = "" if most == math.inf else f" and at most {most}"
-            if key == "model.dropout_rate":
-                upper = " and below 1"
-            raise ConfigError(f"config key {key!r} must be a finite number {bound} {least}"
-                              f"{upper}, got {value}")
+        above = value >= least if least_ok else value > least
+        below = value <= most if most_ok else value < most
+        if not (above and below and math.isfinite(value)):
+            upper = ("" if most == math.inf else
+                     f" and at most {most}" if most_ok else f" and below {most:g}")
+            raise ConfigError(f"config key {key!r} must be a finite number "
+                              f"{'>=' if least_ok else '>'} {least}{upper}, got {value}")
 
 
 def _validate_rules(rules: str) -> None:
