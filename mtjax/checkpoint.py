@@ -262,8 +262,7 @@ class RunCheckpoints:
                                  "is incomplete (a save cut short, or a damaged metadata file)")
         _sync("mtjax_checkpoint_scan")
 
-    def _quarantine(self, step: int, why: str) -> str:
-        """Moves ``step`` aside with a message; returns the name it now has."""
+    def _quarantine(self, step: int, why: str) -> None:
         step_dir = self.directory / str(step)
         target = step_dir.with_name(step_dir.name + INCOMPLETE_SUFFIX)
         n = 1
@@ -271,7 +270,6 @@ class RunCheckpoints:
             target, n = step_dir.with_name(f"{step_dir.name}{INCOMPLETE_SUFFIX}{n}"), n + 1
         step_dir.rename(target)
         _log(f"checkpoint {step_dir} {why}; moved aside to {target.name}, not used")
-        return target.name
 
     def save_due(self, step: int) -> bool:
         return step % self.every_steps == 0

@@ -99,7 +99,6 @@ class Evaluator:
                  batch_size: int = 32, options: DecodeOptions | None = None,
                  max_decode_length: int | None = None,
                  sequence_length: Mapping[str, int] | None = None, progress: bool = False):
-
         self.batch_size = batch_size
         self.options = options or DecodeOptions()
         self.max_decode_length = max_decode_length

@@ -734,7 +734,8 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints
 def _optimizer_state_parts(saved: dict[str, Any], current: dict[str, Any]
                            ) -> list[tuple[str, str]]:
     """(key, what it switches) for each optim setting turned on in one config and off in the
-    other where that adds a transform, and so a part of the state (see optim.build)."""
+    other where that adds a transform, and so a part of the state (see
+    optim.make_optimizer)."""
     def on(optim: dict[str, Any], key: str) -> bool:
         return (optim.get(key) or 0) > 0
 
