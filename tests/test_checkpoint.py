@@ -292,7 +292,8 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(
 def test_resume_refuses_a_new_seed_and_an_optimizer_state_of_another_shape():
     """A new train.seed was accepted and recorded though it changed nothing; clipping switched
     off failed in Orbax's words ("tree structures do not match ... partial_restore=True")."""
-    from mtjax.train import trainer
+    from mtjax.checkpoint import CheckpointError
+    from mtjax.train import resume
 
     class Checkpoints:
         directory = pathlib.Path("/run/checkpoints")
@@ -302,8 +303,8 @@ def test_resume_refuses_a_new_seed_and_an_optimizer_state_of_another_shape():
     def refusal(*overrides):
         current = config_lib.to_dict(config_lib.load(None, TINY + list(overrides)))
         try:
-            trainer._check_resumable(saved, current, Checkpoints, 8)
-        except trainer.CheckpointError as e:
+            resume.check_resumable(saved, current, Checkpoints, 8)
+        except CheckpointError as e:
             return str(e)
         return None
 

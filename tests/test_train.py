@@ -148,7 +148,7 @@ def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys,
     import os
     import signal
 
-    from mtjax.train import trainer
+    from mtjax.train import preemption, trainer
 
     build = trainer.make_pipeline
 
@@ -158,7 +158,7 @@ def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys,
 
     monkeypatch.setattr(trainer, "make_pipeline", build_then_get_preempted)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(trainer.Preempted):
+    with pytest.raises(preemption.Preempted):
         trainer.train(tiny_config("train.steps=5"), tmp_path / "run", progress=False)
     assert "SIGTERM during set-up: nothing new to save; exiting with code 42" in (
         capsys.readouterr().err)
@@ -195,7 +195,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     import os
     import signal
 
-    from mtjax.train import trainer
+    from mtjax.train import preemption, trainer
 
     build = trainer.make_pipeline
 
@@ -217,7 +217,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     # The three runs compile the same programs: the later ones load them from the cache.
     config = tiny_config("train.steps=6", "checkpoint.every_steps=100", "eval.at_end=false",
                          f"train.compilation_cache={tmp_path / 'jax_cache'}")
-    with pytest.raises(trainer.Preempted) as info:
+    with pytest.raises(preemption.Preempted) as info:
         trainer.train(config, tmp_path / "run", progress=False)
     assert info.value.exit_code == 130 and info.value.step == 3
     assert "Ctrl-C: saved step 3; exiting with code 130" in capsys.readouterr().err
@@ -238,7 +238,7 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
     """Older versions recorded data.vocabulary as given; the same file given again (now made
     absolute) is the same run, another file is not."""
     from mtjax.checkpoint import CheckpointError
-    from mtjax.train import trainer
+    from mtjax.train import resume
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "spm.model").write_bytes(b"")
@@ -250,10 +250,10 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
     class Checkpoints:
         directory = tmp_path / "checkpoints"
 
-    trainer._check_resumable(saved, now, Checkpoints, 10)
+    resume.check_resumable(saved, now, Checkpoints, 10)
     saved["data"]["vocabulary"] = "other.model"
     with pytest.raises(CheckpointError, match="data.vocabulary: checkpoint 'other.model'"):
-        trainer._check_resumable(saved, now, Checkpoints, 10)
+        resume.check_resumable(saved, now, Checkpoints, 10)
 
 
 @pytest.mark.parametrize("source, message", [
@@ -314,13 +314,13 @@ def test_a_second_train_in_a_busy_run_directory_is_refused(tmp_path, open_manage
     other's checkpoints: the second is refused in one line, before anything is written."""
     import os
 
-    from mtjax.train import trainer
+    from mtjax.train import rundir, trainer
 
     (tmp_path / "run").mkdir()
-    first = trainer._RunLock(tmp_path / "run")  # what a running `mtjax train` holds
+    first = rundir.RunLock(tmp_path / "run")  # what a running `mtjax train` holds
     first.acquire()
     try:
-        with pytest.raises(trainer.RunInUseError,
+        with pytest.raises(rundir.RunInUseError,
                            match=rf"in use by another mtjax train \(pid {os.getpid()} on "):
             trainer.train(tiny_config("train.steps=2"), tmp_path / "run", progress=False)
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]

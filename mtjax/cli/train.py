@@ -68,13 +68,13 @@ def _run(args: argparse.Namespace) -> int:
     distributed.initialize_from_env()
     if args.dry_run:
         return _dry_run(config)
-    from mtjax.train import trainer
+    from mtjax.train import preemption, trainer
 
     workdir = args.workdir or DEFAULT_WORKDIR
     try:
         result = trainer.train(config, workdir, init_from=args.init_from,
                                progress=not args.no_progress)
-    except trainer.Preempted as stopped:
+    except preemption.Preempted as stopped:
         return stopped.exit_code
     _print_summary(result)
     return 0

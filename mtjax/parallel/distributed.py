@@ -141,6 +141,14 @@ def _slurm_tasks() -> bool:
     return False
 
 
+def log(message: str) -> None:
+    """Print ``message`` to stderr on the first host only (every host runs the same code)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def stop_with_the_others(failure: UserError) -> None:
     """Call before raising a set-up error found before ``jax.distributed`` started.
 

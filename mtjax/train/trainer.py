@@ -7,43 +7,28 @@ start from ``--init-from`` (weights only), 3. else initialise from scratch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import shutil
-import signal
 import sys
 import time
-import zlib
-from typing import Any
 
 import jax
 import numpy as np
 
 from mtjax import compile_cache, outputs
 from mtjax import config as config_lib
-from mtjax.checkpoint import CheckpointError, RunCheckpoints
+from mtjax.checkpoint import RunCheckpoints
 from mtjax.errors import TrainingError, UserError
 from mtjax.parallel import distributed
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.parallel.distributed import log
 from mtjax.train import metrics as metrics_lib
 from mtjax.train import optim as optim_lib
+from mtjax.train import preemption as preemption_lib
+from mtjax.train import resume, rundir
 from mtjax.train import setup as setup_lib
 from mtjax.train.setup import model_config  # noqa: F401 - re-exported
-
-# Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
-PREEMPTED_EXIT_CODE = 42
-INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by Ctrl-C
-
-
-class Preempted(Exception):
-    """Raised after SIGTERM (or Ctrl-C) once the checkpoint is written; the CLI exits with
-    ``exit_code``: 42 after SIGTERM (launchers resume on it), 130 after Ctrl-C."""
-
-    def __init__(self, step: int, exit_code: int = PREEMPTED_EXIT_CODE) -> None:
-        super().__init__(step)
-        self.step, self.exit_code = step, exit_code
 
 
 @dataclasses.dataclass
@@ -75,140 +60,10 @@ def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "
                                     num_shards=jax.process_count())
 
 
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _log_above(bar, msg: str) -> None:
     """A line above the progress bar (a plain print would run on from the bar's own line)."""
     if jax.process_index() == 0:
         bar.write(msg, file=sys.stderr)
-
-
-def _truncate_metrics(path: pathlib.Path, last_step: int, writer: int | None = 0) -> None:
-    """Drop records past the resumed step so a resumed run's JSONL reads like an unbroken one;
-    ``writer``: the process that writes ``path`` (None: every process its own)."""
-    if writer not in (None, jax.process_index()) or not path.exists():
-        return
-    unreadable: list[str] = []
-    records = metrics_lib.read_jsonl(path, unreadable)
-    if unreadable:  # damaged inside, not just a last line cut short
-        # A log must not stop the run: keep the file as it was beside the readable records.
-        damaged = path.with_name(path.name + ".damaged")
-        shutil.copyfile(path, damaged)
-        _log(f"mtjax: warning: {path}: {'; '.join(unreadable)}; kept as it was in "
-             f"{damaged.name}, and the readable records go on")
-    kept = [json.dumps(record) for record in records if record.get("step", 0) <= last_step]
-    # Replaced whole: a kill during the rewrite leaves the old file, not half of it.
-    outputs.write_text(path, "".join(line + "\n" for line in kept), flag=path.name)
-
-
-class _Preemption:
-    """SIGTERM (what SLURM, Kubernetes and TPU maintenance send) -> stop at a step every host
-    agrees on. One process: a flag set by our handler. Several: JAX's preemption sync point (the
-    coordination service spreads the notice and picks the step), called at every step."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signal_name = "SIGTERM"  # or "Ctrl-C", where that came first
-        self._multihost = jax.process_count() > 1 and _preemption_service_running()
-        self._previous: dict[int, Any] = {}
-        from mtjax.train import early_stop
-
-        # A SIGTERM that came while mtjax started, before JAX's preemption service or our
-        # handler existed: the hosts agree on it in set-up (:meth:`stop_at_start`).
-        self.at_start = early_stop.take()
-        if not self._multihost:
-            self.raised = self.at_start
-            # Ctrl-C too, on one process: save and stop instead of a KeyboardInterrupt that
-            # loses every step since the last checkpoint. A second Ctrl-C stops at once.
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            if self.raised and self.signal_name == "Ctrl-C":
-                print("\nCtrl-C again: stopping now, without saving (the run resumes from its "
-                      "last checkpoint)", file=sys.stderr, flush=True)
-                raise KeyboardInterrupt
-            if not self.raised:
-                self.signal_name = "Ctrl-C"
-                print("\nCtrl-C: saving at the end of this step (Ctrl-C again to stop at once)",
-                      file=sys.stderr, flush=True)
-        self.raised = True
-
-    @property
-    def exit_code(self) -> int:
-        return INTERRUPTED_EXIT_CODE if self.signal_name == "Ctrl-C" else PREEMPTED_EXIT_CODE
-
-    def stop_at_start(self, processes: list[int]) -> None:
-        """Raise :class:`Preempted` on every host when any host had a SIGTERM while mtjax
-        started (``processes``, agreed by every host): nothing is written yet."""
-        if processes:
-            where = (f" (process(es) {', '.join(map(str, processes))})"
-                     if self._multihost else "")
-            _log(f"SIGTERM during set-up{where}: nothing new to save; exiting with code "
-                 f"{PREEMPTED_EXIT_CODE}")
-            raise Preempted(-1, PREEMPTED_EXIT_CODE)
-
-    def stop_during_set_up(self, step: int | None = None) -> None:
-        """Raise :class:`Preempted` if a signal came while the run was being set up (one
-        process; several stop at an agreed step of the loop): nothing is trained yet, so
-        nothing is saved, and the launcher restarts the job without waiting for the rest of
-        the set-up (a restore or a compilation can take minutes, longer than SLURM's grace)."""
-        if self.raised and not self._multihost:
-            at = f" (the run is at step {step})" if step is not None else ""
-            _log(f"{self.signal_name} during set-up: nothing new to save{at}; exiting with code "
-                 f"{self.exit_code}")
-            raise Preempted(-1 if step is None else step, self.exit_code)
-
-    def reached(self, step: int) -> bool:
-        if self._multihost:
-            from jax.experimental import multihost_utils
-
-            self.raised = self.raised or multihost_utils.reached_preemption_sync_point(step)
-        return self.raised
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
-class _HostLog:
-    """``log.all_processes``: every host writes ``processes/process_<i>.jsonl`` with the loss
-    it sees and a hash of each example it read, to check multi-host runs (same global loss,
-    disjoint data shards)."""
-
-    def __init__(self, workdir: pathlib.Path) -> None:
-        self.path(workdir).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path(workdir), "a")  # noqa: SIM115
-        self._hashes: list[int] = []
-
-    @staticmethod
-    def path(workdir: pathlib.Path) -> pathlib.Path:
-        return workdir / "processes" / f"process_{jax.process_index()}.jsonl"
-
-    def add_batch(self, host_batch: dict[str, np.ndarray]) -> None:
-        tokens_BS, segments_BS = host_batch["encoder_input_tokens"], host_batch[
-            "encoder_segment_ids"]
-        for tokens_S, segments_S in zip(tokens_BS, segments_BS, strict=True):
-            for segment in np.unique(segments_S[segments_S > 0]):
-                self._hashes.append(zlib.crc32(tokens_S[segments_S == segment].tobytes()))
-
-    def write(self, step: int, summary: dict[str, float]) -> None:
-        record = {"step": step, "process": jax.process_index(), "loss": summary.get("loss"),
-                  "example_hashes": self._hashes}
-        self._file.write(outputs.dumps(record) + "\n")
-        self._file.flush()
-        self._hashes = []
-
-
-def _preemption_service_running() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.preemption_sync_manager is not None
 
 
 def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
@@ -219,7 +74,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         Preempted: SIGTERM or Ctrl-C arrived (from the start: a job preempted while it builds
             its input pipeline, restores or compiles exits 42 too, and its launcher resumes it).
     """
-    preemption, lock = _Preemption(), _RunLock(pathlib.Path(workdir))
+    preemption, lock = preemption_lib.Preemption(), rundir.RunLock(pathlib.Path(workdir))
     created = not pathlib.Path(workdir).exists()
     try:
         return _train(config, workdir, init_from, progress, preemption, lock)
@@ -228,79 +83,16 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
         # empty run directory behind when this run made it.
         if created and lock.handle is not None:
             lock.release()
-            _remove_if_only_lock(pathlib.Path(workdir))
+            rundir.remove_if_only_lock(pathlib.Path(workdir))
         raise
     finally:
         lock.release()
         preemption.restore()
 
 
-def _remove_if_only_lock(workdir: pathlib.Path) -> None:
-    if [p.name for p in workdir.iterdir()] == [_RunLock.FILE]:
-        (workdir / _RunLock.FILE).unlink()
-        workdir.rmdir()
-
-
-class RunInUseError(UserError, RuntimeError):
-    """Another ``mtjax train`` holds the run directory."""
-
-
-class _RunLock:
-    """One writer per run directory: process 0 holds an advisory lock on ``<workdir>/.lock``
-    while it trains. A second ``mtjax train`` in the same directory would otherwise resume the
-    same checkpoint, interleave metrics.jsonl and prune the other's checkpoints. The lock ends
-    with the process (a crash leaves no stale lock); the file records who holds it."""
-
-    FILE = ".lock"
-
-    def __init__(self, workdir: pathlib.Path):
-        self.path, self.handle = workdir / self.FILE, None
-
-    def acquire(self) -> None:
-        holder = None  # who holds the lock, where process 0 could not take it
-        if jax.process_index() == 0:
-            holder = self._try_lock()
-        if jax.process_count() > 1:
-            # Every process learns the outcome and stops alike (the others failed later in a
-            # collective, with a traceback of their own).
-            from jax.experimental import multihost_utils
-
-            refused = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
-            if int(refused) and holder is None:
-                holder = "see process 0"
-        if holder is not None:
-            raise RunInUseError(
-                f"run directory {self.path.parent} is in use by another mtjax train "
-                f"({holder}); wait for it to finish, or give another --workdir")
-
-    def _try_lock(self) -> str | None:
-        """Take the lock (None), or say who holds it."""
-        import fcntl
-        import socket
-
-        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            return holder
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
-        return None
-
-    def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()  # releases the lock
-            self.handle = None
-
-
 def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: str | None,
-           progress: bool, preemption: _Preemption, lock: _RunLock) -> TrainResult:
+           progress: bool, preemption: preemption_lib.Preemption,
+           lock: rundir.RunLock) -> TrainResult:
     t_start = time.time()
     given, workdir = str(workdir), pathlib.Path(workdir)
 
@@ -331,14 +123,14 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     preemption.stop_at_start(distributed.agree_on_set_up(failure, preemption.at_start))
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
-    _log(f"mtjax: workdir {workdir.absolute()}")
+    log(f"mtjax: workdir {workdir.absolute()}")
     kept = workdir / sizes.MODEL_CONFIG_FILE
     if custom_architecture not in (None, kept) and jax.process_index() == 0:
         # The run's own copy: it resumes, evaluates and exports without the --init-from one.
         shutil.copyfile(custom_architecture, kept)
 
     # --- Mesh ---------------------------------------------------------------------------------
-    _log(mesh_lib.describe(mesh))
+    log(mesh_lib.describe(mesh))
     cache_use = compile_cache.enable(config.train.compilation_cache)
 
     # --- Data ---------------------------------------------------------------------------------
@@ -346,9 +138,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     pipeline = make_pipeline(config, per_host_batch)
     preemption.stop_during_set_up()
     task_names = list(pipeline.task_names)
-    _log(pipeline.describe())
+    log(pipeline.describe())
     for note in config_lib.unused_settings(config):
-        _log(f"mtjax: note: {note}")
+        log(f"mtjax: note: {note}")
     _warn_truncation(config)
     # The embedding rounds the mixture's vocabulary up to a multiple of 128 (accelerator tiles).
     vocab_size = -(-pipeline.vocab_size // 128) * 128
@@ -359,9 +151,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     preemption.stop_during_set_up()
     abstract_state = setup.abstract_state
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    _log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
+    log(f"model {config.model.name}: {num_params / 1e6:.2f}M parameters, vocab {vocab_size}; "
          f"mixture {config.data.mixture}: {', '.join(task_names)}")
-    _log(_describe_training(config))
+    log(_describe_training(config))
 
     config_dict = config_lib.to_dict(config)
 
@@ -379,7 +171,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             # A finished run asked again: nothing to train, and its summary and config stay as
             # they are (rewriting them would erase the final metrics).
             checkpoints.close()
-            _log(f"nothing to train: the run is at step {start_step} and train.steps is "
+            log(f"nothing to train: the run is at step {start_step} and train.steps is "
                  f"{config.train.steps}; raise train.steps to continue it")
             records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
                 workdir / "metrics.jsonl").exists() else []
@@ -408,7 +200,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     # set aside) wrote, as metrics.jsonl was truncated to start_step.
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard,
                                        purge_from=start_step + 1)
-    host_log = _HostLog(workdir) if config.log.all_processes else None
+    host_log = rundir.HostLog(workdir) if config.log.all_processes else None
     bar = _progress_bar(start_step, config.train.steps, progress)
     window, pending = resumed_window, None
     last_summary: dict[str, float] = {}
@@ -508,7 +300,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     checkpoints.wait()
                     _log_above(bar, f"{preemption.signal_name}: saved step {step}; exiting "
                                     f"with code {preemption.exit_code}")
-                    raise Preempted(step, preemption.exit_code)
+                    raise preemption_lib.Preempted(step, preemption.exit_code)
     finally:
         bar.close()
         checkpoints.close()
@@ -577,20 +369,20 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
     target = setup.target()
     resumed = checkpoints.restore_latest(
         target, pipeline,
-        check=lambda step, saved: _check_resumable(saved, config_dict, checkpoints, step))
+        check=lambda step, saved: resume.check_resumable(saved, config_dict, checkpoints, step))
     if resumed is not None:
         latest, state, data_restored = resumed
         if not data_restored:
             pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
-        _log(f"resuming from {checkpoints.directory / str(latest)}")
+        log(f"resuming from {checkpoints.directory / str(latest)}")
         if init_from:
             # Resume wins, so that a job restarted after preemption with its original command
             # line does not start over; but say so, in case a fine-tune was meant.
-            _log(f"mtjax: note: --init-from {init_from} is not used: {workdir} already has "
+            log(f"mtjax: note: --init-from {init_from} is not used: {workdir} already has "
                  f"checkpoints, and a run resumes from its latest; give a new --workdir to "
                  f"start from {init_from}'s weights")
-        _truncate_metrics(workdir / "metrics.jsonl", latest)
-        _truncate_metrics(_HostLog.path(workdir), latest, writer=None)
+        rundir.truncate_metrics(workdir / "metrics.jsonl", latest)
+        rundir.truncate_metrics(rundir.HostLog.path(workdir), latest, writer=None)
         window = metrics_lib.window_from_json(checkpoints.log_window(latest))
     else:
         window = None
@@ -599,16 +391,16 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
             from mtjax.checkpoint import find_state_dir, restore_params
 
             state = state.replace(params=restore_params(init_from, target.params))
-            _log(f"initialised weights from {find_state_dir(init_from).parent}")
+            log(f"initialised weights from {find_state_dir(init_from).parent}")
         # A run that stopped before its first save, or whose checkpoints were all set aside,
         # starts over: its records begin again rather than repeating the steps (once the
         # start can no longer fail on a bad --init-from).
         records = workdir / "metrics.jsonl"
         if jax.process_index() == 0 and records.exists() and records.stat().st_size:
-            _log(f"mtjax: note: starting from step 0 in {workdir}, which has no checkpoint to "
+            log(f"mtjax: note: starting from step 0 in {workdir}, which has no checkpoint to "
                  f"resume: the records of an earlier start in metrics.jsonl are dropped")
-        _truncate_metrics(records, 0)
-        _truncate_metrics(_HostLog.path(workdir), 0, writer=None)
+        rundir.truncate_metrics(records, 0)
+        rundir.truncate_metrics(rundir.HostLog.path(workdir), 0, writer=None)
     return state, pipeline, int(jax.device_get(state.step)), window
 
 
@@ -622,13 +414,13 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
                                                 progress=False)
         if not evaluator.task_names:
             _check_eval_split(config)
-            _log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
+            log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
             evaluator = None
     if (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
             and evaluator is None):
-        _log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
+        log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
              f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
              f"checkpoint is kept as the best by it")
     return evaluator
@@ -681,7 +473,7 @@ def _absorb(window, pending, config: config_lib.Config, skipped: list[int]):
             raise TrainingError(
                 f"non-finite {what} at step {step}; the last good checkpoint stays the latest. "
                 f"Lower optim.learning_rate, or set train.on_nonfinite=skip to skip such updates")
-        _log(f"mtjax: step {step}: non-finite {what}, update skipped")
+        log(f"mtjax: step {step}: non-finite {what}, update skipped")
         skipped.append(step)
         return window
     return metrics_lib.accumulate(window, {k: v for k, v in host.items() if k != "finite"})
@@ -697,55 +489,11 @@ def _warn_truncation(config: config_lib.Config) -> None:
     _, warnings = preview.mixture_length_report(config.data.mixture, lengths, n=256,
                                                 seed=config.train.seed)
     for warning in warnings:
-        _log(f"mtjax: {warning}")  # it starts "warning: ", as `mtjax tasks preview` prints it
+        log(f"mtjax: {warning}")  # it starts "warning: ", as `mtjax tasks preview` prints it
 
 
 def _finite_only(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if math.isfinite(v)}
-
-
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
-    """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
-    # The shapes of the model and optimizer, and of the saved input stream's batches (its
-    # iterator restores batches of the saved size and lengths only).
-    # train.seed: a resumed run's shuffle and random state come from the checkpoint, so a new
-    # seed would change nothing but what config.json records.
-    keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
-            ("optim", "name"), ("train", "batch_size"), ("data", "inputs_length"),
-            ("data", "targets_length"), ("data", "pack"), ("train", "seed")]
-    def same(s: str, k: str) -> bool:
-        if (s, k) == ("data", "vocabulary") and None not in (saved[s][k], current[s][k]):
-            # Runs of older versions recorded a vocabulary file as given, relative.
-            return os.path.abspath(saved[s][k]) == os.path.abspath(current[s][k])
-        return saved[s][k] == current[s][k]
-
-    differ = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
-              for s, k in keys if k in saved.get(s, {}) and not same(s, k)]
-    # Settings that add or remove a part of the optimizer state (its values may change freely).
-    for key, why in _optimizer_state_parts(saved.get("optim", {}), current["optim"]):
-        differ.append(f"optim.{key}: checkpoint {saved['optim'][key]!r} vs now "
-                      f"{current['optim'][key]!r} ({why} changes the optimizer state)")
-    if differ:
-        raise CheckpointError(
-            f"{checkpoints.directory / str(step)} was written by a different run ("
-            + "; ".join(differ) + "). Use another --workdir, or --init-from for weights only")
-
-
-def _optimizer_state_parts(saved: dict[str, Any], current: dict[str, Any]
-                           ) -> list[tuple[str, str]]:
-    """(key, what it switches) for each optim setting turned on in one config and off in the
-    other where that adds a transform, and so a part of the state (see
-    optim.make_optimizer)."""
-    def on(optim: dict[str, Any], key: str) -> bool:
-        return (optim.get(key) or 0) > 0
-
-    parts = []
-    if "grad_clip_norm" in saved and on(saved, "grad_clip_norm") != on(current, "grad_clip_norm"):
-        parts.append(("grad_clip_norm", "clipping on/off"))
-    if (current["name"] == saved.get("name") == "adafactor" and "weight_decay" in saved
-            and on(saved, "weight_decay") != on(current, "weight_decay")):
-        parts.append(("weight_decay", "Adafactor's weight decay on/off"))
-    return parts
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

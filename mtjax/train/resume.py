@@ -1,0 +1,54 @@
+"""Whether this run's config may resume a checkpoint: the settings that decide the shapes of the
+state and of the saved input stream must match, and so must those the checkpoint already fixes
+(the seed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mtjax.checkpoint import CheckpointError
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
+    """Refuse to resume a checkpoint whose model or data shapes differ from this run's config."""
+    # The shapes of the model and optimizer, and of the saved input stream's batches (its
+    # iterator restores batches of the saved size and lengths only).
+    # train.seed: a resumed run's shuffle and random state come from the checkpoint, so a new
+    # seed would change nothing but what config.json records.
+    keys = [("model", "name"), ("data", "mixture"), ("data", "vocabulary"), ("data", "mixing"),
+            ("optim", "name"), ("train", "batch_size"), ("data", "inputs_length"),
+            ("data", "targets_length"), ("data", "pack"), ("train", "seed")]
+    def same(s: str, k: str) -> bool:
+        if (s, k) == ("data", "vocabulary") and None not in (saved[s][k], current[s][k]):
+            # Runs of older versions recorded a vocabulary file as given, relative.
+            return os.path.abspath(saved[s][k]) == os.path.abspath(current[s][k])
+        return saved[s][k] == current[s][k]
+
+    differ = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
+              for s, k in keys if k in saved.get(s, {}) and not same(s, k)]
+    # Settings that add or remove a part of the optimizer state (its values may change freely).
+    for key, why in _optimizer_state_parts(saved.get("optim", {}), current["optim"]):
+        differ.append(f"optim.{key}: checkpoint {saved['optim'][key]!r} vs now "
+                      f"{current['optim'][key]!r} ({why} changes the optimizer state)")
+    if differ:
+        raise CheckpointError(
+            f"{checkpoints.directory / str(step)} was written by a different run ("
+            + "; ".join(differ) + "). Use another --workdir, or --init-from for weights only")
+
+
+def _optimizer_state_parts(saved: dict[str, Any], current: dict[str, Any]
+                           ) -> list[tuple[str, str]]:
+    """(key, what it switches) for each optim setting turned on in one config and off in the
+    other where that adds a transform, and so a part of the state (see
+    optim.make_optimizer)."""
+    def on(optim: dict[str, Any], key: str) -> bool:
+        return (optim.get(key) or 0) > 0
+
+    parts = []
+    if "grad_clip_norm" in saved and on(saved, "grad_clip_norm") != on(current, "grad_clip_norm"):
+        parts.append(("grad_clip_norm", "clipping on/off"))
+    if (current["name"] == saved.get("name") == "adafactor" and "weight_decay" in saved
+            and on(saved, "weight_decay") != on(current, "weight_decay")):
+        parts.append(("weight_decay", "Adafactor's weight decay on/off"))
+    return parts
