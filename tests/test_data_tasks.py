@@ -139,6 +139,86 @@ def test_the_count_of_a_file_task_is_what_its_reader_yields(data_dir):
     assert task.source.num_input_examples("train") == len(got)
 
 
+@pytest.fixture(scope="module")
+def sorted_tasks(data_dir):
+    """The same 2,000 examples as TSV and JSONL, sorted by their answer: yes, then no."""
+    (data_dir / "sorted.tsv").write_text("".join(
+        f"question {i}\t{'yes' if i < 1000 else 'no'}\n" for i in range(2000)))
+    (data_dir / "sorted.jsonl").write_text("".join(json.dumps(
+        {"inputs": f"question {i}", "targets": "yes" if i < 1000 else "no"}) + "\n"
+        for i in range(2000)))
+    return {fmt: tasks.add_file_task(f"t_sorted_{fmt}", str(data_dir / f"sorted.{fmt}"),
+                                     vocabulary="byte") for fmt in ("tsv", "jsonl")}
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_a_sorted_file_is_shuffled_whole_at_every_epoch(sorted_tasks, fmt):
+    """seqio repeats a source, then shuffles within a buffer of 1,000 examples: a file sorted
+    by its answer trained on 'yes' alone for its first half (the first 500 examples were 100%
+    'yes')."""
+    task = sorted_tasks[fmt]
+    two_epochs = [ex["inputs"].decode() for ex in task.source.get_dataset(
+        "train", shuffle=True, seed=3).repeat(2).as_numpy_iterator()]
+    first, second = two_epochs[:2000], two_epochs[2000:]
+    everything = [f"question {i}" for i in range(2000)]
+    assert sorted(first) == sorted(second) == sorted(everything)  # each epoch: each once
+    assert first != second and first != everything
+    ds = task.get_dataset(LENGTHS, split="train", shuffle=True, seed=3, num_epochs=None,
+                          try_in_mem_cache=False)
+    answers = [ex["targets_pretokenized"] for ex in ds.take(500).as_numpy_iterator()]
+    assert 0.4 < answers.count(b"yes") / len(answers) < 0.6
+    # The same seed, the same order (exact resume rebuilds it).
+    again = [ex["inputs"].decode() for ex in task.source.get_dataset(
+        "train", shuffle=True, seed=3).as_numpy_iterator()]
+    assert again == first
+
+
+@pytest.mark.parametrize("position", [1990, 3000])
+def test_a_shuffled_file_task_resumes_exactly_across_an_epoch(sorted_tasks, tmp_path, position):
+    """Saved 10 examples before the second epoch (seqio's buffer of 1,000 already draws from
+    it), or in the middle of it: the restored stream goes on alike, into the next epoch's
+    order too."""
+    ds = sorted_tasks["tsv"].get_dataset(LENGTHS, split="train", shuffle=True, seed=5,
+                                         num_epochs=None, try_in_mem_cache=False)
+    iterator = iter(ds)
+    for _ in range(position):
+        next(iterator)
+    saved = tf.train.Checkpoint(iterator=iterator).write(str(tmp_path / "position"))
+    expected = [next(iterator)["inputs_pretokenized"].numpy() for _ in range(1100)]
+    restored = iter(sorted_tasks["tsv"].get_dataset(LENGTHS, split="train", shuffle=True,
+                                                    seed=5, num_epochs=None,
+                                                    try_in_mem_cache=False))
+    tf.train.Checkpoint(iterator=restored).read(saved).assert_consumed()
+    assert [next(restored)["inputs_pretokenized"].numpy() for _ in range(1100)] == expected
+
+
+def test_hosts_read_disjoint_halves_of_a_shuffled_file_new_at_every_epoch(sorted_tasks):
+    """One file, two hosts: seqio shards the examples after the source, and every host's source
+    shuffles alike (one seed), so the hosts' shares of an epoch are disjoint and whole."""
+    def host(index, epochs):
+        ds = sorted_tasks["jsonl"].get_dataset(
+            LENGTHS, split="train", shuffle=True, seed=3, num_epochs=epochs,
+            shard_info=seqio.ShardInfo(index=index, num_shards=2),
+            try_in_mem_cache=False)  # as the input pipeline asks: a cache replays epoch 1
+        return [ex["inputs_pretokenized"] for ex in ds.as_numpy_iterator()]
+
+    first, second = host(0, 1), host(1, 1)
+    assert len(first) == len(second) == 1000 and not set(first) & set(second)
+    assert len(set(first) | set(second)) == 2000
+    assert len(set(host(0, 2))) > 1000  # its second epoch's half is another one
+
+
+def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch, capsys):
+    monkeypatch.setattr(files_lib, "SHUFFLE_IN_MEMORY_BYTES", 1000)
+    ds = sorted_tasks["tsv"].source.get_dataset("train", shuffle=True, seed=3)
+    assert sorted(ex["inputs"].decode() for ex in ds.as_numpy_iterator()) == sorted(
+        f"question {i}" for i in range(2000))
+    err = capsys.readouterr().err
+    assert ("'t_sorted_tsv', split 'train': 0 MiB of files, more than the 0 MiB held in "
+            "memory") in err, err
+    assert "split a sorted file into many shuffled files" in err
+
+
 def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):
     """A byte-order mark and a trailing blank line are read as the editor meant; a null JSON
     value, a compressed file and a missing file of a list are named, not turned into text or
