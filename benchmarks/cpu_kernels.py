@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtjax import kernels  # noqa: E402
-from mtjax.model import layers  # noqa: E402
+from mtjax.model import attention as attention_lib  # noqa: E402
 from mtjax.train import step as step_lib  # noqa: E402
 
 SHAPES = {  # B, Q, S, H, head dim
@@ -71,8 +71,8 @@ def main() -> None:
         def attend(q, k, v, diagonals=diagonals, mask=mask, q_len=q_len, s_len=s_len):
             if impl == "kernel":
                 return kernel_attention.cpu_attention(q, k, v, diagonals, mask)
-            bias = layers.AttentionBias(None, mask, position_diagonals=diagonals)
-            return layers.xla_attention(q, k, v, bias.dense(q_len, s_len))
+            bias = attention_lib.AttentionBias(None, mask, position_diagonals=diagonals)
+            return attention_lib.xla_attention(q, k, v, bias.dense(q_len, s_len))
 
         grads = jax.grad(lambda q, k, v, f=attend: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
         result[name] = {"forward_ms": median_ms(jax.jit(attend), q, k, v),

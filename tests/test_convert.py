@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtjax import cli, interop
 from mtjax.model import convert, sizes
-from mtjax.model.layers import relative_position_bucket
+from mtjax.model.position_bias import relative_position_bucket
 from mtjax.model.t5 import T5
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import state as state_lib

@@ -25,7 +25,8 @@ from mtjax import kernels
 from mtjax.bench import train as train_bench
 from mtjax.kernels import attention as kernel_attention
 from mtjax.kernels import cross_entropy as fused_ce
-from mtjax.model import layers, sizes, t5
+from mtjax.model import attention as attention_lib
+from mtjax.model import sizes, t5
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
 from mtjax.train import step as step_lib
@@ -35,8 +36,8 @@ needs_kernel = pytest.mark.skipif(not READY, reason=f"CPU kernels unavailable: {
 
 
 def _reference(q, k, v, diagonals, mask):
-    bias = layers.AttentionBias(None, mask, position_diagonals=diagonals)
-    return layers.softmax_attention(q, k, v, bias.dense(q.shape[1], k.shape[1]))
+    bias = attention_lib.AttentionBias(None, mask, position_diagonals=diagonals)
+    return attention_lib.softmax_attention(q, k, v, bias.dense(q.shape[1], k.shape[1]))
 
 
 def _value_and_grads(attend, q, k, v, position, mask, probe):
@@ -91,9 +92,9 @@ def test_kernel_equals_xla_attention_in_value_and_gradient(b, q_len, s_len, h, d
 
 @needs_kernel
 def test_kernel_adds_the_models_mask_bias(monkeypatch):
-    """The mask's bias reaches the kernel from ``layers.MASK_BIAS`` (an FFI attribute, not a
+    """The mask's bias reaches the kernel from ``attention_lib.MASK_BIAS`` (an FFI attribute, not a
     constant of its own): with a small one, masked keys keep some weight, the same in both."""
-    monkeypatch.setattr(layers, "MASK_BIAS", -3.0)
+    monkeypatch.setattr(attention_lib, "MASK_BIAS", -3.0)
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 2, 16)), jnp.float32) for _ in "qkv")
     mask = jnp.asarray(rng.random((2, 9, 9)) > 0.5)
@@ -102,7 +103,7 @@ def test_kernel_adds_the_models_mask_bias(monkeypatch):
     want = _value_and_grads(_reference, q, k, v, None, mask, probe)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, np.abs(w).max()), rtol=0)
-    monkeypatch.setattr(layers, "MASK_BIAS", -1e10)
+    monkeypatch.setattr(attention_lib, "MASK_BIAS", -1e10)
     masked_out = _value_and_grads(kernel_attention.cpu_attention, q, k, v, None, mask, probe)
     assert abs(float(got[0]) - float(masked_out[0])) > 1e-3  # -3 is not the usual bias
 
@@ -151,15 +152,16 @@ def test_model_with_kernel_equals_xla_attention(variant):
 
 
 def test_auto_attention_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch):
-    problem = layers.cpu_fused_attention_problem(jnp.float32)
-    assert layers.resolve_attention("auto", jnp.float32) == ("xla" if problem else "cpu_fused")
-    assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"
+    problem = attention_lib.cpu_fused_attention_problem(jnp.float32)
+    assert attention_lib.resolve_attention("auto", jnp.float32) == (
+        "xla" if problem else "cpu_fused")
+    assert attention_lib.resolve_attention("auto", jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="float32 activations.*model.attention=auto"):
-        layers.resolve_attention("cpu_fused", jnp.bfloat16)
+        attention_lib.resolve_attention("cpu_fused", jnp.bfloat16)
     monkeypatch.setattr(kernels, "cpu_kernel_status", lambda: (False, "no compiler"))
-    assert layers.resolve_attention("auto", jnp.float32) == "xla"
+    assert attention_lib.resolve_attention("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="cannot run: no compiler"):
-        layers.resolve_attention("cpu_fused", jnp.float32)
+        attention_lib.resolve_attention("cpu_fused", jnp.float32)
 
 
 def test_build_is_cached_and_failures_say_why(tmp_path, monkeypatch, capsys):
@@ -332,7 +334,7 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
         pytest.skip("the CPU lacks AVX2 or FMA")
     env = dict(os.environ, MTJAX_CPU_KERNEL_ISA="avx2", MTJAX_KERNEL_CACHE=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__, "-k",
          AVX2_CHECKS], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = re.search(r"\b(\d+) passed\b", result.stdout)
@@ -406,7 +408,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from mtjax.kernels import attention as kernel_attention
 from mtjax.kernels import cross_entropy as fused_ce
-from mtjax.model import layers
+from mtjax.model import attention as attention_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import step as step_lib
 
@@ -419,8 +421,8 @@ mask = jnp.asarray(rng.random((b, q_len, s_len)) > 0.3)
 probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
 def reference(q, k, v, diagonals):
-    bias = layers.AttentionBias(None, mask, position_diagonals=diagonals)
-    return layers.softmax_attention(q, k, v, bias.dense(q_len, s_len))
+    bias = attention_lib.AttentionBias(None, mask, position_diagonals=diagonals)
+    return attention_lib.softmax_attention(q, k, v, bias.dense(q_len, s_len))
 
 def kernel(q, k, v, diagonals):
     return kernel_attention.cpu_attention(q, k, v, diagonals, mask)
@@ -430,7 +432,7 @@ def value_and_grads(attend):
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
     return f, [np.asarray(x) for x in jax.tree.leaves(f(q, k, v, diagonals))]
 
-out = {"auto": layers.resolve_attention("auto", jnp.float32),
+out = {"auto": attention_lib.resolve_attention("auto", jnp.float32),
        "loss_auto": step_lib.resolve_cross_entropy("auto")}
 mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(2, 2, 2), jax.devices())
 with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp_tensor")):

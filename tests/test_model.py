@@ -13,7 +13,7 @@ from flax import nnx
 
 from mtjax.model import sizes
 from mtjax.model import t5 as t5_lib
-from mtjax.model.layers import relative_position_bucket
+from mtjax.model.position_bias import relative_position_bucket
 from mtjax.model.t5 import FEATURE_CONVERTER, T5
 from mtjax.parallel import mesh as mesh_lib
 

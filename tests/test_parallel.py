@@ -425,7 +425,7 @@ from mtjax.parallel import distributed
 distributed.initialize_from_env()
 from mtjax.kernels import attention as kernel_attention
 from mtjax.kernels import cross_entropy as fused_ce
-from mtjax.model import layers
+from mtjax.model import attention as attention_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import step as step_lib
 
@@ -459,7 +459,7 @@ def local(x):
 
 out = {"process": jax.process_index(), "local_devices": jax.local_device_count()}
 with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp")):
-    out["attention"] = layers.resolve_attention("auto", jnp.float32)
+    out["attention"] = attention_lib.resolve_attention("auto", jnp.float32)
     out["loss"] = step_lib.resolve_cross_entropy("auto")
     def attention_grads(attend):
         def objective(q, k, v, dg, mask, probe):
@@ -468,8 +468,9 @@ with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp")):
         value, grads = f(q, k, v, diagonals, mask, probe)
         return f, [local(value), *map(local, grads)]
     f, got = attention_grads(kernel_attention.cpu_attention)
-    _, want = attention_grads(lambda q, k, v, dg, mask: layers.softmax_attention(
-        q, k, v, layers.AttentionBias(None, mask, position_diagonals=dg).dense(q_len, s_len)))
+    _, want = attention_grads(lambda q, k, v, dg, mask: attention_lib.softmax_attention(
+        q, k, v,
+        attention_lib.AttentionBias(None, mask, position_diagonals=dg).dense(q_len, s_len)))
     out["attention_in_hlo"] = "mtjax_attention_cpu_forward" in f.lower(
         q, k, v, diagonals, mask, probe).as_text()
     out["attention_errors"] = [float(np.abs(g - w).max() / max(1.0, np.abs(w).max()))

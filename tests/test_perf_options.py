@@ -16,7 +16,8 @@ from flax import nnx
 from mtjax import config as config_lib
 from mtjax import xla_env
 from mtjax.bench import train as train_bench
-from mtjax.model import layers, sizes, t5
+from mtjax.model import attention as attention_lib
+from mtjax.model import layers, position_bias, sizes, t5
 from mtjax.model import softmax as softmax_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import layerwise, optim
@@ -139,9 +140,9 @@ def test_dot_product_attention_equals_xla_with_broadcast_bias(mesh):
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)), jnp.float32) for L in (5, 7, 7))
     bias = jnp.asarray(rng.normal(size=(1, 3, 5, 7)), jnp.float32)
-    mask = jnp.where(jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3), 0.0, layers.MASK_BIAS)
-    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias + mask),
-                               layers.xla_attention(q, k, v, bias + mask), atol=1e-6)
+    mask = jnp.where(jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3), 0.0, attention_lib.MASK_BIAS)
+    np.testing.assert_allclose(attention_lib.dot_product_attention(q, k, v, bias + mask),
+                               attention_lib.xla_attention(q, k, v, bias + mask), atol=1e-6)
 
 
 def test_attention_without_a_bias_equals_a_zero_bias(mesh):
@@ -150,7 +151,7 @@ def test_attention_without_a_bias_equals_a_zero_bias(mesh):
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)), jnp.float32) for L in (5, 7, 7))
     zero = jnp.zeros((1, 1, 5, 7), jnp.float32)
-    for attend in (layers.xla_attention, layers.dot_product_attention):
+    for attend in (attention_lib.xla_attention, attention_lib.dot_product_attention):
         def loss(q, k, v, bias, attend=attend):
             return jnp.sum(attend(q, k, v, bias) ** 2)
 
@@ -173,7 +174,7 @@ def test_softmax_attention_equals_autodiff_of_softmax(bias_shape, dtype):
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)) * 2, dtype) for L in (5, 7, 7))
     bias = jnp.asarray(rng.normal(size=bias_shape) * 3, jnp.float32)
-    bias = bias.at[..., -1].set(layers.MASK_BIAS)  # a masked key, as padding makes
+    bias = bias.at[..., -1].set(attention_lib.MASK_BIAS)  # a masked key, as padding makes
     probe = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
 
     def value_and_grads(attend, *args):
@@ -182,7 +183,7 @@ def test_softmax_attention_equals_autodiff_of_softmax(bias_shape, dtype):
         out = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
         return [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
 
-    got = value_and_grads(layers.softmax_attention, q, k, v, bias)
+    got = value_and_grads(attention_lib.softmax_attention, q, k, v, bias)
     want = value_and_grads(_reference_attention, q, k, v, bias)
     for g, w, arg in zip(got, want, (jnp.zeros(()), q, k, v, bias), strict=True):
         assert g.shape == w.shape == arg.shape
@@ -205,7 +206,7 @@ def test_scores_times_heads_equals_einsum(dtype):
     rng = np.random.default_rng(8)
     a = jnp.asarray(rng.normal(size=(2, 3, 5, 7)), dtype)
     x = jnp.asarray(rng.normal(size=(2, 7, 3, 4)), dtype)
-    got = jax.jit(layers._scores_times_heads)(a, x)
+    got = jax.jit(attention_lib._scores_times_heads)(a, x)
     want = jnp.einsum("BHQS,BSHK->BQHK", a, x, preferred_element_type=jnp.float32)
     assert got.shape == (2, 5, 3, 4) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -367,22 +368,23 @@ def test_layerwise_optimizer_matches_per_parameter_and_traces_less(mesh, name, e
 def test_relative_bias_lookup_and_gradient_equal_take(mesh, method):
     table_HN = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
     rel_QS = jnp.arange(9)[None, :] - jnp.arange(6)[:, None]
-    bucket_QS = layers.relative_position_bucket(rel_QS, bidirectional=True, num_buckets=8,
+    bucket_QS = position_bias.relative_position_bucket(rel_QS, bidirectional=True, num_buckets=8,
                                                 max_distance=16)
     g_HQS = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6, 9)), jnp.float32)
-    np.testing.assert_array_equal(layers.lookup_relative_bias(table_HN, bucket_QS, method),
+    np.testing.assert_array_equal(position_bias.lookup_relative_bias(table_HN, bucket_QS, method),
                                   jnp.take(table_HN, bucket_QS, axis=1))
 
     def grad(lookup):
         return jax.grad(lambda t: jnp.sum(lookup(t) * g_HQS))(table_HN)
 
-    np.testing.assert_allclose(grad(lambda t: layers.lookup_relative_bias(t, bucket_QS, method)),
-                               grad(lambda t: jnp.take(t, bucket_QS, axis=1)), atol=1e-5)
+    np.testing.assert_allclose(
+        grad(lambda t: position_bias.lookup_relative_bias(t, bucket_QS, method)),
+        grad(lambda t: jnp.take(t, bucket_QS, axis=1)), atol=1e-5)
 
 
 def test_relative_bias_lookup_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
-        layers.lookup_relative_bias(jnp.zeros((2, 4)), jnp.zeros((3, 3), jnp.int32), "scan")
+        position_bias.lookup_relative_bias(jnp.zeros((2, 4)), jnp.zeros((3, 3), jnp.int32), "scan")
 
 
 def test_cross_entropy_target_logit_equals_take_along_axis():
@@ -472,26 +474,26 @@ def test_auto_weight_grad_is_transposed_only_on_cpu(monkeypatch):
 
 
 def test_auto_attention_is_cudnn_only_on_gpu_in_bfloat16(monkeypatch):
-    assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
-    assert layers.resolve_attention("dot_product", jnp.float32) == "dot_product"
+    assert attention_lib.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
+    assert attention_lib.resolve_attention("dot_product", jnp.float32) == "dot_product"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert layers.resolve_attention("auto", jnp.dtype("bfloat16")) == "dot_product"
-    assert layers.resolve_attention("auto", jnp.float32) == "xla"
-    assert layers.resolve_attention("xla", jnp.bfloat16) == "xla"
+    assert attention_lib.resolve_attention("auto", jnp.dtype("bfloat16")) == "dot_product"
+    assert attention_lib.resolve_attention("auto", jnp.float32) == "xla"
+    assert attention_lib.resolve_attention("xla", jnp.bfloat16) == "xla"
 
 
 @pytest.mark.parametrize("q_len, s_len, offset, bidirectional", [
     (6, 9, 0, True), (9, 6, 0, False), (7, 7, 0, False), (1, 12, 5, False), (1, 12, 0, True)])
 def test_toeplitz_relative_bias_equals_lookup_in_value_and_gradient(q_len, s_len, offset,
                                                                     bidirectional):
-    module = nnx.eval_shape(lambda: layers.RelativePositionBias(
+    module = nnx.eval_shape(lambda: position_bias.RelativePositionBias(
         3, num_buckets=8, max_distance=16, bidirectional=bidirectional, dtype=jnp.float32,
         param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(module)
     table_HN = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
     g_HQS = jnp.asarray(np.random.default_rng(1).normal(size=(3, q_len, s_len)), jnp.float32)
     relative_QS = jnp.arange(s_len)[None, :] - (jnp.arange(q_len) + offset)[:, None]
-    bucket_QS = layers.relative_position_bucket(relative_QS, bidirectional=bidirectional,
+    bucket_QS = position_bias.relative_position_bucket(relative_QS, bidirectional=bidirectional,
                                                 num_buckets=8, max_distance=16)
 
     def toeplitz(table, query_offset):
@@ -514,7 +516,7 @@ def test_diagonal_sums_add_up_each_key_minus_query_diagonal():
     for q in range(4):
         for s in range(7):
             expected[:, s - q + 3] += x[:, q, s]
-    np.testing.assert_allclose(layers.diagonal_sums(jnp.asarray(x, jnp.float32)), expected,
+    np.testing.assert_allclose(position_bias.diagonal_sums(jnp.asarray(x, jnp.float32)), expected,
                                atol=1e-6)
 
 

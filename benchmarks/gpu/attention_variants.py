@@ -47,7 +47,8 @@ sys.path.insert(0, str(_ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mtjax.model import layers  # noqa: E402
+from mtjax.model import attention as attention_lib  # noqa: E402
+from mtjax.model import position_bias  # noqa: E402
 
 MASK_BIAS = -1e9
 
@@ -149,7 +150,7 @@ def attention_fn(variant: str, p: dict[str, Any], implementation: str | None):
     causal, with_bias = p["causal"], p["with_bias"]
 
     def position(diagonals):
-        return layers.toeplitz_bias(diagonals, q_len, kv_len)[None]  # [1, H, Q, S]
+        return position_bias.toeplitz_bias(diagonals, q_len, kv_len)[None]  # [1, H, Q, S]
 
     def f(q, k, v, diagonals):
         bias = position(diagonals) if with_bias else None
@@ -160,7 +161,8 @@ def attention_fn(variant: str, p: dict[str, Any], implementation: str | None):
                                                 implementation=implementation)
         if variant == "mtjax_xla":  # mtjax's own einsum path, float32 bias and softmax
             mask_bias = jnp.where(mask, 0.0, MASK_BIAS)[:, None]
-            return layers.xla_attention(q, k, v, mask_bias if bias is None else bias + mask_bias)
+            return attention_lib.xla_attention(
+                q, k, v, mask_bias if bias is None else bias + mask_bias)
         if variant in ("position_only", "no_bias"):
             b = bias.astype(q.dtype) if (variant == "position_only" and bias is not None) else None
             return jax.nn.dot_product_attention(q, k, v, bias=b, scale=1.0,

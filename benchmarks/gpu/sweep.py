@@ -39,7 +39,8 @@ import jax  # noqa: E402
 from mtjax import config as config_lib  # noqa: E402
 from mtjax.bench import DEFAULT_OVERRIDES  # noqa: E402
 from mtjax.bench import train as train_bench  # noqa: E402
-from mtjax.model import layers  # noqa: E402
+from mtjax.model import attention as attention_lib  # noqa: E402
+from mtjax.model import position_bias  # noqa: E402
 
 COMMON = ["model.dtype=bfloat16", "optim.name=adamw", "data.inputs_length=512",
           "data.targets_length=114", "data.pack=true"]
@@ -93,12 +94,12 @@ class Sweep:
             return None
         config = config_lib.load(None, [*DEFAULT_OVERRIDES, *COMMON, f"model.name={model}",
                                         f"train.batch_size={batch}", *overrides])
-        original = layers.RelativePositionBias.method
-        original_dense = layers.AttentionBias.dense
+        original = position_bias.RelativePositionBias.method
+        original_dense = attention_lib.AttentionBias.dense
         try:
-            layers.RelativePositionBias.method = relpos
+            position_bias.RelativePositionBias.method = relpos
             if drop_full_masks:
-                layers.AttentionBias.dense = _without_full_masks(original_dense)
+                attention_lib.AttentionBias.dense = _without_full_masks(original_dense)
             result = train_bench.run(config, train_bench.BenchOptions(
                 steps=self.steps, warmup=self.warmup))
         except Exception as e:  # noqa: BLE001 - record and go on: the lease is short
@@ -107,8 +108,8 @@ class Sweep:
             print(f"{name:<34} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             return None
         finally:
-            layers.RelativePositionBias.method = original
-            layers.AttentionBias.dense = original_dense
+            position_bias.RelativePositionBias.method = original
+            attention_lib.AttentionBias.dense = original_dense
             jax.clear_caches()
         self.compile_s[model] = result["compile_s"]
         self.step_s[model] = result["step_s_median"]
@@ -132,7 +133,7 @@ class Sweep:
 def _without_full_masks(dense):
     """``AttentionBias.dense`` that leaves out the mask except in the decoder's self-attention
     (Q == S == the target length: causal, so not all true)."""
-    def position_only(bias: layers.AttentionBias, query_length: int, key_length: int):
+    def position_only(bias: attention_lib.AttentionBias, query_length: int, key_length: int):
         if query_length == key_length == LENGTHS[1]:
             return dense(bias, query_length, key_length)
         return dense(bias._replace(mask=None), query_length, key_length)

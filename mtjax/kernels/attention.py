@@ -1,11 +1,12 @@
 """T5 attention through the fused CPU kernel (``attention_cpu.cc``), differentiable.
 
-``cpu_attention(q, k, v, diagonals, mask)`` computes what ``layers.softmax_attention`` does with
-``bias = toeplitz_bias(diagonals) + where(mask, 0, MASK_BIAS)``, without writing any
-[B, H, Q, S] array: the forward pass saves the output and, per query row, the score maximum and
-1 / sum of the exponentials, and the backward pass recomputes the probabilities from them.
+``cpu_attention(q, k, v, diagonals, mask)`` computes what
+``mtjax.model.attention.softmax_attention`` does with ``bias = toeplitz_bias(diagonals) +
+where(mask, 0, MASK_BIAS)``, without writing any [B, H, Q, S] array: the forward pass saves the
+output and, per query row, the score maximum and 1 / sum of the exponentials, and the backward
+pass recomputes the probabilities from them.
 float32 only; ``mtjax.kernels.cpu_kernel_status()`` says whether the kernel can run here
-(``layers.resolve_attention`` asks it before the model uses the kernel).
+(``mtjax.model.attention.resolve_attention`` asks it before the model uses the kernel).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from mtjax import kernels
+from mtjax.model import attention as attention_lib
 from mtjax.model import layers
 
 
@@ -41,9 +43,9 @@ def _operands(q_BQHK, k_BSHK, diagonals, mask):
 
 
 def _mask_bias() -> np.float32:
-    """What a masked-out score gets added: the XLA path's ``layers.MASK_BIAS``, so both agree
-    (read when traced)."""
-    return np.float32(layers.MASK_BIAS)
+    """What a masked-out score gets added: the XLA path's ``mtjax.model.attention.MASK_BIAS``,
+    so both agree (read when traced)."""
+    return np.float32(attention_lib.MASK_BIAS)
 
 
 def _forward_call(q_BQHK, k_BSHK, v_BSHK, diagonals_HR, mask_BQS):
@@ -132,7 +134,8 @@ _attention.defvjp(_forward, _backward)
 def cpu_attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
                   diagonals: jax.Array | None, mask: jax.Array | None) -> jax.Array:
     """``softmax(q k^T + position + where(mask, 0, MASK_BIAS)) v`` per head, fused, float32,
-    where ``position[h, q, s] = diagonals[h, s - q + Q - 1]`` (``layers.toeplitz_bias``).
+    where ``position[h, q, s] = diagonals[h, s - q + Q - 1]``
+    (``mtjax.model.position_bias.toeplitz_bias``).
 
     Args:
         q_BQHK, k_BSHK, v_BSHK: float32 queries [B, Q, H, K], keys and values [B, S, H, K].

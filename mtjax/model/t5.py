@@ -18,19 +18,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtjax.model.layers import (
+from mtjax.model.attention import (
     MASK_BIAS,
-    MLP,
     Attention,
     AttentionBias,
-    Dense,
-    Embed,
-    RelativePositionBias,
-    RMSNorm,
-    constrain,
     mask_to_bias,
     resolve_attention,
 )
+from mtjax.model.layers import MLP, Dense, Embed, RMSNorm, constrain
+from mtjax.model.position_bias import RelativePositionBias
 from mtjax.model.sizes import T5Config
 
 # The data contract: the SeqIO feature converter whose output this model's __call__ takes.

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import config as config_lib
 from mtjax import kernels
+from mtjax.model import attention as attention_lib
 from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import optim
@@ -160,7 +161,7 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         mesh, rules = mesh_and_rules(config)
     try:  # under the mesh: whether the loss kernel fits depends on how it splits the vocabulary
         with mesh_lib.activate(mesh, rules):
-            attention_kernel = layers.resolve_attention(config.model.attention,
+            attention_kernel = attention_lib.resolve_attention(config.model.attention,
                                                         jax.numpy.dtype(config.model.dtype))
             cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
