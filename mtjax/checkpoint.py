@@ -330,6 +330,14 @@ class RunCheckpoints:
                 pipeline = None
             try:
                 return step, self.restore(step, abstract_state, pipeline), pipeline is not None
+            except _PositionDoesNotFit as e:
+                # The weights and optimizer state are good: losing them (setting the checkpoint
+                # aside as damaged) for a changed task or reader would cost the whole run.
+                _log(f"the input position saved in checkpoint {step} does not fit this run's "
+                     f"input pipeline (a task's definition, or mtjax's reader, changed since "
+                     f"it was saved): the input stream restarts from a fresh shuffle (seeded by "
+                     f"the step) instead of its exact position")
+                return step, e.state, False
             except CheckpointError as e:
                 if not _looks_damaged(e):
                     raise
@@ -370,6 +378,8 @@ class RunCheckpoints:
             try:
                 load_pipeline(pipeline, restored["data"])
             except Exception as e:  # e.g. a truncated iterator file: "Read less bytes"
+                if _says_dataset_changed(e):
+                    raise _PositionDoesNotFit(restored["state"]) from e
                 raise CheckpointError(
                     f"the input position in checkpoint {self.directory / str(step)} cannot be "
                     f"read: {_short(e)}") from e
@@ -451,6 +461,22 @@ def _quiet_failed_reads() -> None:
             previous_unraisable(unraisable)
 
     sys.unraisablehook = unraisablehook
+
+
+class _PositionDoesNotFit(Exception):
+    """A checkpoint whose state restored, and whose input position was saved by an input
+    pipeline of another structure (``state``: the restored train state)."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self.state = state
+
+
+def _says_dataset_changed(error: BaseException) -> bool:
+    """tf.data's refusal of an iterator position saved by a dataset of another structure (its
+    NotFoundError: "Make sure the dataset definition has not changed ...")."""
+    return (type(error).__name__ == "NotFoundError"
+            and "dataset definition has not changed" in str(error))
 
 
 def _looks_damaged(error: CheckpointError) -> bool:

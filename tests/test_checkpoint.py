@@ -146,6 +146,39 @@ def test_keeps_latest_plus_best_and_lists_them(kept_run, capsys):
         assert capsys.readouterr().out == table
 
 
+def test_an_input_position_of_a_changed_pipeline_resumes_with_a_fresh_stream(
+        tmp_path, monkeypatch, capsys):
+    """A run of a file task saved by an older reader (its examples unshuffled at the source),
+    resumed by this one: tf.data refuses the saved position ("dataset definition has
+    changed"), which set the checkpoint aside as damaged, and the run could only start over."""
+    import tensorflow as tf
+
+    from mtjax.data import files as files_lib
+    from mtjax.data import tasks
+    from mtjax.train import trainer
+
+    (tmp_path / "qa.tsv").write_text("".join(f"question {i}\tanswer {i % 3}\n"
+                                             for i in range(64)))
+    tasks.add_file_task("t_reader_changed", str(tmp_path / "qa.tsv"))
+    overrides = TINY + ["data.mixture=t_reader_changed", "checkpoint.every_steps=2",
+                        "log.every_steps=2"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(files_lib, "_in_memory", lambda columns, shuffle, seed: (
+            tf.data.Dataset.from_tensor_slices(
+                {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()})))
+        trainer.train(config_lib.load(None, overrides + ["train.steps=2"]), run,
+                      progress=False)
+    capsys.readouterr()
+    result = trainer.train(config_lib.load(None, overrides + ["train.steps=4"]), run,
+                           progress=False)
+    err = capsys.readouterr().err
+    assert "the input position saved in checkpoint 2 does not fit" in err, err[-3000:]
+    assert "restarts from a fresh shuffle" in err
+    assert result.start_step == 2 and result.step == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+
 def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, capsys):
     from mtjax.train import trainer
 
