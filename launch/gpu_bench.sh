@@ -11,7 +11,12 @@
 # left) are not started. A failed, stopped or skipped run is named and the rest still run; the
 # script then exits 1. Ctrl-C stops the run and the script.
 # Extra KEY=VALUE overrides or flags are passed to every run, e.g. `--steps 20 train.microbatches=2`.
+# Env: PYTHON, OUT, BUDGET_S, RUN_S, BENCHMARKS (default: train decode checkpoint).
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,${/^#\( \|$\)/!q;s/^# \{0,1\}//p}' "$0"
+  exit 0
+fi
 # Paths (OUT, --config, a tasks file) stay relative to where you run this; mtjax is imported
 # from this checkout.
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

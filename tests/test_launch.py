@@ -204,6 +204,17 @@ def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0 and len(proc.stdout.splitlines()) > 5, (script, proc)
         assert "#" not in proc.stdout.splitlines()[0] and "SBATCH" not in proc.stdout, script
+    # gpu_bench.sh --help prints its documentation; it used to pass --help on to six
+    # `mtjax bench` runs (against the 8-minute budget) instead.
+    python = _stand_in(tmp_path, "python")
+    proc, calls = _run("launch/gpu_bench.sh", ["--help"], tmp_path, tmp_path, PYTHON=str(python))
+    assert proc.returncode == 0 and calls == [], (proc.stderr, calls)
+    assert len(proc.stdout.splitlines()) > 5 and "#" not in proc.stdout.splitlines()[0]
+    assert "BUDGET_S" in proc.stdout and "BENCHMARKS" in proc.stdout
+    # slurm.sbatch's documentation names the environment variables it reads.
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert "MTJAX_LAUNCH_DIR" in proc.stdout and "MTJAX_BIN" in proc.stdout, proc.stdout
     # gcloud exits 42 every time: 1 run + MTJAX_MAX_RESTARTS restarts, each one announced.
     _stand_in(tmp_path, "gcloud")
     proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a", "--workdir", "/mnt/r"],
