@@ -14,6 +14,7 @@ and split over the mesh); only the caller decides who writes results.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -60,6 +61,50 @@ def seqio_evaluator(mixture: str, split: str, max_examples: int | None,
             dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = limit
 
 
+def needs_lengths(task: Any) -> bool:
+    """Whether a seqio task has a preprocessor that needs feature lengths (seqio's own test:
+    a ``sequence_length`` parameter without a default), such as span corruption's chunking."""
+    for preprocessor in task.preprocessors:
+        parameter = inspect.signature(preprocessor).parameters.get("sequence_length")
+        if parameter is not None and parameter.default is inspect.Parameter.empty:
+            return True
+    return False
+
+
+def seqio_evaluators(mixture: str, split: str, max_examples: int | None,
+                     sequence_length: Mapping[str, int] | None) -> list[Any]:
+    """The ``seqio.Evaluator``s of a mixture: tasks that need feature lengths get
+    ``sequence_length``, the others none (each example whole, decoded up to the longest target).
+
+    One evaluator for the whole mixture had to give every task the lengths once one task
+    needed them, so a task's figures changed with its neighbours: ``mtjax_kb_qa`` read its
+    inputs cut at ``data.inputs_length`` beside span corruption and whole on its own. Each
+    group here evaluates its tasks as they evaluate alone, with one batch shape per group.
+    """
+    import seqio
+    from seqio import dataset_providers
+
+    tasks = [t for t in dataset_providers.get_subtasks(seqio.get_mixture_or_task(mixture))
+             if split in t.splits and (t.metric_fns or t.metric_objs)]
+    lengths = sequence_length or {}
+    groups = [([t.name for t in tasks if not needs_lengths(t)], None),
+              ([t.name for t in tasks if needs_lengths(t)], lengths or None)]
+    evaluators = []
+    for names, group_lengths in groups:
+        if len(names) > 1:
+            # seqio evaluates registered names only: the group is a mixture for the moment the
+            # evaluator reads its tasks and caches their examples.
+            name = f"_mtjax_eval_group/{mixture}/{'lengths' if group_lengths else 'whole'}"
+            seqio.MixtureRegistry.add(name, names, default_rate=1.0)
+            try:
+                evaluators.append(seqio_evaluator(name, split, max_examples, group_lengths))
+            finally:
+                seqio.MixtureRegistry.remove(name)
+        elif names:
+            evaluators.append(seqio_evaluator(names[0], split, max_examples, group_lengths))
+    return evaluators
+
+
 def _scalar(value: Any) -> float | None:
     """A metric value as a float, or None for non-scalar values (text, histograms)."""
     value = getattr(value, "value", value)  # seqio.metrics.Scalar
@@ -89,8 +134,8 @@ class Evaluator:
         batch_size: sequences per decoding / scoring batch.
         options: decoding options (default greedy).
         max_decode_length: decoded length (None: the longest target of the eval set).
-        sequence_length: feature lengths for tasks whose preprocessors need them (None: the
-            longest example, no truncation).
+        sequence_length: feature lengths for the tasks whose preprocessors need them (the
+            others, and these when None, take the longest example: no truncation).
         progress: report each model pass on stderr.
     """
 
@@ -106,8 +151,8 @@ class Evaluator:
         self._counts = {"decoded": 0, "scored": 0}
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
-        self._seqio = seqio_evaluator(mixture, split, max_examples, sequence_length)
-        self.task_names = [t.name for t in self._seqio.eval_tasks]
+        self._seqio = seqio_evaluators(mixture, split, max_examples, sequence_length)
+        self.task_names = [t.name for e in self._seqio for t in e.eval_tasks]
 
     def _log(self, message: str) -> None:
         if self.progress:
@@ -148,11 +193,14 @@ class Evaluator:
     def __call__(self, params: Any, step: int | None = None) -> Results:
         """Run every task's metrics with ``params``; returns task -> metric -> value."""
         start, self._counts = time.perf_counter(), {"decoded": 0, "scored": 0}
-        future, _ = self._seqio.evaluate(compute_metrics=True, step=step,
-                                         predict_fn=self._predict_fn(params),
-                                         score_fn=self._score_fn(params))
+        all_metrics = {}
+        for evaluator in self._seqio:
+            future, _ = evaluator.evaluate(compute_metrics=True, step=step,
+                                           predict_fn=self._predict_fn(params),
+                                           score_fn=self._score_fn(params))
+            all_metrics.update(future.result() or {})
         results: Results = {}
-        for task, metrics in (future.result() or {}).items():
+        for task, metrics in all_metrics.items():
             values = {name: _scalar(v) for name, v in metrics.items()}
             results[task] = {name: v for name, v in values.items() if v is not None}
         # seqio calls the functions once per task without naming it: one line for them all.
@@ -177,11 +225,7 @@ def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRu
     kwargs = dict(split=config.eval.split, max_examples=config.eval.max_examples,
                   batch_size=config.eval.batch_size, options=options,
                   max_decode_length=config.eval.max_decode_length or None, progress=progress)
-    try:
-        return Evaluator(config.data.mixture, model_def, mesh, rules, **kwargs)
-    except ValueError as e:
-        if "sequence_length" not in str(e):
-            raise
-        # A task's preprocessor needs feature lengths: use the run's.
-        return Evaluator(config.data.mixture, model_def, mesh, rules, sequence_length=lengths,
-                         **kwargs)
+    # Tasks whose preprocessors need lengths (span corruption's chunks) get the run's; the
+    # others are evaluated whole, as on their own.
+    return Evaluator(config.data.mixture, model_def, mesh, rules, sequence_length=lengths,
+                     **kwargs)
