@@ -153,8 +153,7 @@ def test_an_input_position_of_a_changed_pipeline_resumes_with_a_fresh_stream(
     changed"), which set the checkpoint aside as damaged, and the run could only start over."""
     import tensorflow as tf
 
-    from mtjax.data import files as files_lib
-    from mtjax.data import tasks
+    from mtjax.data import memory, tasks
     from mtjax.train import trainer
 
     (tmp_path / "qa.tsv").write_text("".join(f"question {i}\tanswer {i % 3}\n"
@@ -164,7 +163,7 @@ def test_an_input_position_of_a_changed_pipeline_resumes_with_a_fresh_stream(
                         "log.every_steps=2"]
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(files_lib, "_in_memory", lambda columns, shuffle, seed: (
+        patch.setattr(memory, "examples_dataset", lambda columns, shuffle, seed: (
             tf.data.Dataset.from_tensor_slices(
                 {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()})))
         trainer.train(config_lib.load(None, overrides + ["train.steps=2"]), run,

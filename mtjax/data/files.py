@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from mtjax.data import memory
 from mtjax.errors import UserError
 
 FORMATS = ("tsv", "jsonl", "text")
@@ -261,16 +262,16 @@ class FileSource(seqio.FileDataSource):
                     shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
         scan = self.check(split)
         if self.fmt == "jsonl":
-            return _in_memory(self._jsonl_columns(split, shard_info), shuffle, seed)
+            return memory.examples_dataset(self._jsonl_columns(split, shard_info), shuffle, seed)
         # The reader is traced when the interleave is built, i.e. inside this call.
         self._reader = functools.partial(self._read_file, scan=scan)
         if not shuffle:
             return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
         size = sum(tf.io.gfile.stat(f).length for f in self.list_shards(split))
         if size <= SHUFFLE_IN_MEMORY_BYTES:
-            # Read in file order, then held and shuffled whole (see _in_memory).
+            # Read in file order, then held and shuffled whole (see memory.examples_dataset).
             lines = super().get_dataset(split, False, seed, shard_info, **kwargs)
-            return _in_memory(_collect(lines, self.columns), shuffle, seed)
+            return memory.examples_dataset(_collect(lines, self.columns), shuffle, seed)
         _warn_once(
             f"mtjax: note: task {self.task_name!r}, split {split!r}: {size / 2**20:.0f} MiB of "
             f"files, more than the {SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory to "
@@ -323,30 +324,6 @@ def _collect(ds: tf.data.Dataset, columns: Mapping[str, object]) -> dict[str, tf
     for whole in ds.batch(2**31 - 1).take(1):
         return whole
     return {k: tf.constant([], tf.string) for k in columns}  # no example at all
-
-
-def _in_memory(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: bool,
-               seed: int | None) -> tf.data.Dataset:
-    """Examples held in memory; with ``shuffle``, in a new order of the whole split at each
-    pass (seqio repeats the source for each epoch, then shuffles within a buffer of 1,000
-    examples only: a file sorted by label or source trained on one label at a time).
-
-    Each pass draws one random number, and the order is a permutation computed from it: the
-    input iterator's checkpoint holds that number and a position. (A shuffle buffer of the
-    indices held 280 bytes per example in every checkpoint: 28 MB for 100,000 examples.)"""
-    tensors = {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()}
-    if not shuffle:
-        return tf.data.Dataset.from_tensor_slices(tensors)
-    size = tf.shape(next(iter(tensors.values())))[0]
-
-    def one_pass(draw: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(size), seed=tf.stack([draw, tf.constant(seed or 0, tf.int64)]))
-        return tf.data.Dataset.from_tensor_slices(order)
-
-    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
-    return draws.flat_map(one_pass).map(
-        lambda i: {k: tf.gather(v, i) for k, v in tensors.items()})
 
 
 _WARNED: set[str] = set()

@@ -1,0 +1,33 @@
+"""In-memory examples as a seqio source's dataset: made of TF ops (the input iterator can be saved
+in a checkpoint), and shuffled whole at every epoch when training."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import tensorflow as tf
+
+
+def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: bool,
+                     seed: int | None) -> tf.data.Dataset:
+    """Examples held in memory (feature -> strings); with ``shuffle``, in a new order of the
+    whole split at each pass (seqio repeats the source for each epoch, then shuffles within a
+    buffer of 1,000 examples only: a file sorted by label or source trained on one label at a
+    time, and every epoch of a split came in nearly the same order).
+
+    Each pass draws one random number, and the order is a permutation computed from it: the
+    input iterator's checkpoint holds that number and a position. (A shuffle buffer of the
+    indices held 280 bytes per example in every checkpoint: 28 MB for 100,000 examples.)"""
+    tensors = {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()}
+    if not shuffle:
+        return tf.data.Dataset.from_tensor_slices(tensors)
+    size = tf.shape(next(iter(tensors.values())))[0]
+
+    def one_pass(draw: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(size), seed=tf.stack([draw, tf.constant(seed or 0, tf.int64)]))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    return draws.flat_map(one_pass).map(
+        lambda i: {k: tf.gather(v, i) for k, v in tensors.items()})
