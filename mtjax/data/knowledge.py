@@ -24,7 +24,7 @@ from collections import Counter
 import seqio
 import tensorflow as tf
 
-from mtjax.data import objectives
+from mtjax.data import memory, objectives
 from mtjax.data.vocab import get_vocabulary
 
 NUM_PEOPLE = 400
@@ -110,14 +110,15 @@ def majority_baseline(split: str = "validation") -> float:
 
 
 def _bio_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # one in-memory "file"; the Task shuffles examples
-    return tf.data.Dataset.from_tensor_slices({"text": list(biographies(split))})
+    # seqio passes its shuffle as shuffle_files: in training, each epoch in a new order.
+    return memory.examples_dataset({"text": tf.constant(biographies(split))}, shuffle_files,
+                                   seed)
 
 
 def _qa_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
     inputs, targets = questions(split)
-    return tf.data.Dataset.from_tensor_slices({"inputs": list(inputs), "targets": list(targets)})
+    return memory.examples_dataset({"inputs": tf.constant(inputs), "targets": tf.constant(targets)},
+                                   shuffle_files, seed)
 
 
 @seqio.map_over_dataset
