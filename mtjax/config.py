@@ -491,5 +491,8 @@ def from_dict(data: dict[str, Any]) -> Config:
     return validate(Config(**sections))
 
 
-def dump(config: Config, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+def dump(config: Config, path: str | pathlib.Path, resolved: dict | None = None) -> None:
+    """Write ``config`` as JSON; ``resolved``: what its ``auto`` settings became, as a section
+    of its own."""
+    record = to_dict(config) | ({"resolved": resolved} if resolved else {})
+    pathlib.Path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

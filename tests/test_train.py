@@ -41,6 +41,20 @@ def test_run_directory_contract(trained_run):
     workdir, result = trained_run
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["steps"] == 30 and config["model"]["name"] == "t5_1_1_test"
+    # What the `auto` settings became here (the config says "auto").
+    import jax
+
+    from mtjax.model import attention as attention_lib
+    from mtjax.train import step as step_lib
+
+    resolved = config["resolved"]
+    assert config["model"]["attention"] == "auto" and resolved["model.attention"] == (
+        attention_lib.resolve_attention("auto", jax.numpy.float32))
+    assert resolved["train.cross_entropy"] == step_lib.resolve_cross_entropy("auto")
+    assert resolved["optim.schedule"] == "rsqrt"  # adafactor's
+    assert resolved["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert resolved["devices"] == 1 and resolved["processes"] == 1
+    assert resolved["vocab_size"] % 128 == 0 and resolved["jax"] == jax.__version__
     record = metrics_lib.read_jsonl(workdir / "metrics.jsonl")[-1]
     for key in ("step", "loss", "learning_rate", "tokens_per_s"):
         assert key in record

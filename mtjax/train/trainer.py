@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -181,7 +182,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                                compilation_cache=cache_use)
         # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
         if jax.process_index() == 0:
-            config_lib.dump(config, workdir / "config.json")
+            config_lib.dump(config, workdir / "config.json", resolved=_resolved(config, setup))
 
         jitted, batch_sharding = setup.step, setup.batch_sharding
         evaluator = _make_evaluator(config, mesh, rules, setup)
@@ -338,6 +339,19 @@ def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pa
         f"model.name=custom takes the architecture from model_config.json, and neither the run "
         f"directory nor the --init-from checkpoint has one ({', '.join(map(str, candidates))}); "
         f"give --init-from a checkpoint `mtjax convert` wrote, or a named model.name")
+
+
+def _resolved(config: config_lib.Config, setup: setup_lib.TrainSetup) -> dict[str, Any]:
+    """What the ``auto`` settings and the mesh became on this machine (config.json's
+    ``resolved`` section): the config alone does not say what ran."""
+    devices = setup.mesh.devices.flat
+    return {"model.attention": setup.attention_kernel,
+            "train.cross_entropy": setup.cross_entropy_kernel,
+            "optim.schedule": optim_lib.schedule_name(config.optim),
+            "mesh": {name: int(size) for name, size in setup.mesh.shape.items()},
+            "devices": int(setup.mesh.devices.size), "processes": jax.process_count(),
+            "device_kind": sorted({d.device_kind for d in devices}),
+            "vocab_size": int(setup.model_cfg.vocab_size), "jax": jax.__version__}
 
 
 def _describe_training(config: config_lib.Config) -> str:
