@@ -488,7 +488,20 @@ def from_dict(data: dict[str, Any]) -> Config:
             if key not in known:
                 raise _unknown_key(f"{f.name}.{key}")
         sections[f.name] = cls(**values)
-    return validate(Config(**sections))
+    return validate(_upgrade_record(Config(**sections)))
+
+
+def _upgrade_record(config: Config) -> Config:
+    """A config recorded by an older mtjax, read as this version reads its settings.
+
+    Before 2026-12-06, ``optim.state_dtype=bfloat16`` with Adafactor was accepted (it rounded
+    the second moments); now the setting stores first moments only, which Adafactor has none
+    of, and :func:`validate` refuses the pair. A record is not the user's to change, so it reads
+    as float32, which is what that state restores to (eval, infer, score, convert, resume)."""
+    if config.optim.name == "adafactor" and config.optim.state_dtype != "float32":
+        config = dataclasses.replace(
+            config, optim=dataclasses.replace(config.optim, state_dtype="float32"))
+    return config
 
 
 def dump(config: Config, path: str | pathlib.Path, resolved: dict | None = None) -> None:
