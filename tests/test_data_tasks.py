@@ -674,6 +674,25 @@ def test_tensorflow_startup_notices_are_dropped_and_the_rest_passed_on(capfd, mo
     assert capfd.readouterr().err == notices
 
 
+def test_tf_data_log_of_a_refused_input_position_is_dropped(capfd):
+    """tf.data logs its refusal of a saved position in two C++ lines of several hundred
+    characters before raising; mtjax says what it does about it in one line of its own."""
+    from mtjax.data import quiet
+
+    refused = (
+        "W0000 00:00:1796616390.009267    4437 op_kernel.cc:1858] OP_REQUIRES failed at "
+        "iterator_ops.cc:1151 : NOT_FOUND: Failed to restore dataset iterator from checkpoint: "
+        "Iterator::Root::Prefetch::FlatMap. Make sure the dataset definition has not changed\n"
+        "W0000 00:00:1796616390.015868    4437 local_rendezvous.cc:412] Local rendezvous is "
+        "aborting with status: NOT_FOUND: Failed to restore dataset iterator from checkpoint: "
+        "Iterator::Root\n")
+    other = "E0000 some_op.cc:1] a real problem\n"
+    with pytest.raises(tf.errors.NotFoundError), quiet.refused_position_lines_dropped():
+        os.write(2, (refused + other).encode())
+        raise tf.errors.NotFoundError(None, None, "Failed to restore dataset iterator")
+    assert capfd.readouterr().err == other
+
+
 def test_seqio_advice_that_does_not_apply_is_dropped(caplog):
     import logging
 

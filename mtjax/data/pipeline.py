@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from mtjax.data import files as files_lib
 from mtjax.data import mixing as mixing_lib
-from mtjax.data import packing
+from mtjax.data import packing, quiet
 from mtjax.data import vocab as vocab_lib
 from mtjax.errors import UserError
 
@@ -232,7 +232,8 @@ class InputPipeline:
     def restore(self, path: str) -> None:
         """Restores a position written by `save` of a pipeline built with the same arguments."""
         checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-        checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
+        with quiet.refused_position_lines_dropped():
+            checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
 
 
 def host_mixing_seed(seed: int, shard_index: int) -> int:

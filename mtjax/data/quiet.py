@@ -35,9 +35,14 @@ NOTICES = re.compile("|".join((
 )))
 
 
-def passed_on(text: str) -> str:
-    """``text`` without its start-up notices (whole lines)."""
-    return "".join(line for line in text.splitlines(keepends=True) if not NOTICES.search(line))
+# tf.data's C++ log of a refused input position (a checkpoint saved by a pipeline of another
+# structure); the error it raises reaches mtjax, which says what it does about it in one line.
+REFUSED_POSITION = re.compile(r"Failed to restore dataset iterator from checkpoint")
+
+
+def passed_on(text: str, dropped: re.Pattern = NOTICES) -> str:
+    """``text`` without the whole lines ``dropped`` matches (the start-up notices)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not dropped.search(line))
 
 
 @contextlib.contextmanager
@@ -49,6 +54,22 @@ def startup_notices_dropped() -> Iterator[None]:
     if os.environ.get("MTJAX_TF_NOTICES") == "1":  # to see them all, e.g. when TF misbehaves
         yield
         return
+    with _stderr_lines_dropped(NOTICES, on_error=False):
+        yield
+
+
+@contextlib.contextmanager
+def refused_position_lines_dropped() -> Iterator[None]:
+    """Run the block (a restore of the input position) without tf.data's C++ log lines of a
+    refused position, on success or error alike; other lines pass on."""
+    with _stderr_lines_dropped(REFUSED_POSITION, on_error=True):
+        yield
+
+
+@contextlib.contextmanager
+def _stderr_lines_dropped(dropped: re.Pattern, on_error: bool) -> Iterator[None]:
+    """Capture file descriptor 2 in the block and write it back less the lines ``dropped``
+    matches (and, where not ``on_error``, everything when the block raises)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -66,7 +87,7 @@ def startup_notices_dropped() -> Iterator[None]:
             os.close(saved)
             capture.seek(0)
             text = capture.read().decode(errors="replace")
-            kept = text if failed else passed_on(text)
+            kept = text if failed and not on_error else passed_on(text, dropped)
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
@@ -76,8 +97,8 @@ class SeqioAdviceFilter(logging.Filter):
     """Drops SeqIO warnings whose advice does not apply here:
 
     - uncached FunctionDataSources (once per task): caching is advised against poor shuffling
-      across restarts; mtjax's sources are in memory, the Task shuffles examples, and the
-      iterator position is checkpointed, so restarts resume the exact stream;
+      across restarts; mtjax's sources are in memory and shuffled whole at every epoch, and
+      the iterator position is checkpointed, so restarts resume the exact stream;
     - an Evaluator without ``logger_cls``: mtjax writes the metrics it returns itself
       (metrics.jsonl, summary.json, TensorBoard);
     - an Evaluator with no task to evaluate: ``mtjax eval`` refuses it and ``mtjax train``
