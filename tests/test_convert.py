@@ -449,3 +449,18 @@ def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, ca
         assert cli.main(["convert", *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+
+
+def test_inference_refuses_a_vocabulary_larger_than_the_embedding(tmp_path, capsys):
+    """mt5's 80-row fixture converted with the byte vocabulary (259 ids): byte ids past row 80
+    read no row, and `mtjax score` wrote null for every record without a word."""
+    assert cli.main(["convert", str(FIXTURES / "mt5"), str(tmp_path / "ckpt"),
+                     "--vocab", "byte"]) == 0
+    capsys.readouterr()
+    records = tmp_path / "in.jsonl"
+    records.write_text('{"inputs": "translate: hello", "targets": "bonjour"}\n')
+    for command in (["score", "--input", str(records)], ["infer", "--input", str(records)]):
+        assert cli.main([*command, "--checkpoint", str(tmp_path / "ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert "byte(259) has 259 ids, and the model's embedding only 80 rows" in err, err
+        assert "mtjax convert --vocab" in err and "Traceback" not in err

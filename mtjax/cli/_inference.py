@@ -79,6 +79,7 @@ def load(args: argparse.Namespace):
         failure = e
     distributed.agree_on_set_up(failure)
     model = load_lib.load(args.checkpoint)
+    load_lib.check_vocabulary_fits(model)
     from mtjax import compile_cache
 
     compile_cache.enable(model.config.train.compilation_cache)  # the run's own setting

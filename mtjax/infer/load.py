@@ -145,6 +145,21 @@ def checkpoint_vocab_size(step_dir: pathlib.Path) -> int:
             f"checkpoint {step_dir} holds no params.token_embedder.embedding") from e
 
 
+def check_vocabulary_fits(model: LoadedModel) -> None:
+    """Refuse a vocabulary with more ids than the model's embedding has rows: the ids past them
+    read no row (the gather fills NaN), so every score was null and every prediction noise."""
+    rows = checkpoint_vocab_size(model.step_dir)
+    vocabulary = model.vocabulary
+    if vocabulary.vocab_size > rows:
+        from mtjax.data import vocab as vocab_lib
+
+        raise CheckpointError(
+            f"checkpoint {model.step_dir}: its vocabulary {vocab_lib.describe(vocabulary)} has "
+            f"{vocabulary.vocab_size} ids, and the model's embedding only {rows} rows, so the "
+            f"model was not trained with it; convert the checkpoint again with the vocabulary "
+            f"it was trained with (mtjax convert --vocab)")
+
+
 def _import_tasks(config: config_lib.Config) -> None:
     if config.data.tasks_module:
         from mtjax.data import tasks as tasks_lib
