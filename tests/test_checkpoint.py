@@ -163,7 +163,7 @@ def test_an_input_position_of_a_changed_pipeline_resumes_with_a_fresh_stream(
                         "log.every_steps=2"]
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(memory, "examples_dataset", lambda columns, shuffle, seed: (
+        patch.setattr(memory, "examples_dataset", lambda columns, shuffle, seed, shard=None: (
             tf.data.Dataset.from_tensor_slices(
                 {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()})))
         trainer.train(config_lib.load(None, overrides + ["train.steps=2"]), run,

@@ -208,6 +208,40 @@ def test_hosts_read_disjoint_halves_of_a_shuffled_file_new_at_every_epoch(sorted
     assert len(set(host(0, 2))) > 1000  # its second epoch's half is another one
 
 
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_share_a_split_of_uneven_files_evenly(data_dir, fmt, hosts):
+    """Files of 200, 1,000 and 4,000 examples: seqio divided 3 files among 2 hosts by file,
+    4,200 examples to host 0 and 1,000 to host 1, whose examples then came 4.2 times as often
+    (and with 4 hosts, by example). Held in memory, the split is divided by example whatever
+    the files: shares differ by one example at most, disjoint, whole, new at each epoch."""
+    names = ("small", "medium", "large")
+    if fmt == "jsonl":
+        for name in names:
+            lines = (data_dir / f"{name}.tsv").read_text().splitlines()
+            (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(dict(zip(
+                ("inputs", "targets"), line.split("\t"), strict=True))) + "\n" for line in lines))
+    task = tasks.add_file_task(f"t_uneven_{fmt}", [str(data_dir / f"{n}.{fmt}") for n in names],
+                               vocabulary="byte")
+
+    def share(index):
+        ds = task.get_dataset(LENGTHS, split="train", shuffle=True, seed=3, num_epochs=1,
+                              shard_info=seqio.ShardInfo(index=index, num_shards=hosts),
+                              try_in_mem_cache=False)
+        return [ex["inputs_pretokenized"] for ex in ds.as_numpy_iterator()]
+
+    shares = [share(i) for i in range(hosts)]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1, list(map(len, shares))
+    assert sum(map(len, shares)) == len(set().union(*shares)) == 5200
+    # The source's own two passes (seqio's buffer would blur them): another share each epoch.
+    two = [ex["inputs"] for ex in task.source.get_dataset(
+        "train", shuffle=True, seed=3, shard_info=seqio.ShardInfo(index=1, num_shards=hosts)
+    ).repeat(2).as_numpy_iterator()]
+    first, second = two[:len(shares[1])], two[len(shares[1]):]
+    assert set(first) == set(shares[1]) and len(second) == len(first)
+    assert set(second) != set(first)
+
+
 def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch, capsys):
     monkeypatch.setattr(files_lib, "SHUFFLE_IN_MEMORY_BYTES", 1000)
     ds = sorted_tasks["tsv"].source.get_dataset("train", shuffle=True, seed=3)

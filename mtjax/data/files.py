@@ -1,13 +1,14 @@
 """Data sources over local TSV, JSONL and text files, with malformed lines counted and located.
 
-TSV and text files are read through `tf.data.TextLineDataset` (sharded by file across hosts when
-there are enough files); JSONL files are parsed in Python (JSON has no TF parser). For training
-(shuffled), a split is held in memory and shuffled whole at every epoch, JSONL always, TSV/text up
-to SHUFFLE_IN_MEMORY_BYTES of files; larger TSV/text splits stream, shuffled by file and within
-seqio's buffer only. Either way the dataset is made of TF ops, so the input iterator can be saved
-in a checkpoint. The first use of a split scans its files once in Python to count examples (for
-examples-proportional mixing) and malformed lines, which then fail the run with their count and
-location, or are skipped, as `on_malformed` says.
+TSV and text files are read through `tf.data.TextLineDataset`; JSONL files are parsed in Python
+(JSON has no TF parser). For training (shuffled), a split of up to SHUFFLE_IN_MEMORY_BYTES of files
+is held in memory by every host, shuffled whole at every epoch and divided among the hosts by
+example; a larger one is divided by file when there are at least as many files as hosts (else by
+example), JSONL still held in memory (this host's files) and shuffled whole, TSV/text streamed,
+shuffled by file and within seqio's buffer only. Either way the dataset is made of TF ops, so the
+input iterator can be saved in a checkpoint. The first use of a split scans its files once in
+Python to count examples (for examples-proportional mixing) and malformed lines, which then fail
+the run with their count and location, or are skipped, as `on_malformed` says.
 
 What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
 (or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
@@ -35,8 +36,9 @@ FORMATS = ("tsv", "jsonl", "text")
 _EXTENSIONS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
                ".text": "text"}
 _SHOWN_LOCATIONS = 5
-# Up to this many bytes of files per split, a shuffled TSV/text split is read into memory and
-# shuffled whole at every epoch (JSONL always is); larger ones stream (see FileSource.get_dataset).
+# Up to this many bytes of files per split, a shuffled split is held in memory by every host,
+# shuffled whole at every epoch and divided among hosts by example; larger TSV/text splits stream
+# and larger JSONL splits hold this host's files only (see FileSource.get_dataset).
 SHUFFLE_IN_MEMORY_BYTES = 512 * 2**20
 _BOM = "\ufeff".encode()
 
@@ -258,25 +260,52 @@ class FileSource(seqio.FileDataSource):
                 f"{', '.join(self.list_shards(split))}")
         return scan
 
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        # get_dataset divides the split among hosts itself: seqio gives it every ShardInfo.
+        return True
+
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                     shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
+        """The split, or this host's share of it.
+
+        Shuffled and up to SHUFFLE_IN_MEMORY_BYTES of files, every host holds the whole split,
+        puts it in the same new order at each epoch and takes every num_shards-th example of
+        it: the hosts' shares are disjoint and differ by one example at most, however many
+        files there are and whatever their sizes. Otherwise, as seqio divides a split: by file
+        when there are at least as many files as hosts, else by example."""
         scan = self.check(split)
+        size = sum(tf.io.gfile.stat(f).length for f in self.list_shards(split))
+        if shuffle and size <= SHUFFLE_IN_MEMORY_BYTES:
+            if self.fmt == "jsonl":
+                return memory.examples_dataset(self._jsonl_columns(split, None), True, seed,
+                                               shard_info)
+            # Read in file order, then held and shuffled whole (see memory.examples_dataset).
+            lines = self._text_dataset(split, scan, False, seed, None, **kwargs)
+            return memory.examples_dataset(_collect(lines, self.columns), True, seed, shard_info)
+        if shuffle and self.fmt != "jsonl":
+            _warn_once(
+                f"mtjax: note: task {self.task_name!r}, split {split!r}: {size / 2**20:.0f} MiB "
+                f"of files, more than the {SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory "
+                f"to shuffle: they stream, shuffled by file and within a buffer of examples "
+                f"only, so split a sorted file into many shuffled files (of equal size: with "
+                f"several hosts, each keeps its own files)")
+        num_shards = shard_info.num_shards if shard_info else 1
+        by_file = num_shards > 1 and len(self.list_shards(split)) >= num_shards
         if self.fmt == "jsonl":
-            return memory.examples_dataset(self._jsonl_columns(split, shard_info), shuffle, seed)
+            # Held in memory either way; shuffled, in a new order at each epoch.
+            ds = memory.examples_dataset(
+                self._jsonl_columns(split, shard_info if by_file else None), shuffle, seed)
+        else:
+            ds = self._text_dataset(split, scan, shuffle, seed, shard_info if by_file else None,
+                                    **kwargs)
+        if num_shards > 1 and not by_file:  # fewer files than hosts: seqio's division
+            ds = ds.shard(num_shards, shard_info.index)
+        return ds
+
+    def _text_dataset(self, split, scan, shuffle, seed, shard_info, **kwargs) -> tf.data.Dataset:
         # The reader is traced when the interleave is built, i.e. inside this call.
         self._reader = functools.partial(self._read_file, scan=scan)
-        if not shuffle:
-            return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
-        size = sum(tf.io.gfile.stat(f).length for f in self.list_shards(split))
-        if size <= SHUFFLE_IN_MEMORY_BYTES:
-            # Read in file order, then held and shuffled whole (see memory.examples_dataset).
-            lines = super().get_dataset(split, False, seed, shard_info, **kwargs)
-            return memory.examples_dataset(_collect(lines, self.columns), shuffle, seed)
-        _warn_once(
-            f"mtjax: note: task {self.task_name!r}, split {split!r}: {size / 2**20:.0f} MiB of "
-            f"files, more than the {SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory to "
-            f"shuffle: they stream, shuffled by file and within a buffer of examples only, so "
-            f"split a sorted file into many shuffled files")
         return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
 
     def _read_file(self, path: tf.Tensor, scan: Scan) -> tf.data.Dataset:

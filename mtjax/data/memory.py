@@ -4,12 +4,17 @@ in a checkpoint), and shuffled whole at every epoch when training."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
+if TYPE_CHECKING:
+    import seqio
+
 
 def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: bool,
-                     seed: int | None) -> tf.data.Dataset:
+                     seed: int | None, shard_info: seqio.ShardInfo | None = None
+                     ) -> tf.data.Dataset:
     """Examples held in memory (feature -> strings); with ``shuffle``, in a new order of the
     whole split at each pass (seqio repeats the source for each epoch, then shuffles within a
     buffer of 1,000 examples only: a file sorted by label or source trained on one label at a
@@ -17,7 +22,11 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
 
     Each pass draws one random number, and the order is a permutation computed from it: the
     input iterator's checkpoint holds that number and a position. (A shuffle buffer of the
-    indices held 280 bytes per example in every checkpoint: 28 MB for 100,000 examples.)"""
+    indices held 280 bytes per example in every checkpoint: 28 MB for 100,000 examples.)
+
+    With ``shard_info`` (shuffled only), a host takes every num_shards-th example of each
+    pass's order, from its index on: every host draws the same numbers (one seed), so the
+    hosts' shares of a pass are disjoint and together the whole split, new at each pass."""
     tensors = {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()}
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices(tensors)
@@ -26,6 +35,8 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
     def one_pass(draw: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
             tf.range(size), seed=tf.stack([draw, tf.constant(seed or 0, tf.int64)]))
+        if shard_info is not None and shard_info.num_shards > 1:
+            order = order[shard_info.index::shard_info.num_shards]
         return tf.data.Dataset.from_tensor_slices(order)
 
     draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
