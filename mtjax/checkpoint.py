@@ -28,6 +28,7 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
 from mtjax.errors import UserError
+from mtjax.parallel import distributed
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -186,8 +187,7 @@ def _positions_written(data: pathlib.Path) -> int:
 
 
 def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"mtjax: {message}", file=sys.stderr, flush=True)
+    distributed.log(f"mtjax: {message}")
 
 
 def _sync(name: str) -> None:
