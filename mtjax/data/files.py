@@ -275,7 +275,8 @@ class FileSource(seqio.FileDataSource):
         files there are and whatever their sizes. Otherwise, as seqio divides a split: by file
         when there are at least as many files as hosts, else by example."""
         scan = self.check(split)
-        size = sum(tf.io.gfile.stat(f).length for f in self.list_shards(split))
+        files = self.list_shards(split)
+        size = sum(tf.io.gfile.stat(f).length for f in files)
         if shuffle and size <= SHUFFLE_IN_MEMORY_BYTES:
             if self.fmt == "jsonl":
                 return memory.examples_dataset(self._jsonl_columns(split, None), True, seed,
@@ -291,7 +292,7 @@ class FileSource(seqio.FileDataSource):
                 f"only, so split a sorted file into many shuffled files (of equal size: with "
                 f"several hosts, each keeps its own files)")
         num_shards = shard_info.num_shards if shard_info else 1
-        by_file = num_shards > 1 and len(self.list_shards(split)) >= num_shards
+        by_file = num_shards > 1 and len(files) >= num_shards
         if self.fmt == "jsonl":
             # Held in memory either way; shuffled, in a new order at each epoch.
             ds = memory.examples_dataset(

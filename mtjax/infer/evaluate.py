@@ -86,9 +86,9 @@ def seqio_evaluators(mixture: str, split: str, max_examples: int | None,
 
     tasks = [t for t in dataset_providers.get_subtasks(seqio.get_mixture_or_task(mixture))
              if split in t.splits and (t.metric_fns or t.metric_objs)]
-    lengths = sequence_length or {}
-    groups = [([t.name for t in tasks if not needs_lengths(t)], None),
-              ([t.name for t in tasks if needs_lengths(t)], lengths or None)]
+    needing = {t.name for t in tasks if needs_lengths(t)}
+    groups = [([t.name for t in tasks if t.name not in needing], None),
+              ([t.name for t in tasks if t.name in needing], sequence_length or None)]
     evaluators = []
     for names, group_lengths in groups:
         if len(names) > 1:
