@@ -123,8 +123,10 @@ def test_file_task_definition_errors(data_dir):
     tasks.add_file_task("t_latin1", str(data_dir / "latin1.tsv"))
     with pytest.raises(UserError, match=r"1 malformed line\(s\): .*latin1.tsv:1: not UTF-8"):
         InputPipeline("t_latin1", inputs_length=32, targets_length=8, batch_size=2)
+    # The task is registered here, so the test holds when run alone (`-k`).
+    tasks.add_file_task("t_train_only", str(data_dir / "small.tsv"))
     with pytest.raises(DataError, match="no split 'validation'"):
-        InputPipeline("t_tsv_skip", inputs_length=32, targets_length=8, batch_size=2,
+        InputPipeline("t_train_only", inputs_length=32, targets_length=8, batch_size=2,
                       split="validation")
 
 
@@ -240,6 +242,32 @@ def test_hosts_share_a_split_of_uneven_files_evenly(data_dir, fmt, hosts):
     first, second = two[:len(shares[1])], two[len(shares[1]):]
     assert set(first) == set(shares[1]) and len(second) == len(first)
     assert set(second) != set(first)
+
+
+def test_hosts_passes_are_equal_when_the_split_does_not_divide():
+    """7 examples, 2 hosts: host 0 took 4 a pass and host 1 took 3, so host 1's epochs ran
+    ahead and its examples came more often. Now each pass leaves out one example (another at
+    each pass) and both hosts take 3, disjoint."""
+    from mtjax.data import memory
+
+    columns = {"targets": [f"example {i}" for i in range(7)]}
+
+    def passes(index, count):
+        ds = memory.examples_dataset(columns, True, 11, seqio.ShardInfo(index, 2))
+        seen = [ex["targets"].decode() for ex in ds.repeat(count).as_numpy_iterator()]
+        assert len(seen) == 3 * count
+        return [seen[i:i + 3] for i in range(0, len(seen), 3)]
+
+    host0, host1 = passes(0, 20), passes(1, 20)
+    assert all(len(p) == 3 for p in host0 + host1)
+    for a, b in zip(host0, host1, strict=True):
+        assert not set(a) & set(b)
+    left_out = {next(iter(set(columns["targets"]) - set(a) - set(b)))
+                for a, b in zip(host0, host1, strict=True)}
+    assert len(left_out) > 1  # not always the same example
+    # A split smaller than the hosts is kept whole: no host with an empty share of 1 example.
+    one = memory.examples_dataset({"targets": ["only"]}, True, 11, seqio.ShardInfo(0, 2))
+    assert [ex["targets"] for ex in one.as_numpy_iterator()] == [b"only"]
 
 
 def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch, capsys):

@@ -26,7 +26,10 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
 
     With ``shard_info`` (shuffled only), a host takes every num_shards-th example of each
     pass's order, from its index on: every host draws the same numbers (one seed), so the
-    hosts' shares of a pass are disjoint and together the whole split, new at each pass."""
+    hosts' shares of a pass are disjoint and together the whole split, new at each pass.
+    Each pass leaves out its order's last ``size % num_shards`` examples (others at each
+    pass), so every host's pass has the same length: with 7 examples and 2 hosts, host 0
+    took 4 a pass and host 1 took 3, and host 1's epochs ran ahead of host 0's."""
     tensors = {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()}
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices(tensors)
@@ -36,7 +39,11 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
         order = tf.random.experimental.stateless_shuffle(
             tf.range(size), seed=tf.stack([draw, tf.constant(seed or 0, tf.int64)]))
         if shard_info is not None and shard_info.num_shards > 1:
-            order = order[shard_info.index::shard_info.num_shards]
+            hosts = shard_info.num_shards
+            # (A split smaller than the hosts keeps all of it: a host's share is never empty
+            # unless the split holds fewer examples than there are hosts.)
+            usable = tf.where(size >= hosts, size - size % hosts, size)
+            order = order[shard_info.index:usable:hosts]
         return tf.data.Dataset.from_tensor_slices(order)
 
     draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
