@@ -281,6 +281,31 @@ def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch
     assert "split a sorted file into many shuffled files" in err
 
 
+def test_hosts_divide_files_past_the_memory_limit_by_bytes(data_dir, monkeypatch, capsys):
+    """Streamed (too large to hold), a split is divided among hosts by file: seqio dealt files
+    in turn (small+large to host 0: 4,200 examples; medium to host 1: 1,000). By bytes, the
+    large file is one host's share and the other two the other's; what stays uneven is said."""
+    assert files_lib.host_files(["a", "b", "c", "d"], [5, 0, 0, 5], 2) == [["a", "b"],
+                                                                          ["c", "d"]]
+    assert files_lib.host_files(["a", "b", "c"], [1, 9, 4], 2) == [["b"], ["a", "c"]]
+    monkeypatch.setattr(files_lib, "SHUFFLE_IN_MEMORY_BYTES", 1000)
+    names = ("small", "medium", "large")
+    task = tasks.add_file_task("t_uneven_streamed", [str(data_dir / f"{n}.tsv") for n in names],
+                               vocabulary="byte")
+
+    def share(index, hosts):
+        ds = task.source.get_dataset("train", shuffle=True, seed=3,
+                                     shard_info=seqio.ShardInfo(index=index, num_shards=hosts))
+        return {ex["inputs"].decode().split()[0] for ex in ds.as_numpy_iterator()}, len(list(
+            ds.as_numpy_iterator()))
+
+    assert [share(i, 2) for i in range(2)] == [({"large"}, 4000), ({"small", "medium"}, 1200)]
+    err = capsys.readouterr().err
+    assert ("3 files divided among 2 hosts make shares of 0 to 0 MiB, and every host reads its "
+            "share at the same rate: the smaller shares' examples come up to 3.4x as often"
+            ) in err, err
+
+
 def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):
     """A byte-order mark and a trailing blank line are read as the editor meant; a null JSON
     value, a compressed file and a missing file of a list are named, not turned into text or

@@ -271,43 +271,66 @@ class FileSource(seqio.FileDataSource):
 
         Shuffled and up to SHUFFLE_IN_MEMORY_BYTES of files, every host holds the whole split,
         puts it in the same new order at each epoch and takes every num_shards-th example of
-        it: the hosts' shares are disjoint and differ by one example at most, however many
-        files there are and whatever their sizes. Otherwise, as seqio divides a split: by file
-        when there are at least as many files as hosts, else by example."""
+        it: the hosts' shares are disjoint and of equal length, however many files there are
+        and whatever their sizes. Otherwise by file when there are at least as many files as
+        hosts (each host's files of about equal bytes, see `host_files`), else by example."""
+        del kwargs  # sequence_length, use_cached, num_epochs: a file source has no use for them
         scan = self.check(split)
-        files = self.list_shards(split)
-        size = sum(tf.io.gfile.stat(f).length for f in files)
-        if shuffle and size <= SHUFFLE_IN_MEMORY_BYTES:
+        files = list(self.list_shards(split))
+        sizes = [tf.io.gfile.stat(f).length for f in files]
+        if shuffle and sum(sizes) <= SHUFFLE_IN_MEMORY_BYTES:
             if self.fmt == "jsonl":
-                return memory.examples_dataset(self._jsonl_columns(split, None), True, seed,
-                                               shard_info)
+                return memory.examples_dataset(self._jsonl_columns(files), True, seed, shard_info)
             # Read in file order, then held and shuffled whole (see memory.examples_dataset).
-            lines = self._text_dataset(split, scan, False, seed, None, **kwargs)
+            lines = self._stream(files, scan, False, seed)
             return memory.examples_dataset(_collect(lines, self.columns), True, seed, shard_info)
         if shuffle and self.fmt != "jsonl":
             _warn_once(
-                f"mtjax: note: task {self.task_name!r}, split {split!r}: {size / 2**20:.0f} MiB "
-                f"of files, more than the {SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory "
-                f"to shuffle: they stream, shuffled by file and within a buffer of examples "
-                f"only, so split a sorted file into many shuffled files (of equal size: with "
-                f"several hosts, each keeps its own files)")
+                f"mtjax: note: task {self.task_name!r}, split {split!r}: "
+                f"{sum(sizes) / 2**20:.0f} MiB of files, more than the "
+                f"{SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory to shuffle: they "
+                f"stream, shuffled by file and within a buffer of examples only, so split a "
+                f"sorted file into many shuffled files (of about equal size: with several "
+                f"hosts, each keeps its own files)")
         num_shards = shard_info.num_shards if shard_info else 1
         by_file = num_shards > 1 and len(files) >= num_shards
+        if by_file:
+            shares = host_files(files, sizes, num_shards)
+            self._warn_uneven(split, shares, dict(zip(files, sizes, strict=True)))
+            files = shares[shard_info.index]
         if self.fmt == "jsonl":
             # Held in memory either way; shuffled, in a new order at each epoch.
-            ds = memory.examples_dataset(
-                self._jsonl_columns(split, shard_info if by_file else None), shuffle, seed)
+            ds = memory.examples_dataset(self._jsonl_columns(files), shuffle, seed)
         else:
-            ds = self._text_dataset(split, scan, shuffle, seed, shard_info if by_file else None,
-                                    **kwargs)
+            ds = self._stream(files, scan, shuffle, seed)
         if num_shards > 1 and not by_file:  # fewer files than hosts: seqio's division
             ds = ds.shard(num_shards, shard_info.index)
         return ds
 
-    def _text_dataset(self, split, scan, shuffle, seed, shard_info, **kwargs) -> tf.data.Dataset:
-        # The reader is traced when the interleave is built, i.e. inside this call.
-        self._reader = functools.partial(self._read_file, scan=scan)
-        return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
+    def _warn_uneven(self, split: str, shares: list[list[str]], size: dict[str, int]) -> None:
+        """A host's examples come as often as any other host's: the examples of a smaller
+        share repeat more often, which a user can only fix by resizing the files."""
+        totals = [sum(size[f] for f in share) for share in shares]
+        if min(totals) < 0.9 * max(totals):
+            _warn_once(
+                f"mtjax: note: task {self.task_name!r}, split {split!r}: {len(size)} files "
+                f"divided among {len(shares)} hosts make shares of {min(totals) / 2**20:.0f} to "
+                f"{max(totals) / 2**20:.0f} MiB, and every host reads its share at the same "
+                f"rate: the smaller shares' examples come up to "
+                f"{max(totals) / max(min(totals), 1):.1f}x as often. Split the data into "
+                f"files of about equal size (many more files than hosts)")
+
+    def _stream(self, files: Sequence[str], scan: Scan, shuffle: bool, seed: int | None
+                ) -> tf.data.Dataset:
+        """The files' examples one file after another (in a new file order each epoch when
+        shuffled). One file at a time: the interleave keeps no per-file buffers, and the
+        input iterator's checkpoint stays small."""
+        files_ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
+        if shuffle:
+            files_ds = files_ds.shuffle(len(files), seed=seed)
+        return files_ds.interleave(functools.partial(self._read_file, scan=scan),
+                                   cycle_length=1, block_length=1,
+                                   num_parallel_calls=tf.data.AUTOTUNE)
 
     def _read_file(self, path: tf.Tensor, scan: Scan) -> tf.data.Dataset:
         """TSV/text lines of one file -> examples; drops the lines the scan calls malformed."""
@@ -328,11 +351,8 @@ class FileSource(seqio.FileDataSource):
         ds = ds.filter(lambda fields: tf.equal(tf.size(fields), scan.fields))
         return ds.map(lambda fields: {k: fields[i] for k, i in index.items()})
 
-    def _jsonl_columns(self, split, shard_info) -> dict[str, list[str]]:
-        """The split's (host's) JSONL records, column by column, in file order."""
-        files = list(self.list_shards(split))
-        if shard_info and len(files) >= shard_info.num_shards:
-            files = files[shard_info.index::shard_info.num_shards]
+    def _jsonl_columns(self, files: Sequence[str]) -> dict[str, list[str]]:
+        """The files' JSONL records, column by column, in file order."""
         columns = {k: [] for k in self.columns}
         for path in files:
             for _, raw in _lines(path):
@@ -347,6 +367,25 @@ class FileSource(seqio.FileDataSource):
                 for k, key in self.columns.items():
                     columns[k].append(_json_text(obj[key]))
         return columns
+
+
+def host_files(files: Sequence[str], sizes: Sequence[int], hosts: int) -> list[list[str]]:
+    """``files`` (at least ``hosts``) divided among hosts in shares of about equal bytes: the
+    largest file first, each to the host holding the fewest bytes so far (ties: the lower
+    host). Every host computes the same division from the same listing.
+
+    seqio deals files out in turn: files of 200, 1,000 and 4,000 examples gave 4,200 examples
+    to one host of 2 and 1,000 to the other, whose examples then came 4.2 times as often; here
+    the 4,000-example file is one host's share, and the other two the other's."""
+    shares: list[list[int]] = [[] for _ in range(hosts)]
+    held = [0] * hosts
+    for i in sorted(range(len(files)), key=lambda i: (-sizes[i], i)):
+        # (Fewest files next: empty files would otherwise all go to one host, and leave
+        # another host without any.)
+        host = min(range(hosts), key=lambda h: (held[h], len(shares[h]), h))
+        shares[host].append(i)
+        held[host] += sizes[i]
+    return [[files[i] for i in sorted(share)] for share in shares]
 
 
 def _collect(ds: tf.data.Dataset, columns: Mapping[str, object]) -> dict[str, tf.Tensor]:
