@@ -360,6 +360,36 @@ def test_a_task_scores_the_same_beside_a_task_that_needs_lengths():
     np.testing.assert_allclose(beside["log_likelihood"], alone["log_likelihood"], rtol=1e-5)
 
 
+def test_a_metric_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys):
+    """A seqio Text metric (sample predictions, say) was dropped without a word."""
+    import seqio
+
+    from mtjax import config as config_lib
+    from mtjax.data import tasks
+    from mtjax.infer import evaluate
+
+    (tmp_path / "v.tsv").write_text("copy: ab\tab\ncopy: cd\tcd\n")
+
+    def with_sample(targets, predictions):
+        return {"first_target": seqio.metrics.Text(targets[0]), "count": len(predictions)}
+
+    tasks.add_file_task("t_text_metric", {"train": str(tmp_path / "v.tsv"),
+                                          "validation": str(tmp_path / "v.tsv")},
+                        vocabulary="byte", metric_fns=[with_sample])
+    m = Tiny(dataclasses.replace(BASE, vocab_size=384))
+    config = config_lib.load(None, ["data.mixture=t_text_metric", "eval.batch_size=2",
+                                    "eval.max_decode_length=2"])
+    evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
+    capsys.readouterr()
+    assert evaluator(m.params, step=0) == {"t_text_metric": {"count": 2.0}}
+    assert evaluator(m.params, step=1) == {"t_text_metric": {"count": 2.0}}
+    notes = [line for line in capsys.readouterr().err.splitlines() if "not one number" in line]
+    assert notes == [
+        "mtjax: note: eval metric 'first_target' of task 't_text_metric' is a Text, not one "
+        "number: mtjax records numbers only (metrics.jsonl, TensorBoard, the eval output), so "
+        "it is left out; return a float (or seqio.metrics.Scalar) to record it"]  # once
+
+
 def _cli(argv, capsys):
     from mtjax import cli
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from mtjax import config as config_lib
 from mtjax.infer.decode import DecodeOptions, Decoder
 from mtjax.infer.score import Scorer
+from mtjax.parallel import distributed
 from mtjax.parallel import mesh as mesh_lib
 
 Results = dict[str, dict[str, float]]
@@ -149,6 +150,7 @@ class Evaluator:
         self.max_decode_length = max_decode_length
         self.progress = progress
         self._counts = {"decoded": 0, "scored": 0}
+        self._noted: set[tuple[str, str]] = set()
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
         self._seqio = seqio_evaluators(mixture, split, max_examples, sequence_length)
@@ -157,6 +159,18 @@ class Evaluator:
     def _log(self, message: str) -> None:
         if self.progress:
             print(message, file=sys.stderr, flush=True)
+
+    def _note_not_a_number(self, task: str, metric: str, value: Any) -> None:
+        """Once per metric: a value that is not one number (seqio Text, Histogram, Image, or
+        an array) is not in metrics.jsonl or TensorBoard, and the user hears so."""
+        if (task, metric) in self._noted:
+            return
+        self._noted.add((task, metric))
+        distributed.log(
+            f"mtjax: note: eval metric {metric!r} of task {task!r} is a "
+            f"{type(value).__name__}, not one number: mtjax records numbers only "
+            f"(metrics.jsonl, TensorBoard, the eval output), so it is left out; return a "
+            f"float (or seqio.metrics.Scalar) to record it")
 
     def _predict_fn(self, params: Any) -> Callable:
         def predict(dataset) -> list[tuple[int, list[int]]]:
@@ -203,6 +217,8 @@ class Evaluator:
         for task, metrics in all_metrics.items():
             values = {name: _scalar(v) for name, v in metrics.items()}
             results[task] = {name: v for name, v in values.items() if v is not None}
+            for name in sorted(set(values) - set(results[task])):
+                self._note_not_a_number(task, name, metrics[name])
         # seqio calls the functions once per task without naming it: one line for them all.
         self._log(f"eval: {len(results)} tasks, decoded {self._counts['decoded']} and scored "
                   f"{self._counts['scored']} examples in {time.perf_counter() - start:.1f}s")
