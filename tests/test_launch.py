@@ -198,6 +198,36 @@ def test_gpu_host_passes_sigterm_on_and_does_not_restart_when_stopped(tmp_path):
     assert calls.read_text().splitlines() == ["started", "TERM"]  # passed on, not restarted
 
 
+def test_gpu_host_exits_with_mtjax_code_when_mtjax_ends_at_once(tmp_path):
+    """A trainer that exits the moment SIGTERM reaches it: the script asked `kill -0` whether
+    it still ran after the interrupted `wait`, and when it had just ended, exited 143 (the
+    signal) instead of the trainer's 42, 6 times in 30 here."""
+    import signal
+    import time
+
+    mtjax = tmp_path / "bin" / "mtjax"
+    mtjax.parent.mkdir()
+    # `sleep & wait`: the trap runs as soon as the signal arrives, not after a foreground sleep.
+    mtjax.write_text("#!/usr/bin/env bash\ntrap 'exit 42' TERM\n"
+                     "echo started >> \"$CALLS\"\nsleep 600 & wait\n")
+    mtjax.chmod(mtjax.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    codes = []
+    for attempt in range(20):
+        calls = tmp_path / f"calls{attempt}"
+        env.update(CALLS=str(calls), MTJAX_BIN=str(mtjax))
+        proc = subprocess.Popen(["bash", str(REPO / "launch/gpu_host.sh")], cwd=tmp_path,
+                                env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 30
+        while not calls.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the stand-in in its `wait`
+        proc.send_signal(signal.SIGTERM)
+        codes.append(proc.wait(timeout=30))
+        os.killpg(proc.pid, signal.SIGKILL)  # the stand-in's own sleep
+    assert codes == [42] * 20
+
+
 def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
     for script in ("gpu_host.sh", "local_multiprocess.sh", "tpu_pod.sh", "slurm.sbatch"):
         proc = subprocess.run(["bash", str(REPO / "launch" / script), "--help"],
