@@ -1,0 +1,70 @@
+"""Listing a run's checkpoints (``mtjax checkpoints RUN_DIR``) from their files alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+from mtjax.checkpoint.layout import (
+    INCOMPLETE_SUFFIX,
+    CheckpointError,
+    _is_complete,
+    _positions_written,
+)
+from mtjax.checkpoint.read import _recorded_config
+
+
+def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
+    """Every checkpoint of a run: step, commit time, bytes, metrics; which is latest and best.
+
+    Reads files only (no Orbax manager, nothing moved). Directories set aside as incomplete are
+    listed under ``incomplete``.
+    """
+    run_dir = pathlib.Path(run_dir).absolute()
+    # Also take what the other commands take: the checkpoints/ folder or one step of it.
+    if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
+        run_dir = run_dir.parent.parent
+    elif run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
+        run_dir = run_dir.parent
+    root = run_dir / "checkpoints"
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir} does not exist; give a run directory")
+    if not root.is_dir():
+        raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
+    config = {}
+    rows, incomplete = [], []
+    for step_dir in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not step_dir.name.isdigit():
+            if INCOMPLETE_SUFFIX in step_dir.name or ".orbax-checkpoint-tmp" in step_dir.name:
+                incomplete.append(step_dir.name)
+            continue
+        if not _is_complete(step_dir):
+            incomplete.append(step_dir.name)
+            continue
+        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+        metrics_file = step_dir / "metrics" / "metrics"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        rows.append({
+            "step": int(step_dir.name),
+            "time": meta.get("commit_timestamp_nsecs", 0) / 1e9,
+            "bytes": sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file()),
+            "metrics": metrics,
+            "hosts": _positions_written(step_dir / "data"),
+            "path": str(step_dir),
+        })
+        config = _recorded_config(step_dir) or config
+    rows.sort(key=lambda r: r["step"])
+    checkpoint_config = config.get("checkpoint", {})
+    metric = checkpoint_config.get("best_metric", "loss")
+    mode = checkpoint_config.get("best_mode", "min")
+    ranked = [r for r in rows if metric in r["metrics"]
+              and math.isfinite(r["metrics"][metric])]
+    best = None
+    if ranked:
+        pick = min if mode == "min" else max
+        best = pick(ranked, key=lambda r: r["metrics"][metric])["step"]
+    return {"run_dir": str(run_dir), "checkpoints": rows, "incomplete": incomplete,
+            "latest": rows[-1]["step"] if rows else None, "best": best,
+            "best_metric": metric, "best_mode": mode}

@@ -1,0 +1,144 @@
+"""Reading a checkpoint for the commands that only read one (eval, infer, score, convert,
+--init-from): finding its step, its parameters, tree and JSON items, and the error that names an
+older step where its files are damaged. Nothing is moved."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mtjax.checkpoint.failures import _says_unreadable, _short
+from mtjax.checkpoint.layout import CheckpointError, _is_complete
+from mtjax.checkpoint.quiet import _note_failed_restore, _quiet_failed_reads
+
+
+def run_dir_of(step_dir: pathlib.Path) -> pathlib.Path:
+    """The run directory of a checkpoint step: ``<run>/checkpoints/<step>`` -> ``<run>``; a
+    step directory outside a ``checkpoints/`` folder belongs to its parent."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
+def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """The ``state`` item of a checkpoint given as a run dir, its ``checkpoints/`` or one step."""
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
+                              f"checkpoints/ folder, or one checkpoint step directory")
+    if (path / "state").is_dir():
+        return _complete_state_dir(path) if path.name.isdigit() else path / "state"
+    if (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
+        raise CheckpointError(f"{path} is a Hugging Face model, not an mtjax checkpoint: "
+                              f"convert it first (mtjax convert {path} DIR) and give DIR")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    # Every step directory, whole or not: the latest one cut short is named, not skipped.
+    steps = sorted((int(p.name), p) for p in root.glob("*") if p.name.isdigit() and p.is_dir())
+    if not steps:
+        raise CheckpointError(
+            f"no complete checkpoint under {path}; give a run directory, its checkpoints/ "
+            f"folder, or one checkpoint step directory")
+    return _complete_state_dir(steps[-1][1])
+
+
+def _complete_state_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    """``step_dir/state``, or the error naming the step as incomplete and an older one (reading
+    commands move nothing, and do not fall back silently to an older checkpoint)."""
+    if not _is_complete(step_dir):
+        raise unreadable(step_dir, OSError("it is incomplete: a save cut short?"))
+    return step_dir / "state"
+
+
+def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint, onto ``abstract_params``' shapes and shardings."""
+    state_dir = find_state_dir(path)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                abstract_params)
+    _quiet_failed_reads()
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            state_dir, args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params}, restore_args={"params": restore_args},
+                partial_restore=True))
+    except Exception as e:
+        _note_failed_restore()
+        if _says_unreadable(e):
+            raise unreadable(state_dir.parent, e) from e
+        if not isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+            raise
+        # Orbax's advice (strict=False, ArrayRestoreArgs) is about its API, not this command.
+        reason = str(e).split(" Truncating/padding")[0].strip()
+        hint = ""
+        if "shape" in reason:
+            saved = _saved_model_name(state_dir.parent)
+            hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
+                    + (f" (it holds {saved})" if saved else ""))
+        raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
+    return restored["params"]
+
+
+def _no_metadata_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to get item metadata from directory")
+
+
+def tree_metadata(state_dir: pathlib.Path) -> Any:
+    """The saved tree of ``state`` (shapes and dtypes), for commands that only read a
+    checkpoint; damaged metadata raises :func:`unreadable`."""
+    try:
+        # Orbax takes unreadable metadata for absent metadata: a warning, and None.
+        json.loads((state_dir / "_METADATA").read_text())
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_no_metadata_warning)
+        try:
+            metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+        finally:
+            absl_logger.removeFilter(_no_metadata_warning)
+        tree = getattr(metadata, "item_metadata", metadata)
+        if tree is None:
+            raise OSError(f"no readable tree metadata in {state_dir}")
+    except Exception as e:
+        raise unreadable(state_dir.parent, e) from e
+    return tree
+
+
+def read_json_item(item_dir: pathlib.Path) -> dict[str, Any]:
+    """A JSON item of a checkpoint step (``config``, ``metrics``); damage raises
+    :func:`unreadable`."""
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item_dir)
+    except Exception as e:
+        raise unreadable(item_dir.parent, e) from e
+
+
+def unreadable(step_dir: pathlib.Path, error: BaseException) -> CheckpointError:
+    """A checkpoint whose files are damaged, for commands that only read it: the error names the
+    older checkpoints of the run to use instead (nothing is moved; ``mtjax train`` sets damaged
+    checkpoints aside when it resumes)."""
+    older = sorted((int(p.name) for p in step_dir.parent.glob("*")
+                    if p.name.isdigit() and _is_complete(p)
+                    and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)),
+                   reverse=True)
+    fix = (f"give an older one instead, e.g. {step_dir.parent / str(older[0])} "
+           f"(complete: {', '.join(map(str, older))})" if older
+           else "no older checkpoint of this run is complete")
+    return CheckpointError(f"checkpoint {step_dir} cannot be read, its files are damaged "
+                           f"({_short(error, 160)}); {fix}")
+
+
+def _recorded_config(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The run config a checkpoint step recorded ({} where it recorded none); read as a file,
+    without Orbax."""
+    config_file = step_dir / "config" / "metadata"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def _saved_model_name(step_dir: pathlib.Path) -> str | None:
+    """model.name in a checkpoint's recorded config, where there is one."""
+    try:
+        return _recorded_config(step_dir)["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
