@@ -228,6 +228,27 @@ def test_gpu_host_exits_with_mtjax_code_when_mtjax_ends_at_once(tmp_path):
     assert codes == [42] * 20
 
 
+def test_gpu_host_exits_with_mtjax_code_over_128(tmp_path):
+    """mtjax killed by the OOM killer (137) or stopped by Ctrl-C (130), no signal to the
+    script: wait_for waited again for a 127 that bash 5.2 never answers (it answers the kept
+    137 at every wait), and the script spun at full CPU forever; SIGTERM is trapped."""
+    import signal
+
+    for code, body in ((137, "kill -KILL $$"), (130, "exit 130")):
+        mtjax = tmp_path / f"mtjax{code}"
+        mtjax.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        mtjax.chmod(mtjax.stat().st_mode | stat.S_IEXEC)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(MTJAX_BIN=str(mtjax))
+        proc = subprocess.Popen(["bash", str(REPO / "launch/gpu_host.sh")], cwd=tmp_path,
+                                env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert proc.wait(timeout=30) == code
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the trap ignores SIGTERM
+
+
 def test_launch_scripts_help_and_tpu_restart_limit(tmp_path):
     for script in ("gpu_host.sh", "local_multiprocess.sh", "tpu_pod.sh", "slurm.sbatch"):
         proc = subprocess.run(["bash", str(REPO / "launch" / script), "--help"],
