@@ -265,9 +265,16 @@ def test_hosts_passes_are_equal_when_the_split_does_not_divide():
     left_out = {next(iter(set(columns["targets"]) - set(a) - set(b)))
                 for a, b in zip(host0, host1, strict=True)}
     assert len(left_out) > 1  # not always the same example
-    # A split smaller than the hosts is kept whole: no host with an empty share of 1 example.
-    one = memory.examples_dataset({"targets": ["only"]}, True, 11, seqio.ShardInfo(0, 2))
-    assert [ex["targets"] for ex in one.as_numpy_iterator()] == [b"only"]
+    # Fewer examples than hosts: every host takes one a pass. Host 1 of 2 with 1 example, and
+    # host 3 of 4 with 3, had an empty share: its stream ended at once (StopIteration in the
+    # trainer, the other hosts waiting in the step's collectives).
+    for size, hosts in ((1, 2), (3, 4)):
+        few = {"targets": [f"example {i}" for i in range(size)]}
+        shares = [[ex["targets"].decode() for ex in memory.examples_dataset(
+            few, True, 11, seqio.ShardInfo(h, hosts)).repeat(5).as_numpy_iterator()]
+            for h in range(hosts)]
+        assert [len(share) for share in shares] == [5] * hosts
+        assert set().union(*shares) == set(few["targets"])
 
 
 def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch, capsys):

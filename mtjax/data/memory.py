@@ -29,7 +29,8 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
     hosts' shares of a pass are disjoint and together the whole split, new at each pass.
     Each pass leaves out its order's last ``size % num_shards`` examples (others at each
     pass), so every host's pass has the same length: with 7 examples and 2 hosts, host 0
-    took 4 a pass and host 1 took 3, and host 1's epochs ran ahead of host 0's."""
+    took 4 a pass and host 1 took 3, and host 1's epochs ran ahead of host 0's. With fewer
+    examples than hosts, every host takes one example a pass (hosts share some)."""
     tensors = {k: tf.convert_to_tensor(v, tf.string) for k, v in columns.items()}
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices(tensors)
@@ -40,10 +41,12 @@ def examples_dataset(columns: Mapping[str, Sequence[str] | tf.Tensor], shuffle: 
             tf.range(size), seed=tf.stack([draw, tf.constant(seed or 0, tf.int64)]))
         if shard_info is not None and shard_info.num_shards > 1:
             hosts = shard_info.num_shards
-            # (A split smaller than the hosts keeps all of it: a host's share is never empty
-            # unless the split holds fewer examples than there are hosts.)
-            usable = tf.where(size >= hosts, size - size % hosts, size)
-            order = order[shard_info.index:usable:hosts]
+            # Positions index, index + hosts, ... below size - size % hosts. A split smaller
+            # than the hosts gives each host one example a pass, some the same one (a host
+            # with an empty share ended its stream, and the run with it).
+            per_host = tf.maximum(size // hosts, 1)
+            order = tf.gather(order, tf.range(shard_info.index,
+                                              shard_info.index + per_host * hosts, hosts) % size)
         return tf.data.Dataset.from_tensor_slices(order)
 
     draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
