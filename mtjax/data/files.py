@@ -3,12 +3,12 @@
 TSV and text files are read through `tf.data.TextLineDataset`; JSONL files are parsed in Python
 (JSON has no TF parser). For training (shuffled), a split of up to SHUFFLE_IN_MEMORY_BYTES of files
 is held in memory by every host, shuffled whole at every epoch and divided among the hosts by
-example; a larger one is divided by file when there are at least as many files as hosts (else by
-example), JSONL still held in memory (this host's files) and shuffled whole, TSV/text streamed,
-shuffled by file and within seqio's buffer only. Either way the dataset is made of TF ops, so the
-input iterator can be saved in a checkpoint. The first use of a split scans its files once in
-Python to count examples (for examples-proportional mixing) and malformed lines, which then fail
-the run with their count and location, or are skipped, as `on_malformed` says.
+example; a larger one is divided by file when there are at least as many files as hosts, 0-byte
+files aside (else by example), JSONL still held in memory (this host's files) and shuffled whole,
+TSV/text streamed, shuffled by file and within seqio's buffer only. Either way the dataset is made
+of TF ops, so the input iterator can be saved in a checkpoint. The first use of a split scans its
+files once in Python to count examples (for examples-proportional mixing) and malformed lines,
+which then fail the run with their count and location, or are skipped, as `on_malformed` says.
 
 What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
 (or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
@@ -273,7 +273,8 @@ class FileSource(seqio.FileDataSource):
         puts it in the same new order at each epoch and takes every num_shards-th example of
         it: the hosts' shares are disjoint and of equal length, however many files there are
         and whatever their sizes. Otherwise by file when there are at least as many files as
-        hosts (each host's files of about equal bytes, see `host_files`), else by example."""
+        hosts, 0-byte files aside (each host's files of about equal bytes, see `host_files`),
+        else by example."""
         del kwargs  # sequence_length, use_cached, num_epochs: a file source has no use for them
         scan = self.check(split)
         files = list(self.list_shards(split))
@@ -293,8 +294,12 @@ class FileSource(seqio.FileDataSource):
                 f"sorted file into many shuffled files (of about equal size: with several "
                 f"hosts, each keeps its own files)")
         num_shards = shard_info.num_shards if shard_info else 1
-        by_file = num_shards > 1 and len(files) >= num_shards
+        # A 0-byte file holds no example: a host given one as its whole share had none, and
+        # its stream ended at once (files of 3,000 examples and 0 bytes, 2 hosts: 3,000 and 0).
+        held = [i for i, size in enumerate(sizes) if size]
+        by_file = num_shards > 1 and len(held) >= num_shards
         if by_file:
+            files, sizes = [files[i] for i in held], [sizes[i] for i in held]
             shares = host_files(files, sizes, num_shards)
             self._warn_uneven(split, shares, dict(zip(files, sizes, strict=True)))
             files = shares[shard_info.index]
