@@ -390,6 +390,19 @@ def test_a_metric_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys)
         "it is left out; return a float (or seqio.metrics.Scalar) to record it"]  # once
 
 
+def test_none_and_text_metric_values_are_not_numbers():
+    """None (a metric fn's 'no value') became NaN, recorded as null beside the other metrics
+    and read as a diverged model; text of digits ("12", b"3.5") became the number."""
+    import seqio
+
+    from mtjax.infer import evaluate
+
+    for value in (None, seqio.metrics.Scalar(None), "12", b"3.5", "abc"):
+        assert evaluate._scalar(value) is None, value
+    assert evaluate._scalar(seqio.metrics.Scalar(2)) == 2.0
+    assert np.isnan(evaluate._scalar(float("nan")))  # a NaN the metric computed stays one
+
+
 def _cli(argv, capsys):
     from mtjax import cli
 

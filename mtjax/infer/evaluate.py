@@ -109,6 +109,8 @@ def seqio_evaluators(mixture: str, split: str, max_examples: int | None,
 def _scalar(value: Any) -> float | None:
     """A metric value as a float, or None for non-scalar values (text, histograms)."""
     value = getattr(value, "value", value)  # seqio.metrics.Scalar
+    if value is None or isinstance(value, (str, bytes)):
+        return None  # numpy reads None as NaN, and "12" as 12
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
