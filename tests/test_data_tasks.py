@@ -311,16 +311,19 @@ def test_hosts_divide_files_past_the_memory_limit_by_bytes(data_dir, monkeypatch
     assert ("3 files divided among 2 hosts make shares of 0 to 0 MiB, and every host reads its "
             "share at the same rate: the smaller shares' examples come up to 3.4x as often"
             ) in err, err
-    # A 0-byte file is no host's share: with 4 files for 4 hosts, host 3 got it alone and read
-    # nothing (its stream ended at once); 3 files with examples for 4 hosts divide by example.
+    # A file without examples is no host's share: with 4 files for 4 hosts, host 3 got the
+    # 0-byte one (or one of blank lines) alone and read nothing (its stream ended at once); 3
+    # files with examples for 4 hosts divide by example.
     (data_dir / "empty.tsv").write_text("")
-    with_empty = tasks.add_file_task(
-        "t_uneven_streamed_empty", [str(data_dir / f"{n}.tsv") for n in (*names, "empty")],
-        vocabulary="byte")
-    counts = [len(list(with_empty.source.get_dataset(
-        "train", shuffle=True, seed=3, shard_info=seqio.ShardInfo(index=i, num_shards=4)
-    ).as_numpy_iterator())) for i in range(4)]
-    assert counts == [1300] * 4, counts
+    (data_dir / "blank.tsv").write_text("\n \n\n")
+    for none in ("empty", "blank"):
+        with_none = tasks.add_file_task(
+            f"t_uneven_streamed_{none}", [str(data_dir / f"{n}.tsv") for n in (*names, none)],
+            vocabulary="byte")
+        counts = [len(list(with_none.source.get_dataset(
+            "train", shuffle=True, seed=3, shard_info=seqio.ShardInfo(index=i, num_shards=4)
+        ).as_numpy_iterator())) for i in range(4)]
+        assert counts == [1300] * 4, (none, counts)
 
 
 def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):

@@ -3,8 +3,8 @@
 TSV and text files are read through `tf.data.TextLineDataset`; JSONL files are parsed in Python
 (JSON has no TF parser). For training (shuffled), a split of up to SHUFFLE_IN_MEMORY_BYTES of files
 is held in memory by every host, shuffled whole at every epoch and divided among the hosts by
-example; a larger one is divided by file when there are at least as many files as hosts, 0-byte
-files aside (else by example), JSONL still held in memory (this host's files) and shuffled whole,
+example; a larger one is divided by file when there are at least as many files with examples as
+hosts (else by example), JSONL still held in memory (this host's files) and shuffled whole,
 TSV/text streamed, shuffled by file and within seqio's buffer only. Either way the dataset is made
 of TF ops, so the input iterator can be saved in a checkpoint. The first use of a split scans its
 files once in Python to count examples (for examples-proportional mixing) and malformed lines,
@@ -73,6 +73,7 @@ class Scan:
     locations: tuple[str, ...]  # the first few "file:line: reason"
     header: tuple[str, ...] | None  # TSV column names when the files have a header
     fields: int | None  # TSV fields per line: the header's, else the first line's
+    file_examples: tuple[int, ...] = ()  # examples of each file, in the files' order
 
 
 def _lines(path: str):
@@ -91,6 +92,7 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
     del stamp
     examples, malformed, locations = 0, 0, []
     names, expected = None, None
+    file_examples = []
 
     def bad(path, number, reason):
         nonlocal malformed
@@ -99,6 +101,7 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
             locations.append(f"{path}:{number}: {reason}")
 
     for path in files:
+        file_examples.append(examples)
         for number, raw in _lines(path):
             try:
                 line = raw.decode("utf-8")
@@ -126,6 +129,7 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
                     bad(path, number, reason)
                     continue
             examples += 1
+        file_examples[-1] = examples - file_examples[-1]
     if fmt == "tsv" and header and names is not None:
         missing = [k for k in keys if isinstance(k, str) and k not in names]
         if missing:
@@ -137,7 +141,7 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
             raise DataFileError(
                 f"column index(es) {too_far} out of range: {files[0]} has {expected} "
                 "tab-separated fields per line")
-    return Scan(examples, malformed, tuple(locations), names, expected)
+    return Scan(examples, malformed, tuple(locations), names, expected, tuple(file_examples))
 
 
 def _blank(line: str) -> bool:
@@ -272,8 +276,8 @@ class FileSource(seqio.FileDataSource):
         Shuffled and up to SHUFFLE_IN_MEMORY_BYTES of files, every host holds the whole split,
         puts it in the same new order at each epoch and takes every num_shards-th example of
         it: the hosts' shares are disjoint and of equal length, however many files there are
-        and whatever their sizes. Otherwise by file when there are at least as many files as
-        hosts, 0-byte files aside (each host's files of about equal bytes, see `host_files`),
+        and whatever their sizes. Otherwise by file when there are at least as many files
+        with examples as hosts (each host's files of about equal bytes, see `host_files`),
         else by example."""
         del kwargs  # sequence_length, use_cached, num_epochs: a file source has no use for them
         scan = self.check(split)
@@ -294,9 +298,10 @@ class FileSource(seqio.FileDataSource):
                 f"sorted file into many shuffled files (of about equal size: with several "
                 f"hosts, each keeps its own files)")
         num_shards = shard_info.num_shards if shard_info else 1
-        # A 0-byte file holds no example: a host given one as its whole share had none, and
-        # its stream ended at once (files of 3,000 examples and 0 bytes, 2 hosts: 3,000 and 0).
-        held = [i for i, size in enumerate(sizes) if size]
+        # A file without examples (0 bytes, a header or blank lines only) is no host's share:
+        # a host given one as its whole share had none, and its stream ended at once (files
+        # of 3,000 examples and 0 bytes, or a header only, 2 hosts: 3,000 and 0).
+        held = [i for i, count in enumerate(scan.file_examples) if count]
         by_file = num_shards > 1 and len(held) >= num_shards
         if by_file:
             files, sizes = [files[i] for i in held], [sizes[i] for i in held]
