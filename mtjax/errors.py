@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, mismatched batch); the CLI exits 1."""
+
+
+class InputPositionMismatch(Exception):
+    """A saved input-pipeline position that does not fit the pipeline asked to restore it (the
+    mixture's tasks changed); the message says what changed. The run keeps the checkpoint's
+    weights and restarts its input stream."""

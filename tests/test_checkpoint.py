@@ -146,6 +146,46 @@ def test_keeps_latest_plus_best_and_lists_them(kept_run, capsys):
         assert capsys.readouterr().out == table
 
 
+def test_a_mixture_whose_tasks_changed_resumes_with_a_fresh_stream(tmp_path, capsys):
+    """The mixture's tasks changed under its name between a save and the resume: tf.data
+    restored a 3-task position into a 2-task mixture without a word, and its buffers went on
+    yielding examples of the removed task (task id 3 of 2)."""
+    import seqio
+
+    import mtjax.data.builtin  # noqa: F401  (registers the built-in tasks)
+    from mtjax.train import trainer
+
+    def register(task_names):
+        if "t_mixture_changed" in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.remove("t_mixture_changed")
+        seqio.MixtureRegistry.add("t_mixture_changed", task_names, default_rate=1.0)
+
+    # A save at step 2 between logging rows keeps the steps' per-task sums (2 tasks then).
+    overrides = TINY + ["data.mixture=t_mixture_changed", "checkpoint.every_steps=2",
+                        "log.every_steps=3"]
+    run = tmp_path / "run"
+    register(["mtjax_copy", "mtjax_add"])
+    trainer.train(config_lib.load(None, overrides + ["train.steps=3"]), run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "3")  # as if it had crashed before that save
+    capsys.readouterr()
+    register(["mtjax_copy"])
+    try:
+        result = trainer.train(config_lib.load(None, overrides + ["train.steps=4"]), run,
+                               progress=False)
+    finally:
+        seqio.MixtureRegistry.remove("t_mixture_changed")
+    err = capsys.readouterr().err
+    assert ("the input position saved in checkpoint 2 does not fit this run's input pipeline "
+            "(mixture 't_mixture_changed' was mtjax_add, mtjax_copy when the position was "
+            "saved and is mtjax_copy now)") in err, err[-3000:]
+    assert "summed over another mixture's tasks; they are left out of the next row" in err
+    assert result.start_step == 2 and result.step == 4
+    rows = metrics_lib.read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 4]
+    assert all("loss/mtjax_add" not in r for r in rows)
+    assert all(r["target_tokens"] > 0 and "loss/mtjax_copy" in r for r in rows)
+
+
 def test_an_input_position_of_a_changed_pipeline_resumes_with_a_fresh_stream(
         tmp_path, monkeypatch, capsys):
     """A run of a file task saved by an older reader (its examples unshuffled at the source),

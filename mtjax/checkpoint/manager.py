@@ -29,6 +29,7 @@ from mtjax.checkpoint.pipeline import (
 )
 from mtjax.checkpoint.quiet import _note_failed_restore, _quiet_failed_reads
 from mtjax.checkpoint.read import read_json_item
+from mtjax.errors import InputPositionMismatch
 from mtjax.parallel import distributed
 
 
@@ -56,11 +57,12 @@ def metric_key_fn(metric: str, mode: str):
 
 class _PositionDoesNotFit(Exception):
     """A checkpoint whose state restored, and whose input position was saved by an input
-    pipeline of another structure (``state``: the restored train state)."""
+    pipeline of another structure (``state``: the restored train state; ``why``: what changed,
+    as far as known)."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, why: str) -> None:
         super().__init__()
-        self.state = state
+        self.state, self.why = state, why
 
 
 class RunCheckpoints:
@@ -189,9 +191,8 @@ class RunCheckpoints:
                 # The weights and optimizer state are good: losing them (setting the checkpoint
                 # aside as damaged) for a changed task or reader would cost the whole run.
                 _log(f"the input position saved in checkpoint {step} does not fit this run's "
-                     f"input pipeline (a task's definition, or mtjax's reader, changed since "
-                     f"it was saved): the input stream restarts from a fresh shuffle (seeded by "
-                     f"the step) instead of its exact position")
+                     f"input pipeline ({e.why}): the input stream restarts from a fresh "
+                     f"shuffle (seeded by the step) instead of its exact position")
                 return step, e.state, False
             except CheckpointError as e:
                 if not _looks_damaged(e):
@@ -233,8 +234,12 @@ class RunCheckpoints:
             try:
                 load_pipeline(pipeline, restored["data"])
             except Exception as e:  # e.g. a truncated iterator file: "Read less bytes"
+                if isinstance(e, InputPositionMismatch):
+                    raise _PositionDoesNotFit(restored["state"], str(e)) from e
                 if _says_dataset_changed(e):
-                    raise _PositionDoesNotFit(restored["state"]) from e
+                    raise _PositionDoesNotFit(
+                        restored["state"], "a task's definition, or mtjax's reader, changed "
+                        "since it was saved") from e
                 raise CheckpointError(
                     f"the input position in checkpoint {self.directory / str(step)} cannot be "
                     f"read: {_short(e)}") from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -14,7 +15,7 @@ from mtjax.data import files as files_lib
 from mtjax.data import mixing as mixing_lib
 from mtjax.data import packing, quiet
 from mtjax.data import vocab as vocab_lib
-from mtjax.errors import UserError
+from mtjax.errors import InputPositionMismatch, UserError
 
 # Keys of every batch, each an int32 array [batch_size, length].
 BATCH_KEYS = (
@@ -28,6 +29,9 @@ BATCH_KEYS = (
     "decoder_positions",  # [B, L_dec] position within its example
     "decoder_task_ids",  # [B, L_dec] i + 1 for task_names[i], 0 on padding
 )
+
+# Beside the iterator in a saved position: the mixture's tasks, which a restore compares.
+MIXTURE_FILE = "mixture.json"
 
 
 class UnknownTaskError(UserError, ValueError):
@@ -225,12 +229,29 @@ class InputPipeline:
         return mixing_lib.rates_table(self.rates, self.num_examples, title)
 
     def save(self, path: str) -> None:
-        """Writes the iterator position (incl. shuffle and prefetch buffers) into directory path."""
+        """Writes the iterator position (incl. shuffle and prefetch buffers) into directory path,
+        with the mixture's tasks it holds examples of."""
         tf.io.gfile.makedirs(path)
         tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(path, "iterator"))
+        with tf.io.gfile.GFile(os.path.join(path, MIXTURE_FILE), "w") as f:
+            f.write(json.dumps({"mixture": self.mixture, "tasks": self.task_names}) + "\n")
 
     def restore(self, path: str) -> None:
-        """Restores a position written by `save` of a pipeline built with the same arguments."""
+        """Restores a position written by `save` of a pipeline built with the same arguments.
+
+        Raises:
+            InputPositionMismatch: the mixture's tasks are not those it was saved with. tf.data
+                restored a 3-task position into a 2-task mixture without a word, and its
+                buffers went on yielding examples of the task removed (task id 3 of 2).
+        """
+        saved = os.path.join(path, MIXTURE_FILE)
+        if tf.io.gfile.exists(saved):  # (positions saved before it was written: not checked)
+            with tf.io.gfile.GFile(saved) as f:
+                tasks = json.loads(f.read())["tasks"]
+            if tasks != self.task_names:
+                raise InputPositionMismatch(
+                    f"mixture {self.mixture!r} was {', '.join(tasks)} when the position was "
+                    f"saved and is {', '.join(self.task_names)} now")
         checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         with quiet.refused_position_lines_dropped():
             checkpoint.read(os.path.join(path, "iterator")).assert_consumed()

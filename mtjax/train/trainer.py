@@ -398,6 +398,13 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
         rundir.truncate_metrics(workdir / "metrics.jsonl", latest)
         rundir.truncate_metrics(rundir.HostLog.path(workdir), latest, writer=None)
         window = metrics_lib.window_from_json(checkpoints.log_window(latest))
+        if window is not None and np.shape(window["task_weight_sum"]) != (
+                len(pipeline.task_names),):
+            # Saved with another mixture's tasks: its per-task sums do not add to this run's.
+            log(f"mtjax: note: the metrics of the steps before {latest} since the last logged "
+                f"row were summed over another mixture's tasks; they are left out of the "
+                f"next row")
+            window = None
     else:
         window = None
         state = setup.init_state(config.train.seed)
