@@ -283,7 +283,7 @@ def test_files_past_the_memory_limit_stream_and_say_so(sorted_tasks, monkeypatch
     assert sorted(ex["inputs"].decode() for ex in ds.as_numpy_iterator()) == sorted(
         f"question {i}" for i in range(2000))
     err = capsys.readouterr().err
-    assert ("'t_sorted_tsv', split 'train': 0 MiB of files, more than the 0 MiB held in "
+    assert ("'t_sorted_tsv', split 'train': 1 MiB of files, more than the 0 MiB held in "
             "memory") in err, err
     assert "split a sorted file into many shuffled files" in err
 
@@ -324,6 +324,23 @@ def test_hosts_divide_files_past_the_memory_limit_by_bytes(data_dir, monkeypatch
             "train", shuffle=True, seed=3, shard_info=seqio.ShardInfo(index=i, num_shards=4)
         ).as_numpy_iterator())) for i in range(4)]
         assert counts == [1300] * 4, (none, counts)
+
+
+def test_a_host_without_examples_is_a_clear_error(data_dir, monkeypatch):
+    """3 examples streamed to 4 hosts (divided after reading): host 3 got none, and its
+    pipeline raised a bare StopIteration that stopped the trainer with a traceback."""
+    monkeypatch.setattr(files_lib, "SHUFFLE_IN_MEMORY_BYTES", 10)
+    (data_dir / "three.tsv").write_text("a\tb\nc\td\ne\tf\n")
+    tasks.add_file_task("t_three", str(data_dir / "three.tsv"), vocabulary="byte")
+    host = InputPipeline("t_three", inputs_length=8, targets_length=8, batch_size=1,
+                         shard_index=3, num_shards=4)
+    with pytest.raises(DataError, match=r"mixture 't_three', split 'train': host 3 of 4 gets "
+                                        r"no example from any task"):
+        next(host)
+    first = InputPipeline("t_three", inputs_length=8, targets_length=8, batch_size=1,
+                          shard_index=0, num_shards=4)
+    # Host 0's one example a pass repeats without end: 5 batches of it.
+    assert {next(first)["encoder_input_tokens"].shape for _ in range(5)} == {(1, 8)}
 
 
 def test_file_tasks_read_what_editors_write_and_refuse_what_they_cannot(data_dir):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -292,7 +293,7 @@ class FileSource(seqio.FileDataSource):
         if shuffle and self.fmt != "jsonl":
             _warn_once(
                 f"mtjax: note: task {self.task_name!r}, split {split!r}: "
-                f"{sum(sizes) / 2**20:.0f} MiB of files, more than the "
+                f"{math.ceil(sum(sizes) / 2**20)} MiB of files, more than the "
                 f"{SHUFFLE_IN_MEMORY_BYTES // 2**20} MiB held in memory to shuffle: they "
                 f"stream, shuffled by file and within a buffer of examples only, so split a "
                 f"sorted file into many shuffled files (of about equal size: with several "

@@ -175,6 +175,7 @@ class InputPipeline:
         self.vocab_size = self.vocabulary.vocab_size
         self.vocabulary_id = vocab_lib.describe(self.vocabulary)
         self.mixture, self.mixing, self.split = mixture, mixing, split
+        self._shard_index, self._num_shards = shard_index, num_shards
         self.num_examples = {t.name: mixing_lib.num_examples(t, split) for t in tasks}
         self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
                                               temperature=mixing_temperature, split=split)
@@ -216,7 +217,14 @@ class InputPipeline:
         try:
             batch = next(self._iterator)
         except (tf.errors.OutOfRangeError, StopIteration):
-            raise StopIteration from None
+            # Every task repeats without end: an end means no task has an example for this
+            # host (a bare StopIteration here stopped the trainer with a traceback, or, with
+            # several hosts, left the others waiting in the step).
+            raise DataError(
+                f"mixture {self.mixture!r}, split {self.split!r}: host {self._shard_index} of "
+                f"{self._num_shards} gets no example from any task (a split with fewer "
+                f"examples than hosts, divided after reading); give every task at least as "
+                f"many examples as there are hosts") from None
         except tf.errors.OpError as e:  # broken data found mid-stream: one line, no TF trace
             raise DataError(f"mixture {self.mixture!r}: reading data failed: "
                             f"{_first_line(e.message)}") from None
