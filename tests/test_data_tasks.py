@@ -681,6 +681,24 @@ def test_equal_mixing_needs_no_sizes_and_members_must_be_registered(three_tasks)
     assert "t_typo" not in seqio.MixtureRegistry.names()
 
 
+@pytest.mark.parametrize("strategy", ["examples_proportional", "temperature"])
+def test_size_strategies_over_empty_tasks_only_say_which_task_is_empty(data_dir, strategy):
+    """Rates of a mixture whose every task has 0 examples were 0 / 0: a bare ValueError
+    ("Mixing weights must have a positive sum, got {'t_blank': 0}") with a traceback, from
+    `mtjax train` and `mtjax tasks show` alike, before the empty split's own DataError."""
+    (data_dir / "blank.tsv").write_text("\n\n")
+    tasks.add_file_task("t_blank", str(data_dir / "blank.tsv"))
+    tasks.add_mixture("t_blank_only", ["t_blank"], mixing="equal")
+    for name in ("t_blank_only", "t_blank"):
+        with pytest.raises(mixing.MixingError, match="t_blank has 0 examples"):
+            mixing.resolve_rates(name, strategy)
+        with pytest.raises(UserError, match="t_blank.*is empty"):
+            InputPipeline(name, inputs_length=16, targets_length=8, batch_size=2,
+                          mixing=strategy)
+    info = preview.describe("t_blank", mixture="t_blank", mixing=strategy)
+    assert info["rate"]["rate"] is None
+
+
 @pytest.mark.parametrize("name", ["mtjax_copy", "mtjax_span_corruption", "mtjax_kb_qa",
                                   "mtjax_kb_bio_prefix_lm"])
 def test_built_in_tasks_train_on_each_epoch_in_a_new_order(name):

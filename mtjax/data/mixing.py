@@ -115,6 +115,10 @@ def strategy_rates(strategy: str, sizes: Mapping[str, int], *, cap: int | None =
         raise MixingError(f"mixing cap K (data.mixing_cap) must be positive, got {cap}")
     if strategy == "equal":
         return equal(sizes)
+    if strategy in ("examples_proportional", "temperature") and not any(sizes.values()):
+        # Rates would be 0 / 0 (a bare ValueError with a traceback).
+        raise MixingError(f"mixing {strategy!r} has no examples to weigh: "
+                          + ", ".join(f"{name} has 0 examples" for name in sizes))
     if strategy == "examples_proportional":
         return examples_proportional(sizes, cap if cap is not None else max(sizes.values()))
     if strategy == "temperature":

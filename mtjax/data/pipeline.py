@@ -177,15 +177,15 @@ class InputPipeline:
         self.mixture, self.mixing, self.split = mixture, mixing, split
         self._shard_index, self._num_shards = shard_index, num_shards
         self.num_examples = {t.name: mixing_lib.num_examples(t, split) for t in tasks}
-        self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
-                                              temperature=mixing_temperature, split=split)
-        for task in tasks:
+        for task in tasks:  # before the rates: an empty split is the error to report
             if self.num_examples[task.name] == 0:
                 check = getattr(task.source, "check", None)  # a file task says why: the
                 if check is not None:  # malformed lines, or the files it read
                     with _as_data_error(task.name, split):
                         check(split)
                 raise DataError(f"task {task.name!r}: split {split!r} is empty (0 examples)")
+        self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
+                                              temperature=mixing_temperature, split=split)
         lengths = {"inputs": inputs_length, "targets": targets_length}
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
 
