@@ -233,9 +233,9 @@ class RunCheckpoints:
         if pipeline is not None:
             try:
                 load_pipeline(pipeline, restored["data"])
+            except InputPositionMismatch as e:
+                raise _PositionDoesNotFit(restored["state"], str(e)) from e
             except Exception as e:  # e.g. a truncated iterator file: "Read less bytes"
-                if isinstance(e, InputPositionMismatch):
-                    raise _PositionDoesNotFit(restored["state"], str(e)) from e
                 if _says_dataset_changed(e):
                     raise _PositionDoesNotFit(
                         restored["state"], "a task's definition, or mtjax's reader, changed "

@@ -74,7 +74,9 @@ class Scan:
     locations: tuple[str, ...]  # the first few "file:line: reason"
     header: tuple[str, ...] | None  # TSV column names when the files have a header
     fields: int | None  # TSV fields per line: the header's, else the first line's
-    file_examples: tuple[int, ...] = ()  # examples of each file, in the files' order
+    files: tuple[str, ...] = ()  # the split's files, in the order read
+    file_examples: tuple[int, ...] = ()  # examples of each file
+    file_bytes: tuple[int, ...] = ()  # bytes of each file, when scanned
 
 
 def _lines(path: str):
@@ -89,8 +91,8 @@ def _lines(path: str):
 
 @functools.cache
 def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tuple) -> Scan:
-    """Counts examples and malformed lines; `stamp` (mtimes) invalidates the cache on edits."""
-    del stamp
+    """Counts examples and malformed lines; `stamp` (each file's mtime and bytes) invalidates
+    the cache on edits."""
     examples, malformed, locations = 0, 0, []
     names, expected = None, None
     file_examples = []
@@ -142,7 +144,8 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
             raise DataFileError(
                 f"column index(es) {too_far} out of range: {files[0]} has {expected} "
                 "tab-separated fields per line")
-    return Scan(examples, malformed, tuple(locations), names, expected, tuple(file_examples))
+    return Scan(examples, malformed, tuple(locations), names, expected, files,
+                tuple(file_examples), tuple(length for _, length in stamp))
 
 
 def _blank(line: str) -> bool:
@@ -236,7 +239,7 @@ class FileSource(seqio.FileDataSource):
     def scan(self, split: str) -> Scan:
         """Counts the split's examples and malformed lines (cached until a file changes)."""
         files = tuple(self.list_shards(split))
-        stamp = tuple(tf.io.gfile.stat(f).mtime_nsec for f in files)
+        stamp = tuple((s.mtime_nsec, s.length) for s in map(tf.io.gfile.stat, files))
         keys = tuple(self.columns.values())
         try:
             return _scan(files, self.fmt, keys, self.header, stamp)
@@ -262,7 +265,7 @@ class FileSource(seqio.FileDataSource):
         if scan.examples == 0:
             raise DataFileError(
                 f"task {self.task_name!r}, split {split!r} is empty: no example in "
-                f"{', '.join(self.list_shards(split))}")
+                f"{', '.join(scan.files)}")
         return scan
 
     @property
@@ -281,9 +284,8 @@ class FileSource(seqio.FileDataSource):
         with examples as hosts (each host's files of about equal bytes, see `host_files`),
         else by example."""
         del kwargs  # sequence_length, use_cached, num_epochs: a file source has no use for them
-        scan = self.check(split)
-        files = list(self.list_shards(split))
-        sizes = [tf.io.gfile.stat(f).length for f in files]
+        scan = self.check(split)  # (its listing and sizes: the files are globbed once)
+        files, sizes = list(scan.files), list(scan.file_bytes)
         if shuffle and sum(sizes) <= SHUFFLE_IN_MEMORY_BYTES:
             if self.fmt == "jsonl":
                 return memory.examples_dataset(self._jsonl_columns(files), True, seed, shard_info)
