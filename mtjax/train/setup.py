@@ -161,8 +161,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         mesh, rules = mesh_and_rules(config)
     try:  # under the mesh: whether the loss kernel fits depends on how it splits the vocabulary
         with mesh_lib.activate(mesh, rules):
-            attention_kernel = attention_lib.resolve_attention(config.model.attention,
-                                                        jax.numpy.dtype(config.model.dtype))
+            attention_kernel = attention_lib.resolve_attention(
+                config.model.attention, jax.numpy.dtype(config.model.dtype))
             cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
