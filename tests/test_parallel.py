@@ -80,11 +80,14 @@ for name, (data, fsdp, tensor, rules) in meshes.items():
     step_text = setup.step.lower(
         state, {k: jax.device_put(v, setup.batch_sharding) for k, v in batches[0].items()}
     ).as_text()
-    losses = []
+    losses, tokens = [], []
     for batch in batches:
+        expected_tokens = sum(np.count_nonzero(batch[k])
+                              for k in ("encoder_input_tokens", "decoder_target_tokens"))
         batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
         state, metrics = setup.step(state, batch)
         losses.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
+        tokens.append((int(metrics["tokens"]), int(expected_tokens)))
     params = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
     specs = jax.tree_util.tree_flatten_with_path(
         jax.tree.map(lambda a: str(tuple(a.sharding.spec)), state.params))[0]
@@ -93,6 +96,7 @@ for name, (data, fsdp, tensor, rules) in meshes.items():
     report = dry_run(config, vocab_size=256, compile_step=False, mesh=mesh, rules=rules_table)
     results[name] = {
         "losses": losses,
+        "tokens": tokens,
         "kernel_calls": {kernel: step_text.count(f"mtjax_{kernel}_cpu_forward")
                          for kernel in ("attention", "cross_entropy")},
         "split_per_device": step_text.count("manual_computation"),  # shard_map's regions
@@ -126,6 +130,9 @@ def test_sharded_training_equals_single_device(mesh_runs, mesh):
     single, sharded = mesh_runs["single"], mesh_runs[mesh]
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
     assert single["losses"][-1] < single["losses"][0]  # the steps really train
+    # The step counts the whole batch's tokens, not one device's share (tokens/s in rows).
+    for counted, expected in sharded["tokens"] + single["tokens"]:
+        assert counted == expected > 0
     for name, value in single["params"].items():
         np.testing.assert_allclose(np.asarray(sharded["params"][name]), np.asarray(value),
                                    rtol=2e-4, atol=2e-6, err_msg=f"{mesh}: {name}")

@@ -9,6 +9,8 @@ import pytest
 from mtjax import config as config_lib
 from mtjax.train import metrics as metrics_lib
 
+# Figures that time the run: they differ between otherwise identical runs.
+TIMED = ("tokens_per_s", "model_flops_per_s", "mfu")
 TINY = ["model.name=t5_1_1_test", "data.inputs_length=64", "data.targets_length=32",
         "train.batch_size=8", "log.every_steps=5", "log.tensorboard=false",
         "eval.max_examples=8", "eval.batch_size=8"]
@@ -56,9 +58,18 @@ def test_run_directory_contract(trained_run):
     assert resolved["devices"] == 1 and resolved["processes"] == 1
     assert resolved["vocab_size"] % 128 == 0 and resolved["jax"] == jax.__version__
     record = metrics_lib.read_jsonl(workdir / "metrics.jsonl")[-1]
-    for key in ("step", "loss", "learning_rate", "tokens_per_s"):
+    for key in ("step", "loss", "learning_rate", "tokens_per_s", "model_flops_per_s"):
         assert key in record
     assert record["tokens_per_s"] > 0
+    # Model FLOPs per token of this shape: between one step's FLOPs over its most and its
+    # fewest possible tokens (full rows; at least one target token a row).
+    from mtjax.model import sizes
+
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=resolved["vocab_size"])
+    flops = sizes.train_flops_per_step(cfg, 8, 64, 32)
+    ratio = record["model_flops_per_s"] / record["tokens_per_s"]
+    assert flops / (8 * (64 + 32)) <= ratio <= flops / (8 * 2), ratio
+    assert "mfu" not in record  # a CPU has no published peak
     # Every task of the mixture has its loss, and the per-task losses average to the loss.
     for task in result.task_names:
         assert f"loss/{task}" in record, task
@@ -241,10 +252,10 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
     # Step 3 is no logging step (every 5): steps 1-3 were saved with the checkpoint, not
     # logged early, so the rows are those of an uninterrupted run, to the bit.
     trainer.train(config, tmp_path / "whole", progress=False)
-    rows = [{k: v for k, v in r.items() if k != "tokens_per_s"}
+    rows = [{k: v for k, v in r.items() if k not in TIMED}
             for r in metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [5, 6]
-    assert rows == [{k: v for k, v in r.items() if k != "tokens_per_s"}
+    assert rows == [{k: v for k, v in r.items() if k not in TIMED}
                     for r in metrics_lib.read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
 
 
@@ -437,6 +448,9 @@ def test_rows_are_log_every_steps_apart_whatever_the_checkpoint_interval(tmp_pat
         assert row["loss"] == pytest.approx(weighted / sum(tokens), rel=1e-5)
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     assert min(rates) <= result.tokens_per_s <= max(rates), (rates, result.tokens_per_s)
+    flops = [r["model_flops_per_s"] for r in rows if "model_flops_per_s" in r]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert min(flops) <= summary["model_flops_per_s"] <= max(flops), (flops, summary)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "2", "4", "6", "7"]
 
@@ -477,3 +491,27 @@ def test_an_eval_split_no_task_has_stops_before_training(tmp_path):
         trainer.train(tiny_config("train.steps=2", "eval.split=bogus"), tmp_path / "run",
                       progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_throughput_counts_timed_steps_only_and_sums_windows_harmonically():
+    from mtjax.train import throughput
+
+    speed = throughput.Throughput(flops_per_step=1e9, peak_flops_per_s=None, first_timed_step=3)
+    speed.add(2, 500)  # the process's compiling first step: in no window
+    assert speed.close_window(9.0) == {}
+    speed.add(3, 100)
+    speed.add(4, 300)
+    assert speed.close_window(2.0) == {"tokens_per_s": 200.0, "model_flops_per_s": 1e9}
+    speed.add(5, 600)
+    assert speed.close_window(1.0) == {"tokens_per_s": 600.0, "model_flops_per_s": 1e9}
+    # All windows: 1,000 tokens and 3 steps in 3 s (not the mean of the rows' 200 and 600).
+    assert speed.overall() == pytest.approx({"tokens_per_s": 1000 / 3, "model_flops_per_s": 1e9})
+
+    chips = throughput.job_peak_flops("NVIDIA H100 80GB HBM3", "gpu", "bfloat16", 8)
+    assert chips == 8 * 989e12
+    speed = throughput.Throughput(flops_per_step=4e14, peak_flops_per_s=chips,
+                                  first_timed_step=1)
+    speed.add(1, 10)
+    assert speed.close_window(0.5)["mfu"] == pytest.approx(8e14 / chips)
+    assert throughput.job_peak_flops("cpu", "cpu", "float32", 8) is None
+    assert throughput.job_peak_flops("Some Future Chip", "gpu", "bfloat16", 1) is None

@@ -112,7 +112,9 @@ def _print_summary(result) -> None:
     m = result.metrics
     lines = [f"\ntrained steps {result.start_step} -> {result.step} in {result.wall_s:.0f}s, "
              + (f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s is not None
-                else "tokens/s not measured (only one step ran, and it compiles)")]
+                else "tokens/s not measured (only one step ran, and it compiles)")
+             + (f", {100 * result.throughput['mfu']:.1f}% MFU" if "mfu" in result.throughput
+                else "")]
     if result.skipped_steps:
         lines.append(f"{len(result.skipped_steps)} of {result.step - result.start_step} updates "
                      f"skipped (non-finite): steps {_steps_text(result.skipped_steps)}")

@@ -211,6 +211,10 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
         metrics["param_norm"] = param_norm
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["finite"] = finite
+        # The whole (global) batch's non-padding encoder + decoder tokens, for tokens/s: every
+        # host then logs the job's exact count instead of its own times the hosts.
+        metrics["tokens"] = (jnp.count_nonzero(batch["encoder_input_tokens"])
+                             + jnp.count_nonzero(batch["decoder_target_tokens"]))
         return new_state, metrics
 
     return step

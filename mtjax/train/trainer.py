@@ -29,6 +29,7 @@ from mtjax.train import optim as optim_lib
 from mtjax.train import preemption as preemption_lib
 from mtjax.train import resume, rundir
 from mtjax.train import setup as setup_lib
+from mtjax.train import throughput as throughput_lib
 from mtjax.train.setup import model_config  # noqa: F401 - re-exported
 
 
@@ -43,6 +44,8 @@ class TrainResult:
     task_names: list[str]
     compilation_cache: compile_cache.CacheUse | None = None
     skipped_steps: list[int] = dataclasses.field(default_factory=list)  # on_nonfinite=skip
+    # tokens_per_s, model_flops_per_s and (with a known chip) mfu of all logged windows
+    throughput: dict[str, float] = dataclasses.field(default_factory=dict)
     metrics_step: int | None = None  # the step ``metrics`` were logged at
 
 
@@ -205,11 +208,17 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     bar = _progress_bar(start_step, config.train.steps, progress)
     window, pending = resumed_window, None
     last_summary: dict[str, float] = {}
-    tokens_in_window, window_start = 0, time.time()
+    window_start = time.time()
     first_step_done = False
-    # summary.json's tokens/s: the logged windows' tokens over their time, so it is the rows'
-    # own figure (their token-weighted harmonic mean).
-    logged_tokens, logged_s = 0, 0.0
+    devices = list(setup.mesh.devices.flat)
+    speed = throughput_lib.Throughput(
+        flops_per_step=sizes.train_flops_per_step(
+            setup.model_cfg, config.train.batch_size, config.data.inputs_length,
+            config.data.targets_length),
+        peak_flops_per_s=throughput_lib.job_peak_flops(
+            devices[0].device_kind, devices[0].platform, config.model.dtype, len(devices)),
+        # The first step of this process compiles: it is out of every window.
+        first_timed_step=start_step + 2)
     skipped: list[int] = []
     last_summary_step = None
     best_metric_unchecked = config.checkpoint.keep_best > 0
@@ -220,22 +229,18 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 host_batch = next(pipeline)
                 if host_log is not None:
                     host_log.add_batch(host_batch)
-                tokens = (np.count_nonzero(host_batch["encoder_input_tokens"])
-                          + np.count_nonzero(host_batch["decoder_target_tokens"])
-                          ) * jax.process_count()
                 state, step_metrics = jitted(state, to_global(host_batch))
                 step += 1
                 bar.update(1)  # before any evaluation: the bar reads the step being evaluated
                 # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
                 if pending is not None:
-                    window = _absorb(window, pending, config, skipped)
+                    window = _absorb(window, pending, config, skipped, speed)
                 pending = (step, step_metrics)
-                tokens_in_window += tokens
                 if not first_step_done:
                     # The first step includes compilation: keep it out of tokens/s.
                     jax.block_until_ready(step_metrics)
                     first_step_done = True
-                    tokens_in_window, window_start = 0, time.time()
+                    window_start = time.time()
                 is_last = step == config.train.steps
                 preempted = preemption.reached(step)
                 must_save = checkpoints.save_due(step) or is_last or preempted
@@ -260,28 +265,25 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 log_due = step % config.log.every_steps == 0 or is_last or bool(eval_results)
                 carry_window = must_save and not log_due
                 if log_due or must_save:
-                    window = _absorb(window, pending, config, skipped)
+                    window = _absorb(window, pending, config, skipped, speed)
                     pending = None
                 if log_due:
                     # Writing the row counts in the next window, so that the windows add up
                     # to the loop's time, which summary.json's tokens/s divides by.
                     now = time.time()
+                    # (Empty for a window of the compiling first step alone.)
+                    figures = speed.close_window(now - window_start)
                     if window is not None:
-                        elapsed = max(now - window_start, 1e-9)
                         last_summary = metrics_lib.summarize(window, task_names)
-                        if tokens_in_window:  # not a window of the compiling first step alone
-                            last_summary["tokens_per_s"] = tokens_in_window / elapsed
-                            logged_tokens, logged_s = logged_tokens + tokens_in_window, (
-                                logged_s + elapsed)
+                        last_summary.update(figures)
                         last_summary.update(eval_results)
                         last_summary_step = step
                         writer.write(step, last_summary)
                         if host_log is not None:
                             host_log.write(step, last_summary)
-                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}", **(
-                            {"tok_s": f"{last_summary['tokens_per_s']:.0f}"}
-                            if "tokens_per_s" in last_summary else {}))
-                    window, tokens_in_window, window_start = None, 0, now
+                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
+                                        **_speed_postfix(last_summary))
+                    window, window_start = None, now
                 if must_save:
                     if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
                         best_metric_unchecked = False
@@ -309,7 +311,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
-        tokens_per_s=logged_tokens / logged_s if logged_tokens else None,
+        tokens_per_s=speed.overall().get("tokens_per_s"), throughput=speed.overall(),
         wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use,
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
@@ -479,13 +481,15 @@ def _best_metric_known(config: config_lib.Config, summary: dict[str, float], bar
     return True
 
 
-def _absorb(window, pending, config: config_lib.Config, skipped: list[int]):
-    """Add a fetched step's metrics to the window; stop, or note the step in ``skipped``, where
-    its loss, gradients or updated weights are not finite."""
+def _absorb(window, pending, config: config_lib.Config, skipped: list[int],
+            speed: throughput_lib.Throughput):
+    """Add a fetched step's metrics to the window and its tokens to ``speed``; stop, or note
+    the step in ``skipped``, where its loss, gradients or updated weights are not finite."""
     if pending is None:
         return window
     step, device_metrics = pending
     host = jax.device_get(device_metrics)
+    speed.add(step, host.pop("tokens"))  # a skipped update's tokens took their time too
     if not bool(host["finite"]):
         what = ", ".join(name for name, value in (
             ("loss", host["loss_sum"]), ("gradients", host["grad_norm"]),
@@ -524,12 +528,24 @@ def _progress_bar(start: int, total: int, enabled: bool):
                 disable=not enabled or jax.process_index() != 0, file=sys.stderr)
 
 
+def _speed_postfix(row: dict[str, float]) -> dict[str, str]:
+    """The progress bar's throughput: tokens/s, and MFU where the chip's peak is known."""
+    postfix = {}
+    if "tokens_per_s" in row:
+        postfix["tok_s"] = f"{row['tokens_per_s']:.0f}"
+    if "mfu" in row:
+        postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+    return postfix
+
+
 def _write_summary(result: TrainResult) -> None:
     if jax.process_index() != 0:
         return
     summary = {
         "step": result.step, "start_step": result.start_step,
-        "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens_per_s, **{
+            k: v for k, v in result.throughput.items() if k != "tokens_per_s"},
+        "wall_s": result.wall_s,
         "metrics": result.metrics, "metrics_step": result.metrics_step,
         "skipped_steps": result.skipped_steps, "tasks": result.task_names,
         "checkpoints": str(result.workdir.absolute() / "checkpoints"),
