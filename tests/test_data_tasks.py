@@ -848,3 +848,24 @@ def test_seqio_advice_that_does_not_apply_is_dropped(caplog):
         absl_logging.warning("Using an uncached FunctionDataset for training is not recommended")
         absl_logging.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_file_task_notes_print_on_the_first_host_only(monkeypatch, capsys):
+    """Every host scans the same files and reaches the same note: a job's merged log showed
+    it once per host."""
+    import jax
+
+    monkeypatch.setattr(files_lib, "_WARNED", set())
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    files_lib._warn_once("mtjax: note: seen by every host")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    files_lib._warn_once("mtjax: note: seen by every host, once")
+    files_lib._warn_once("mtjax: note: seen by every host, once")
+    assert capsys.readouterr().err == "mtjax: note: seen by every host, once\n"
+    # Outside a multi-host job, JAX is not asked (it would start its backends): printed.
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax, "process_index", lambda: pytest.fail("backends started"))
+    files_lib._warn_once("mtjax: note: one process")
+    assert capsys.readouterr().err == "mtjax: note: one process\n"

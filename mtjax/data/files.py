@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from mtjax.data import memory
 from mtjax.errors import UserError
+from mtjax.parallel import distributed
 
 FORMATS = ("tsv", "jsonl", "text")
 _EXTENSIONS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
@@ -412,6 +413,9 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
+    """Print a note once per process, on host 0 only: every host scans the same files and
+    reached the same note, and a job's merged log (srun, a pod) showed it once per host."""
     if message not in _WARNED:
         _WARNED.add(message)
-        print(message, file=sys.stderr, flush=True)
+        if distributed.is_first_host():
+            print(message, file=sys.stderr, flush=True)

@@ -149,6 +149,15 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def is_first_host() -> bool:
+    """Whether this process is host 0 of its job; True in a process outside a multi-host job
+    (one that has not started ``jax.distributed``), where asking JAX would start its backends
+    before ``jax.distributed`` may (``mtjax tasks``, a pipeline built before training)."""
+    import jax
+
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 def stop_with_the_others(failure: UserError) -> None:
     """Call before raising a set-up error found before ``jax.distributed`` started.
 

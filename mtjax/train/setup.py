@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from mtjax import config as config_lib
 from mtjax import kernels
 from mtjax.model import attention as attention_lib
 from mtjax.model import layers, sizes
+from mtjax.parallel import distributed
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import optim
 from mtjax.train import state as state_lib
@@ -131,8 +131,8 @@ def _say_why_no_cpu_kernels(parts: str = "attention and loss") -> None:
         return
     ready, why_not = kernels.cpu_kernel_status()
     if not ready and "switched off by MTJAX_CPU_KERNELS" not in why_not:
-        print(f"mtjax: the step runs XLA's {parts}: mtjax's faster CPU kernels are "
-              f"unavailable here ({why_not})", file=sys.stderr, flush=True)
+        distributed.log(f"mtjax: the step runs XLA's {parts}: mtjax's faster CPU kernels "
+                        f"are unavailable here ({why_not})")
 
 
 def _traced_under(step_fn: Callable, mesh: Mesh, rules: mesh_lib.AxisRules) -> Callable:
