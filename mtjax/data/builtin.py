@@ -13,13 +13,11 @@ from collections.abc import Callable
 import seqio
 import tensorflow as tf
 
-from mtjax.data import memory
+from mtjax.data import memory, objectives
 from mtjax.data.vocab import get_vocabulary
 
 DEFAULT_MIXTURE = "mtjax_demo"
 SPLIT_SIZES = {"train": 20_000, "validation": 500}
-NOISE_DENSITY = 0.15
-MEAN_NOISE_SPAN_LENGTH = 3.0
 
 
 @functools.cache
@@ -141,56 +139,19 @@ def log_likelihood(targets: list[str], scores: list[float]) -> dict[str, float]:
     return {"log_likelihood": float(sum(scores)) / max(len(scores), 1)}
 
 
-# --- T5 span corruption (Raffel et al. 2020, §3.1.4), in TF ops so it resamples every epoch ---
-
-
-def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed) -> tf.Tensor:
-    """Splits `num_items` into `num_segments` random non-empty parts; returns their lengths."""
-    is_first = tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32)
-    order = tf.argsort(tf.random.stateless_uniform([num_items - 1], seed=seed))
-    first_in_segment = tf.pad(tf.gather(is_first, order), [[1, 0]])
-    segment_id = tf.cumsum(first_in_segment)
-    return tf.math.segment_sum(tf.ones_like(segment_id), segment_id)
-
-
-def random_spans_noise_mask(length: tf.Tensor, seed) -> tf.Tensor:
-    """Boolean [length] mask: about NOISE_DENSITY noise, in spans of mean MEAN_NOISE_SPAN_LENGTH.
-
-    Spans alternate non-noise, noise, ..., starting with non-noise, as in T5.
-    """
-    lengthf = tf.cast(length, tf.float32)
-    num_noise = tf.cast(tf.round(lengthf * NOISE_DENSITY), tf.int32)
-    num_noise = tf.clip_by_value(num_noise, 1, length - 1)
-    num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / MEAN_NOISE_SPAN_LENGTH), tf.int32)
-    num_spans = tf.clip_by_value(num_spans, 1, num_noise)
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
-    nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
-    interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
-    span_starts = tf.cumsum(interleaved)[:-1]
-    starts = tf.math.unsorted_segment_sum(tf.ones_like(span_starts), span_starts, length)
-    return tf.math.floormod(tf.cumsum(starts), 2) == 1
-
-
-def _replace_spans_with_sentinels(tokens, noise_mask, vocab_size):
-    """Each noise span becomes one sentinel; sentinels count down from vocab_size - 1 (ByT5)."""
-    previous = tf.pad(noise_mask[:-1], [[1, 0]])
-    first = tf.logical_and(noise_mask, tf.logical_not(previous))
-    sentinels = vocab_size - tf.cumsum(tf.cast(first, tokens.dtype))
-    tokens = tf.where(first, sentinels, tokens)
-    return tf.boolean_mask(tokens, tf.logical_not(tf.logical_and(noise_mask, previous)))
-
-
+# T5 span corruption (Raffel et al. 2020, §3.1.4) of each short text whole: objectives' noise
+# and sentinels without its chunking (one sentence is one example), fresh noise every epoch.
 @seqio.map_over_dataset(num_seeds=1)
 @tf.autograph.experimental.do_not_convert  # plain TF ops: converting only costs start-up
 def span_corruption(features, seed, output_features):
     """Tokenized `targets` -> `inputs` with spans replaced by sentinels, `targets` the spans."""
     tokens = features["targets"]
     vocab_size = output_features["targets"].vocabulary.vocab_size
-    mask = random_spans_noise_mask(tf.size(tokens), seed)
+    mask = objectives.random_spans_noise_mask(tf.size(tokens), seed)
     return {
-        "inputs": _replace_spans_with_sentinels(tokens, mask, vocab_size),
-        "targets": _replace_spans_with_sentinels(tokens, tf.logical_not(mask), vocab_size),
+        "inputs": objectives.noise_span_to_unique_sentinel(tokens, mask, vocab_size),
+        "targets": objectives.noise_span_to_unique_sentinel(tokens, tf.logical_not(mask),
+                                                            vocab_size),
     }
 
 
