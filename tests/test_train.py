@@ -515,3 +515,31 @@ def test_throughput_counts_timed_steps_only_and_sums_windows_harmonically():
     assert speed.close_window(0.5)["mfu"] == pytest.approx(8e14 / chips)
     assert throughput.job_peak_flops("cpu", "cpu", "float32", 8) is None
     assert throughput.job_peak_flops("Some Future Chip", "gpu", "bfloat16", 1) is None
+
+
+def test_custom_architecture_of_init_from_wins_until_the_run_has_a_checkpoint(tmp_path,
+                                                                             monkeypatch):
+    """A first attempt that stopped in set-up left its --init-from's architecture in the run
+    directory; the next attempt, with another --init-from, trained (or failed) on the stale one."""
+    from mtjax import checkpoint
+    from mtjax.model import sizes
+    from mtjax.train import trainer
+
+    def architecture(directory, d_ff):
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), d_ff=d_ff)
+        (directory / sizes.MODEL_CONFIG_FILE).write_text(
+            json.dumps({"t5_config": dataclasses.asdict(cfg)}))
+
+    monkeypatch.setattr(sizes, "_custom", sizes._custom)  # restored after the test
+    run, given = tmp_path / "run", tmp_path / "converted"
+    architecture(run, 40)  # left by the attempt that stopped
+    architecture(given, 48)
+    monkeypatch.setattr(checkpoint, "find_state_dir", lambda path: given / "checkpoints" / "0")
+    monkeypatch.setattr(checkpoint, "run_dir_of", lambda path: given)
+    assert trainer._use_custom_architecture(run, str(given)) == given / sizes.MODEL_CONFIG_FILE
+    assert sizes.get_config(sizes.CUSTOM).d_ff == 48
+    (run / "checkpoints" / "5").mkdir(parents=True)  # a run that saved: it resumes as it was
+    assert trainer._use_custom_architecture(run, str(given)) == run / sizes.MODEL_CONFIG_FILE
+    assert sizes.get_config(sizes.CUSTOM).d_ff == 40
+    assert trainer._use_custom_architecture(run, None) == run / sizes.MODEL_CONFIG_FILE

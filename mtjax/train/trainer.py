@@ -320,14 +320,20 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
 def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pathlib.Path:
     """model.name=custom: the architecture in the run's model_config.json, else in the
-    --init-from checkpoint's (a converted size without a name); returns the file read."""
+    --init-from checkpoint's (a converted size without a name); returns the file read.
+
+    A run without a checkpoint yet takes --init-from's first: its own copy is then left from
+    an attempt that stopped in set-up, maybe with another --init-from, whose architecture the
+    weights now given would not fit."""
     from mtjax.model import sizes
 
     candidates = [workdir / sizes.MODEL_CONFIG_FILE]
     if init_from:
         from mtjax.checkpoint import find_state_dir, run_dir_of
 
-        candidates.append(run_dir_of(find_state_dir(init_from).parent) / sizes.MODEL_CONFIG_FILE)
+        given = run_dir_of(find_state_dir(init_from).parent) / sizes.MODEL_CONFIG_FILE
+        has_checkpoint = any(p.name.isdigit() for p in workdir.glob("checkpoints/*"))
+        candidates.insert(1 if has_checkpoint else 0, given)
     for path in candidates:
         if path.is_file():
             try:
