@@ -250,6 +250,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                         or (is_last and config.eval.at_end)):
                     from mtjax.infer import evaluate as evaluate_lib
 
+                    # The step is still running behind dispatch: let it finish in training time,
+                    # or its compute is taken out of tokens/s as evaluation time.
+                    jax.block_until_ready(step_metrics)
                     eval_start = time.time()
                     eval_results = evaluate_lib.flatten(evaluator(state.params, step))
                     # Evaluation time is not training time: keep it out of tokens/s.
