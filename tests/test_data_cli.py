@@ -92,12 +92,21 @@ def test_tasks_preview_span_corruption_text(capsys):
     (["tasks", "list", "--tasks-module", "raises"],
      "'raises' not found on Python's module path, but raises.py is here: give the file, "
      "--tasks-module raises.py"),
+    # A data file, or a folder, where the module that registers the tasks belongs.
+    (["tasks", "list", "--tasks-module", "data.tsv"],
+     "tasks module file 'data.tsv' is not a .py file; give the Python file that registers "
+     "your tasks (it names the data files)"),
+    (["tasks", "list", "--tasks-module", "{tmp}/data.tsv"],
+     "tasks module file '{tmp}/data.tsv' is not a .py file"),
+    (["tasks", "list", "--tasks-module", "{tmp}/"],
+     "is a folder; give the .py file that registers your tasks"),
 ])
 def test_mistakes_are_one_line(capsys, argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raises.py").write_text("columns = {}\ncolumn = columns['text_col']\n")
     (tmp_path / "broken.py").write_text("def f(:\n")
     (tmp_path / "bad_json.py").write_text("import json\n\njson.loads('{oops')\n")
+    (tmp_path / "data.tsv").write_text("question\tanswer\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
     needle = needle.format(tmp=tmp_path)
     code, _, err = run(argv, capsys)

@@ -64,8 +64,13 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
     """
     if name_or_path.endswith(".py") or "/" in name_or_path:
         path = pathlib.Path(name_or_path).absolute()
+        if path.is_dir():
+            raise TasksModuleError(f"tasks module {name_or_path!r} is a folder; give the .py "
+                                   f"file that registers your tasks")
         if not path.is_file():
             raise TasksModuleError(f"tasks module file {name_or_path!r} does not exist")
+        if path.suffix != ".py":
+            raise _not_python(name_or_path)
         module_name = f"mtjax_user_tasks_{path.stem}"
         if module_name in sys.modules:
             return sys.modules[module_name]
@@ -83,6 +88,8 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
     except ModuleNotFoundError as e:
         if e.name is not None and not name_or_path.startswith(e.name):
             raise _failed_import(name_or_path, e) from e  # a module the tasks module imports
+        if pathlib.Path(name_or_path).is_file():  # `data.tsv`: read as module `tsv` of `data`
+            raise _not_python(name_or_path) from e
         as_file = pathlib.Path(*name_or_path.split(".")).with_suffix(".py")
         if as_file.is_file():  # `mtjax` does not put the current directory on sys.path
             raise TasksModuleError(
@@ -93,6 +100,12 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
             f"or a .py file") from e
     except Exception as e:
         raise _failed_import(name_or_path, e) from e
+
+
+def _not_python(name: str) -> TasksModuleError:
+    """A file that is no Python module, most likely the task's data file given in its place."""
+    return TasksModuleError(f"tasks module file {name!r} is not a .py file; give the Python "
+                            f"file that registers your tasks (it names the data files)")
 
 
 def _failed_import(name_or_path: str, error: Exception) -> TasksModuleError:
