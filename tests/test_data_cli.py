@@ -269,3 +269,17 @@ def test_bench_data_takes_a_users_mixture_and_names_an_unknown_one(user_module, 
 def test_vocab_encode_shows_the_bytes_of_a_multibyte_character(capsys):
     code, out, _ = run(["vocab", "encode", "byte", "hé"], capsys)
     assert code == 0 and json.loads(out)["pieces"] == ["h", "<0xC3>", "<0xA9>"]
+
+
+def test_a_vocabulary_that_is_no_sentencepiece_model_is_one_line(capsys, tmp_path):
+    """`vocab train` writes spm.model and spm.vocab side by side; data.vocabulary=.../spm.vocab
+    (the text listing) ended in protobuf's DecodeError traceback when the tasks tokenized."""
+    (tmp_path / "spm.vocab").write_text("<pad>\t0\n</s>\t0\n<unk>\t0\n")
+    (tmp_path / "qa.tsv").write_text("what is 1 plus 1?\t2\n")
+    (tmp_path / "t.py").write_text(
+        f"from mtjax.data import tasks\ntasks.add_file_task('t', {str(tmp_path / 'qa.tsv')!r})\n")
+    code, _, err = run(["tasks", "preview", "t", "--tasks-module", str(tmp_path / "t.py"),
+                        f"data.vocabulary={tmp_path / 'spm.vocab'}"], capsys)
+    assert code == 2 and f"{tmp_path / 'spm.vocab'} is not a SentencePiece model" in err
+    assert "give the .model file" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -41,6 +41,7 @@ def get_vocabulary(name: str) -> seqio.Vocabulary:
 
     Raises:
         FileNotFoundError: `name` is neither `"byte"` nor an existing file.
+        VocabularyError: the file is no SentencePiece model (e.g. `vocab train`'s spm.vocab).
     """
     if name == "byte":
         return seqio.ByteVocabulary()
@@ -50,7 +51,16 @@ def get_vocabulary(name: str) -> seqio.Vocabulary:
             "mtjax never downloads vocabularies: copy the .model file to this machine first, "
             "or make one with `mtjax vocab train`."
         )
-    return seqio.SentencePieceVocabulary(os.path.abspath(name), extra_ids=EXTRA_IDS)
+    vocab = seqio.SentencePieceVocabulary(os.path.abspath(name), extra_ids=EXTRA_IDS)
+    try:
+        vocab.sp_model  # noqa: B018 - seqio parses the file on first use, inside a TF map
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or the file's OSError
+        reason = str(e).splitlines()[0][:120] if str(e) else "unreadable"
+        raise VocabularyError(
+            f"Vocabulary {name} is not a SentencePiece model ({type(e).__name__}: {reason}); "
+            f"give the .model file (`mtjax vocab train` writes spm.model, and spm.vocab beside "
+            f"it as a text listing)") from None
+    return vocab
 
 
 # The vocabulary that task helpers use when a task does not name one: config data.vocabulary,
