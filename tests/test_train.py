@@ -380,6 +380,18 @@ def test_a_bucket_url_as_workdir_is_refused_with_the_fix(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no local "gs:" directory
 
 
+def test_a_file_as_workdir_is_refused_in_one_line(tmp_path, capsys):
+    """`--workdir runs/x/config.json` ended in FileExistsError's traceback from mkdir."""
+    from mtjax import cli
+
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["train", "--workdir", str(tmp_path / "config.json"), "--no-progress",
+                     *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {tmp_path / 'config.json'} is a file; give a directory" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
     """The first step compiles, so a window of it alone has no tokens/s: the record leaves the
     field out, rather than logging 0 (or the compile-bound rate) as the run's speed."""

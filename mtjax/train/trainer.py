@@ -111,6 +111,9 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             raise config_lib.ConfigError(
                 f"--workdir {given}: mtjax writes the run directory through the local "
                 f"filesystem; mount the bucket (e.g. gcsfuse) and give the mounted path")
+        if workdir.exists() and not workdir.is_dir():
+            raise config_lib.ConfigError(
+                f"--workdir {given} is a file; give a directory (the run's own, or a new one)")
         if config.model.name == sizes.CUSTOM:
             custom_architecture = _use_custom_architecture(workdir, init_from)
         sizes.get_config(config.model.name)
