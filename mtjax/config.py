@@ -447,8 +447,12 @@ def load(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) 
         try:
             config = module.get_config()
         except Exception as e:  # noqa: BLE001 - the user's function failed
+            # T5X and ml_collections configs are assigned to; these are frozen dataclasses.
+            fix = ("; the config is frozen: build it, e.g. Config(train=TrainConfig(steps=1000)), "
+                   "or copy it with dataclasses.replace"
+                   if isinstance(e, dataclasses.FrozenInstanceError) else "")
             raise ConfigError(f"get_config() in {str(path)!r} failed: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {e}{fix}") from e
         if not isinstance(config, Config):
             raise ConfigError(
                 f"get_config() in {str(path)!r} returned {type(config).__name__}, not mtjax Config"

@@ -91,6 +91,20 @@ def test_a_config_file_that_is_not_python_or_whose_get_config_raises_is_one_line
         config_lib.load(raising)
 
 
+def test_a_config_file_that_assigns_to_a_field_is_told_how_to_build_it(tmp_path):
+    """T5X and ml_collections configs are assigned to (`config.train.steps = 10`); mtjax's are
+    frozen, and the error said only FrozenInstanceError, not how to write it instead."""
+    assigning = tmp_path / "assigning.py"
+    assigning.write_text("from mtjax.config import Config\n\ndef get_config():\n"
+                         "    config = Config()\n    config.train.steps = 10\n"
+                         "    return config\n")
+    with pytest.raises(config_lib.ConfigError, match=(
+            r"failed: FrozenInstanceError: cannot assign to field 'steps'; the config is "
+            r"frozen: build it, e.g. Config\(train=TrainConfig\(steps=1000\)\), or copy it "
+            r"with dataclasses.replace")):
+        config_lib.load(assigning)
+
+
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         config_lib.load(tmp_path / "nope.py")
