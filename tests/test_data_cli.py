@@ -66,6 +66,34 @@ def test_tasks_list_show_preview(capsys, user_module):
     assert "data.inputs_length=16 truncates 100% of user_qa" in err
 
 
+def test_tasks_show_stops_on_malformed_lines_as_train_does(tmp_path, capsys):
+    """`show` counted only the good lines ("train": 5 of 7) and exited 0 without a word."""
+    (tmp_path / "bad.tsv").write_text("q\ta\n" + "".join(f"q{i}\ta{i}\n" for i in range(5))
+                                      + "only one field\nthree\tfields\there\n")
+    module = tmp_path / "bad_tasks.py"
+    module.write_text("import pathlib\nfrom mtjax.data import tasks\n"
+                      "tasks.add_file_task('user_bad_show', str(pathlib.Path(__file__).parent / "
+                      "'bad.tsv'), columns={'inputs': 'q', 'targets': 'a'})\n"
+                      "tasks.add_mixture('user_bad_mix', ['user_bad_show'])\n")
+    for name in ("user_bad_show", "user_bad_mix"):
+        code, out, err = run(["tasks", "show", name, "--tasks-module", str(module)], capsys)
+        assert code == 2 and out == "" and "Traceback" not in err, err
+        assert "2 malformed line(s)" in err and "bad.tsv:7" in err and "on_malformed" in err
+    code, out, err = run(["tasks", "show", "user_bad_show", "--tasks-module", str(module),
+                          "data.on_malformed=skip"], capsys)
+    assert code == 0 and json.loads(out)["splits"] == {"train": 5}
+
+
+@pytest.mark.parametrize("command", ["show", "preview"])
+def test_tasks_show_and_preview_check_the_runs_vocabulary(capsys, command):
+    """They take the run's overrides, yet data.vocabulary naming no file passed unchecked
+    (exit 0), where `train` stops."""
+    code, out, err = run(["tasks", command, "mtjax_copy", "data.vocabulary=/nonexistent/spm.model"],
+                         capsys)
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert "data.vocabulary" in err and "/nonexistent/spm.model" in err
+
+
 def test_tasks_preview_span_corruption_text(capsys):
     code, out, _ = run(["tasks", "preview", "mtjax_kb_bio_span_corruption", "-n", "1",
                         "--sample", "20"], capsys)

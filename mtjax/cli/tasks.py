@@ -112,7 +112,7 @@ def _show(args: argparse.Namespace, config: config_lib.Config) -> int:
     data = config.data
     info = preview.describe(args.name, mixture=data.mixture, mixing=data.mixing,
                             cap=data.mixing_cap, temperature=data.mixing_temperature,
-                            split=args.split)
+                            split=args.split, vocabulary=data.vocabulary)
     table = info.pop("table", None)
     print(outputs.dumps(preview.as_json(info), indent=2))
     if table:
@@ -124,12 +124,14 @@ def _preview(args: argparse.Namespace, config: config_lib.Config) -> int:
     import seqio
 
     from mtjax.data import preview
-    from mtjax.data.pipeline import lookup
+    from mtjax.data.pipeline import _shared_vocabulary, lookup
 
     if args.num_examples < 0 or args.sample < 1:
         raise config_lib.ConfigError("-n must be >= 0 and --sample >= 1")
     provider = lookup(args.name)
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    # Tasks on another vocabulary than data.vocabulary are refused, as `train` refuses them.
+    _shared_vocabulary(args.name, tasks, config.data.vocabulary)
     lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
     stats_by_task = {}
     for task in tasks:

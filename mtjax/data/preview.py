@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from mtjax.data import mixing as mixing_lib
 from mtjax.data import vocab as vocab_lib
-from mtjax.data.pipeline import _as_data_error, check_task, lookup
+from mtjax.data.pipeline import _as_data_error, _shared_vocabulary, check_task, lookup
 
 FEATURES = ("inputs", "targets")
 # Above this truncated fraction a run is warned: most examples would lose tokens.
@@ -98,9 +98,18 @@ def mixture_length_report(mixture: str, lengths: dict[str, int], *, split: str =
     return stats, truncation_warnings(stats)
 
 
+def _check_files(task: seqio.Task, splits) -> None:
+    """A file task's malformed lines and empty splits stop `show` as they stop `train` and
+    `preview` (its sizes counted only the good lines, and it exited 0 without a word)."""
+    check = getattr(task.source, "check", None)
+    for split in splits if check is not None else ():
+        with _as_data_error(task.name, split):
+            check(split)
+
+
 def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
              cap: int | None = None, temperature: float = 2.0,
-             split: str = "train") -> dict[str, Any]:
+             split: str = "train", vocabulary: str | None = None) -> dict[str, Any]:
     """What `mtjax tasks show NAME` prints: source, preprocessors, features, sizes, rates.
 
     Args:
@@ -108,10 +117,14 @@ def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
         mixture: the run's mixture; a task's rate inside it is reported.
         mixing, cap, temperature: the run's mixing strategy (config data.mixing...).
         split: whose size is reported first.
+        vocabulary: the run's data.vocabulary: tasks on another are refused, as `train` does.
     """
     provider = lookup(name)
-    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
         check_task(task, split)  # a misspelt --split is an error, not ignored
+        _check_files(task, [split] if isinstance(provider, seqio.Mixture) else task.splits)
+    _shared_vocabulary(name, tasks, vocabulary)
     if isinstance(provider, seqio.Mixture):
         rates = mixing_lib.resolve_rates(name, mixing, cap=cap, temperature=temperature,
                                          split=split)
