@@ -805,3 +805,24 @@ def test_a_few_records_are_not_padded_to_a_large_batch_size(trained_run, monkeyp
     small = list(records.predict(model, texts, options, batch_size=8192))
     assert sizes == [4]
     assert small == list(records.predict(model, texts, options, batch_size=2))
+
+
+INFER_CODE = """
+import sys
+from mtjax.cli import main
+sys.exit(main(["infer", "--checkpoint", sys.argv[1], "--input", sys.argv[2],
+               "--max-decode-length", "6", "--no-progress"]))
+"""
+
+
+def test_a_device_count_that_does_not_split_the_model_still_infers(trained_run, tmp_path,
+                                                                   subprocess_python):
+    """On 3 devices the run's mesh (fsdp=-1) is fsdp=3, which cannot split t5_1_1_test's
+    32-wide embedding: the loader places the parameters whole on each device (data=3) instead
+    of failing with Orbax's tiling error and a hint about --init-from."""
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("abc\nhello world\nxyz\n")
+    out = {n: subprocess_python(INFER_CODE, trained_run, inputs, devices=n).stdout
+           for n in (1, 3)}
+    assert len(out[1].splitlines()) == 3
+    assert out[3] == out[1]

@@ -210,6 +210,16 @@ def inference_mesh(config: config_lib.Config) -> Mesh:
         return mesh_lib.make_mesh(mesh_lib.MeshShape())
 
 
+def _splits_evenly(target: Any) -> bool:
+    """Whether every parameter's dimensions divide over the mesh axes its sharding names."""
+    try:
+        for leaf in jax.tree.leaves(target):
+            leaf.sharding.shard_shape(leaf.shape)
+    except ValueError:
+        return False
+    return True
+
+
 def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
          rules: mesh_lib.AxisRules | None = None) -> LoadedModel:
     """Load the parameters and config of a checkpoint for inference.
@@ -217,7 +227,8 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     Args:
         path: a run directory (latest checkpoint), its ``checkpoints/``, or one step directory.
         mesh: where to place the parameters (default: the run's mesh shape if it fits the
-            devices here, else every device on ``fsdp``).
+            devices here, else every device on ``fsdp``; where the model's dimensions do not
+            split over that, every device on ``data``, each holding the whole parameters).
         rules: logical axis rules (default: the run's ``mesh.rules`` preset).
 
     Raises:
@@ -227,10 +238,18 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     step_dir = find_step_dir(path)
     config = read_config(step_dir)
     vocab_size = checkpoint_vocab_size(step_dir)
-    mesh = mesh if mesh is not None else inference_mesh(config)
     rules = rules if rules is not None else mesh_lib.get_rules(config.mesh.rules)
     model_cfg = model_config(config, vocab_size, step_dir)
-    model_def, target = abstract_model(model_cfg, mesh, rules)
+    if mesh is not None:
+        model_def, target = abstract_model(model_cfg, mesh, rules)
+    else:
+        mesh = inference_mesh(config)
+        model_def, target = abstract_model(model_cfg, mesh, rules)
+        if not _splits_evenly(target):
+            # A device count that does not divide the model (3 devices, a 32-wide embedding):
+            # whole parameters on every device, the batch split over them all.
+            mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(data=-1, fsdp=1, tensor=1))
+            model_def, target = abstract_model(model_cfg, mesh, rules)
     params = checkpoint_lib.restore_params(step_dir, target)
     step = int(step_dir.name) if step_dir.name.isdigit() else None
     return LoadedModel(config=config, model_def=model_def, params=params, mesh=mesh,
