@@ -249,7 +249,8 @@ for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
                   ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4", "mesh.rules=fsdp_tensor",
                    "model.name=t5_1_1_test"],
                   ["mesh.data=2", "mesh.fsdp=4", "mesh.rules=batch=data,embed=fsdp,mlp=fsdp",
-                   "model.name=t5_1_1_test"]):
+                   "model.name=t5_1_1_test"],
+                  ["mesh.dcn_data=2"]):
     try:
         config = config_lib.load(None, overrides)
         setup_lib.build(config, vocab_size=384, num_tasks=1)
@@ -260,7 +261,7 @@ for overrides in (["train.batch_size=6", "mesh.data=4", "mesh.fsdp=2"],
 
 def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     lines = subprocess_python(BAD_MESH, devices=8).stdout.strip().splitlines()
-    assert len(lines) == 5, lines
+    assert len(lines) == 6, lines
     assert lines[0].startswith("ConfigError") and "train.batch_size=6" in lines[0]
     assert "mesh.data*mesh.fsdp" in lines[0]
     assert lines[1].startswith("MeshError") and "8 devices" in lines[1]
@@ -271,6 +272,9 @@ def test_bad_mesh_is_a_clear_error_before_compiling(subprocess_python):
     # Two axes of one parameter on one mesh axis: named, not JAX's DuplicateSpecError.
     assert lines[4].startswith("MeshError") and "map to mesh axis 'fsdp'" in lines[4]
     assert "mlp.wi" in lines[4] and "mlp=none" in lines[4]
+    # dcn_* spans processes: 2 on one process names the count and the fix, not mesh_utils' slices.
+    assert lines[5].startswith("MeshError") and "1 process" in lines[5], lines[5]
+    assert "mesh.dcn_data" in lines[5] and "mesh.data" in lines[5] and "slices" not in lines[5]
 
 
 def test_an_unrelated_model_error_is_raised_as_itself(monkeypatch):

@@ -122,6 +122,13 @@ def make_mesh(shape: MeshShape = MeshShape(), devices: Sequence[jax.Device] | No
     if num_granules > 1:
         by_slice = getattr(devices[0], "slice_index", None) is not None and len(
             {getattr(d, "slice_index", 0) for d in devices}) > 1
+        granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+        if granules != num_granules:
+            kind = "slices" if by_slice else "process(es)"
+            raise MeshError(
+                f"mesh: mesh.dcn_data*mesh.dcn_fsdp*mesh.dcn_tensor = {num_granules}, but the "
+                f"devices here are on {granules} {kind}, which the dcn_* sizes span; make their "
+                f"product {granules} (split the devices of one with mesh.data/fsdp/tensor)")
         try:
             device_array = mesh_utils.create_hybrid_device_mesh(
                 ici, dcn, devices=devices, process_is_granule=not by_slice,
