@@ -468,6 +468,9 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--seed", "3"],
      "drop --seed"),
     (["eval", "--checkpoint", "{missing}"], "does not exist"),
+    # A file (a run's config.json, a model.safetensors) is named as one, not searched "under".
+    (["score", "--checkpoint", "{pairs}", "--input", "{pairs}"],
+     "pairs.jsonl is a file, not a checkpoint; give a run directory"),
     # Checked before the checkpoint loads (it does not exist here).
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--output",
       "{missing}/out.jsonl"], "the directory"),

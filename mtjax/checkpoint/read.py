@@ -29,6 +29,9 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a checkpoint; give a run directory, its "
+                              f"checkpoints/ folder, or one checkpoint step directory")
     if (path / "state").is_dir():
         return _complete_state_dir(path) if path.name.isdigit() else path / "state"
     if (path / "config.json").is_file() and (
