@@ -315,6 +315,25 @@ def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_step_set_aside_as_incomplete_names_the_older_complete_one(kept_run, tmp_path,
+                                                                     capsys):
+    """`<step>.incomplete` (what train moved aside) given to a reading command: the error said
+    "no older checkpoint of this run is complete" beside a complete older step."""
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    ckpts = run / "checkpoints"
+    older = min(int(p.name) for p in ckpts.iterdir())
+    for f in (ckpts / "10" / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (ckpts / "10").rename(ckpts / "10.incomplete")
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("copy: a b\n")
+    assert cli.main(["infer", "--checkpoint", str(ckpts / "10.incomplete"), "--input",
+                     str(inputs), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"e.g. {ckpts / str(older)}" in err and "no older" not in err, err
+
+
 def test_the_listing_sets_apart_steps_whose_metadata_does_not_parse(kept_run, tmp_path, capsys):
     """A garbage state/_METADATA or _sharding was listed as a good step, even 'latest best',
     though train sets it aside and infer refuses it."""

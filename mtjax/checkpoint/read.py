@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mtjax.checkpoint.failures import _says_unreadable, _short
-from mtjax.checkpoint.layout import CheckpointError, _is_complete
+from mtjax.checkpoint.layout import INCOMPLETE_SUFFIX, CheckpointError, _is_complete
 from mtjax.checkpoint.quiet import _note_failed_restore, _quiet_failed_reads
 
 
@@ -121,9 +121,11 @@ def unreadable(step_dir: pathlib.Path, error: BaseException) -> CheckpointError:
     """A checkpoint whose files are damaged, for commands that only read it: the error names the
     older checkpoints of the run to use instead (nothing is moved; ``mtjax train`` sets damaged
     checkpoints aside when it resumes)."""
+    # A step train set aside is <step>.incomplete[n]: older than it is older than <step>.
+    step = step_dir.name.partition(INCOMPLETE_SUFFIX)[0]
     older = sorted((int(p.name) for p in step_dir.parent.glob("*")
                     if p.name.isdigit() and _is_complete(p)
-                    and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)),
+                    and step.isdigit() and int(p.name) < int(step)),
                    reverse=True)
     fix = (f"give an older one instead, e.g. {step_dir.parent / str(older[0])} "
            f"(complete: {', '.join(map(str, older))})" if older
