@@ -290,9 +290,11 @@ def test_load_from_run_dir_or_step_dir(trained_run, caplog):
     with caplog.at_level(logging.WARNING):
         by_run = load_lib.load(trained_run)
         by_step = load_lib.load(trained_run / "checkpoints" / "20")
+        # The step's Orbax item, as T5X and Orbax users give it: that step.
+        by_state = load_lib.load(trained_run / "checkpoints" / "20" / "state")
     # Restoring one item of a step is not a missing-metadata problem (Orbax warned it was).
     assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
-    assert by_run.step == by_step.step == 20
+    assert by_run.step == by_step.step == by_state.step == 20
     assert by_run.config.model.name == "t5_1_1_test"
     assert by_run.model_def.config.vocab_size == 384  # byte vocabulary, padded to 128
     assert by_run.vocabulary.vocab_size == 259

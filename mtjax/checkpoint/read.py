@@ -29,6 +29,8 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
+    if path.name == "state" and (path.parent / "config").is_dir():
+        path = path.parent  # one step's Orbax item (as T5X and Orbax users give it): that step
     if path.is_file():
         raise CheckpointError(f"{path} is a file, not a checkpoint; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
