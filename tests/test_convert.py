@@ -464,3 +464,17 @@ def test_inference_refuses_a_vocabulary_larger_than_the_embedding(tmp_path, caps
         err = capsys.readouterr().err
         assert "byte(259) has 259 ids, and the model's embedding only 80 rows" in err, err
         assert "mtjax convert --vocab" in err and "Traceback" not in err
+
+
+def test_the_state_item_of_an_mtjax_step_is_taken_for_mtjax(tmp_path):
+    """`<run>/checkpoints/<step>/state` holds Orbax's _METADATA, which alone means an Orbax T5X
+    tree: convert read it as T5X and listed every mtjax name as unknown."""
+    step = tmp_path / "run" / "checkpoints" / "7"
+    (step / "state").mkdir(parents=True)
+    (step / "state" / "_METADATA").write_text("{}")
+    (step / "config").mkdir()
+    assert interop.detect_format(step / "state") == "mtjax"
+    assert interop.detect_format(step) == "mtjax"
+    (tmp_path / "orbax_t5x").mkdir()
+    (tmp_path / "orbax_t5x" / "_METADATA").write_text("{}")
+    assert interop.detect_format(tmp_path / "orbax_t5x") == "t5x"
