@@ -13,7 +13,9 @@ import json
 import math
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -40,9 +42,29 @@ def check_writable(path: str | os.PathLike, flag: str = "--output") -> pathlib.P
 
 
 @contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop) raises SystemExit(143) instead of ending the process where
+    it stands, so that the ``finally`` blocks run (and a partial file is removed); a handler
+    someone else set, or a thread other than the main one, is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iterator[TextIO]:
     """A text file to write ``path``'s new content into: it replaces ``path`` when the block
-    ends normally, and is deleted when it raises (Ctrl-C included)."""
+    ends normally, and is deleted when it raises (Ctrl-C and SIGTERM included)."""
     given = pathlib.Path(path)
     if given.exists() and not given.is_file() and not given.is_dir():
         # /dev/null, /dev/stdout (a link to a pipe, maybe), a FIFO: written in place.
@@ -51,23 +73,24 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
         return
     # Through a symlink: replace the file it names, not the link (its directory checked too).
     target = check_writable(check_writable(path, flag).resolve(), flag)
-    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                                       dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())  # on disk before its name is: a crash leaves no torn file
-        if target.exists():  # keep the permissions of the file being replaced
-            os.chmod(partial, target.stat().st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(partial, 0o666 & ~umask)
-        os.replace(partial, target)
-    except BaseException:
-        pathlib.Path(partial).unlink(missing_ok=True)
-        raise
+    with _sigterm_unwinds():
+        handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                           dir=target.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())  # on disk before its name is: a crash leaves no torn file
+            if target.exists():  # keep the permissions of the file being replaced
+                os.chmod(partial, target.stat().st_mode & 0o7777)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(partial, 0o666 & ~umask)
+            os.replace(partial, target)
+        except BaseException:
+            pathlib.Path(partial).unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str, flag: str = "--output") -> None:

@@ -13,6 +13,10 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -831,3 +835,28 @@ def test_a_device_count_that_does_not_split_the_model_still_infers(trained_run, 
            for n in (1, 3)}
     assert len(out[1].splitlines()) == 3
     assert out[3] == out[1]
+
+
+def test_a_sigterm_half_way_leaves_the_output_and_no_partial_file(trained_run, tmp_path):
+    """SIGTERM (what a scheduler sends) ended infer at once: the output was kept, but its
+    hidden `.out.jsonl.*.partial` stayed beside it."""
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("".join(f"copy: line {i}\n" for i in range(20000)))
+    output = tmp_path / "out.jsonl"
+    output.write_text("ORIGINAL\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtjax", "infer", "--checkpoint", str(trained_run), "--input",
+         str(inputs), "--output", str(output), "--beam-size", "4", "--batch-size", "8",
+         "--no-progress"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.jsonl.*.partial")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(1)
+    assert proc.poll() is None, "infer ended before the signal: give it more input"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert output.read_text() == "ORIGINAL\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]
