@@ -319,3 +319,20 @@ def test_gpu_attention_variants_ragged_layout_means_the_segment_mask():
             variants.mask_from_ragged(offsets, lengths, offsets, lengths, 6, 6, causal),
             variants.segment_mask(ids, ids, causal))
     variants.check_offsets()  # random packed rows, self- and cross-attention, causal or not
+
+
+def test_peer_compare_refuses_an_unknown_order_name(capsys):
+    """benchmarks/peers/compare.py skipped a misspelt --order name (torch_compiled) as it skips a
+    peer without an interpreter: the sitting ended with exit 0 and that row missing."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "peers" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--mtjax", "", "--order", "mtjax,torch_compiled,flax_t5+hugepages"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'torch_compiled'" in err and "torch_compile" in err and "flax_t5+" not in err

@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     entries = _entries(args)
+    # A misspelt name (torch_compiled, flax) would otherwise be skipped like a peer whose
+    # interpreter is not given, and the sitting would end with exit 0 and that row missing.
+    unknown = [name for name in args.order.split(",")
+               if name.removesuffix(HUGEPAGES_SUFFIX) not in entries]
+    if unknown:
+        p.error(f"--order: unknown {', '.join(map(repr, unknown))}; the entries are "
+                f"{', '.join(entries)}, each optionally with {HUGEPAGES_SUFFIX}")
     runs = []
     for name in args.order.split(","):
         command = entries.get(name.removesuffix(HUGEPAGES_SUFFIX))
