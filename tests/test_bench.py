@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -336,3 +337,19 @@ def test_peer_compare_refuses_an_unknown_order_name(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "'torch_compiled'" in err and "torch_compile" in err and "flax_t5+" not in err
+
+
+@pytest.mark.parametrize("script", ["sweep.py", "attention_variants.py"])
+def test_gpu_scripts_help_says_their_whole_first_sentence(script):
+    """sweep.py's --help described it as "... bf16, 512/114, over" and attention_variants.py's
+    as "... in the ways mtjax could": the docstring's first line, cut mid-sentence."""
+    import pathlib
+    import subprocess
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu" / script
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "100"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    description = proc.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith("."), description

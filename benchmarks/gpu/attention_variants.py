@@ -245,7 +245,7 @@ def check_offsets(segments: int = 3) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out-dir", type=pathlib.Path, default=None)
     parser.add_argument("--check", action="store_true",
                         help="check the offsets and run the dense variant at a small shape")

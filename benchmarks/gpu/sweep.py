@@ -243,7 +243,7 @@ def other_benchmarks(sweep: Sweep, model: str, batch: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("."))
     parser.add_argument("--deadline-s", type=float, default=330.0,
                         help="start nothing that would end after this many seconds")
