@@ -353,3 +353,23 @@ def test_gpu_scripts_help_says_their_whole_first_sentence(script):
     assert proc.returncode == 0, proc.stderr
     description = proc.stdout.split("\n\n")[1]
     assert description.rstrip().endswith("."), description
+
+
+@pytest.mark.parametrize("script,package", [("hf_torch_t5.py", "torch"),
+                                            ("hf_flax_t5.py", "transformers")])
+def test_a_peer_without_its_packages_says_so_in_one_line(script, package):
+    """A peer run with mtjax's interpreter (no torch or transformers) ended in a
+    ModuleNotFoundError traceback, exit 1."""
+    import importlib.util
+    import pathlib
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "peers" / script
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and package in proc.stderr and "Peers" in proc.stderr

@@ -18,6 +18,14 @@ from typing import Any
 _PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mtjax"
 
 
+def missing_packages(script: str, error: ImportError, needs: str) -> None:
+    """One line and exit 2 where a peer runs under an interpreter without its packages (mtjax's
+    own, say), instead of a traceback."""
+    print(f"{pathlib.Path(script).name}: error: {error}; run it with an interpreter that has "
+          f"{needs} (benchmarks/README.md, Peers)", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_sizes():
     """mtjax's sizes module without running the mtjax package inits (which import JAX)."""
     # A bare package object: `from mtjax.errors import ...` in sizes.py resolves from the

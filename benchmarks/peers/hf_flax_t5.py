@@ -24,7 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import transformers
+
+try:
+    import transformers
+except ImportError as e:  # run with mtjax's interpreter instead of the peer's venv
+    _common.missing_packages(__file__, e, "jax, flax, optax and transformers 4.57.x")
 
 _clip = jnp.clip
 

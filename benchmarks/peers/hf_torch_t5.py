@@ -18,8 +18,12 @@ import sys
 import time
 
 import _common  # benchmarks/peers/_common.py (the script's folder is on sys.path)
-import torch
-import transformers
+
+try:
+    import torch
+    import transformers
+except ImportError as e:  # run with mtjax's interpreter instead of the peer's venv
+    _common.missing_packages(__file__, e, "torch and transformers")
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, trials: int = 5,
