@@ -31,6 +31,7 @@ from mtjax import config as config_lib  # noqa: E402
 from mtjax.bench import DEFAULT_OVERRIDES  # noqa: E402
 from mtjax.bench import peak as peak_lib  # noqa: E402
 from mtjax.bench import train as train_bench  # noqa: E402
+from mtjax.errors import UserError  # noqa: E402
 from mtjax.model import sizes  # noqa: E402
 from mtjax.parallel import mesh as mesh_lib  # noqa: E402
 from mtjax.train import setup as setup_lib  # noqa: E402
@@ -41,10 +42,20 @@ def main() -> None:
     p.add_argument("variants", nargs="+", help="comma-separated overrides per variant")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     base = config_lib.load(None, list(DEFAULT_OVERRIDES))
+    # Every variant's overrides are checked before the first one compiles (a minute or more at
+    # the peer shape), and a mistake is one line, not a traceback.
+    try:
+        configs = [config_lib.apply_overrides(base, [o for o in spec.split(",") if o])
+                   for spec in args.variants]
+        for config in configs:
+            sizes.get_config(config.model.name)
+    except UserError as e:
+        p.error(str(e))
     runs = []
-    for spec in args.variants:
-        config = config_lib.apply_overrides(base, [o for o in spec.split(",") if o])
+    for spec, config in zip(args.variants, configs, strict=True):
         vocab = sizes.get_config(config.model.name).vocab_size
         setup = setup_lib.build(config, vocab_size=vocab, num_tasks=1, total_steps=100)
         b, s, t = config.train.batch_size, config.data.inputs_length, config.data.targets_length

@@ -373,3 +373,22 @@ def test_a_peer_without_its_packages_says_so_in_one_line(script, package):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and package in proc.stderr and "Peers" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["", "model.remat=bogus"], "config key 'model.remat' must be one of"),
+    (["--rounds", "0", ""], "--rounds must be at least 1"),
+])
+def test_ab_step_refuses_a_mistake_before_compiling(argv, message):
+    """benchmarks/ab_step.py compiled the peer-shape baseline (a minute or more) before it read
+    a later variant's bad override, then ended in a ConfigError traceback (exit 1); --rounds 0
+    compiled every variant and failed on the median of no steps."""
+    import pathlib
+    import subprocess
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "ab_step.py"
+    proc = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True,
+                          env={**os.environ, "MTJAX_HUGEPAGES": "0"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr
