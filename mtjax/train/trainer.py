@@ -119,6 +119,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         sizes.get_config(config.model.name)
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
+        _check_eval_split(config)
         if init_from and not any(p.name.isdigit() for p in workdir.glob("checkpoints/*")):
             from mtjax.checkpoint import find_state_dir
 
@@ -448,7 +449,6 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
         evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                 progress=False)
         if not evaluator.task_names:
-            _check_eval_split(config)
             log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
@@ -462,13 +462,17 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
 
 
 def _check_eval_split(config: config_lib.Config) -> None:
-    """Refuse an eval.split that no task with metrics has (a typo), before training: it was a
-    note, and the run trained without the evaluation asked for."""
+    """Refuse an eval.split that no task with metrics has (a typo), with the other set-up
+    checks: as a note the run trained without the evaluation asked for, and found after the
+    workdir was written it left a config.json in a new run directory."""
+    if not (config.eval.every_steps or config.eval.at_end):
+        return
     import seqio
 
+    # The tasks the evaluator takes (infer.evaluate.seqio_evaluators), before their split.
     scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(config.data.mixture))
-              if t.metric_fns or getattr(t, "score_metric_fns", None)]
-    if scored:
+              if t.metric_fns or t.metric_objs]
+    if scored and not any(config.eval.split in t.splits for t in scored):
         splits = sorted({s for t in scored for s in t.splits})
         raise config_lib.ConfigError(
             f"eval.split={config.eval.split!r}: no task of {config.data.mixture} with metrics "
