@@ -548,3 +548,25 @@ def test_a_save_without_metrics_ranks_worst_and_orbax_does_not_warn(tmp_path, ca
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
     assert checkpoints.best_step() == 1 and checkpoints.all_steps() == [1, 3]
     checkpoints.close()
+
+
+def test_a_save_killed_earlier_is_redone_without_orbax_warning(tmp_path, caplog):
+    """A SIGKILL during a save leaves <step>.orbax-checkpoint-tmp; the resumed run saving that
+    step again printed absl's "WARNING:absl:Attempted to create temporary directory ... Removing
+    existing directory since it is not finalized." The run resumes from its latest complete
+    step (and says so), so the partial save's removal is no news."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+
+    leftover = tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp" / "state"
+    leftover.mkdir(parents=True)
+    (leftover / "partial").write_bytes(b"cut short")
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=2, async_save=False)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        checkpoints.save(1, {"w": jnp.ones((4,))}, None, config={})
+        checkpoints.wait()
+    assert not [r for r in caplog.records if "temporary directory" in r.getMessage()]
+    assert checkpoints.all_steps() == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    checkpoints.close()

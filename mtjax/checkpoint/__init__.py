@@ -13,7 +13,7 @@ The package's modules, one job each:
     manager.py   RunCheckpoints: save, keep, and restore the newest step that reads
     read.py      reading one checkpoint for commands that only read (params, tree, JSON items)
     failures.py  why a restore failed (damaged files, another run, this machine), in one line
-    quiet.py     Orbax's and TensorStore's messages that checkpoint reads silence
+    quiet.py     Orbax's and TensorStore's messages that checkpoint reads and saves silence
     listing.py   `mtjax checkpoints RUN_DIR`: a run's checkpoints from their files alone
 
 The names below are the package's interface: import them from ``mtjax.checkpoint``.

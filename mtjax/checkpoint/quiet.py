@@ -1,5 +1,6 @@
-"""Orbax's and TensorStore's messages that checkpoint reads would print and that say nothing new:
-a missing step metadata file when one item is restored, and the echoes of one failed restore."""
+"""Orbax's and TensorStore's messages that checkpoint reads and saves would print and that say
+nothing new: a missing step metadata file when one item is restored, the echoes of one failed
+restore, and the removal of a save that a killed process left unfinished."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ class _ItemMetadataExpected(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_ItemMetadataExpected())
+
+
+class _UnfinishedSaveRedone(logging.Filter):
+    """Orbax warns "Attempted to create temporary directory ... Removing existing directory since
+    it is not finalized" when it saves a step whose earlier save was killed (SIGKILL, a lost
+    host). The run resumes from its latest complete step (and says so) or starts afresh; the
+    half-written copy was never a checkpoint, so its removal is no news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Attempted to create temporary directory ")
+                    and message.endswith("Removing existing directory since it is not finalized."))
+
+
+logging.getLogger("absl").addFilter(_UnfinishedSaveRedone())
 
 
 _ORBAX_READ_ERROR = "Encountered error while reading array index"
