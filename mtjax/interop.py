@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import stat
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -210,7 +211,11 @@ def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
     else:
         import orbax.checkpoint as ocp
 
-        tree = ocp.PyTreeCheckpointer().restore(src)
+        with warnings.catch_warnings():
+            # Without target shardings Orbax reads the saved ones, and says so in two lines
+            # for every tree; conversion wants host arrays, so any layout does.
+            warnings.filterwarnings("ignore", "Sharding info not provided", UserWarning)
+            tree = ocp.PyTreeCheckpointer().restore(src)
     tree = tree.get("optimizer", tree)
     tree = tree.get("target", tree.get("params", tree))
     return {name: _read_ts(src, x) if _is_ts_spec(x) else np.asarray(x)

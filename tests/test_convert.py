@@ -388,6 +388,32 @@ def test_t5x_native_checkpoint_directory(tmp_path, capsys):
     assert all(np.array_equal(flat_back[k], v) for k, v in convert.flatten(params).items())
 
 
+def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, recwarn):
+    """Orbax warned "Sharding info not provided when restoring..." (two lines on stderr) for
+    every Orbax tree read as T5X: before a converted T5X tree's summary, and before the one-line
+    error for an mtjax step's state item given with --from t5x."""
+    import orbax.checkpoint as ocp
+
+    hf_config, tensors = hf_fixture("t5_1_1")
+    cfg = convert.hf_config_to_t5(hf_config)
+    t5x = to_t5x(convert.hf_to_params(tensors, cfg), scanned=False, kernels_3d=False, heads=3)
+    tree: dict = {}
+    for name, x in t5x.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jnp.asarray(x)
+    ocp.PyTreeCheckpointer().save(tmp_path / "orbax_t5x", tree)
+    assert cli.main(["convert", str(tmp_path / "orbax_t5x"), str(tmp_path / "from_orbax"),
+                     "--vocab", "byte"]) == 0
+    assert json.loads(capsys.readouterr().out)["from"] == "t5x"
+    state = tmp_path / "from_orbax" / "checkpoints" / "0" / "state"
+    assert cli.main(["convert", str(state), str(tmp_path / "again"), "--from", "t5x"]) == 2
+    assert capsys.readouterr().err.count("mtjax: error: T5X checkpoint:") == 1
+    assert not [w for w in recwarn if "Sharding info" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------------
 # A converted checkpoint starts a training run
 # ---------------------------------------------------------------------------------------------
