@@ -411,6 +411,12 @@ def test_missing_checkpoint_dir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["checkpoints", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere does not exist" in err and len(err.strip().splitlines()) == 1
+    # A file (a run's config.json, say) was said to hold no checkpoints/ folder.
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["checkpoints", str(tmp_path / "config.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"mtjax: error: {tmp_path / 'config.json'} is a file; give a run directory (its "
+        f"--workdir), its checkpoints/ folder or one checkpoint in it\n")
 
 
 TOPOLOGY = """

@@ -31,6 +31,9 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     root = run_dir / "checkpoints"
     if not run_dir.exists():
         raise CheckpointError(f"{run_dir} does not exist; give a run directory")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file; give a run directory (its --workdir), its "
+                              f"checkpoints/ folder or one checkpoint in it")
     if not root.is_dir():
         raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
     config = {}
