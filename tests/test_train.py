@@ -162,6 +162,11 @@ def test_init_from_another_model_size_names_the_models(trained_run, tmp_path, op
     message = str(info.value)
     assert "same model size and vocabulary (it holds t5_1_1_test)" in message, message
     assert "strict=False" not in message and "ArrayRestoreArgs" not in message
+    # The parameter and both shapes in mtjax's words, not Orbax's "Requested shape: (256,) is
+    # not compatible with the stored shape: (32,).;"
+    assert ": its decoder.decoder_norm.scale is (32,) where this model's is (256,) (and " in (
+        message), message
+    assert "Requested shape" not in message and ".;" not in message
     assert not open_managers
 
 

@@ -79,11 +79,36 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
         reason = str(e).split(" Truncating/padding")[0].strip()
         hint = ""
         if "shape" in reason:
+            # Orbax names neither the parameter nor, of its many failed reads, a fixed one.
+            reason = _shapes_that_differ(state_dir, abstract_params) or reason
             saved = _saved_model_name(state_dir.parent)
             hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
                     + (f" (it holds {saved})" if saved else ""))
         raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
     return restored["params"]
+
+
+def _shapes_that_differ(state_dir: pathlib.Path, abstract_params: Any) -> str | None:
+    """The first parameter whose saved shape is not this model's, with both shapes and how many
+    more differ; None where the saved tree does not say (unreadable, or no shape differs)."""
+    try:
+        saved = _shapes(tree_metadata(state_dir)["params"])
+    except (CheckpointError, KeyError, TypeError):
+        return None
+    differ = [(name, saved[name], shape) for name, shape in _shapes(abstract_params).items()
+              if name in saved and saved[name] != shape]
+    if not differ:
+        return None
+    name, stored, wanted = differ[0]
+    more = f" (and {len(differ) - 1} more parameters)" if len(differ) > 1 else ""
+    return f"its {name} is {stored} where this model's is {wanted}{more}"
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """``{"decoder.layers.0.mlp.wo.kernel": shape}`` of a parameter tree (arrays or metadata)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+            for path, leaf in flat}
 
 
 def _no_metadata_warning(record: logging.LogRecord) -> bool:
