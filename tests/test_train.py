@@ -168,6 +168,8 @@ def test_init_from_another_model_size_names_the_models(trained_run, tmp_path, op
         message), message
     assert "Requested shape" not in message and ".;" not in message
     assert not open_managers
+    # The refused start left .lock and the manager's empty checkpoints/ in the new directory.
+    assert not (tmp_path / "ft").exists()
 
 
 def test_sigterm_during_set_up_exits_as_preempted(tmp_path, monkeypatch, capsys,

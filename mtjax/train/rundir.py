@@ -19,6 +19,12 @@ from mtjax.train import metrics as metrics_lib
 
 
 def remove_if_only_lock(workdir: pathlib.Path) -> None:
+    """Remove a run directory that holds only its lock, and the empty checkpoints/ the
+    checkpoint manager made before a restore was refused (an --init-from of another size)."""
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        if sorted(p.name for p in workdir.iterdir()) == [RunLock.FILE, "checkpoints"]:
+            checkpoints.rmdir()
     if [p.name for p in workdir.iterdir()] == [RunLock.FILE]:
         (workdir / RunLock.FILE).unlink()
         workdir.rmdir()
