@@ -530,6 +530,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_only_a_step_directory_missing_its_metadata_warns(caplog):
     from absl import logging as absl_logging
 
+    import mtjax.checkpoint  # noqa: F401 - installs the filter (run alone, nothing else had)
+
     with caplog.at_level(logging.WARNING, logger="absl"):
         for where in ("20/state", "20/config", "20"):
             absl_logging.warning("Metadata file does not exist: run/checkpoints/%s/"
