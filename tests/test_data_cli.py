@@ -311,3 +311,13 @@ def test_a_vocabulary_that_is_no_sentencepiece_model_is_one_line(capsys, tmp_pat
     assert code == 2 and f"{tmp_path / 'spm.vocab'} is not a SentencePiece model" in err
     assert "give the .model file" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_tasks_help_gives_overrides_that_apply_to_tasks():
+    """The KEY=VALUE example was train's (train.steps=100 model.name=...), which tasks ignore."""
+    from mtjax.cli import tasks as tasks_cli
+
+    for command in ("list", "show", "preview"):
+        text = " ".join(tasks_cli.build_parser(command).format_help().split())
+        assert "e.g. data.inputs_length=512 data.mixing=temperature" in text
+        assert "train.steps" not in text

@@ -49,7 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                             help="examples shown per task (default 5)")
         parser.add_argument("--sample", type=int, default=500,
                             help="examples per task measured for lengths and truncation")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="data.inputs_length=512 data.mixing=temperature")
     return parser
 
 

@@ -19,14 +19,15 @@ PARSER_KWARGS = {"formatter_class": argparse.RawDescriptionHelpFormatter,
 DEFAULT_WORKDIR = "runs/default"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config FILE and KEY=VALUE overrides, shared by every command that takes a config."""
+def add_config_arguments(parser: argparse.ArgumentParser,
+                         example: str = "train.steps=100 model.name=t5_1_1_small") -> None:
+    """--config FILE and KEY=VALUE overrides, shared by every command that takes a config;
+    ``example``: overrides that mean something to the command."""
     parser.add_argument("--config", help="a Python config file defining get_config() "
                         "(default: the built-in demo, configs/demo.py)")
     # default=[]: argparse otherwise lists an empty `*` positional among the missing ones.
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted config overrides, e.g. train.steps=100 "
-                        "model.name=t5_1_1_small")
+                        help=f"dotted config overrides, e.g. {example}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
