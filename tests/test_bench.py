@@ -193,6 +193,19 @@ def test_a_peak_is_one_chips_on_accelerators_and_one_hosts_on_cpu(monkeypatch):
     assert peak_lib.peak_units("cpu") == 2  # a host's measured matmul uses all its cores
 
 
+def test_a_step_above_its_peak_is_noted(capsys):
+    """--peak-flops set too low gave an MFU above 100% without a word."""
+    assert peak_lib.above_peak_note(9e14, 1e15, "table") is None
+    note = peak_lib.above_peak_note(2e12, 1e12, "override")
+    assert note.startswith("mtjax: note: the step ran at 2 TFLOP/s, above the peak it is "
+                           "divided by (1 TFLOP/s, override): MFU 200%") and "--peak-flops" in note
+    assert "busy" in peak_lib.above_peak_note(2e12, 1e12, "measured_matmul")
+    assert bench.main(["train", "--smoke", "--peak-flops=1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["mfu"] > 1
+    assert "above the peak it is divided by" in captured.err
+
+
 def test_bench_all_reports_each_benchmarks_own_memory_peak(monkeypatch, capsys):
     """ru_maxrss and a device's peak_bytes_in_use cover the whole process: in `bench all` every
     benchmark reported at least the peak of the ones before it."""

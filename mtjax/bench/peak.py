@@ -132,3 +132,17 @@ def resolve_peak(device_kind: str, platform: str, dtype: str, override: float | 
         if peak is not None:
             return peak, "table"
     return measure_matmul_peak(dtype, matmul_size), "measured_matmul"
+
+
+def above_peak_note(achieved: float, peak_total: float, source: str) -> str | None:
+    """A note where the step ran faster than the peak it is divided by (MFU above 100%, which
+    no utilisation can be): a --peak-flops set too low, or a measured peak read in a slow
+    moment; None otherwise."""
+    if achieved <= peak_total:
+        return None
+    fix = ("check --peak-flops (one chip's dense FLOP/s at the model's dtype, e.g. 989e12)"
+           if source == "override" else "the peak was read while the machine was busy: run "
+           "the benchmark again, or give --peak-flops")
+    return (f"mtjax: note: the step ran at {achieved / 1e12:.3g} TFLOP/s, above the peak it is "
+            f"divided by ({peak_total / 1e12:.3g} TFLOP/s, {source}): MFU "
+            f"{100 * achieved / peak_total:.0f}% is no utilisation; {fix}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Any
 
@@ -146,6 +147,9 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         env["device_kind"], env["platform"], config.model.dtype, options.peak_flops,
         options.matmul_size)
     peak_total = peak * peak_lib.peak_units(env["platform"])
+    note = peak_lib.above_peak_note(achieved, peak_total, peak_source)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     attention_kernel, cross_entropy_kernel = setup.attention_kernel, setup.cross_entropy_kernel
     uses_cpu_kernels = "cpu_fused" in (attention_kernel, cross_entropy_kernel)
     return {
