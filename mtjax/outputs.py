@@ -41,30 +41,45 @@ def check_writable(path: str | os.PathLike, flag: str = "--output") -> pathlib.P
     return target
 
 
+# Partial files of the outputs being written, which SIGTERM removes before the process ends.
+_PARTIALS: set[str] = set()
+
+
+def _remove_partials_and_end(signum, frame) -> None:
+    """SIGTERM's default (the process ends, killed by the signal), less the partial files.
+    Ending here, not unwinding by an exception: a SystemExit raised mid-computation left JAX's
+    threads to the interpreter's shutdown, which crashed (SIGSEGV) now and then."""
+    for partial in list(_PARTIALS):
+        pathlib.Path(partial).unlink(missing_ok=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop) raises SystemExit(143) instead of ending the process where
-    it stands, so that the ``finally`` blocks run (and a partial file is removed); a handler
-    someone else set, or a thread other than the main one, is left alone."""
+def _removed_at_sigterm(partial: str) -> Iterator[None]:
+    """While the block runs, SIGTERM (a scheduler's stop) removes ``partial`` before the
+    process ends. A handler someone else set (the trainer's), or a thread other than the main
+    one, is left alone."""
+    handler = signal.getsignal(signal.SIGTERM)
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+            or handler not in (signal.SIG_DFL, _remove_partials_and_end)):
         yield
         return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
+    _PARTIALS.add(partial)
+    signal.signal(signal.SIGTERM, _remove_partials_and_end)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _PARTIALS.discard(partial)
+        if not _PARTIALS:  # (a nested write still being watched keeps the handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iterator[TextIO]:
     """A text file to write ``path``'s new content into: it replaces ``path`` when the block
-    ends normally, and is deleted when it raises (Ctrl-C and SIGTERM included)."""
+    ends normally, and is deleted when it raises (Ctrl-C included) or SIGTERM ends the
+    process."""
     given = pathlib.Path(path)
     if given.exists() and not given.is_file() and not given.is_dir():
         # /dev/null, /dev/stdout (a link to a pipe, maybe), a FIFO: written in place.
@@ -73,9 +88,9 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
         return
     # Through a symlink: replace the file it names, not the link (its directory checked too).
     target = check_writable(check_writable(path, flag).resolve(), flag)
-    with _sigterm_unwinds():
-        handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                                           dir=target.parent)
+    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                       dir=target.parent)
+    with _removed_at_sigterm(partial):
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 yield out

@@ -857,6 +857,8 @@ def test_a_sigterm_half_way_leaves_the_output_and_no_partial_file(trained_run, t
     assert proc.poll() is None, "infer ended before the signal: give it more input"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    # Ended by the signal, as without mtjax's handler (a SystemExit(143) raised mid-decoding
+    # crashed the interpreter's shutdown with SIGSEGV now and then).
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-2000:])
     assert output.read_text() == "ORIGINAL\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]

@@ -290,7 +290,7 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
 
 @pytest.mark.parametrize("source, message", [
     ("missing", "does not exist"),
-    ("a_file", "no complete checkpoint under"),
+    ("a_file", "is a file, not a checkpoint"),
     ("hf_model", "is a Hugging Face model, not an mtjax checkpoint: convert it first"),
     # A step whose save was cut short (no commit record): named, not used silently.
     ("cut_short/checkpoints/7", "cut_short/checkpoints/7 cannot be read, its files are "
