@@ -862,3 +862,40 @@ def test_a_sigterm_half_way_leaves_the_output_and_no_partial_file(trained_run, t
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-2000:])
     assert output.read_text() == "ORIGINAL\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl"]
+
+
+SIGTERM_UNDER_JAX_PREEMPTION = """
+import os, signal, socket, sys, tempfile, time
+import jax
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=1,
+                           process_id=0)
+from jax._src import distributed
+from mtjax import outputs
+outputs.write_text(os.path.join(tempfile.mkdtemp(), "x.json"), "{}\\n")
+os.kill(os.getpid(), signal.SIGTERM)
+# The notice reaches the sync point through the coordination service: a step or a few later.
+manager, noticed = distributed.global_state.preemption_sync_manager, False
+for step in range(300):
+    if manager.reached_sync_point(step):
+        noticed = True
+        break
+    time.sleep(0.1)
+print("noticed", noticed)
+"""
+
+
+def test_an_output_written_under_jax_preemption_service_keeps_its_sigterm_handler(tmp_path):
+    """JAX's preemption service (a multi-host run) takes SIGTERM in C++, which Python's
+    signal.getsignal does not see (it says SIG_DFL): writing an output installed mtjax's
+    handler over it and then set SIG_DFL, so the next SIGTERM killed the process instead of
+    reaching the preemption sync point."""
+    script = tmp_path / "probe.py"
+    script.write_text(SIGTERM_UNDER_JAX_PREEMPTION)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                            "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "noticed True" in proc.stdout
