@@ -140,8 +140,10 @@ def test_keeps_latest_plus_best_and_lists_them(kept_run, capsys):
     assert cli.main(["checkpoints", str(kept_run)]) == 0
     table = capsys.readouterr().out
     assert "latest" in table and "best" in table
-    # The checkpoints/ folder, or one checkpoint in it, lists the same run.
-    for path in (kept_run / "checkpoints", kept_run / "checkpoints" / "10"):
+    # The checkpoints/ folder, one checkpoint in it, or its state item lists the same run
+    # (the state item, which --checkpoint takes, said "holds no checkpoints/ folder").
+    for path in (kept_run / "checkpoints", kept_run / "checkpoints" / "10",
+                 kept_run / "checkpoints" / "10" / "state"):
         assert cli.main(["checkpoints", str(path)]) == 0
         assert capsys.readouterr().out == table
 

@@ -23,7 +23,10 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     listed under ``incomplete``.
     """
     run_dir = pathlib.Path(run_dir).absolute()
-    # Also take what the other commands take: the checkpoints/ folder or one step of it.
+    # Also take what the other commands take: the checkpoints/ folder, one step of it, or that
+    # step's Orbax item (<step>/state, where T5X and Orbax users point).
+    if run_dir.name == "state" and (run_dir.parent / "config").is_dir():
+        run_dir = run_dir.parent
     if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
         run_dir = run_dir.parent.parent
     elif run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
