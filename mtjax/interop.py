@@ -357,8 +357,10 @@ def detect_format(src: pathlib.Path) -> str:
         return "hf"
     if (src / "checkpoints").is_dir() or (src / "state").is_dir():
         return "mtjax"
-    if src.name == "state" and (src.parent / "config").is_dir():
-        return "mtjax"  # one step's Orbax item; its _METADATA alone would mean an Orbax T5X tree
+    from mtjax.checkpoint import is_state_item
+
+    if is_state_item(src):
+        return "mtjax"
     if (src / "checkpoint").is_file() or any(src.glob("checkpoint_*")) or (
             src / "_METADATA").is_file():
         return "t5x"

@@ -24,6 +24,7 @@ from mtjax.checkpoint.layout import (
     ITEMS,
     LOG_WINDOW_ITEM,
     CheckpointError,
+    is_state_item,
 )
 from mtjax.checkpoint.listing import list_checkpoints
 from mtjax.checkpoint.manager import RunCheckpoints, metric_key_fn
@@ -55,6 +56,7 @@ __all__ = [
     "PipelineSave",
     "RunCheckpoints",
     "find_state_dir",
+    "is_state_item",
     "list_checkpoints",
     "load_pipeline",
     "metric_key_fn",

@@ -35,6 +35,12 @@ _PROCESS_COUNT_FILE = "num_processes"  # in data/: how many hosts wrote their po
 # named process_*: those are the positions)
 
 
+def is_state_item(path: pathlib.Path) -> bool:
+    """Whether ``path`` is one step's ``state`` item (where T5X and Orbax users point; its
+    ``_METADATA`` alone would read as an Orbax tree): the commands take it for its step."""
+    return path.name == "state" and (path.parent / "config").is_dir()
+
+
 def _is_complete(step_dir: pathlib.Path) -> bool:
     if not all((step_dir / marker).exists() for marker in _COMMIT_MARKERS):
         return False

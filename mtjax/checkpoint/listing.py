@@ -12,6 +12,7 @@ from mtjax.checkpoint.layout import (
     CheckpointError,
     _is_complete,
     _positions_written,
+    is_state_item,
 )
 from mtjax.checkpoint.read import _recorded_config
 
@@ -24,8 +25,8 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     """
     run_dir = pathlib.Path(run_dir).absolute()
     # Also take what the other commands take: the checkpoints/ folder, one step of it, or that
-    # step's Orbax item (<step>/state, where T5X and Orbax users point).
-    if run_dir.name == "state" and (run_dir.parent / "config").is_dir():
+    # step's state item.
+    if is_state_item(run_dir):
         run_dir = run_dir.parent
     if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
         run_dir = run_dir.parent.parent

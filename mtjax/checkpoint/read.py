@@ -13,7 +13,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from mtjax.checkpoint.failures import _says_unreadable, _short
-from mtjax.checkpoint.layout import INCOMPLETE_SUFFIX, CheckpointError, _is_complete
+from mtjax.checkpoint.layout import (
+    INCOMPLETE_SUFFIX,
+    CheckpointError,
+    _is_complete,
+    is_state_item,
+)
 from mtjax.checkpoint.quiet import _note_failed_restore, _quiet_failed_reads
 
 
@@ -29,8 +34,8 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
-    if path.name == "state" and (path.parent / "config").is_dir():
-        path = path.parent  # one step's Orbax item (as T5X and Orbax users give it): that step
+    if is_state_item(path):
+        path = path.parent
     if path.is_file():
         raise CheckpointError(f"{path} is a file, not a checkpoint; give a run directory, its "
                               f"checkpoints/ folder, or one checkpoint step directory")
