@@ -179,10 +179,7 @@ class InputPipeline:
         self.num_examples = {t.name: mixing_lib.num_examples(t, split) for t in tasks}
         for task in tasks:  # before the rates: an empty split is the error to report
             if self.num_examples[task.name] == 0:
-                check = getattr(task.source, "check", None)  # a file task says why: the
-                if check is not None:  # malformed lines, or the files it read
-                    with _as_data_error(task.name, split):
-                        check(split)
+                check_files(task, split)  # a file task says why: malformed lines, or its files
                 raise DataError(f"task {task.name!r}: split {split!r} is empty (0 examples)")
         self.rates = mixing_lib.resolve_rates(mixture, mixing, cap=mixing_cap,
                                               temperature=mixing_temperature, split=split)
@@ -328,6 +325,15 @@ def check_task(task: seqio.Task, split: str) -> None:
         splits = list(task.splits)
     if splits and split not in splits:
         raise DataError(f"task {task.name!r} has no split {split!r} (splits: {splits})")
+
+
+def check_files(task: seqio.Task, split: str) -> None:
+    """Raises DataError for a file task's malformed lines (unless skipped) or empty split; other
+    sources have nothing to check before reading."""
+    check = getattr(task.source, "check", None)
+    if check is not None:
+        with _as_data_error(task.name, split):
+            check(split)
 
 
 class _as_data_error:  # noqa: N801 - used as a context manager

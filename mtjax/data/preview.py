@@ -17,7 +17,13 @@ import tensorflow as tf
 
 from mtjax.data import mixing as mixing_lib
 from mtjax.data import vocab as vocab_lib
-from mtjax.data.pipeline import _as_data_error, _shared_vocabulary, check_task, lookup
+from mtjax.data.pipeline import (
+    _as_data_error,
+    _shared_vocabulary,
+    check_files,
+    check_task,
+    lookup,
+)
 
 FEATURES = ("inputs", "targets")
 # Above this truncated fraction a run is warned: most examples would lose tokens.
@@ -98,15 +104,6 @@ def mixture_length_report(mixture: str, lengths: dict[str, int], *, split: str =
     return stats, truncation_warnings(stats)
 
 
-def _check_files(task: seqio.Task, splits) -> None:
-    """A file task's malformed lines and empty splits stop `show` as they stop `train` and
-    `preview` (its sizes counted only the good lines, and it exited 0 without a word)."""
-    check = getattr(task.source, "check", None)
-    for split in splits if check is not None else ():
-        with _as_data_error(task.name, split):
-            check(split)
-
-
 def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
              cap: int | None = None, temperature: float = 2.0,
              split: str = "train", vocabulary: str | None = None) -> dict[str, Any]:
@@ -123,7 +120,13 @@ def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     for task in tasks:
         check_task(task, split)  # a misspelt --split is an error, not ignored
-        _check_files(task, [split] if isinstance(provider, seqio.Mixture) else task.splits)
+        # A file task's malformed lines and empty splits stop `show` as they stop `train` (its
+        # sizes counted only the good lines, and it exited 0 without a word).
+        if isinstance(provider, seqio.Mixture):
+            check_files(task, split)
+        elif hasattr(task.source, "check"):  # (only a file task's splits are read for it)
+            for each in task.splits:
+                check_files(task, each)
     _shared_vocabulary(name, tasks, vocabulary)
     if isinstance(provider, seqio.Mixture):
         rates = mixing_lib.resolve_rates(name, mixing, cap=cap, temperature=temperature,
