@@ -39,7 +39,6 @@ class TrainResult:
     start_step: int
     step: int
     metrics: dict[str, float]
-    tokens_per_s: float | None  # None: only the compiling first step ran (nothing timed)
     wall_s: float
     task_names: list[str]
     compilation_cache: compile_cache.CacheUse | None = None
@@ -47,6 +46,11 @@ class TrainResult:
     # tokens_per_s, model_flops_per_s and (with a known chip) mfu of all logged windows
     throughput: dict[str, float] = dataclasses.field(default_factory=dict)
     metrics_step: int | None = None  # the step ``metrics`` were logged at
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """None: only the compiling first step ran (nothing timed)."""
+        return self.throughput.get("tokens_per_s")
 
 
 def make_pipeline(config: config_lib.Config, per_host_batch: int, split: str = "train",
@@ -120,7 +124,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
         _check_eval_split(config)
-        if init_from and not any(p.name.isdigit() for p in workdir.glob("checkpoints/*")):
+        if init_from and not _has_checkpoint(workdir):
             from mtjax.checkpoint import find_state_dir
 
             find_state_dir(init_from)  # (a run that resumes does not use it: see below)
@@ -184,7 +188,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
             records = metrics_lib.read_jsonl(workdir / "metrics.jsonl") if (
                 workdir / "metrics.jsonl").exists() else []
             return TrainResult(workdir=workdir, start_step=start_step, step=start_step,
-                               metrics=records[-1] if records else {}, tokens_per_s=None,
+                               metrics=records[-1] if records else {},
                                wall_s=time.time() - t_start, task_names=task_names,
                                compilation_cache=cache_use)
         # Written once the checkpoint (if any) has been accepted: a refused resume changes nothing.
@@ -318,11 +322,16 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
     result = TrainResult(
         workdir=workdir, start_step=start_step, step=step, metrics=last_summary,
-        tokens_per_s=speed.overall().get("tokens_per_s"), throughput=speed.overall(),
+        throughput=speed.overall(),
         wall_s=time.time() - t_start, task_names=task_names, compilation_cache=cache_use,
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
+
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+    """Whether the run directory holds a saved step (it resumes rather than starts)."""
+    return any(p.name.isdigit() for p in workdir.glob("checkpoints/*"))
 
 
 def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pathlib.Path:
@@ -339,8 +348,7 @@ def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pa
         from mtjax.checkpoint import find_state_dir, run_dir_of
 
         given = run_dir_of(find_state_dir(init_from).parent) / sizes.MODEL_CONFIG_FILE
-        has_checkpoint = any(p.name.isdigit() for p in workdir.glob("checkpoints/*"))
-        candidates.insert(1 if has_checkpoint else 0, given)
+        candidates.insert(1 if _has_checkpoint(workdir) else 0, given)
     for path in candidates:
         if path.is_file():
             try:
@@ -559,8 +567,7 @@ def _write_summary(result: TrainResult) -> None:
         return
     summary = {
         "step": result.step, "start_step": result.start_step,
-        "tokens_per_s": result.tokens_per_s, **{
-            k: v for k, v in result.throughput.items() if k != "tokens_per_s"},
+        "tokens_per_s": None, **result.throughput,
         "wall_s": result.wall_s,
         "metrics": result.metrics, "metrics_step": result.metrics_step,
         "skipped_steps": result.skipped_steps, "tasks": result.task_names,
