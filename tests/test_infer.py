@@ -824,17 +824,32 @@ sys.exit(main(["infer", "--checkpoint", sys.argv[1], "--input", sys.argv[2],
 """
 
 
+MESH_THEN_INFER_CODE = """
+import json, sys
+from mtjax.cli import main
+from mtjax.infer import load
+print(json.dumps(dict(load.load(sys.argv[1]).mesh.shape)), file=sys.stderr)
+sys.exit(main(["infer", "--checkpoint", sys.argv[1], "--input", sys.argv[2],
+               "--max-decode-length", "6", "--no-progress"]))
+"""
+
+
 def test_a_device_count_that_does_not_split_the_model_still_infers(trained_run, tmp_path,
                                                                    subprocess_python):
     """On 3 devices the run's mesh (fsdp=-1) is fsdp=3, which cannot split t5_1_1_test's
     32-wide embedding: the loader places the parameters whole on each device (data=3) instead
-    of failing with Orbax's tiling error and a hint about --init-from."""
+    of failing with Orbax's tiling error and a hint about --init-from. On 6 devices fsdp=2
+    splits it, and is taken over data=6 (which held the whole model on every device)."""
     inputs = tmp_path / "in.txt"
     inputs.write_text("abc\nhello world\nxyz\n")
-    out = {n: subprocess_python(INFER_CODE, trained_run, inputs, devices=n).stdout
-           for n in (1, 3)}
-    assert len(out[1].splitlines()) == 3
-    assert out[3] == out[1]
+    runs = {n: subprocess_python(MESH_THEN_INFER_CODE, trained_run, inputs, devices=n)
+            for n in (1, 3, 6)}
+    meshes = {n: next(json.loads(line) for line in run.stderr.splitlines()
+                      if line.startswith('{"data"')) for n, run in runs.items()}
+    assert meshes[3] == {"data": 3, "fsdp": 1, "tensor": 1}
+    assert meshes[6] == {"data": 3, "fsdp": 2, "tensor": 1}
+    assert len(runs[1].stdout.splitlines()) == 3
+    assert runs[3].stdout == runs[1].stdout and runs[6].stdout == runs[1].stdout
 
 
 def test_a_sigterm_half_way_leaves_the_output_and_no_partial_file(trained_run, tmp_path):
@@ -899,3 +914,23 @@ def test_an_output_written_under_jax_preemption_service_keeps_its_sigterm_handle
                                             "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "noticed True" in proc.stdout
+
+
+RULES_ON_DATA_CODE = """
+import sys
+from mtjax.checkpoint import CheckpointError
+from mtjax.infer import load
+from mtjax.parallel import mesh as mesh_lib
+try:
+    load.load(sys.argv[1], rules=mesh_lib.get_rules("embed=data,mlp=fsdp"))
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_parameters_that_no_mesh_splits_are_one_clear_error(trained_run, subprocess_python):
+    """On 3 devices, rules with the 32-wide embedding on data and the 64-wide MLP on fsdp split
+    over neither data=3 nor fsdp=3: one message, not Orbax's tiling error."""
+    message = subprocess_python(RULES_ON_DATA_CODE, trained_run, devices=3).stdout
+    assert "split evenly over no data x fsdp mesh of the 3 devices" in message
+    assert "mesh.rules" in message

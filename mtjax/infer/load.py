@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -200,14 +201,26 @@ def resolve_vocabulary(config: config_lib.Config, step_dir: pathlib.Path):
         f"{', '.join(str(c) for c in candidates)}); copy the .model file there")
 
 
-def inference_mesh(config: config_lib.Config) -> Mesh:
-    """The run's mesh shape if it fits the devices here, else all devices on ``fsdp``."""
+def inference_meshes(config: config_lib.Config) -> Iterator[Mesh]:
+    """The meshes to try, in order: the run's own shape where it fits the devices here, then
+    every ``data`` x ``fsdp`` split of all devices, the most ``fsdp`` (the least memory per
+    device) first, down to ``data`` alone, which holds the whole parameters on each device."""
     m = config.mesh
-    shape = mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor)
     try:
-        return mesh_lib.make_mesh(shape)
+        yield mesh_lib.make_mesh(mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data,
+                                                    m.dcn_fsdp, m.dcn_tensor))
     except mesh_lib.MeshError:
-        return mesh_lib.make_mesh(mesh_lib.MeshShape())
+        pass
+    n = jax.device_count()
+    for fsdp in (f for f in range(n, 0, -1) if n % f == 0):
+        yield mesh_lib.make_mesh(mesh_lib.MeshShape(data=n // fsdp, fsdp=fsdp, tensor=1))
+
+
+def on_mesh(target: Any, mesh: Mesh) -> Any:
+    """``target`` with every parameter's PartitionSpec placed on ``mesh`` instead (the model's
+    graph does not depend on the mesh: one abstract model serves every candidate)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec)), target)
 
 
 def _splits_evenly(target: Any) -> bool:
@@ -226,9 +239,8 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
 
     Args:
         path: a run directory (latest checkpoint), its ``checkpoints/``, or one step directory.
-        mesh: where to place the parameters (default: the run's mesh shape if it fits the
-            devices here, else every device on ``fsdp``; where the model's dimensions do not
-            split over that, every device on ``data``, each holding the whole parameters).
+        mesh: where to place the parameters (default: the first of ``inference_meshes`` over
+            which the model's dimensions split evenly).
         rules: logical axis rules (default: the run's ``mesh.rules`` preset).
 
     Raises:
@@ -243,13 +255,20 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     if mesh is not None:
         model_def, target = abstract_model(model_cfg, mesh, rules)
     else:
-        mesh = inference_mesh(config)
-        model_def, target = abstract_model(model_cfg, mesh, rules)
-        if not _splits_evenly(target):
-            # A device count that does not divide the model (3 devices, a 32-wide embedding):
-            # whole parameters on every device, the batch split over them all.
-            mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(data=-1, fsdp=1, tensor=1))
-            model_def, target = abstract_model(model_cfg, mesh, rules)
+        # The first mesh that splits the model's dimensions: on 3 devices fsdp=3 cannot split a
+        # 32-wide embedding, and data=3 holds the whole parameters on each device instead.
+        meshes = list(inference_meshes(config))
+        model_def, target = abstract_model(model_cfg, meshes[0], rules)
+        for mesh in meshes:
+            target = on_mesh(target, mesh)
+            if _splits_evenly(target):
+                break
+        else:  # only mesh.rules that shard parameters over `data` can get here
+            raise CheckpointError(
+                f"{step_dir}: its parameters split evenly over no data x fsdp mesh of the "
+                f"{jax.device_count()} devices here, as the mesh rules place parameters on "
+                f"'data'; run on a device count that divides the model's dimensions, or keep "
+                f"parameters off 'data' in mesh.rules")
     params = checkpoint_lib.restore_params(step_dir, target)
     step = int(step_dir.name) if step_dir.name.isdigit() else None
     return LoadedModel(config=config, model_def=model_def, params=params, mesh=mesh,
