@@ -14,13 +14,13 @@ import math
 import os
 import pathlib
 import signal
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from mtjax.errors import UserError
+from mtjax.parallel import distributed
 
 
 class OutputError(UserError, OSError):
@@ -64,7 +64,7 @@ def _removed_at_sigterm(partial: str) -> Iterator[None]:
     handler = signal.getsignal(signal.SIGTERM)
     if (threading.current_thread() is not threading.main_thread()
             or handler not in (signal.SIG_DFL, _remove_partials_and_end)
-            or _jax_preemption_service_running()):
+            or distributed.preemption_service_running()):
         yield
         return
     _PARTIALS.add(partial)
@@ -75,15 +75,6 @@ def _removed_at_sigterm(partial: str) -> Iterator[None]:
         _PARTIALS.discard(partial)
         if not _PARTIALS:  # (a nested write still being watched keeps the handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _jax_preemption_service_running() -> bool:
-    """Whether JAX's preemption service (started by ``jax.distributed``) holds SIGTERM: it sets
-    its handler in C++, which ``signal.getsignal`` does not see (it still says SIG_DFL), and
-    replacing it would lose a multi-host run's preemption checkpoint. JAX is not imported here."""
-    distributed = sys.modules.get("jax._src.distributed")
-    state = getattr(distributed, "global_state", None)
-    return getattr(state, "preemption_sync_manager", None) is not None
 
 
 @contextlib.contextmanager

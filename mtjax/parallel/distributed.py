@@ -158,6 +158,16 @@ def is_first_host() -> bool:
     return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
+def preemption_service_running() -> bool:
+    """Whether JAX's preemption service (started by ``jax.distributed``) runs: it holds
+    SIGTERM with a C++ handler that ``signal.getsignal`` does not see (it still says SIG_DFL),
+    and replacing it would lose a multi-host run's preemption checkpoint. Imports no JAX: a
+    process that has not imported it runs no service."""
+    distributed = sys.modules.get("jax._src.distributed")
+    state = getattr(distributed, "global_state", None)
+    return getattr(state, "preemption_sync_manager", None) is not None
+
+
 def stop_with_the_others(failure: UserError) -> None:
     """Call before raising a set-up error found before ``jax.distributed`` started.
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from mtjax.parallel.distributed import log
+from mtjax.parallel.distributed import log, preemption_service_running
 
 # Exit code after a SIGTERM-triggered checkpoint: the launch scripts requeue on it.
 PREEMPTED_EXIT_CODE = 42
@@ -34,7 +34,7 @@ class Preemption:
     def __init__(self) -> None:
         self.raised = False
         self.signal_name = "SIGTERM"  # or "Ctrl-C", where that came first
-        self._multihost = jax.process_count() > 1 and _service_running()
+        self._multihost = jax.process_count() > 1 and preemption_service_running()
         self._previous: dict[int, Any] = {}
         from mtjax.train import early_stop
 
@@ -96,9 +96,3 @@ class Preemption:
     def restore(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-
-
-def _service_running() -> bool:
-    from jax._src import distributed
-
-    return distributed.global_state.preemption_sync_manager is not None
