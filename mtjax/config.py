@@ -33,6 +33,8 @@ class TrainConfig:
     seed: int = 0
     microbatches: int = 1  # gradient accumulation inside the compiled step
     z_loss: float = 1e-4
+    # T5X's label smoothing: soft targets 1 - ls on the target, ls / (V - 1) elsewhere; 0: none.
+    label_smoothing: float = 0.0
     on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
     # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel,
     # mtjax/kernels; AVX-512 or AVX2; needs a vocabulary the mesh rules do not split);
@@ -362,6 +364,10 @@ def validate(config: Config) -> Config:
             f"that dtype, and adafactor keeps none: its state is second-moment statistics, which "
             f"stay float32 (rounded to bfloat16 after every step they stop decaying); drop "
             f"optim.state_dtype, or use optim.name=adamw")
+    if config.train.label_smoothing and config.train.cross_entropy == "cpu_fused":
+        raise ConfigError(f"train.cross_entropy=cpu_fused has no label smoothing "
+                          f"(train.label_smoothing={config.train.label_smoothing}); use "
+                          f"train.cross_entropy=auto or xla, or train.label_smoothing=0")
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "
@@ -378,6 +384,7 @@ _RANGES = {
     "optim.grad_clip_norm": (0.0, True, math.inf, False),  # 0 disables clipping
     "optim.warmup_steps": (0, True, _MAX_INT, True),
     "train.z_loss": (0.0, True, math.inf, False),
+    "train.label_smoothing": (0.0, True, 1.0, False),  # 1 would leave no weight on the target
     "train.seed": (-_MAX_INT, True, _MAX_INT, True),
     "model.dropout_rate": (0.0, True, 1.0, False),
     "data.inputs_length": (1, True, _MAX_LENGTH, True),

@@ -62,6 +62,9 @@ def test_config_file_and_json_round_trip(tmp_path):
     ("optim.weight_decay=-1", "'optim.weight_decay'"),
     ("optim.warmup_steps=-5", "'optim.warmup_steps' must be a finite number >= 0"),
     ("train.z_loss=nan", "'train.z_loss'"),
+    ("train.label_smoothing=1.0", "'train.label_smoothing' must be a finite number >= 0.0 and "
+                                  "below 1"),
+    ("train.label_smoothing=-0.1", "'train.label_smoothing'"),
     ("eval.alpha=nan", "'eval.alpha'"),
     ("model.dropout_rate=1.5", "'model.dropout_rate' must be a finite number >= 0.0 and below 1"),
     ("model.dropout_rate=1.0", "'model.dropout_rate'"),
@@ -73,6 +76,16 @@ def test_config_file_and_json_round_trip(tmp_path):
 def test_numbers_out_of_range_are_refused_by_name(override, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         config_lib.load(None, [override])
+
+
+def test_label_smoothing_with_the_cpu_loss_kernel_is_refused_with_the_fix():
+    """The fused CPU loss kernel has no label smoothing: naming it would train unsmoothed."""
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(None, ["train.label_smoothing=0.1", "train.cross_entropy=cpu_fused"])
+    assert str(e.value) == ("train.cross_entropy=cpu_fused has no label smoothing "
+                            "(train.label_smoothing=0.1); use train.cross_entropy=auto or xla, "
+                            "or train.label_smoothing=0")
+    assert config_lib.load(None, ["train.label_smoothing=0.1"]).train.cross_entropy == "auto"
 
 
 def test_a_config_file_that_is_not_python_or_whose_get_config_raises_is_one_line(tmp_path):

@@ -1,5 +1,6 @@
 """Throughput options keep the numbers: scan over layers, jax.nn.dot_product_attention,
-the hand-written attention backward, bfloat16 optimizer state, the CPU XLA defaults."""
+the hand-written attention backward, bfloat16 optimizer state, the CPU XLA defaults; and the
+step's loss (T5X's label smoothing, the gradient's normalization)."""
 
 from __future__ import annotations
 
@@ -398,6 +399,82 @@ def test_cross_entropy_target_logit_equals_take_along_axis():
     np.testing.assert_allclose(z, 1e-4 * log_z**2, rtol=1e-6)
 
 
+def _t5x_smoothed_loss(logits, targets, label_smoothing, z_loss):
+    """T5X's compute_weighted_cross_entropy per token, in float64 numpy: the soft targets
+    written out, the loss against them, minus T5X's normalizing constant, plus the z-loss."""
+    logits = np.asarray(logits, np.float64)
+    vocab_size = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    soft = np.full(logits.shape, low)
+    np.put_along_axis(soft, np.asarray(targets)[..., None], confidence, axis=-1)
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top
+    constant = -(confidence * np.log(confidence)
+                 + (vocab_size - 1) * low * np.log(low + 1e-20))
+    loss = -np.sum(soft * (logits - log_z), axis=-1) - constant + z_loss * log_z[..., 0] ** 2
+    return loss, soft, log_z
+
+
+def _random_logits(seed, vocab_size=101):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(3, 5, vocab_size)) * 3, jnp.float32)
+    return logits, jnp.asarray(rng.integers(0, vocab_size, (3, 5)), jnp.int32)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.6])
+def test_label_smoothed_loss_equals_t5x_formula(label_smoothing):
+    logits, targets = _random_logits(2)
+    loss, z = step_lib.cross_entropy_with_z_loss(logits, targets, 1e-2, label_smoothing)
+    want, _, log_z = _t5x_smoothed_loss(logits, targets, label_smoothing, 1e-2)
+    np.testing.assert_allclose(loss, want, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(z, 1e-2 * log_z[..., 0] ** 2, rtol=1e-6)
+
+
+def test_label_smoothed_loss_gradient_is_softmax_minus_soft_targets():
+    """d loss / d logits = (1 + 2 z_loss log Z) softmax - soft targets, per token."""
+    logits, targets = _random_logits(3)
+    cotangent_BL = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, (3, 5)), jnp.float32)
+
+    def weighted_sum(x):
+        return jnp.sum(step_lib.cross_entropy_with_z_loss(x, targets, 1e-2, 0.2)[0] * cotangent_BL)
+
+    _, soft, log_z = _t5x_smoothed_loss(logits, targets, 0.2, 1e-2)
+    softmax = np.exp(np.asarray(logits, np.float64) - log_z)
+    want = np.asarray(cotangent_BL)[..., None] * ((1 + 2e-2 * log_z) * softmax - soft)
+    np.testing.assert_allclose(jax.grad(weighted_sum)(logits), want, atol=1e-6)
+
+
+def test_no_label_smoothing_is_the_loss_as_before_bit_for_bit():
+    """label_smoothing=0 computes what the step computed before the option (log Z - target
+    logit + z-loss), in value and gradient; a -inf logit off the target stays harmless
+    (the smoothed formula's 0 * sum(logits) would make it NaN)."""
+    logits, targets = _random_logits(5)
+    logits = logits.at[0, 0, (int(targets[0, 0]) + 1) % logits.shape[-1]].set(-jnp.inf)
+
+    def before(x):
+        log_z = jax.nn.logsumexp(x, axis=-1)
+        z = 1e-4 * jnp.square(log_z)
+        return log_z - jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0] + z, z
+
+    def now(x):
+        return step_lib.cross_entropy_with_z_loss(x, targets, 1e-4, 0.0)
+
+    for got, want in zip(now(logits), before(logits), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert np.isfinite(np.asarray(now(logits)[0])).all()
+    grad_now, grad_before = (jax.grad(lambda x, f=f: jnp.sum(f(x)[0]))(logits)
+                             for f in (now, before))
+    np.testing.assert_array_equal(grad_now, grad_before)
+
+
+def test_label_smoothing_takes_xla_loss_and_refuses_the_cpu_kernel():
+    assert step_lib.resolve_cross_entropy("auto", 0.1) == "xla"
+    with pytest.raises(ValueError, match=r"train\.cross_entropy=cpu_fused has no label "
+                                         r"smoothing \(train\.label_smoothing=0\.1\)"):
+        step_lib.resolve_cross_entropy("cpu_fused", 0.1)
+
+
 def test_first_argmax_equals_argmax_with_ties():
     rng = np.random.default_rng(1)
     # Small integers: most rows have their maximum more than once.
@@ -574,14 +651,15 @@ def test_global_norm_and_clipping_equal_optax():
                                    rtol=1e-2)  # the bf16 leaf rounds
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
-def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches):
+@pytest.mark.parametrize("microbatches, label_smoothing", [(1, 0.0), (2, 0.0), (2, 0.1)])
+def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches, label_smoothing):
     """grad_norm is the norm of the gradient of (weighted loss sum / weighted token count),
-    also when the batch runs as microbatches with different token counts each."""
+    also when the batch runs as microbatches with different token counts each, and of the
+    smoothed loss with train.label_smoothing."""
     config = config_lib.load(None, [
         "model.name=t5_1_1_test", "train.batch_size=4", "data.inputs_length=16",
         "data.targets_length=8", "optim.name=adamw", "mesh.fsdp=1",
-        f"train.microbatches={microbatches}"])
+        f"train.microbatches={microbatches}", f"train.label_smoothing={label_smoothing}"])
     setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
                             mesh=mesh, rules=mesh_lib.get_rules("data"))
     host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
@@ -594,7 +672,8 @@ def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches):
 
     def mean_loss(params):
         logits = step_lib.model_logits(setup.model_def, params, batch, None)
-        loss_sum, sums = step_lib.batch_metrics(logits, batch, 1, config.train.z_loss)
+        loss_sum, sums = step_lib.batch_metrics(logits, batch, 1, config.train.z_loss,
+                                                label_smoothing=label_smoothing)
         return loss_sum / sums["weight_sum"]
 
     want = optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.params))

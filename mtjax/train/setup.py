@@ -163,7 +163,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         with mesh_lib.activate(mesh, rules):
             attention_kernel = attention_lib.resolve_attention(
                 config.model.attention, jax.numpy.dtype(config.model.dtype))
-            cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy)
+            cross_entropy_kernel = resolve_cross_entropy(config.train.cross_entropy,
+                                                         config.train.label_smoothing)
     except ValueError as e:  # the message names the key, why, and what to use instead
         raise config_lib.ConfigError(str(e)) from None
     if config.model.dropout_rate > 0 and attention_kernel in ("cpu_fused", "dot_product"):
@@ -189,7 +190,7 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         model_def, tx, schedule, num_tasks=num_tasks, z_loss=config.train.z_loss,
         microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
         seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip",
-        cross_entropy=cross_entropy_kernel)
+        cross_entropy=cross_entropy_kernel, label_smoothing=config.train.label_smoothing)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     # in: the state where its shardings say (params by their logical rules, optimizer state

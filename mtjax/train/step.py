@@ -7,6 +7,7 @@ ratios) so that hosts, microbatches and logging windows combine them exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,12 @@ MODEL_INPUTS = (
 )
 
 
-def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array,
-                              z_loss: float) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array, z_loss: float,
+                              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy plus T5X's z-loss ``z_loss * log(Z)**2``, in float32.
+
+    ``label_smoothing`` > 0: the cross-entropy against T5X's smoothed targets instead
+    (:func:`smoothed_cross_entropy`); 0 computes exactly what it did before the option existed.
 
     Returns:
       (total per-token loss [B, L], z-loss part [B, L]).
@@ -49,7 +53,30 @@ def cross_entropy_with_z_loss(logits_BLV: jax.Array, targets_BL: jax.Array,
     is_target_BLV = targets_BL[..., None] == vocab_V[None, None]
     target_logit_BL = jnp.sum(jnp.where(is_target_BLV, logits_BLV, 0.0), axis=-1)
     z_BL = z_loss * jnp.square(log_z_BL)
+    if label_smoothing:
+        ce_BL = smoothed_cross_entropy(logits_BLV, log_z_BL, target_logit_BL, label_smoothing)
+        return ce_BL + z_BL, z_BL
     return log_z_BL - target_logit_BL + z_BL, z_BL
+
+
+def smoothed_cross_entropy(logits_BLV: jax.Array, log_z_BL: jax.Array,
+                           target_logit_BL: jax.Array, label_smoothing: float) -> jax.Array:
+    """T5X's label-smoothed cross-entropy (``compute_weighted_cross_entropy``): against soft
+    targets of ``1 - ls`` on the target and ``ls / (V - 1)`` elsewhere, minus those targets'
+    own entropy, so that a model predicting them exactly scores 0.
+
+    The soft targets sum to 1, so ``-sum(soft * (logits - log_z))`` is
+    ``log_z - (confidence - low) * target_logit - low * sum(logits)``: no [B, L, V] soft-target
+    array, and the gradient is ``softmax - soft`` all the same."""
+    vocab_size = logits_BLV.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    # T5X's constant, 1e-20 included (it keeps log finite at ls = 0 there); Python floats: it
+    # is known when the step traces.
+    entropy = -(confidence * math.log(confidence)
+                + (vocab_size - 1) * low * math.log(low + 1e-20))
+    logit_sum_BL = jnp.sum(logits_BLV, axis=-1)
+    return log_z_BL - (confidence - low) * target_logit_BL - low * logit_sum_BL - entropy
 
 
 def first_argmax(logits_BLV: jax.Array) -> jax.Array:
@@ -76,21 +103,29 @@ def model_logits(model_def: ModelDef, params: dict[str, Any], batch: Batch,
     return model(**inputs, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
 
 
-def resolve_cross_entropy(kind: str) -> str:
+def resolve_cross_entropy(kind: str, label_smoothing: float = 0.0) -> str:
     """The loss implementation ``kind`` (``train.cross_entropy``) stands for: ``"auto"`` is
     mtjax's fused CPU kernel (``"cpu_fused"``, ``mtjax.kernels``) on CPU where it builds, with
     one device per process, and, on a mesh of several devices (the one in force), where the
-    rules keep the vocabulary whole; else ``"xla"`` (the functions above).
+    rules keep the vocabulary whole, and without label smoothing (the kernel has none); else
+    ``"xla"`` (the functions above).
 
     Several devices in one process share its cores: there the loss kernel gained nothing and
     made steps uneven (2 devices on 2 cores, peer shape: 2.22-2.70 s median with both kernels,
     2.18-2.26 s with the attention kernel alone), so ``auto`` leaves it to ``cpu_fused``.
 
     Raises:
-        ValueError: ``"cpu_fused"`` asked for where it cannot run (the message says why).
+        ValueError: ``"cpu_fused"`` asked for where it cannot run, or with label smoothing
+            (the message says why).
     """
     if kind == "xla":
         return kind
+    if label_smoothing:
+        if kind == "cpu_fused":
+            raise ValueError(f"train.cross_entropy=cpu_fused has no label smoothing "
+                             f"(train.label_smoothing={label_smoothing}); use "
+                             f"train.cross_entropy=auto or xla, or train.label_smoothing=0")
+        return "xla"
     from mtjax import kernels
     from mtjax.kernels import cross_entropy as fused
 
@@ -104,19 +139,22 @@ def resolve_cross_entropy(kind: str) -> str:
 
 
 def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: float,
-                  cross_entropy: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
+                  cross_entropy: str = "xla", label_smoothing: float = 0.0,
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted loss sum to differentiate (the step scales it by 1 / the whole batch's
     weighted token count) and the metric sums of one (micro)batch; ``cross_entropy`` as in
-    ``resolve_cross_entropy`` (same numbers either way, tested)."""
+    ``resolve_cross_entropy`` (same numbers either way, tested). With ``label_smoothing``
+    the loss sums are of the smoothed loss (as T5X logs it); accuracy is unaffected."""
     targets_BL = batch["decoder_target_tokens"]
     weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
-    if resolve_cross_entropy(cross_entropy) == "cpu_fused":
+    if resolve_cross_entropy(cross_entropy, label_smoothing) == "cpu_fused":
         from mtjax.kernels import cross_entropy as fused
 
         loss_BL, z_BL, correct_BL = fused.cross_entropy_with_z_loss(logits_BLV, targets_BL,
                                                                      z_loss)
     else:
-        loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss)
+        loss_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss,
+                                                  label_smoothing)
         correct_BL = (first_argmax(logits_BLV) == targets_BL).astype(jnp.float32)
     # One-hot over tasks: [B, L, T]; task id 0 is padding, task i is id i + 1.
     task_BLT = (batch["decoder_task_ids"][..., None]
@@ -148,17 +186,19 @@ def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_tasks: int, z_loss: float,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
-                    skip_nonfinite: bool = False,
-                    cross_entropy: str = "xla") -> Callable[[TrainState, Batch],
-                                                            tuple[TrainState, dict]]:
+                    skip_nonfinite: bool = False, cross_entropy: str = "xla",
+                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch],
+                                                              tuple[TrainState, dict]]:
     """The pure step function; compile it with ``jax.jit`` (see ``Trainer``).
-    ``cross_entropy``: the loss's implementation (``resolve_cross_entropy``)."""
+    ``cross_entropy``: the loss's implementation (``resolve_cross_entropy``);
+    ``label_smoothing``: T5X's (``smoothed_cross_entropy``)."""
     base_key = jax.random.key(seed)
 
     def grads_and_sums(params, batch, key, inv_denom):
         def loss_fn(p):
             logits = model_logits(model_def, p, batch, key)
-            loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss, cross_entropy)
+            loss_sum, sums = batch_metrics(logits, batch, num_tasks, z_loss, cross_entropy,
+                                           label_smoothing)
             return loss_sum * inv_denom, sums
         return jax.grad(loss_fn, has_aux=True)(params)
 
