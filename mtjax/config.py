@@ -35,6 +35,10 @@ class TrainConfig:
     z_loss: float = 1e-4
     # T5X's label smoothing: soft targets 1 - ls on the target, ls / (V - 1) elsewhere; 0: none.
     label_smoothing: float = 0.0
+    # What the loss sum is divided by before differentiating: 0, the batch's loss-weighted
+    # target tokens (a per-token mean); a positive number, that constant (T5X's
+    # loss_normalizing_factor). Logged losses stay per-token means either way.
+    loss_normalizing_factor: float = 0.0
     on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
     # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel,
     # mtjax/kernels; AVX-512 or AVX2; needs a vocabulary the mesh rules do not split);
@@ -385,6 +389,7 @@ _RANGES = {
     "optim.warmup_steps": (0, True, _MAX_INT, True),
     "train.z_loss": (0.0, True, math.inf, False),
     "train.label_smoothing": (0.0, True, 1.0, False),  # 1 would leave no weight on the target
+    "train.loss_normalizing_factor": (0.0, True, math.inf, False),  # 0: the token count
     "train.seed": (-_MAX_INT, True, _MAX_INT, True),
     "model.dropout_rate": (0.0, True, 1.0, False),
     "data.inputs_length": (1, True, _MAX_LENGTH, True),

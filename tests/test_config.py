@@ -65,6 +65,9 @@ def test_config_file_and_json_round_trip(tmp_path):
     ("train.label_smoothing=1.0", "'train.label_smoothing' must be a finite number >= 0.0 and "
                                   "below 1"),
     ("train.label_smoothing=-0.1", "'train.label_smoothing'"),
+    ("train.loss_normalizing_factor=-233472", "'train.loss_normalizing_factor' must be a finite "
+                                              "number >= 0.0, got -233472.0"),
+    ("train.loss_normalizing_factor=inf", "'train.loss_normalizing_factor'"),
     ("eval.alpha=nan", "'eval.alpha'"),
     ("model.dropout_rate=1.5", "'model.dropout_rate' must be a finite number >= 0.0 and below 1"),
     ("model.dropout_rate=1.0", "'model.dropout_rate'"),

@@ -23,6 +23,7 @@ from mtjax.model import softmax as softmax_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import layerwise, optim
 from mtjax.train import setup as setup_lib
+from mtjax.train import state as state_lib
 from mtjax.train import step as step_lib
 
 VOCAB = 256
@@ -651,15 +652,19 @@ def test_global_norm_and_clipping_equal_optax():
                                    rtol=1e-2)  # the bf16 leaf rounds
 
 
-@pytest.mark.parametrize("microbatches, label_smoothing", [(1, 0.0), (2, 0.0), (2, 0.1)])
-def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches, label_smoothing):
+@pytest.mark.parametrize("microbatches, label_smoothing, factor",
+                         [(1, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.1, 0.0), (1, 0.0, 64.0)])
+def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches, label_smoothing,
+                                                        factor):
     """grad_norm is the norm of the gradient of (weighted loss sum / weighted token count),
-    also when the batch runs as microbatches with different token counts each, and of the
-    smoothed loss with train.label_smoothing."""
+    also when the batch runs as microbatches with different token counts each; of the
+    smoothed loss with train.label_smoothing; and of (loss sum / F) with
+    train.loss_normalizing_factor=F (the config reaches the step)."""
     config = config_lib.load(None, [
         "model.name=t5_1_1_test", "train.batch_size=4", "data.inputs_length=16",
         "data.targets_length=8", "optim.name=adamw", "mesh.fsdp=1",
-        f"train.microbatches={microbatches}", f"train.label_smoothing={label_smoothing}"])
+        f"train.microbatches={microbatches}", f"train.label_smoothing={label_smoothing}",
+        f"train.loss_normalizing_factor={factor}"])
     setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
                             mesh=mesh, rules=mesh_lib.get_rules("data"))
     host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
@@ -674,12 +679,54 @@ def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches, labe
         logits = step_lib.model_logits(setup.model_def, params, batch, None)
         loss_sum, sums = step_lib.batch_metrics(logits, batch, 1, config.train.z_loss,
                                                 label_smoothing=label_smoothing)
-        return loss_sum / sums["weight_sum"]
+        return loss_sum / (factor or sums["weight_sum"])
 
     want = optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.params))
     _, metrics = setup.step(state, batch)
     assert float(metrics["weight_sum"]) == 23.0
     np.testing.assert_allclose(metrics["grad_norm"], want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_a_loss_normalizing_factor_scales_the_gradients_and_not_the_logged_loss(
+        mesh, microbatches):
+    """train.loss_normalizing_factor=F divides the loss sum by F instead of the batch's weighted
+    token count (23 here): the gradients are 23 / F times the default's, with microbatches too;
+    the metric sums do not change."""
+    config = config_lib.load(None, [
+        "model.name=t5_1_1_test", "train.batch_size=4", "data.inputs_length=16",
+        "data.targets_length=8", "mesh.fsdp=1", f"train.microbatches={microbatches}"])
+    setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
+                            mesh=mesh, rules=mesh_lib.get_rules("data"))
+    host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
+    host["decoder_loss_weights"][0, 5:] = 0
+    host["decoder_loss_weights"][1, 2:] = 0
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    # An "optimizer" whose state is the step's gradients, read exactly (no update to subtract).
+    keep_gradients = optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, _, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+    params = setup.init_state(0).params
+    state = state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                                 opt_state=keep_gradients.init(params))
+    gradients, metrics = [], []
+    for factor in (0.0, 1000.0):
+        step = step_lib.make_train_step(
+            setup.model_def, keep_gradients, optax.constant_schedule(1.0), num_tasks=1,
+            z_loss=config.train.z_loss, microbatches=microbatches,
+            loss_normalizing_factor=factor)
+        new_state, step_metrics = jax.jit(step)(state, batch)
+        gradients.append(new_state.opt_state)
+        metrics.append(jax.device_get(step_metrics))
+    default, scaled = gradients
+    assert float(metrics[0]["weight_sum"]) == 23.0
+    for got, want in zip(jax.tree.leaves(scaled), jax.tree.leaves(default), strict=True):
+        want = np.asarray(want) * 23.0 / 1000.0  # float32 rounding: atol from the leaf's scale
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for name in ("loss_sum", "z_loss_sum", "correct_sum", "weight_sum", "task_loss_sum"):
+        np.testing.assert_array_equal(metrics[1][name], metrics[0][name], err_msg=name)
+    np.testing.assert_allclose(metrics[1]["grad_norm"], metrics[0]["grad_norm"] * 0.023,
+                               rtol=1e-5)
 
 
 def test_microbatch_i_takes_every_nth_row():

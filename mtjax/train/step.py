@@ -183,15 +183,32 @@ def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
     return jnp.swapaxes(rows, 0, 1)
 
 
+def inverse_loss_denominator(batch: Batch, loss_normalizing_factor: float) -> jax.Array:
+    """1 / what the step divides the loss sum by: the whole batch's loss-weighted token count
+    (T5X's NUM_REAL_TARGET_TOKENS), or ``loss_normalizing_factor`` where positive (T5X's
+    constant; its fine-tuning configs take 233472 = 2048 × 114 to match Mesh TensorFlow T5).
+
+    Either is known before the forward pass, so the backward pass starts from it and yields the
+    scaled gradients directly, in the arrays it writes anyway (dividing summed gradients
+    afterwards was one more pass over every gradient), and every microbatch scales by the
+    same number."""
+    if loss_normalizing_factor:
+        return jnp.asarray(1.0 / loss_normalizing_factor, jnp.float32)
+    denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+    return 1.0 / denom
+
+
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_tasks: int, z_loss: float,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
                     skip_nonfinite: bool = False, cross_entropy: str = "xla",
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch],
-                                                              tuple[TrainState, dict]]:
+                    label_smoothing: float = 0.0, loss_normalizing_factor: float = 0.0,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The pure step function; compile it with ``jax.jit`` (see ``Trainer``).
     ``cross_entropy``: the loss's implementation (``resolve_cross_entropy``);
-    ``label_smoothing``: T5X's (``smoothed_cross_entropy``)."""
+    ``label_smoothing``: T5X's (``smoothed_cross_entropy``); ``loss_normalizing_factor``:
+    0 differentiates the loss sum over the batch's weighted token count, a positive number
+    the loss sum over that constant (T5X's); the metrics are sums either way."""
     base_key = jax.random.key(seed)
 
     def grads_and_sums(params, batch, key, inv_denom):
@@ -204,17 +221,12 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(base_key, state.step) if dropout else None
-        # Mean over loss-weighted tokens: T5X's "sum / number of target tokens". The whole
-        # batch's count is known before the forward pass, so the backward pass starts from
-        # 1 / count and yields the mean's gradients directly, in the arrays it writes anyway
-        # (dividing summed gradients afterwards was one more pass over every gradient).
-        denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-        inv_denom = 1.0 / denom
+        inv_denom = inverse_loss_denominator(batch, loss_normalizing_factor)
         if microbatches == 1:
             grads, sums = grads_and_sums(state.params, batch, key, inv_denom)
         else:
             # Split the batch into microbatches and add up their gradients (each already over
-            # the whole batch's count) in a scan:
+            # the whole batch's count, or the constant) in a scan:
             # memory of one microbatch, same result as the full batch.
             micro = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
 
