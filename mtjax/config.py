@@ -136,6 +136,10 @@ class LogConfig:
     # Every host also writes processes/process_<i>.jsonl (its loss, hashes of the examples it
     # read): for checking multi-host runs.
     all_processes: bool = False
+    # Trace this many training steps with JAX's profiler into profile/ (TensorBoard, XProf,
+    # Perfetto); 0: none. The first profile_skip_steps steps of the process are not traced.
+    profile_steps: int = 0
+    profile_skip_steps: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +401,8 @@ _RANGES = {
     "data.mixing_temperature": (0.0, False, math.inf, False),
     "eval.alpha": (0.0, True, math.inf, False),
     "eval.max_decode_length": (0, True, _MAX_LENGTH, True),
+    "log.profile_steps": (0, True, _MAX_INT, True),
+    "log.profile_skip_steps": (0, True, _MAX_INT, True),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -26,9 +27,15 @@ def _positive(value) -> bool:
 
 
 def test_smoke_train_prints_complete_json(capsys, tmp_path):
-    out = tmp_path / "bench.json"
-    assert bench.main(["train", "--smoke", "--output", str(out)]) == 0
+    out, profile = tmp_path / "bench.json", tmp_path / "made" / "profile"
+    assert bench.main(["train", "--smoke", "--output", str(out), "--profile", str(profile),
+                       "log.profile_steps=2"]) == 0
     result = json.loads(capsys.readouterr().out)
+    # --profile: 2 steps after the timed ones, each a step in the trace.
+    assert result["profile_dir"] == str(profile)
+    (trace,) = profile.glob("plugins/profile/*/*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert [e["args"]["step_num"] for e in events if e.get("name") == "train"] == ["1", "2"]
     assert json.loads(out.read_text()) == result
     for key in ("compile_s", "lower_s", "step_s_median", "tokens_per_s", "model_flops_per_step",
                 "achieved_flops_per_s", "peak_flops_per_s", "mfu", "host_peak_memory_bytes",
@@ -149,7 +156,8 @@ def test_defaults_are_the_peer_shape_and_overrides_win():
                                   ["train", "--steps", "0"],
                                   ["train", "--smoke", "model.attention=cpu_fused",
                                    "model.dtype=bfloat16"],
-                                  ["train", "--smoke", "--output", "/nonexistent/b.json"]])
+                                  ["train", "--smoke", "--output", "/nonexistent/b.json"],
+                                  ["train", "--smoke", "--profile", "/proc/mtjax_profile"]])
 def test_user_mistakes_exit_2(argv, capsys):
     assert bench.main(argv) == 2
     assert "mtjax bench: error:" in capsys.readouterr().err

@@ -323,13 +323,13 @@ def test_cli_dry_run_reports_plan_without_training(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_train_as_one_run(tmp_path):
     """2 processes x 4 CPU devices through launch/local_multiprocess.sh and gloo: same global
-    loss on both hosts, the loss falls, disjoint data shards; the checkpoint then restores in
-    one process on another mesh and continues from its step."""
+    loss on both hosts, the loss falls, disjoint data shards, a profile per host; the checkpoint
+    then restores in one process on another mesh and continues from its step."""
     workdir = tmp_path / "run"
     env = dict(os.environ, MTJAX_LOCAL_DEVICES="8",
                MTJAX_BIN=f"{sys.executable} -m mtjax", JAX_PLATFORMS="cpu")
     args = [*TINY, "train.steps=20", "log.every_steps=2", "log.all_processes=true",
-            "log.tensorboard=false", "checkpoint.every_steps=10",
+            "log.tensorboard=false", "checkpoint.every_steps=10", "log.profile_steps=1",
             "mesh.data=1", "mesh.fsdp=-1", "mesh.dcn_data=2"]  # hybrid: data across hosts
     proc = subprocess.run(["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
                            "--workdir", str(workdir), "--no-progress", *args],
@@ -345,6 +345,9 @@ def test_two_processes_train_as_one_run(tmp_path):
     overlap = len(seen[0] & seen[1]) / min(len(seen[0]), len(seen[1]))
     assert overlap < 0.2, overlap  # the same shard would overlap ~100%
     assert (workdir / "checkpoints/20/data/process_1").is_dir()
+    # log.profile_steps: each host traces into its own folder (they share a host name here).
+    for i in (0, 1):
+        assert len(list((workdir / f"profile/process_{i}").rglob("*.xplane.pb"))) == 1
 
     # One process, 8 devices, another mesh: restores step 20 and trains on to 24.
     one = subprocess.run(

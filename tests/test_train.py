@@ -25,7 +25,8 @@ def trained_run(tmp_path_factory):
     from mtjax.train import trainer
 
     workdir = tmp_path_factory.mktemp("run")
-    cfg = tiny_config("train.steps=30", "checkpoint.every_steps=10", "log.tensorboard=true")
+    cfg = tiny_config("train.steps=30", "checkpoint.every_steps=10", "log.tensorboard=true",
+                      "log.profile_steps=2", "log.profile_skip_steps=3")
     result = trainer.train(cfg, workdir, progress=False)
     return workdir, result
 
@@ -37,6 +38,60 @@ def test_thirty_steps_lower_the_loss_clearly(trained_run):
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < 0.75 * first, (first, last)
     assert result.step == 30
+
+
+def test_the_profiled_steps_are_traced_as_steps(trained_run):
+    """log.profile_steps=2 after log.profile_skip_steps=3: steps 4 and 5 in one trace, each a
+    step annotation around the compiled train step (TensorBoard's and Perfetto's files)."""
+    import gzip
+
+    workdir, _ = trained_run
+    runs = list((workdir / "profile" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1
+    assert [p.name.split(".", 1)[1] for p in sorted(runs[0].iterdir())] == [
+        "trace.json.gz", "xplane.pb"]
+    (trace,) = runs[0].glob("*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    steps = [e for e in events if e.get("name") == "train"]
+    assert [e["args"]["step_num"] for e in steps] == ["4", "5"]
+    step_calls = [e for e in events if e.get("name", "").startswith("PjitFunction(step")]
+    assert len(step_calls) >= 2 and all(
+        any(s["ts"] <= c["ts"] <= s["ts"] + s["dur"] for s in steps) for c in step_calls)
+
+
+def test_a_trace_cut_short_is_closed_and_one_that_cannot_start_is_a_warning(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from mtjax.train import profiling
+
+    messages: list[str] = []
+    profiler = profiling.StepProfiler(tmp_path / "profile", skip=0, steps=5,
+                                      log=messages.append)
+    for step in (1, 2):  # the run ends after 2 of the 5 steps
+        with profiler.step(step):
+            out = jnp.ones(4) * step
+        profiler.stepped(out)
+    assert profiler.tracing
+    profiler.close()
+    assert not profiler.tracing and list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert messages == [f"mtjax: profile of steps 1-2 in {tmp_path / 'profile'} (tensorboard "
+                        f"--logdir {tmp_path / 'profile'}, or its .trace.json.gz in "
+                        f"ui.perfetto.dev)"]
+
+    jax.profiler.start_trace(str(tmp_path / "someone_else"))
+    try:
+        messages.clear()
+        profiler = profiling.StepProfiler(tmp_path / "profile", skip=0, steps=1,
+                                          log=messages.append)
+        with profiler.step(1):
+            out = jnp.ones(4)
+        profiler.stepped(out)
+        profiler.close()
+    finally:
+        jax.profiler.stop_trace()
+    assert len(messages) == 1 and messages[0].startswith(
+        "mtjax: warning: log.profile_steps: no trace (") and "training goes on" in messages[0]
 
 
 def test_run_directory_contract(trained_run):

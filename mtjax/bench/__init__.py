@@ -3,7 +3,7 @@
 Usage::
 
     mtjax bench train [--smoke] [--steps N] [--warmup N] [--peak-flops F] [--output FILE.json]
-                      [--config FILE] [KEY=VALUE ...]
+                      [--profile DIR] [--config FILE] [KEY=VALUE ...]
     mtjax bench all   (same flags: every registered benchmark on the configured model)
 
 A benchmark is a function ``run(config, options) -> dict`` registered in :data:`BENCHMARKS`;
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,7 @@ DEFAULT_OVERRIDES = ("model.name=t5_1_1_peer", "train.batch_size=8", "data.input
 SMOKE_OVERRIDES = ("model.name=t5_1_1_test", "train.batch_size=2", "data.inputs_length=32",
                    "data.targets_length=16")
 SMOKE_STEPS, SMOKE_WARMUP, SMOKE_MATMUL = 3, 1, 512
+PROFILE_STEPS = 3  # traced by --profile where log.profile_steps is 0
 
 Benchmark = Callable[[config_lib.Config, Any], dict[str, Any]]
 
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "chip table, or a measured matmul on CPU)")
     parser.add_argument("--output", default=None, metavar="FILE.json",
                         help="also write the JSON here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="`train`: after the timed steps, trace log.profile_steps more "
+                        f"(default {PROFILE_STEPS}) with JAX's profiler into DIR, for "
+                        "TensorBoard, XProf or Perfetto (the figures are of untraced steps)")
     parser.add_argument("--config", default=None,
                         help="a Python config file (default: the peer shape, below)")
     parser.add_argument("--tasks-module", default=None, metavar="MODULE",
@@ -142,7 +149,23 @@ def resolve(args: argparse.Namespace):
         raise config_lib.ConfigError(
             f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got "
             f"{args.peak_flops}")
+    if args.profile is not None:
+        _check_profile_dir(args.profile)
+        options = dataclasses.replace(options, profile_dir=args.profile,
+                                      profile_steps=config.log.profile_steps or PROFILE_STEPS)
     return config, dataclasses.replace(options, peak_flops=args.peak_flops)
+
+
+def _check_profile_dir(path: str) -> None:
+    """``--profile DIR`` usable (created if missing), before minutes of benchmarking."""
+    target = pathlib.Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise outputs.OutputError(f"--profile {path!r}: cannot create the directory "
+                                  f"({e.strerror or e})") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise outputs.OutputError(f"--profile {path!r}: the directory is not writable")
 
 
 def run(names: list[str], config: config_lib.Config, options: Any) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import sys
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from mtjax.bench import peak as peak_lib
 from mtjax.bench import report
 from mtjax.model import layers, sizes
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import profiling
 from mtjax.train import setup as setup_lib
 
 
@@ -34,6 +36,8 @@ class BenchOptions:
     peak_flops: float | None = None  # overrides the table / measured peak for MFU
     matmul_size: int = 2048  # side of the CPU peak matmul
     smoke: bool = False  # --smoke: tiny shapes everywhere (CI)
+    profile_dir: str | None = None  # --profile: trace steps after the timed ones into it
+    profile_steps: int = 0
 
 
 def synthetic_batch(batch_size: int, inputs_length: int, targets_length: int,
@@ -95,6 +99,18 @@ def _timed_steps(compiled, state, batch, count: int):
     return state, seconds, pending
 
 
+def _traced_steps(compiled, state, batch, base: pathlib.Path, count: int):
+    """``count`` more steps, dispatched as in training, traced into ``base`` (untimed: the
+    profiler's own cost stays out of the figures)."""
+    profiler = profiling.StepProfiler(base, skip=0, steps=count,
+                                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    for step in range(1, count + 1):
+        with profiler.step(step):
+            state, metrics = compiled(state, batch)
+        profiler.stepped((state, metrics))
+    return state
+
+
 def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
     """Compile and time the train step of ``config``.
 
@@ -135,6 +151,9 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         # _timed_steps executes steps + 2 steps between the two readings.
         host_kernel = report.kernel_cost_per_step(counters, report.kernel_counters(),
                                                   options.steps + 2)
+        if options.profile_dir is not None:
+            state = _traced_steps(compiled, state, batch, pathlib.Path(options.profile_dir),
+                                  options.profile_steps)
     loss = float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"]))
     del state
 
@@ -182,6 +201,9 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "host_kernel_per_step": host_kernel,
         "device_peak_memory_bytes": report.device_peak_memory_bytes(),
         "compiled_memory": report.compiled_memory(compiled),
+        # --profile: where the trace of the steps after the timed ones is (None: no trace).
+        "profile_dir": (None if options.profile_dir is None
+                        else str(profiling.trace_dir(pathlib.Path(options.profile_dir)))),
         "environment": env,
         "config": config_lib.to_dict(config),
     }

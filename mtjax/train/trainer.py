@@ -27,7 +27,7 @@ from mtjax.parallel.distributed import log
 from mtjax.train import metrics as metrics_lib
 from mtjax.train import optim as optim_lib
 from mtjax.train import preemption as preemption_lib
-from mtjax.train import resume, rundir
+from mtjax.train import profiling, resume, rundir
 from mtjax.train import setup as setup_lib
 from mtjax.train import throughput as throughput_lib
 from mtjax.train.setup import model_config  # noqa: F401 - re-exported
@@ -228,17 +228,22 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         # The first step of this process compiles: it is out of every window.
         first_timed_step=start_step + 2)
     skipped: list[int] = []
+    profiler = profiling.StepProfiler(workdir / "profile", skip=config.log.profile_skip_steps,
+                                      steps=config.log.profile_steps,
+                                      log=lambda msg: _log_above(bar, msg))
     last_summary_step = None
     best_metric_unchecked = config.checkpoint.keep_best > 0
     step = start_step
     try:
         with mesh_lib.activate(mesh, rules):
             while step < config.train.steps:
-                host_batch = next(pipeline)
-                if host_log is not None:
-                    host_log.add_batch(host_batch)
-                state, step_metrics = jitted(state, to_global(host_batch))
+                with profiler.step(step + 1):  # the batch's wait too, as T5X traces a step
+                    host_batch = next(pipeline)
+                    if host_log is not None:
+                        host_log.add_batch(host_batch)
+                    state, step_metrics = jitted(state, to_global(host_batch))
                 step += 1
+                profiler.stepped(step_metrics)
                 bar.update(1)  # before any evaluation: the bar reads the step being evaluated
                 # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
                 if pending is not None:
@@ -316,6 +321,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                                     f"with code {preemption.exit_code}")
                     raise preemption_lib.Preempted(step, preemption.exit_code)
     finally:
+        profiler.close()  # a run that ended before the last traced step
         bar.close()
         checkpoints.close()
         writer.close()

@@ -1,0 +1,94 @@
+"""A trace of a few training steps (``log.profile_steps``) with JAX's profiler.
+
+The trace holds what the host dispatched and what the devices ran, step by step (each step is a
+``StepTraceAnnotation``, which TensorBoard's profile plugin and XProf read as steps). Training
+writes it to ``<workdir>/profile/``, ``mtjax bench train --profile DIR`` to DIR (each under
+``process_<i>/`` in a multi-host job): ``plugins/profile/<time>/<host>.xplane.pb`` for
+TensorBoard / XProf, and ``<host>.trace.json.gz`` beside it for Perfetto.
+
+A trace that cannot start (another one is running in this process) is a warning: profiling
+never stops a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+
+def trace_dir(base: pathlib.Path) -> pathlib.Path:
+    """Where this process writes its trace: ``base``, or ``base/process_<i>`` in a job of
+    several processes (which may share a machine, and so the trace's file names)."""
+    if jax.process_count() == 1:
+        return base
+    return base / f"process_{jax.process_index()}"
+
+
+class StepProfiler:
+    """Traces the steps ``skip + 1 .. skip + steps`` that this process runs (its first step
+    compiles; the default skips it and the next, which can still carry start-up work).
+
+    Call :meth:`step` around each step's dispatch and :meth:`stepped` after it with the step's
+    outputs; :meth:`close` ends a trace the run left early (its last step, preemption, an error).
+    """
+
+    def __init__(self, base: pathlib.Path, *, skip: int, steps: int,
+                 log: Callable[[str], None]) -> None:
+        self.dir = trace_dir(base)
+        self.first, self.last = skip + 1, skip + steps  # counted in this process's steps
+        self.log = log
+        self.run = 0  # steps this process has dispatched
+        self.tracing = False
+        self.global_steps: list[int] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.last >= self.first
+
+    @contextlib.contextmanager
+    def step(self, global_step: int) -> Iterator[None]:
+        """The dispatch of ``global_step`` (1-based, as the logs count)."""
+        self.run += 1
+        if self.enabled and self.run == self.first:
+            self._start()
+        if not self.tracing:
+            yield
+            return
+        self.global_steps.append(global_step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=global_step):
+            yield
+
+    def stepped(self, outputs: Any) -> None:
+        """After the step's dispatch: the trace ends once its last step has run on the
+        devices (the dispatch returns before they finish)."""
+        if self.tracing and self.run >= self.last:
+            jax.block_until_ready(outputs)
+            self._stop()
+
+    def close(self, outputs: Any = None) -> None:
+        if self.tracing:
+            if outputs is not None:
+                jax.block_until_ready(outputs)
+            self._stop()
+
+    def _start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            jax.profiler.start_trace(str(self.dir))
+        except RuntimeError as e:  # e.g. a trace already running in this process
+            self.log(f"mtjax: warning: log.profile_steps: no trace ({e}); training goes on")
+            return
+        self.tracing = True
+
+    def _stop(self) -> None:
+        self.tracing = False
+        jax.profiler.stop_trace()
+        if self.global_steps:
+            first, last = self.global_steps[0], self.global_steps[-1]
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
+            self.log(f"mtjax: profile of {steps} in {self.dir} (tensorboard --logdir {self.dir}, "
+                     f"or its .trace.json.gz in ui.perfetto.dev)")
