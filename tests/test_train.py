@@ -460,9 +460,13 @@ def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
     from mtjax import cli
 
     argv = ["train", "--workdir", str(tmp_path / "run"), "--no-progress", *TINY,
-            "train.steps=1", "log.every_steps=1", "eval.at_end=false", "model.remat=full"]
+            "train.steps=1", "log.every_steps=1", "eval.at_end=false", "model.remat=full",
+            "log.profile_steps=1", "log.profile_skip_steps=0"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
+    # The one step traced, compilation included (skip 0), and the trace named at the end.
+    assert f"mtjax: profile of step 1 in {tmp_path / 'run' / 'profile'}" in err
+    assert err.splitlines()[-1].endswith("summary.json, profile/, checkpoints/")
     assert ("training 1 step of batch 8 (64/32 tokens, packed); adafactor (learning rate "
             "0.01, rsqrt decay after 100 steps); activations float32, remat full") in err
     assert "tokens/s not measured (only one step ran, and it compiles)" in err

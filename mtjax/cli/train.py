@@ -135,6 +135,6 @@ def _print_summary(result) -> None:
         lines.append(result.compilation_cache.describe())
     wd = result.workdir.absolute()
     written = ["config.json", "metrics.jsonl", "summary.json"]
-    written += ["tensorboard/"] if (wd / "tensorboard").is_dir() else []
+    written += [d + "/" for d in ("tensorboard", "profile") if (wd / d).is_dir()]
     lines.append(f"run directory {wd}: {', '.join(written + ['checkpoints/'])}")
     print("\n".join(lines), file=sys.stderr)
