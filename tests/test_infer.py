@@ -328,14 +328,17 @@ def test_evaluator_beats_untrained_model(trained_run):
                           model.params)
     fresh = load_lib.init_params(model.model_def, target, model.mesh, model.rules, seed=1)
     untrained = evaluator(fresh, step=0)["mtjax_copy"]
-    assert set(trained) == {"exact_match", "log_likelihood"}
+    assert set(trained) == {"exact_match", "log_likelihood", "loss"}
     assert 0.0 <= trained["exact_match"] <= 100.0
+    # eval.loss: per target token, so about ln(384) = 5.95 for random weights, far less trained.
+    assert 4.5 < untrained["loss"] < 7.5 and trained["loss"] < untrained["loss"] - 2
     # Mean target log-likelihood: the trained model beats random weights (about uniform over
     # 384 ids, ~-6 nats per token) by a wide margin after 20 steps.
     assert trained["log_likelihood"] < 0
     assert trained["log_likelihood"] > untrained["log_likelihood"] + 20, (trained, untrained)
     flat = evaluate.flatten({"mtjax_copy": trained})
-    assert set(flat) == {"eval/mtjax_copy/exact_match", "eval/mtjax_copy/log_likelihood"}
+    assert set(flat) == {"eval/mtjax_copy/exact_match", "eval/mtjax_copy/log_likelihood",
+                         "eval/mtjax_copy/loss"}
 
 
 def test_a_task_scores_the_same_beside_a_task_that_needs_lengths():
@@ -384,7 +387,7 @@ def test_a_metric_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys)
                         vocabulary="byte", metric_fns=[with_sample])
     m = Tiny(dataclasses.replace(BASE, vocab_size=384))
     config = config_lib.load(None, ["data.mixture=t_text_metric", "eval.batch_size=2",
-                                    "eval.max_decode_length=2"])
+                                    "eval.max_decode_length=2", "eval.loss=false"])
     evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
     capsys.readouterr()
     assert evaluator(m.params, step=0) == {"t_text_metric": {"count": 2.0}}
@@ -394,6 +397,45 @@ def test_a_metric_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys)
         "mtjax: note: eval metric 'first_target' of task 't_text_metric' is a Text, not one "
         "number: mtjax records numbers only (metrics.jsonl, TensorBoard, the eval output), so "
         "it is left out; return a float (or seqio.metrics.Scalar) to record it"]  # once
+
+
+def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
+    """eval.loss (T5X's train_eval): the training loss function's cross-entropy per target token
+    on the task's eval examples, cut at the run's lengths as training cuts them; for a task
+    without metric_fns too, which was not evaluated at all."""
+    from mtjax import config as config_lib
+    from mtjax.data import tasks
+    from mtjax.infer import evaluate
+    from mtjax.train import step as step_lib
+
+    (tmp_path / "v.tsv").write_text("copy: ab\tab\ncopy: cd\tcd\ncopy: e\te\n")
+    tasks.add_file_task("t_loss_only", {"train": str(tmp_path / "v.tsv"),
+                                        "validation": str(tmp_path / "v.tsv")},
+                        vocabulary="byte")
+    m = Tiny(dataclasses.replace(BASE, vocab_size=384))
+    config = config_lib.load(None, ["data.mixture=t_loss_only", "data.inputs_length=8",
+                                    "data.targets_length=4", "eval.batch_size=2"])
+    evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
+    assert evaluator.task_names == ["t_loss_only"]
+    results = evaluator(m.params, step=0)
+    assert list(results) == ["t_loss_only"] and list(results["t_loss_only"]) == ["loss"]
+
+    # By hand: byte ids are the byte + 3, EOS 1; inputs cut to 7 bytes + EOS.
+    def ids(text: str, length: int) -> list[int]:
+        row = [b + 3 for b in text.encode()][:length - 1] + [1]
+        return row + [0] * (length - len(row))
+
+    rows = [("copy: ab", "ab"), ("copy: cd", "cd"), ("copy: e", "e")]
+    enc = np.array([ids(i, 8) for i, _ in rows], np.int32)
+    targets = np.array([ids(t, 4) for _, t in rows], np.int32)
+    dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], axis=1)
+    logits = m.logits(enc, dec_in)
+    loss_BL, _ = step_lib.cross_entropy_with_z_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                                     0.0)
+    weights = (targets > 0).astype(np.float32)
+    expected = float(np.sum(np.asarray(loss_BL) * weights) / weights.sum())
+    np.testing.assert_allclose(results["t_loss_only"]["loss"], expected, rtol=1e-5)
+    assert evaluator(m.params, step=1) == results  # the same examples every time
 
 
 def test_none_and_text_metric_values_are_not_numbers():
@@ -454,7 +496,7 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     results = json.loads(out.read_text())
     assert json.loads(stdout) == results
     assert set(results) == {"mtjax_copy"}
-    assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood"}
+    assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood", "loss"}
     code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--split", "valdation",
                               "--no-progress"], capsys)
     assert code == 2 and not stdout and "split 'valdation'" in err, err

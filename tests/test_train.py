@@ -140,6 +140,9 @@ def test_run_directory_contract(trained_run):
         assert record[f"eval/{task}/log_likelihood"] < 0
         if task != "mtjax_span_corruption":
             assert 0 <= record[f"eval/{task}/exact_match"] <= 100
+        # eval.loss: held-out examples of the same generator, so near the training loss of
+        # the last steps (no task overfits in 30 steps).
+        assert abs(record[f"eval/{task}/loss"] / record[f"loss/{task}"] - 1) < 0.2, task
     assert summary["metrics"]["eval/mtjax_copy/log_likelihood"] == record[
         "eval/mtjax_copy/log_likelihood"]
 
@@ -640,3 +643,22 @@ def test_the_step_before_an_evaluation_is_timed(tmp_path):
     assert [r["step"] for r in plain] == [2, 3] and "eval/mtjax_copy/exact_match" in evaluated
     pace = max(r["tokens_per_s"] for r in plain)
     assert evaluated["tokens_per_s"] < 4 * pace, (evaluated["tokens_per_s"], pace)
+
+
+def test_the_closing_summary_sets_held_out_figures_apart(tmp_path, capsys):
+    """With eval.loss a task's line held two `loss` figures, training's and the held-out one,
+    with nothing to tell them apart."""
+    from mtjax.cli import train as train_cli
+    from mtjax.train import trainer
+
+    metrics = {"loss": 1.5, "accuracy": 0.5, "loss/a": 1.25, "accuracy/a": 0.625,
+               "eval/a/loss": 1.75, "eval/a/exact_match": 12.5, "eval/b/loss": 2.5}
+    result = trainer.TrainResult(workdir=tmp_path, start_step=0, step=10, metrics=metrics,
+                                 wall_s=3.0, task_names=["a", "b"],
+                                 throughput={"tokens_per_s": 100.0})
+    train_cli._print_summary(result)
+    lines = capsys.readouterr().err.splitlines()
+    assert ("  a                            loss 1.2500  accuracy 0.625  | eval: exact_match "
+            "12.5  loss 1.75") in lines
+    assert ("  b                            (not in the last logged batches)  | eval: loss "
+            "2.5") in lines

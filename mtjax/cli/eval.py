@@ -1,6 +1,6 @@
 """Evaluate a checkpoint with seqio.Evaluator: every task of the run's mixture (or --mixture)
-that has metric_fns, on its validation split; prints (and with --output writes) JSON mapping
-task -> metric -> value."""
+that has metric_fns, on its validation split, and (eval.loss, the default) every task's
+teacher-forced loss; prints (and with --output writes) JSON mapping task -> metric -> value."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
         splits = sorted({s for name in pipeline.resolve_task_names(data.mixture)
                          for s in seqio.TaskRegistry.get(name).splits})
+        which = "" if config.eval.loss else "metric_fns and "
         raise config_lib.ConfigError(
-            f"nothing to evaluate: no task of {data.mixture!r} has metric_fns and a split "
+            f"nothing to evaluate: no task of {data.mixture!r} has {which}a split "
             f"{args.split!r} (its tasks' splits: {', '.join(splits)})")
     results = evaluator(model.params, model.step)
     text = outputs.dumps(results, indent=2, sort_keys=True)

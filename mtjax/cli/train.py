@@ -127,8 +127,10 @@ def _print_summary(result) -> None:
         # A task can miss the last logging window (a small batch) and still have eval results.
         train = (f"loss {m[f'loss/{task}']:.4f}  accuracy {m[f'accuracy/{task}']:.3f}"
                  if f"loss/{task}" in m else "(not in the last logged batches)")
-        evals = "".join(f"  {key.split('/')[-1]} {value:.3g}"
-                        for key, value in sorted(m.items()) if key.startswith(f"eval/{task}/"))
+        evals = "  ".join(f"{key.split('/')[-1]} {value:.3g}"
+                          for key, value in sorted(m.items()) if key.startswith(f"eval/{task}/"))
+        # Held-out figures apart: the eval `loss` beside training's would read as one of them.
+        evals = f"  | eval: {evals}" if evals else ""
         if f"loss/{task}" in m or evals:
             lines.append(f"  {task:<28} {train}{evals}")
     if result.compilation_cache is not None and result.compilation_cache.directory:

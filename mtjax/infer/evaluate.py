@@ -13,6 +13,7 @@ and split over the mesh); only the caller decides who writes results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -37,29 +38,35 @@ def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, n
     yield from dataset.batch(batch_size).as_numpy_iterator()
 
 
-def seqio_evaluator(mixture: str, split: str, max_examples: int | None,
-                    sequence_length: Mapping[str, int] | None) -> Any:
-    """A ``seqio.Evaluator`` that caches the first ``max_examples`` of each task once, itself.
-
-    Without the override, seqio's ``Task.get_dataset`` also caches a split of known size under
-    10,000 examples in memory *before* the evaluator takes its first N, so every partial read
-    printed TensorFlow's "did not fully read the dataset being cached" when its iterator died.
-    The evaluator's own cache (after the take) makes that first cache useless anyway.
-    """
-    import seqio
+@contextlib.contextmanager
+def _no_split_memory_cache() -> Iterator[None]:
+    """Without it, seqio's ``Task.get_dataset`` caches a split of known size under 10,000
+    examples in memory *before* the first N are taken, so every partial read printed
+    TensorFlow's "did not fully read the dataset being cached" when its iterator died. The
+    readers here keep what they took themselves, which makes that first cache useless anyway."""
     from seqio import dataset_providers
 
     limit = getattr(dataset_providers, "_MAX_EXAMPLES_TO_MEM_CACHE", None)
     if limit is not None:
         dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = 0
     try:
+        yield
+    finally:
+        if limit is not None:
+            dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = limit
+
+
+def seqio_evaluator(mixture: str, split: str, max_examples: int | None,
+                    sequence_length: Mapping[str, int] | None) -> Any:
+    """A ``seqio.Evaluator`` that caches the first ``max_examples`` of each task once, itself
+    (see :func:`_no_split_memory_cache`)."""
+    import seqio
+
+    with _no_split_memory_cache():
         return seqio.Evaluator(
             mixture, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
             sequence_length=sequence_length, num_examples=max_examples or None,
             use_memory_cache=True, async_compute_metrics=False)
-    finally:
-        if limit is not None:
-            dataset_providers._MAX_EXAMPLES_TO_MEM_CACHE = limit
 
 
 def needs_lengths(task: Any) -> bool:
@@ -124,6 +131,71 @@ def flatten(results: Mapping[str, Mapping[str, float]], prefix: str = "eval") ->
             for task, metrics in results.items() for metric, value in metrics.items()}
 
 
+def loss_tasks(mixture: str, split: str) -> list[str]:
+    """The tasks of ``mixture`` with a ``split``: those :class:`TaskLosses` evaluates."""
+    import seqio
+
+    return [t.name for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture))
+            if split in t.splits]
+
+
+class TaskLosses:
+    """The teacher-forced cross-entropy per target token of every task of a mixture on its
+    eval split (T5X's ``train_eval``), whether the task has metrics or not: the first
+    ``max_examples`` examples, cut at the run's lengths as training cuts them, scored as
+    ``mtjax score`` scores them (EOS included; no z-loss, no label smoothing). Beside
+    training's ``loss/<task>`` it shows each task's generalisation gap, and which task
+    overfits first in a mixture.
+
+    The examples are read once, at the first call, in their split's order with a fixed seed
+    for random preprocessors (span corruption's noise), so every evaluation and every host
+    scores the same examples.
+    """
+
+    _KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+             "decoder_loss_weights")
+
+    def __init__(self, mixture: str, scorer: Scorer, *, split: str, max_examples: int | None,
+                 sequence_length: Mapping[str, int], batch_size: int, seed: int = 0):
+        self.task_names = loss_tasks(mixture, split)
+        self.scorer, self.split, self.max_examples = scorer, split, max_examples
+        self.sequence_length, self.batch_size, self.seed = sequence_length, batch_size, seed
+        self._batches: dict[str, list[dict[str, np.ndarray]]] | None = None
+
+    def _read(self) -> dict[str, list[dict[str, np.ndarray]]]:
+        import seqio
+
+        converter = seqio.EncDecFeatureConverter(pack=False)
+        batches = {}
+        with _no_split_memory_cache():
+            for name in self.task_names:
+                ds = seqio.get_mixture_or_task(name).get_dataset(
+                    self.sequence_length, split=self.split, shuffle=False, num_epochs=1,
+                    seed=self.seed)
+                if self.max_examples:
+                    ds = ds.take(self.max_examples)
+                ds = converter(ds, self.sequence_length)
+                batches[name] = [{k: b[k] for k in self._KEYS}
+                                 for b in ds.batch(self.batch_size).as_numpy_iterator()]
+        return batches
+
+    def __call__(self, params: Any) -> Results:
+        """task -> {"loss": cross-entropy per target token}; a task without target tokens
+        in the examples read is left out."""
+        if self._batches is None:
+            self._batches = self._read()
+        results: Results = {}
+        for name, batches in self._batches.items():
+            log_likelihood, tokens = 0.0, 0
+            for batch in batches:
+                scores_B, counts_B = self.scorer(params, batch, batch_size=self.batch_size)
+                log_likelihood += float(np.sum(scores_B, dtype=np.float64))
+                tokens += int(np.sum(counts_B))
+            if tokens:
+                results[name] = {"loss": -log_likelihood / tokens}
+        return results
+
+
 class Evaluator:
     """Evaluate a model's parameters on every task of a mixture that has metrics.
 
@@ -140,13 +212,17 @@ class Evaluator:
         sequence_length: feature lengths for the tasks whose preprocessors need them (the
             others, and these when None, take the longest example: no truncation).
         progress: report each model pass on stderr.
+        loss: also each task's ``loss`` (:class:`TaskLosses`, at ``sequence_length``), for
+            every task with the split, metrics or not.
+        seed: the seed of random preprocessors for the loss's examples.
     """
 
     def __init__(self, mixture: str, model_def: Any, mesh: Mesh, rules: mesh_lib.AxisRules, *,
                  split: str = "validation", max_examples: int | None = None,
                  batch_size: int = 32, options: DecodeOptions | None = None,
                  max_decode_length: int | None = None,
-                 sequence_length: Mapping[str, int] | None = None, progress: bool = False):
+                 sequence_length: Mapping[str, int] | None = None, progress: bool = False,
+                 loss: bool = False, seed: int = 0):
         self.batch_size = batch_size
         self.options = options or DecodeOptions()
         self.max_decode_length = max_decode_length
@@ -156,7 +232,16 @@ class Evaluator:
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
         self._seqio = seqio_evaluators(mixture, split, max_examples, sequence_length)
-        self.task_names = [t.name for e in self._seqio for t in e.eval_tasks]
+        self.losses = None
+        if loss:
+            if sequence_length is None:
+                raise ValueError("Evaluator(loss=True) needs the run's sequence_length")
+            self.losses = TaskLosses(mixture, self.scorer, split=split,
+                                     max_examples=max_examples, sequence_length=sequence_length,
+                                     batch_size=batch_size, seed=seed)
+        # The tasks evaluated: with the loss, every task with the split (a superset).
+        self.task_names = (self.losses.task_names if self.losses is not None
+                           else [t.name for e in self._seqio for t in e.eval_tasks])
 
     def _log(self, message: str) -> None:
         if self.progress:
@@ -221,9 +306,14 @@ class Evaluator:
             results[task] = {name: v for name, v in values.items() if v is not None}
             for name in sorted(set(values) - set(results[task])):
                 self._note_not_a_number(task, name, metrics[name])
+        losses = {} if self.losses is None else self.losses(params)
+        for task, values in losses.items():
+            results.setdefault(task, {}).update(values)
         # seqio calls the functions once per task without naming it: one line for them all.
         self._log(f"eval: {len(results)} tasks, decoded {self._counts['decoded']} and scored "
-                  f"{self._counts['scored']} examples in {time.perf_counter() - start:.1f}s")
+                  f"{self._counts['scored']} examples"
+                  + (f", the loss of {len(losses)} tasks" if self.losses is not None else "")
+                  + f" in {time.perf_counter() - start:.1f}s")
         return results
 
 
@@ -246,4 +336,4 @@ def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRu
     # Tasks whose preprocessors need lengths (span corruption's chunks) get the run's; the
     # others are evaluated whole, as on their own.
     return Evaluator(config.data.mixture, model_def, mesh, rules, sequence_length=lengths,
-                     **kwargs)
+                     loss=config.eval.loss, seed=config.train.seed, **kwargs)

@@ -463,7 +463,8 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
         evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                 progress=False)
         if not evaluator.task_names:
-            log(f"mtjax: note: no task of {config.data.mixture} has metric_fns and a "
+            which = "" if config.eval.loss else "metric_fns and "
+            log(f"mtjax: note: no task of {config.data.mixture} has {which}a "
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
             evaluator = None
