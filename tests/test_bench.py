@@ -33,7 +33,7 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     result = json.loads(capsys.readouterr().out)
     # --profile: 2 steps after the timed ones, each a step in the trace.
     assert result["profile_dir"] == str(profile)
-    (trace,) = profile.glob("plugins/profile/*/*.trace.json.gz")
+    (trace,) = profile.glob("plugins/profile/*/perfetto_trace.json.gz")
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert [e["args"]["step_num"] for e in events if e.get("name") == "train"] == ["1", "2"]
     assert json.loads(out.read_text()) == result

@@ -4,7 +4,7 @@ The trace holds what the host dispatched and what the devices ran, step by step 
 ``StepTraceAnnotation``, which TensorBoard's profile plugin and XProf read as steps). Training
 writes it to ``<workdir>/profile/``, ``mtjax bench train --profile DIR`` to DIR (each under
 ``process_<i>/`` in a multi-host job): ``plugins/profile/<time>/<host>.xplane.pb`` for
-TensorBoard / XProf, and ``<host>.trace.json.gz`` beside it for Perfetto.
+TensorBoard / XProf, and ``perfetto_trace.json.gz`` beside it for Perfetto.
 
 A trace that cannot start (another one is running in this process) is a warning: profiling
 never stops a run.
@@ -78,7 +78,7 @@ class StepProfiler:
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            jax.profiler.start_trace(str(self.dir))
+            jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
         except RuntimeError as e:  # e.g. a trace already running in this process
             self.log(f"mtjax: warning: log.profile_steps: no trace ({e}); training goes on")
             return
@@ -91,4 +91,4 @@ class StepProfiler:
             first, last = self.global_steps[0], self.global_steps[-1]
             steps = f"step {first}" if first == last else f"steps {first}-{last}"
             self.log(f"mtjax: profile of {steps} in {self.dir} (tensorboard --logdir {self.dir}, "
-                     f"or its .trace.json.gz in ui.perfetto.dev)")
+                     f"or its perfetto_trace.json.gz in ui.perfetto.dev)")
