@@ -497,6 +497,10 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     assert json.loads(stdout) == results
     assert set(results) == {"mtjax_copy"}
     assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood", "loss"}
+    code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--max-examples", "4",
+                              "--max-decode-length", "8", "--no-loss", "--no-progress"], capsys)
+    assert code == 0 and json.loads(stdout)["mtjax_copy"] == {
+        k: v for k, v in results["mtjax_copy"].items() if k != "loss"}, err
     code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--split", "valdation",
                               "--no-progress"], capsys)
     assert code == 2 and not stdout and "split 'valdation'" in err, err

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="beam search length penalty ((5+len)/6)**alpha (default 0.6)")
     parser.add_argument("--max-decode-length", type=int, default=0,
                         help="default 0: the longest target of the eval examples")
+    parser.add_argument("--loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="each task's teacher-forced loss per target token (default: the "
+                        "run's eval.loss, on unless the run turned it off)")
 
 
 @_inference.on_every_host
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     eval_config = dataclasses.replace(
         config.eval, split=args.split, max_examples=args.max_examples,
         batch_size=args.batch_size, beam_size=args.beam_size, alpha=args.alpha,
-        max_decode_length=args.max_decode_length)
+        max_decode_length=args.max_decode_length,
+        loss=config.eval.loss if args.loss is None else args.loss)
     config = config_lib.validate(dataclasses.replace(config, data=data, eval=eval_config))
     evaluator = evaluate.make_evaluator(config, model.mesh, model.rules, model.model_def,
                                         progress=not args.no_progress)
