@@ -898,6 +898,37 @@ def test_a_device_count_that_does_not_split_the_model_still_infers(trained_run, 
     assert runs[3].stdout == runs[1].stdout and runs[6].stdout == runs[1].stdout
 
 
+UNLAYABLE_SPLIT_CODE = """
+import json, sys
+from jax.experimental import mesh_utils
+from mtjax.infer import load
+
+made = []
+create = mesh_utils.create_device_mesh
+
+def like_a_tpu_torus(shape, *args, **kwargs):
+    # What a TPU v5e 4x4 answers for data=2, fsdp=8 (no 8-chip ring): here data=2, fsdp=3.
+    made.append(list(shape))
+    if tuple(shape) == (2, 3, 1):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 1")
+    return create(shape, *args, **kwargs)
+
+mesh_utils.create_device_mesh = like_a_tpu_torus
+print(json.dumps({"mesh": dict(load.load(sys.argv[1]).mesh.shape), "made": made}))
+"""
+
+
+def test_a_split_the_chips_cannot_lay_out_is_passed_over(trained_run, subprocess_python):
+    """On a TPU, JAX cannot lay some data x fsdp splits over the chips' torus (4x4: no data=2,
+    fsdp=8). All candidates were built before the first was tried, so such a split made every
+    load fail, even where the run's own mesh fitted; now meshes are built in turn until one
+    splits the model, and one that cannot be laid out is passed over."""
+    out = json.loads(subprocess_python(UNLAYABLE_SPLIT_CODE, trained_run, devices=6).stdout)
+    # fsdp=6 does not split the 32-wide model, data=2 x fsdp=3 cannot be laid out: data=3 x 2.
+    assert out["mesh"] == {"data": 3, "fsdp": 2, "tensor": 1}
+    assert out["made"] == [[1, 6, 1], [1, 6, 1], [2, 3, 1], [3, 2, 1]]  # none beyond it
+
+
 def test_a_sigterm_half_way_leaves_the_output_and_no_partial_file(trained_run, tmp_path):
     """SIGTERM (what a scheduler sends) ended infer at once: the output was kept, but its
     hidden `.out.jsonl.*.partial` stayed beside it."""

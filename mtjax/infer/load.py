@@ -206,14 +206,18 @@ def inference_meshes(config: config_lib.Config) -> Iterator[Mesh]:
     every ``data`` x ``fsdp`` split of all devices, the most ``fsdp`` (the least memory per
     device) first, down to ``data`` alone, which holds the whole parameters on each device."""
     m = config.mesh
-    try:
-        yield mesh_lib.make_mesh(mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data,
-                                                    m.dcn_fsdp, m.dcn_tensor))
-    except mesh_lib.MeshError:
-        pass
     n = jax.device_count()
-    for fsdp in (f for f in range(n, 0, -1) if n % f == 0):
-        yield mesh_lib.make_mesh(mesh_lib.MeshShape(data=n // fsdp, fsdp=fsdp, tensor=1))
+    shapes = [mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor)]
+    shapes += [mesh_lib.MeshShape(data=n // f, fsdp=f, tensor=1)
+               for f in range(n, 0, -1) if n % f == 0]
+    for shape in shapes:
+        try:
+            mesh = mesh_lib.make_mesh(shape)
+        except (mesh_lib.MeshError, ValueError, NotImplementedError):
+            # The run's shape on other devices, or a split JAX cannot lay over a TPU's torus
+            # (4x4 chips: no data=2, fsdp=8): the next candidate. data=n always lays out.
+            continue
+        yield mesh
 
 
 def on_mesh(target: Any, mesh: Mesh) -> Any:
@@ -257,10 +261,13 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     else:
         # The first mesh that splits the model's dimensions: on 3 devices fsdp=3 cannot split a
         # 32-wide embedding, and data=3 holds the whole parameters on each device instead.
-        meshes = list(inference_meshes(config))
-        model_def, target = abstract_model(model_cfg, meshes[0], rules)
-        for mesh in meshes:
-            target = on_mesh(target, mesh)
+        # Built one at a time: a mesh after the one taken is never laid out.
+        target = None
+        for mesh in inference_meshes(config):
+            if target is None:
+                model_def, target = abstract_model(model_cfg, mesh, rules)
+            else:
+                target = on_mesh(target, mesh)
             if _splits_evenly(target):
                 break
         else:  # only mesh.rules that shard parameters over `data` can get here
