@@ -93,6 +93,24 @@ def test_a_trace_cut_short_is_closed_and_one_that_cannot_start_is_a_warning(tmp_
         "mtjax: warning: log.profile_steps: no trace (") and "training goes on" in messages[0]
 
 
+def test_a_trace_ends_with_the_run(tmp_path, capsys):
+    """Steps 3-5 asked for, the run ends at step 4: the trace stopped only when the loop
+    exited, so it also held the final evaluation and checkpoint save (Orbax's frames, 35 MB
+    instead of 2)."""
+    import gzip
+
+    from mtjax.train import trainer
+
+    workdir = tmp_path / "run"
+    trainer.train(tiny_config("train.steps=4", "log.profile_steps=3"), workdir, progress=False)
+    assert f"mtjax: profile of steps 3-4 in {workdir / 'profile'}" in capsys.readouterr().err
+    (trace,) = (workdir / "profile").glob("plugins/profile/*/*.trace.json.gz")
+    names = {e.get("name", "") for e in json.loads(gzip.decompress(trace.read_bytes()))[
+        "traceEvents"]}
+    assert "PjitFunction(step)" in names
+    assert not [n for n in names if "checkpoint" in n or "evaluat" in n]
+
+
 def test_run_directory_contract(trained_run):
     workdir, result = trained_run
     config = json.loads((workdir / "config.json").read_text())

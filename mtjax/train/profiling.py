@@ -62,10 +62,11 @@ class StepProfiler:
         with jax.profiler.StepTraceAnnotation("train", step_num=global_step):
             yield
 
-    def stepped(self, outputs: Any) -> None:
+    def stepped(self, outputs: Any, *, final: bool = False) -> None:
         """After the step's dispatch: the trace ends once its last step has run on the
-        devices (the dispatch returns before they finish)."""
-        if self.tracing and self.run >= self.last:
+        devices (the dispatch returns before they finish), or after the run's ``final`` step
+        (the last, or a stop), before the evaluation and checkpoint that follow it."""
+        if self.tracing and (self.run >= self.last or final):
             jax.block_until_ready(outputs)
             self._stop()
 

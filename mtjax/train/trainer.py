@@ -243,7 +243,6 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                         host_log.add_batch(host_batch)
                     state, step_metrics = jitted(state, to_global(host_batch))
                 step += 1
-                profiler.stepped(step_metrics)
                 bar.update(1)  # before any evaluation: the bar reads the step being evaluated
                 # Fetch the previous step's metrics now: the device runs step `step` meanwhile.
                 if pending is not None:
@@ -257,6 +256,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                 is_last = step == config.train.steps
                 preempted = preemption.reached(step)
                 must_save = checkpoints.save_due(step) or is_last or preempted
+                # The trace ends with the run's last step, before its evaluation and save.
+                profiler.stepped(step_metrics, final=is_last or preempted)
                 eval_results = {}
                 if evaluator is not None and (
                         (config.eval.every_steps and step % config.eval.every_steps == 0)
