@@ -93,10 +93,11 @@ def test_a_trace_cut_short_is_closed_and_one_that_cannot_start_is_a_warning(tmp_
         "mtjax: warning: log.profile_steps: no trace (") and "training goes on" in messages[0]
 
 
-def test_a_trace_ends_with_the_run(tmp_path, capsys):
+def test_a_trace_ends_with_the_run_and_one_never_reached_is_a_warning(tmp_path, capsys):
     """Steps 3-5 asked for, the run ends at step 4: the trace stopped only when the loop
     exited, so it also held the final evaluation and checkpoint save (Orbax's frames, 35 MB
-    instead of 2)."""
+    instead of 2). A resumed process with fewer steps than log.profile_skip_steps + 1 made no
+    trace and said nothing."""
     import gzip
 
     from mtjax.train import trainer
@@ -109,6 +110,12 @@ def test_a_trace_ends_with_the_run(tmp_path, capsys):
         "traceEvents"]}
     assert "PjitFunction(step)" in names
     assert not [n for n in names if "checkpoint" in n or "evaluat" in n]
+
+    trainer.train(tiny_config("train.steps=5", "log.profile_steps=3"), workdir, progress=False)
+    err = capsys.readouterr().err
+    assert ("mtjax: warning: log.profile_steps: no trace; this process ran 1 step(s), and the "
+            "trace starts at its step 3 (after log.profile_skip_steps=2)\n") in err
+    assert len(list((workdir / "profile").glob("plugins/profile/*"))) == 1
 
 
 def test_run_directory_contract(trained_run):

@@ -75,6 +75,11 @@ class StepProfiler:
             if outputs is not None:
                 jax.block_until_ready(outputs)
             self._stop()
+        elif self.enabled and self.run < self.first:
+            # Asked for a trace, given none: say why rather than leave profile/ missing.
+            self.log(f"mtjax: warning: log.profile_steps: no trace; this process ran "
+                     f"{self.run} step(s), and the trace starts at its step {self.first} "
+                     f"(after log.profile_skip_steps={self.first - 1})")
 
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
