@@ -118,6 +118,33 @@ def test_a_trace_ends_with_the_run_and_one_never_reached_is_a_warning(tmp_path, 
     assert len(list((workdir / "profile").glob("plugins/profile/*"))) == 1
 
 
+def test_a_trace_that_cannot_be_written_is_a_warning(tmp_path):
+    """"Profiling never stops a run": a trace whose export failed (a full disk) raised out of
+    the training loop."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtjax.train import profiling
+
+    messages: list[str] = []
+    base = tmp_path / "profile"
+    profiler = profiling.StepProfiler(base, skip=0, steps=1, log=messages.append)
+    with profiler.step(1):
+        out = jnp.ones(4)
+    base.rmdir()
+    base.write_text("")  # the export cannot create its folders
+    try:
+        profiler.stepped(out)
+    finally:
+        if base.is_file():  # JAX keeps a session whose export failed: end it for later tests
+            base.unlink()
+            jax.profiler.stop_trace()
+    assert not profiler.tracing
+    assert len(messages) == 1 and messages[0].startswith(
+        f"mtjax: warning: log.profile_steps: the trace could not be written to {base} (")
+    assert messages[0].endswith("); training goes on")
+
+
 def test_run_directory_contract(trained_run):
     workdir, result = trained_run
     config = json.loads((workdir / "config.json").read_text())

@@ -6,8 +6,8 @@ writes it to ``<workdir>/profile/``, ``mtjax bench train --profile DIR`` to DIR 
 ``process_<i>/`` in a multi-host job): ``plugins/profile/<time>/<host>.xplane.pb`` for
 TensorBoard / XProf, and ``perfetto_trace.json.gz`` beside it for Perfetto.
 
-A trace that cannot start (another one is running in this process) is a warning: profiling
-never stops a run.
+A trace that cannot start (another one is running in this process) or cannot be written (a
+full disk) is a warning: profiling never stops a run.
 """
 
 from __future__ import annotations
@@ -92,7 +92,12 @@ class StepProfiler:
 
     def _stop(self) -> None:
         self.tracing = False
-        jax.profiler.stop_trace()
+        try:
+            jax.profiler.stop_trace()
+        except Exception as e:  # writing it failed (a full disk, a quota): training goes on
+            self.log(f"mtjax: warning: log.profile_steps: the trace could not be written to "
+                     f"{self.dir} ({e}); training goes on")
+            return
         if self.global_steps:
             first, last = self.global_steps[0], self.global_steps[-1]
             steps = f"step {first}" if first == last else f"steps {first}-{last}"
