@@ -78,6 +78,15 @@ def test_a_trace_cut_short_is_closed_and_one_that_cannot_start_is_a_warning(tmp_
                         f"--logdir {tmp_path / 'profile'}, or its perfetto_trace.json.gz in "
                         f"ui.perfetto.dev)"]
 
+    (tmp_path / "in_the_way").write_text("a file where the trace's folder would go")
+    messages.clear()
+    profiler = profiling.StepProfiler(tmp_path / "in_the_way", skip=0, steps=1,
+                                      log=messages.append)
+    with profiler.step(1):
+        out = jnp.ones(4)
+    profiler.stepped(out)
+    assert len(messages) == 1 and "no trace (" in messages[0] and "in_the_way" in messages[0]
+
     jax.profiler.start_trace(str(tmp_path / "someone_else"))
     try:
         messages.clear()

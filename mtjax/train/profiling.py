@@ -82,10 +82,10 @@ class StepProfiler:
                      f"(after log.profile_skip_steps={self.first - 1})")
 
     def _start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
-        except RuntimeError as e:  # e.g. a trace already running in this process
+        except (OSError, RuntimeError) as e:  # a file in the way; a trace already running
             self.log(f"mtjax: warning: log.profile_steps: no trace ({e}); training goes on")
             return
         self.tracing = True
