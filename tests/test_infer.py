@@ -328,17 +328,18 @@ def test_evaluator_beats_untrained_model(trained_run):
                           model.params)
     fresh = load_lib.init_params(model.model_def, target, model.mesh, model.rules, seed=1)
     untrained = evaluator(fresh, step=0)["mtjax_copy"]
-    assert set(trained) == {"exact_match", "log_likelihood", "loss"}
+    assert set(trained) == {"exact_match", "log_likelihood", "loss", "token_accuracy"}
     assert 0.0 <= trained["exact_match"] <= 100.0
     # eval.loss: per target token, so about ln(384) = 5.95 for random weights, far less trained.
     assert 4.5 < untrained["loss"] < 7.5 and trained["loss"] < untrained["loss"] - 2
+    assert untrained["token_accuracy"] < 0.05 < 0.15 < trained["token_accuracy"] <= 1
     # Mean target log-likelihood: the trained model beats random weights (about uniform over
     # 384 ids, ~-6 nats per token) by a wide margin after 20 steps.
     assert trained["log_likelihood"] < 0
     assert trained["log_likelihood"] > untrained["log_likelihood"] + 20, (trained, untrained)
     flat = evaluate.flatten({"mtjax_copy": trained})
     assert set(flat) == {"eval/mtjax_copy/exact_match", "eval/mtjax_copy/log_likelihood",
-                         "eval/mtjax_copy/loss"}
+                         "eval/mtjax_copy/loss", "eval/mtjax_copy/token_accuracy"}
 
 
 def test_a_task_scores_the_same_beside_a_task_that_needs_lengths():
@@ -418,7 +419,8 @@ def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
     evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
     assert evaluator.task_names == ["t_loss_only"]
     results = evaluator(m.params, step=0)
-    assert list(results) == ["t_loss_only"] and list(results["t_loss_only"]) == ["loss"]
+    assert list(results) == ["t_loss_only"]
+    assert list(results["t_loss_only"]) == ["loss", "token_accuracy"]
 
     # By hand: byte ids are the byte + 3, EOS 1; inputs cut to 7 bytes + EOS.
     def ids(text: str, length: int) -> list[int]:
@@ -435,6 +437,8 @@ def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
     weights = (targets > 0).astype(np.float32)
     expected = float(np.sum(np.asarray(loss_BL) * weights) / weights.sum())
     np.testing.assert_allclose(results["t_loss_only"]["loss"], expected, rtol=1e-5)
+    right = (np.argmax(logits, axis=-1) == targets) * weights
+    assert results["t_loss_only"]["token_accuracy"] == pytest.approx(right.sum() / weights.sum())
     assert evaluator(m.params, step=1) == results  # the same examples every time
 
 
@@ -496,11 +500,12 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     results = json.loads(out.read_text())
     assert json.loads(stdout) == results
     assert set(results) == {"mtjax_copy"}
-    assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood", "loss"}
+    assert set(results["mtjax_copy"]) == {"exact_match", "log_likelihood", "loss",
+                                          "token_accuracy"}
     code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--max-examples", "4",
                               "--max-decode-length", "8", "--no-loss", "--no-progress"], capsys)
     assert code == 0 and json.loads(stdout)["mtjax_copy"] == {
-        k: v for k, v in results["mtjax_copy"].items() if k != "loss"}, err
+        k: v for k, v in results["mtjax_copy"].items() if k not in ("loss", "token_accuracy")}, err
     code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--split", "valdation",
                               "--no-progress"], capsys)
     assert code == 2 and not stdout and "split 'valdation'" in err, err

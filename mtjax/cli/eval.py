@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-decode-length", type=int, default=0,
                         help="default 0: the longest target of the eval examples")
     parser.add_argument("--loss", action=argparse.BooleanOptionalAction, default=None,
-                        help="each task's teacher-forced loss per target token (default: the "
-                        "run's eval.loss, on unless the run turned it off)")
+                        help="each task's teacher-forced loss per target token and token "
+                        "accuracy (default: the run's eval.loss, on unless the run turned it "
+                        "off)")
 
 
 @_inference.on_every_host

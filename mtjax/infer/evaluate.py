@@ -140,8 +140,8 @@ def loss_tasks(mixture: str, split: str) -> list[str]:
 
 
 class TaskLosses:
-    """The teacher-forced cross-entropy per target token of every task of a mixture on its
-    eval split (T5X's ``train_eval``), whether the task has metrics or not: the first
+    """The teacher-forced cross-entropy per target token, and token accuracy, of every task of a
+    mixture on its eval split (T5X's ``train_eval``), whether the task has metrics or not: the first
     ``max_examples`` examples, cut at the run's lengths as training cuts them, scored as
     ``mtjax score`` scores them (EOS included; no z-loss, no label smoothing). Beside
     training's ``loss/<task>`` it shows each task's generalisation gap, and which task
@@ -180,19 +180,20 @@ class TaskLosses:
         return batches
 
     def __call__(self, params: Any) -> Results:
-        """task -> {"loss": cross-entropy per target token}; a task without target tokens
-        in the examples read is left out."""
+        """task -> {"loss": cross-entropy per target token, "token_accuracy": the fraction of
+        target tokens that are the model's argmax}; a task without target tokens in the
+        examples read is left out."""
         if self._batches is None:
             self._batches = self._read()
         results: Results = {}
         for name, batches in self._batches.items():
-            log_likelihood, tokens = 0.0, 0
+            log_likelihood, tokens, correct = 0.0, 0.0, 0.0
             for batch in batches:
-                scores_B, counts_B = self.scorer(params, batch, batch_size=self.batch_size)
-                log_likelihood += float(np.sum(scores_B, dtype=np.float64))
-                tokens += int(np.sum(counts_B))
+                ll, n, right = self.scorer.totals(params, batch, batch_size=self.batch_size)
+                log_likelihood, tokens, correct = log_likelihood + ll, tokens + n, correct + right
             if tokens:
-                results[name] = {"loss": -log_likelihood / tokens}
+                results[name] = {"loss": -log_likelihood / tokens,
+                                 "token_accuracy": correct / tokens}
         return results
 
 
