@@ -377,9 +377,7 @@ def validate(config: Config) -> Config:
             f"stay float32 (rounded to bfloat16 after every step they stop decaying); drop "
             f"optim.state_dtype, or use optim.name=adamw")
     if config.train.label_smoothing and config.train.cross_entropy == "cpu_fused":
-        raise ConfigError(f"train.cross_entropy=cpu_fused has no label smoothing "
-                          f"(train.label_smoothing={config.train.label_smoothing}); use "
-                          f"train.cross_entropy=auto or xla, or train.label_smoothing=0")
+        raise ConfigError(smoothing_without_kernel(config.train.label_smoothing))
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "
@@ -408,6 +406,13 @@ _RANGES = {
     "log.profile_steps": (0, True, _MAX_INT, True),
     "log.profile_skip_steps": (0, True, _MAX_INT, True),
 }
+
+
+def smoothing_without_kernel(label_smoothing: float) -> str:
+    """Why train.cross_entropy=cpu_fused cannot run with label smoothing, and what to do."""
+    return (f"train.cross_entropy=cpu_fused has no label smoothing "
+            f"(train.label_smoothing={label_smoothing}); use train.cross_entropy=auto or xla, "
+            f"or train.label_smoothing=0")
 
 
 def _check_ranges(config: Config) -> None:

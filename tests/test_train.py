@@ -80,12 +80,14 @@ def test_a_trace_cut_short_is_closed_and_one_that_cannot_start_is_a_warning(tmp_
 
     (tmp_path / "in_the_way").write_text("a file where the trace's folder would go")
     messages.clear()
+    warnings: list[str] = []
     profiler = profiling.StepProfiler(tmp_path / "in_the_way", skip=0, steps=1,
-                                      log=messages.append)
+                                      log=messages.append, warn=warnings.append)
     with profiler.step(1):
         out = jnp.ones(4)
     profiler.stepped(out)
-    assert len(messages) == 1 and "no trace (" in messages[0] and "in_the_way" in messages[0]
+    assert not messages  # a warning goes to `warn`, which every host prints
+    assert len(warnings) == 1 and "no trace (" in warnings[0] and "in_the_way" in warnings[0]
 
     jax.profiler.start_trace(str(tmp_path / "someone_else"))
     try:
@@ -722,3 +724,21 @@ def test_the_closing_summary_sets_held_out_figures_apart(tmp_path, capsys):
             "12.5  loss 1.75") in lines
     assert ("  b                            (not in the last logged batches)  | eval: loss "
             "2.5") in lines
+
+
+def test_a_profiler_warning_is_shown_on_the_host_it_concerns(monkeypatch, capsys):
+    """A trace that failed on host 1 was reported by host 1 to host 0's log, which prints only
+    host 0's lines: the failure went unseen."""
+    import jax
+
+    from mtjax.train import trainer
+
+    class Bar:
+        def write(self, msg, file):
+            print(f"bar: {msg}", file=file)
+
+    trainer._warn_from_any_host(Bar(), "mtjax: warning: x")
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    trainer._warn_from_any_host(Bar(), "mtjax: warning: y")
+    assert capsys.readouterr().err.splitlines() == ["bar: mtjax: warning: x",
+                                                     "[host 1] mtjax: warning: y"]

@@ -32,15 +32,19 @@ class StepProfiler:
     """Traces the steps ``skip + 1 .. skip + steps`` that this process runs (its first step
     compiles; the default skips it and the next, which can still carry start-up work).
 
+    ``log`` reports where the trace went; ``warn`` what kept a trace from being made (the
+    trainer prints those on every host: a failure on host 3 is host 3's to report).
+
     Call :meth:`step` around each step's dispatch and :meth:`stepped` after it with the step's
     outputs; :meth:`close` ends a trace the run left early (its last step, preemption, an error).
     """
 
     def __init__(self, base: pathlib.Path, *, skip: int, steps: int,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], warn: Callable[[str], None] | None = None) -> None:
         self.dir = trace_dir(base)
         self.first, self.last = skip + 1, skip + steps  # counted in this process's steps
-        self.log = log
+        self.log = log  # the trace's whereabouts: one line for the job
+        self.warn = warn or log  # what went wrong on this host: every host's own
         self.run = 0  # steps this process has dispatched
         self.tracing = False
         self.global_steps: list[int] = []
@@ -77,7 +81,7 @@ class StepProfiler:
             self._stop()
         elif self.enabled and self.run < self.first:
             # Asked for a trace, given none: say why rather than leave profile/ missing.
-            self.log(f"mtjax: warning: log.profile_steps: no trace; this process ran "
+            self.warn(f"mtjax: warning: log.profile_steps: no trace; this process ran "
                      f"{self.run} step(s), and the trace starts at its step {self.first} "
                      f"(after log.profile_skip_steps={self.first - 1})")
 
@@ -86,7 +90,7 @@ class StepProfiler:
             self.dir.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
         except (OSError, RuntimeError) as e:  # a file in the way; a trace already running
-            self.log(f"mtjax: warning: log.profile_steps: no trace ({e}); training goes on")
+            self.warn(f"mtjax: warning: log.profile_steps: no trace ({e}); training goes on")
             return
         self.tracing = True
 
@@ -95,7 +99,7 @@ class StepProfiler:
         try:
             jax.profiler.stop_trace()
         except Exception as e:  # writing it failed (a full disk, a quota): training goes on
-            self.log(f"mtjax: warning: log.profile_steps: the trace could not be written to "
+            self.warn(f"mtjax: warning: log.profile_steps: the trace could not be written to "
                      f"{self.dir} ({e}); training goes on")
             return
         if self.global_steps:

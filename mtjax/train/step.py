@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mtjax.config import smoothing_without_kernel
 from mtjax.train import optim
 from mtjax.train.state import ModelDef, TrainState
 
@@ -122,9 +123,7 @@ def resolve_cross_entropy(kind: str, label_smoothing: float = 0.0) -> str:
         return kind
     if label_smoothing:
         if kind == "cpu_fused":
-            raise ValueError(f"train.cross_entropy=cpu_fused has no label smoothing "
-                             f"(train.label_smoothing={label_smoothing}); use "
-                             f"train.cross_entropy=auto or xla, or train.label_smoothing=0")
+            raise ValueError(smoothing_without_kernel(label_smoothing))
         return "xla"
     from mtjax import kernels
     from mtjax.kernels import cross_entropy as fused

@@ -74,6 +74,15 @@ def _log_above(bar, msg: str) -> None:
         bar.write(msg, file=sys.stderr)
 
 
+def _warn_from_any_host(bar, msg: str) -> None:
+    """A warning about this host alone: host 0's above the progress bar, another host's on its
+    own stderr with its number (only host 0 shows a bar and the run's own messages)."""
+    if jax.process_index() == 0:
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(f"[host {jax.process_index()}] {msg}", file=sys.stderr, flush=True)
+
+
 def train(config: config_lib.Config, workdir: str | pathlib.Path, *,
           init_from: str | None = None, progress: bool = True) -> TrainResult:
     """Train ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
@@ -230,7 +239,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     skipped: list[int] = []
     profiler = profiling.StepProfiler(workdir / "profile", skip=config.log.profile_skip_steps,
                                       steps=config.log.profile_steps,
-                                      log=lambda msg: _log_above(bar, msg))
+                                      log=lambda msg: _log_above(bar, msg),
+                                      warn=lambda msg: _warn_from_any_host(bar, msg))
     last_summary_step = None
     best_metric_unchecked = config.checkpoint.keep_best > 0
     step = start_step
