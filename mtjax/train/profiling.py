@@ -32,8 +32,9 @@ class StepProfiler:
     """Traces the steps ``skip + 1 .. skip + steps`` that this process runs (its first step
     compiles; the default skips it and the next, which can still carry start-up work).
 
-    ``log`` reports where the trace went; ``warn`` what kept a trace from being made (the
-    trainer prints those on every host: a failure on host 3 is host 3's to report).
+    ``log`` reports where the trace went, or that the run ended before it began; ``warn``
+    what kept this host from making or writing it (the trainer prints those on every host: a
+    failure on host 3 is host 3's to report).
 
     Call :meth:`step` around each step's dispatch and :meth:`stepped` after it with the step's
     outputs; :meth:`close` ends a trace the run left early (its last step, preemption, an error).
@@ -80,8 +81,9 @@ class StepProfiler:
                 jax.block_until_ready(outputs)
             self._stop()
         elif self.enabled and self.run < self.first:
-            # Asked for a trace, given none: say why rather than leave profile/ missing.
-            self.warn(f"mtjax: warning: log.profile_steps: no trace; this process ran "
+            # Asked for a trace, given none: say why rather than leave profile/ missing (once
+            # for the job: every host ran the same steps).
+            self.log(f"mtjax: warning: log.profile_steps: no trace; this process ran "
                      f"{self.run} step(s), and the trace starts at its step {self.first} "
                      f"(after log.profile_skip_steps={self.first - 1})")
 
