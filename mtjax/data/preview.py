@@ -122,11 +122,8 @@ def describe(name: str, *, mixture: str | None = None, mixing: str = "mixture",
         check_task(task, split)  # a misspelt --split is an error, not ignored
         # A file task's malformed lines and empty splits stop `show` as they stop `train` (its
         # sizes counted only the good lines, and it exited 0 without a word).
-        if isinstance(provider, seqio.Mixture):
-            check_files(task, split)
-        elif hasattr(task.source, "check"):  # (only a file task's splits are read for it)
-            for each in task.splits:
-                check_files(task, each)
+        for each in [split] if isinstance(provider, seqio.Mixture) else task.splits:
+            check_files(task, each)  # (nothing to read for a task that is not a file task)
     _shared_vocabulary(name, tasks, vocabulary)
     if isinstance(provider, seqio.Mixture):
         rates = mixing_lib.resolve_rates(name, mixing, cap=cap, temperature=temperature,

@@ -75,10 +75,8 @@ class StepProfiler:
             jax.block_until_ready(outputs)
             self._stop()
 
-    def close(self, outputs: Any = None) -> None:
-        if self.tracing:
-            if outputs is not None:
-                jax.block_until_ready(outputs)
+    def close(self) -> None:
+        if self.tracing:  # an error left it open: the last or a stopping step ends it in stepped
             self._stop()
         elif self.enabled and self.run < self.first:
             # Asked for a trace, given none: say why rather than leave profile/ missing (once
@@ -102,7 +100,7 @@ class StepProfiler:
             jax.profiler.stop_trace()
         except Exception as e:  # writing it failed (a full disk, a quota): training goes on
             self.warn(f"mtjax: warning: log.profile_steps: the trace could not be written to "
-                     f"{self.dir} ({e}); training goes on")
+                      f"{self.dir} ({e}); training goes on")
             return
         if self.global_steps:
             first, last = self.global_steps[0], self.global_steps[-1]
