@@ -35,10 +35,15 @@ class TrainConfig:
     z_loss: float = 1e-4
     # T5X's label smoothing: soft targets 1 - ls on the target, ls / (V - 1) elsewhere; 0: none.
     label_smoothing: float = 0.0
-    # What the loss sum is divided by before differentiating: 0, the batch's loss-weighted
-    # target tokens (a per-token mean); a positive number, that constant (T5X's
-    # loss_normalizing_factor). Logged losses stay per-token means either way.
+    # What the loss sum is divided by before differentiating: a positive number, that constant
+    # (T5X's loss_normalizing_factor); 0, what loss_normalization names. Logged losses stay
+    # per-token means either way.
     loss_normalizing_factor: float = 0.0
+    # T5X's named factors: "tokens" (the batch's loss-weighted target tokens, a per-token mean:
+    # NUM_REAL_TARGET_TOKENS), "total_tokens" (batch size x targets length, padding included:
+    # NUM_TOTAL_TARGET_TOKENS), "per_sequence" (each sequence's mean loss, averaged over the
+    # sequences, so short and long examples count alike: AVERAGE_PER_SEQUENCE).
+    loss_normalization: str = "tokens"
     on_nonfinite: str = "stop"  # "stop" | "skip": what a NaN/Inf loss does
     # The loss over the logits: "xla", or "cpu_fused" (mtjax's in-place CPU kernel,
     # mtjax/kernels; AVX-512 or AVX2; needs a vocabulary the mesh rules do not split);
@@ -181,6 +186,7 @@ _CHOICES = {
     "optim.state_dtype": ("float32", "bfloat16"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.cross_entropy": ("auto", "xla", "cpu_fused"),
+    "train.loss_normalization": ("tokens", "total_tokens", "per_sequence"),
     "data.mixing": ("mixture", "examples_proportional", "temperature", "equal"),
     "data.on_malformed": ("fail", "skip"),
     "checkpoint.best_mode": ("min", "max"),
@@ -276,10 +282,28 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         if (section is None or not dataclasses.is_dataclass(section)
                 or field_name not in {f.name for f in dataclasses.fields(section)}):
             raise _unknown_key(key)
+        if key in ("train.loss_normalizing_factor", "train.loss_normalization"):
+            _refuse_t5x_factor_name(key, text.strip())
         value = _parse_value(key, text.strip(), _field_type(type(section), field_name))
         config = dataclasses.replace(
             config, **{section_name: dataclasses.replace(section, **{field_name: value})})
     return validate(config)
+
+
+# T5X's SpecialLossNormalizingFactor names, and the train.loss_normalization value of each.
+_T5X_LOSS_NORMALIZATIONS = {"NUM_REAL_TARGET_TOKENS": "tokens",
+                            "NUM_TOTAL_TARGET_TOKENS": "total_tokens",
+                            "AVERAGE_PER_SEQUENCE": "per_sequence"}
+
+
+def _refuse_t5x_factor_name(key: str, text: str) -> None:
+    """A T5X gin habit (``loss_normalizing_factor='AVERAGE_PER_SEQUENCE'``) answered with the
+    setting that does it here."""
+    name = text.strip("'\"").upper()
+    if name in _T5X_LOSS_NORMALIZATIONS:
+        raise ConfigError(f"{key}={text}: T5X's {name} is "
+                          f"train.loss_normalization={_T5X_LOSS_NORMALIZATIONS[name]} in mtjax "
+                          f"(train.loss_normalizing_factor takes a constant)")
 
 
 def repeated_keys(overrides: Sequence[str]) -> list[str]:
@@ -378,6 +402,11 @@ def validate(config: Config) -> Config:
             f"optim.state_dtype, or use optim.name=adamw")
     if config.train.label_smoothing and config.train.cross_entropy == "cpu_fused":
         raise ConfigError(smoothing_without_kernel(config.train.label_smoothing))
+    if config.train.loss_normalizing_factor and config.train.loss_normalization != "tokens":
+        raise ConfigError(
+            f"train.loss_normalizing_factor={config.train.loss_normalizing_factor} divides the "
+            f"loss by that constant, and train.loss_normalization="
+            f"{config.train.loss_normalization} by a count of the batch; set only one")
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by "

@@ -91,6 +91,29 @@ def test_label_smoothing_with_the_cpu_loss_kernel_is_refused_with_the_fix():
     assert config_lib.load(None, ["train.label_smoothing=0.1"]).train.cross_entropy == "auto"
 
 
+@pytest.mark.parametrize("override, fix", [
+    ("train.loss_normalizing_factor=AVERAGE_PER_SEQUENCE", "train.loss_normalization=per_sequence"),
+    ("train.loss_normalizing_factor='NUM_TOTAL_TARGET_TOKENS'",
+     "train.loss_normalization=total_tokens"),
+    ("train.loss_normalization=num_real_target_tokens", "train.loss_normalization=tokens"),
+])
+def test_t5x_loss_normalizing_factor_names_are_answered_with_the_setting(override, fix):
+    """T5X's gin takes a named factor where mtjax's constant is a number: the message names
+    mtjax's setting instead of "expects float"."""
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(None, [override])
+    assert f"is {fix} in mtjax" in str(e.value)
+    assert config_lib.load(None, [fix]).train.loss_normalization == fix.split("=")[1]
+
+
+def test_a_constant_loss_normalizing_factor_and_a_named_one_are_refused_together():
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            "train.loss_normalizing_factor=233472.0 divides the loss by that constant, and "
+            "train.loss_normalization=per_sequence by a count of the batch; set only one")):
+        config_lib.load(None, ["train.loss_normalizing_factor=233472",
+                               "train.loss_normalization=per_sequence"])
+
+
 def test_a_config_file_that_is_not_python_or_whose_get_config_raises_is_one_line(tmp_path):
     """A run's config.json given as --config, or a get_config() that raised, was a traceback
     with exit 1 (AttributeError on a None loader; the function's own exception)."""

@@ -652,39 +652,76 @@ def test_global_norm_and_clipping_equal_optax():
                                    rtol=1e-2)  # the bf16 leaf rounds
 
 
-@pytest.mark.parametrize("microbatches, label_smoothing, factor",
-                         [(1, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.1, 0.0), (1, 0.0, 64.0)])
-def test_step_gradient_is_the_mean_over_weighted_tokens(mesh, microbatches, label_smoothing,
-                                                        factor):
+def _packed_test_batch() -> dict[str, jax.Array]:
+    """4 rows of 16 / 8 tokens whose weighted sequences differ in length: row 0 weighs 5
+    target tokens and row 1 two; row 2 packs two sequences of 3 and 5; row 3 has one of 6 and
+    two padding tokens. 21 weighted tokens in 5 sequences."""
+    host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
+    weights = np.ones((4, 8), np.int32)
+    weights[0, 5:] = 0  # the microbatches, rows (0, 2) and (1, 3), weigh 13 and 8 tokens
+    weights[1, 2:] = 0
+    weights[3, 6:] = 0
+    host["decoder_loss_weights"] = weights
+    host["decoder_segment_ids"][2] = [1, 1, 1, 2, 2, 2, 2, 2]
+    host["decoder_positions"][2] = [0, 1, 2, 0, 1, 2, 3, 4]
+    host["encoder_segment_ids"][2] = [1] * 8 + [2] * 8
+    host["encoder_positions"][2] = list(range(8)) * 2
+    host["decoder_segment_ids"][3, 6:] = 0
+    return {k: jnp.asarray(v) for k, v in host.items()}
+
+
+@pytest.mark.parametrize("microbatches, label_smoothing, factor, normalization",
+                         [(1, 0.0, 0.0, "tokens"), (2, 0.0, 0.0, "tokens"),
+                          (2, 0.1, 0.0, "tokens"), (1, 0.0, 64.0, "tokens"),
+                          (2, 0.0, 0.0, "total_tokens"), (2, 0.1, 0.0, "per_sequence")])
+def test_step_gradient_is_the_mean_the_loss_normalization_names(
+        mesh, microbatches, label_smoothing, factor, normalization):
     """grad_norm is the norm of the gradient of (weighted loss sum / weighted token count),
     also when the batch runs as microbatches with different token counts each; of the
-    smoothed loss with train.label_smoothing; and of (loss sum / F) with
-    train.loss_normalizing_factor=F (the config reaches the step)."""
+    smoothed loss with train.label_smoothing; of (loss sum / F) with
+    train.loss_normalizing_factor=F; of (loss sum / batch x length) with
+    train.loss_normalization=total_tokens; and of the mean over sequences of each sequence's
+    mean token loss with per_sequence (T5X's AVERAGE_PER_SEQUENCE), packed sequences each
+    counted once. The config reaches the step."""
     config = config_lib.load(None, [
         "model.name=t5_1_1_test", "train.batch_size=4", "data.inputs_length=16",
         "data.targets_length=8", "optim.name=adamw", "mesh.fsdp=1",
         f"train.microbatches={microbatches}", f"train.label_smoothing={label_smoothing}",
-        f"train.loss_normalizing_factor={factor}"])
+        f"train.loss_normalizing_factor={factor}", f"train.loss_normalization={normalization}"])
     setup = setup_lib.build(config, vocab_size=VOCAB, num_tasks=1, total_steps=4,
                             mesh=mesh, rules=mesh_lib.get_rules("data"))
-    host = train_bench.synthetic_batch(4, 16, 8, VOCAB)
-    weights = np.ones((4, 8), np.int32)
-    weights[0, 5:] = 0  # the microbatches, rows (0, 2) and (1, 3), weigh 13 and 10 tokens
-    weights[1, 2:] = 0
-    host["decoder_loss_weights"] = weights
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    batch = _packed_test_batch()
     state = setup.init_state(0)
+    weights, segments = (np.asarray(batch[k]) for k in ("decoder_loss_weights",
+                                                         "decoder_segment_ids"))
 
     def mean_loss(params):
         logits = step_lib.model_logits(setup.model_def, params, batch, None)
-        loss_sum, sums = step_lib.batch_metrics(logits, batch, 1, config.train.z_loss,
-                                                label_smoothing=label_smoothing)
-        return loss_sum / (factor or sums["weight_sum"])
+        loss_BL, _ = step_lib.cross_entropy_with_z_loss(
+            logits, batch["decoder_target_tokens"], config.train.z_loss, label_smoothing)
+        if normalization == "per_sequence":
+            sequence_means = [jnp.sum(loss_BL[row] * mask) / mask.sum()
+                              for row in range(4) for segment in (1, 2)
+                              if (mask := weights[row] * (segments[row] == segment)).sum()]
+            assert len(sequence_means) == 5
+            return sum(sequence_means) / 5
+        denominator = factor or (32 if normalization == "total_tokens" else weights.sum())
+        return jnp.sum(loss_BL * weights) / denominator
 
     want = optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.params))
     _, metrics = setup.step(state, batch)
-    assert float(metrics["weight_sum"]) == 23.0
+    assert float(metrics["weight_sum"]) == 21.0  # logged sums keep the loss weights
     np.testing.assert_allclose(metrics["grad_norm"], want, rtol=2e-5)
+
+
+def test_per_sequence_weights_sum_to_one_per_weighted_sequence():
+    """Each packed sequence's weights become 1 / its weighted length; padding, and a sequence
+    with no weight, stay 0."""
+    weights = jnp.asarray([[1, 1, 1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 0]])
+    segments = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 2, 2, 2, 3, 3, 0]])
+    got = step_lib.per_sequence_weights(weights, segments)
+    np.testing.assert_allclose(got, [[1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0],
+                                     [1, 0, 1 / 2, 1 / 2, 0, 0, 1, 0]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])

@@ -521,19 +521,22 @@ def test_a_file_as_workdir_is_refused_in_one_line(tmp_path, capsys):
 
 def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
     """The first step compiles, so a window of it alone has no tokens/s: the record leaves the
-    field out, rather than logging 0 (or the compile-bound rate) as the run's speed."""
+    field out, rather than logging 0 (or the compile-bound rate) as the run's speed. The
+    start-up line names the loss settings away from their defaults."""
     from mtjax import cli
 
     argv = ["train", "--workdir", str(tmp_path / "run"), "--no-progress", *TINY,
             "train.steps=1", "log.every_steps=1", "eval.at_end=false", "model.remat=full",
-            "log.profile_steps=1", "log.profile_skip_steps=0"]
+            "log.profile_steps=1", "log.profile_skip_steps=0",
+            "train.label_smoothing=0.1", "train.loss_normalization=per_sequence"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     # The one step traced, compilation included (skip 0), and the trace named at the end.
     assert f"mtjax: profile of step 1 in {tmp_path / 'run' / 'profile'}" in err
     assert err.splitlines()[-1].endswith("summary.json, profile/, checkpoints/")
     assert ("training 1 step of batch 8 (64/32 tokens, packed); adafactor (learning rate "
-            "0.01, rsqrt decay after 100 steps); activations float32, remat full") in err
+            "0.01, rsqrt decay after 100 steps); activations float32, remat full; loss: label "
+            "smoothing 0.1, mean per sequence\n") in err
     assert "tokens/s not measured (only one step ran, and it compiles)" in err
     [record] = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["step"] == 1 and record["loss"] > 0 and "tokens_per_s" not in record

@@ -191,7 +191,8 @@ def build(config: config_lib.Config, *, vocab_size: int, num_tasks: int,
         microbatches=config.train.microbatches, dropout=config.model.dropout_rate > 0,
         seed=config.train.seed, skip_nonfinite=config.train.on_nonfinite == "skip",
         cross_entropy=cross_entropy_kernel, label_smoothing=config.train.label_smoothing,
-        loss_normalizing_factor=config.train.loss_normalizing_factor)
+        loss_normalizing_factor=config.train.loss_normalizing_factor,
+        loss_normalization=config.train.loss_normalization)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     # in: the state where its shardings say (params by their logical rules, optimizer state

@@ -140,10 +140,14 @@ def resolve_cross_entropy(kind: str, label_smoothing: float = 0.0) -> str:
 def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: float,
                   cross_entropy: str = "xla", label_smoothing: float = 0.0,
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted loss sum to differentiate (the step scales it by 1 / the whole batch's
-    weighted token count) and the metric sums of one (micro)batch; ``cross_entropy`` as in
-    ``resolve_cross_entropy`` (same numbers either way, tested). With ``label_smoothing``
-    the loss sums are of the smoothed loss (as T5X logs it); accuracy is unaffected."""
+    """The weighted loss sum to differentiate (the step scales it by
+    ``inverse_loss_denominator``) and the metric sums of one (micro)batch; ``cross_entropy`` as
+    in ``resolve_cross_entropy`` (same numbers either way, tested). With ``label_smoothing``
+    the loss sums are of the smoothed loss (as T5X logs it); accuracy is unaffected.
+
+    The loss to differentiate weighs tokens by ``batch["gradient_weights"]`` where the batch
+    has them (``train.loss_normalization=per_sequence``), else by its loss weights; the
+    metric sums always use the loss weights, so logged losses stay per-token means."""
     targets_BL = batch["decoder_target_tokens"]
     weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
     if resolve_cross_entropy(cross_entropy, label_smoothing) == "cpu_fused":
@@ -159,6 +163,9 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: f
     task_BLT = (batch["decoder_task_ids"][..., None]
                 == jnp.arange(1, num_tasks + 1)[None, None, :]
                 ).astype(jnp.float32) * weights_BL[..., None]
+    gradient_weights_BL = batch.get("gradient_weights")
+    loss_to_differentiate = (jnp.sum(loss_BL * weights_BL) if gradient_weights_BL is None
+                             else jnp.sum(loss_BL * gradient_weights_BL))
     sums = {
         "loss_sum": jnp.sum(loss_BL * weights_BL),
         "z_loss_sum": jnp.sum(z_BL * weights_BL),
@@ -168,7 +175,7 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: f
         "task_correct_sum": jnp.einsum("bl,blt->t", correct_BL, task_BLT),
         "task_weight_sum": jnp.sum(task_BLT, axis=(0, 1)),
     }
-    return sums["loss_sum"], sums
+    return loss_to_differentiate, sums
 
 
 def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
@@ -182,19 +189,51 @@ def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
     return jnp.swapaxes(rows, 0, 1)
 
 
-def inverse_loss_denominator(batch: Batch, loss_normalizing_factor: float) -> jax.Array:
-    """1 / what the step divides the loss sum by: the whole batch's loss-weighted token count
-    (T5X's NUM_REAL_TARGET_TOKENS), or ``loss_normalizing_factor`` where positive (T5X's
-    constant; its fine-tuning configs take 233472 = 2048 × 114 to match Mesh TensorFlow T5).
+LOSS_NORMALIZATIONS = ("tokens", "total_tokens", "per_sequence")
 
-    Either is known before the forward pass, so the backward pass starts from it and yields the
+
+def per_sequence_weights(weights_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    """Each token's loss weight over the total weight of its sequence (its packed segment), 0
+    for a sequence without weight: every sequence's weights then sum to 1, so a sequence
+    counts once whatever its length (T5X's AVERAGE_PER_SEQUENCE).
+
+    Segments are numbered 1, 2, ... within a row and 0 on padding (``data.pipeline``), so a
+    row's totals are one segment sum of length L + 1, and rows stay on the devices that hold
+    them."""
+    weights_BL = weights_BL.astype(jnp.float32)
+    num_segments = segment_ids_BL.shape[-1] + 1
+
+    def row_totals(weights_L, segment_ids_L):
+        totals_S = jax.ops.segment_sum(weights_L, segment_ids_L, num_segments=num_segments)
+        return totals_S[segment_ids_L]
+
+    totals_BL = jax.vmap(row_totals)(weights_BL, segment_ids_BL)
+    return jnp.where(totals_BL > 0, weights_BL / jnp.where(totals_BL > 0, totals_BL, 1.0), 0.0)
+
+
+def inverse_loss_denominator(batch: Batch, loss_normalizing_factor: float,
+                             loss_normalization: str = "tokens") -> jax.Array:
+    """1 / what the step divides the loss sum by: ``loss_normalizing_factor`` where positive
+    (T5X's constant; its fine-tuning configs take 233472 = 2048 × 114 to match Mesh TensorFlow
+    T5), else by ``loss_normalization``:
+
+    - ``"tokens"``: the whole batch's loss-weighted target tokens (T5X's
+      NUM_REAL_TARGET_TOKENS, its default);
+    - ``"total_tokens"``: batch size × targets length, padding included (NUM_TOTAL_TARGET_TOKENS);
+    - ``"per_sequence"``: the number of sequences with loss weight, the batch's
+      ``gradient_weights`` (:func:`per_sequence_weights`) summed (AVERAGE_PER_SEQUENCE).
+
+    Each is known before the forward pass, so the backward pass starts from it and yields the
     scaled gradients directly, in the arrays it writes anyway (dividing summed gradients
     afterwards was one more pass over every gradient), and every microbatch scales by the
     same number."""
     if loss_normalizing_factor:
         return jnp.asarray(1.0 / loss_normalizing_factor, jnp.float32)
-    denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-    return 1.0 / denom
+    if loss_normalization == "total_tokens":
+        return jnp.asarray(1.0 / math.prod(batch["decoder_target_tokens"].shape), jnp.float32)
+    weights = (batch["gradient_weights"] if loss_normalization == "per_sequence"
+               else batch["decoder_loss_weights"])
+    return 1.0 / jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
 
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
@@ -202,12 +241,17 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
                     skip_nonfinite: bool = False, cross_entropy: str = "xla",
                     label_smoothing: float = 0.0, loss_normalizing_factor: float = 0.0,
+                    loss_normalization: str = "tokens",
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The pure step function; compile it with ``jax.jit`` (see ``Trainer``).
     ``cross_entropy``: the loss's implementation (``resolve_cross_entropy``);
     ``label_smoothing``: T5X's (``smoothed_cross_entropy``); ``loss_normalizing_factor``:
-    0 differentiates the loss sum over the batch's weighted token count, a positive number
-    the loss sum over that constant (T5X's); the metrics are sums either way."""
+    a positive number differentiates the loss sum over that constant (T5X's), 0 over what
+    ``loss_normalization`` names (``inverse_loss_denominator``); the metrics are sums either
+    way."""
+    if loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss_normalization {loss_normalization!r} is not one of "
+                         f"{LOSS_NORMALIZATIONS}")
     base_key = jax.random.key(seed)
 
     def grads_and_sums(params, batch, key, inv_denom):
@@ -220,7 +264,11 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(base_key, state.step) if dropout else None
-        inv_denom = inverse_loss_denominator(batch, loss_normalizing_factor)
+        if loss_normalization == "per_sequence" and not loss_normalizing_factor:
+            # Over the whole batch before it is split: the denominator counts all its sequences.
+            batch = dict(batch, gradient_weights=per_sequence_weights(
+                batch["decoder_loss_weights"], batch["decoder_segment_ids"]))
+        inv_denom = inverse_loss_denominator(batch, loss_normalizing_factor, loss_normalization)
         if microbatches == 1:
             grads, sums = grads_and_sums(state.params, batch, key, inv_denom)
         else:

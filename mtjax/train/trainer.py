@@ -409,9 +409,16 @@ def _describe_training(config: config_lib.Config) -> str:
         "cosine": f"{warmup}cosine decay"}[name]
     state = f", state {o.state_dtype}" if o.state_dtype != "float32" else ""
     steps = f"{t.steps} step" + ("s" if t.steps != 1 else "")
+    loss = [f"label smoothing {t.label_smoothing:g}"] if t.label_smoothing else []
+    if t.loss_normalizing_factor:
+        loss.append(f"sum over {t.loss_normalizing_factor:g}")
+    elif t.loss_normalization != "tokens":
+        loss.append({"total_tokens": "sum over batch x targets length",
+                     "per_sequence": "mean per sequence"}[t.loss_normalization])
     return (f"training {steps} of batch {t.batch_size}{micro} ({tokens}); "
             f"{o.name} ({schedule}{state}); activations {m.dtype}, remat {m.remat}"
-            + (", scanned layers" if m.scan_layers else ""))
+            + (", scanned layers" if m.scan_layers else "")
+            + (f"; loss: {', '.join(loss)}" if loss else ""))
 
 
 def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, config_dict,
