@@ -217,14 +217,28 @@ def test_rerun_in_same_workdir_resumes_instead_of_restarting(trained_run, tmp_pa
     # A finished run asked again (with fewer steps, too) trains nothing and rewrites nothing:
     # its summary keeps the final metrics. The restarted command line may still carry the
     # --init-from it started with: resume wins, and the note says the weights are not used.
-    for steps, init_from in ((30, None), (5, str(tmp_path / "base"))):
-        cfg = tiny_config(f"train.steps={steps}", "checkpoint.every_steps=10")
+    # Settings that change the training may change on resume, and the note names those that
+    # did (and none of those that only change speed, such as remat).
+    for steps, init_from, changes in (
+            (30, None, ["model.remat=full"]),
+            (5, str(tmp_path / "base"), ["optim.learning_rate=0.5", "train.label_smoothing=0.1",
+                                         "train.loss_normalization=per_sequence"])):
+        cfg = tiny_config(f"train.steps={steps}", "checkpoint.every_steps=10", *changes)
         result = trainer.train(cfg, workdir, init_from=init_from, progress=False)
         assert result.start_step == 30 and result.step == 30
         assert result.metrics["step"] == 30 and result.metrics["loss"] > 0
         assert {name: (workdir / name).read_text() for name in before} == before
         err = capsys.readouterr().err
         assert ("--init-from" in err and "is not used" in err) == bool(init_from), err
+        changed = [line for line in err.splitlines() if "settings changed since" in line]
+        if init_from:
+            learning_rate = json.loads(before["config.json"])["optim"]["learning_rate"]
+            assert changed == [
+                "mtjax: note: steps after 30 train with settings changed since the checkpoint's "
+                f"run: train.label_smoothing 0.0 -> 0.1; train.loss_normalization 'tokens' -> "
+                f"'per_sequence'; optim.learning_rate {learning_rate!r} -> 0.5"], err
+        else:
+            assert changed == [], err
 
 
 @pytest.fixture
@@ -406,6 +420,22 @@ def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypa
     saved["data"]["vocabulary"] = "other.model"
     with pytest.raises(CheckpointError, match="data.vocabulary: checkpoint 'other.model'"):
         resume.check_resumable(saved, now, Checkpoints, 10)
+
+
+def test_train_steps_is_a_changed_setting_where_the_schedule_decays_to_it():
+    """A longer run under a schedule that decays to train.steps moves every later step's
+    learning rate; under rsqrt or constant it only trains longer."""
+    from mtjax.train import resume
+
+    def changed(*overrides):
+        saved = config_lib.to_dict(config_lib.load(None, list(overrides)))
+        now = config_lib.to_dict(config_lib.load(None, [*overrides, "train.steps=400"]))
+        return resume.changed_settings(saved, now)
+
+    assert changed() == []  # adafactor, rsqrt
+    assert changed("optim.schedule=constant") == []
+    assert changed("optim.name=adamw") == ["train.steps 200 -> 400"]  # auto: cosine
+    assert changed("optim.schedule=linear") == ["train.steps 200 -> 400"]
 
 
 @pytest.mark.parametrize("source, message", [

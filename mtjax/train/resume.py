@@ -1,6 +1,7 @@
 """Whether this run's config may resume a checkpoint: the settings that decide the shapes of the
 state and of the saved input stream must match, and so must those the checkpoint already fixes
-(the seed)."""
+(the seed). Settings that change what is trained but not those shapes may change; the resumed
+run names the ones that did (``changed_settings``)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,33 @@ def _optimizer_state_parts(saved: dict[str, Any], current: dict[str, Any]
             and on(saved, "weight_decay") != on(current, "weight_decay")):
         parts.append(("weight_decay", "Adafactor's weight decay on/off"))
     return parts
+
+
+# Settings a resumed run may change that change the training from there on: its objective, its
+# learning rate, its numerics, its data rates. (Those that change speed or memory alone, such as
+# model.remat or train.microbatches, and logging, checkpointing and evaluation, are not named.)
+_TRAJECTORY_KEYS = (
+    ("train", "z_loss"), ("train", "label_smoothing"), ("train", "loss_normalizing_factor"),
+    ("train", "loss_normalization"), ("train", "on_nonfinite"),
+    ("optim", "schedule"), ("optim", "learning_rate"), ("optim", "warmup_steps"),
+    ("optim", "weight_decay"), ("optim", "grad_clip_norm"), ("optim", "state_dtype"),
+    ("model", "dtype"), ("model", "dropout_rate"),
+    ("data", "mixing_cap"), ("data", "mixing_temperature"),
+)
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key old -> new"`` for each setting that changes the training and differs between the
+    checkpoint's run (``saved``, its recorded config) and this one. ``train.steps`` too where
+    the schedule decays to it (linear, cosine): the learning rate of every later step moves.
+    A key the saved config lacks (an older mtjax) is not compared."""
+    keys = list(_TRAJECTORY_KEYS)
+    if _decays_to_the_end(saved.get("optim", {})) or _decays_to_the_end(current["optim"]):
+        keys.append(("train", "steps"))
+    return [f"{s}.{k} {saved[s][k]!r} -> {current[s][k]!r}"
+            for s, k in keys if k in saved.get(s, {}) and saved[s][k] != current[s][k]]
+
+
+def _decays_to_the_end(optim: dict[str, Any]) -> bool:
+    schedule = optim.get("schedule")
+    return schedule in ("linear", "cosine") or (schedule == "auto" and optim.get("name") == "adamw")

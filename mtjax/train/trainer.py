@@ -428,14 +428,22 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
     ``(state, pipeline, start_step, logging window)``: the window holds the steps a stop
     between logging steps saved with the checkpoint (None: nothing to carry on)."""
     target = setup.target()
-    resumed = checkpoints.restore_latest(
-        target, pipeline,
-        check=lambda step, saved: resume.check_resumable(saved, config_dict, checkpoints, step))
+    saved_configs = {}
+
+    def check(step, saved):
+        resume.check_resumable(saved, config_dict, checkpoints, step)
+        saved_configs[step] = saved
+
+    resumed = checkpoints.restore_latest(target, pipeline, check=check)
     if resumed is not None:
         latest, state, data_restored = resumed
         if not data_restored:
             pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
         log(f"resuming from {checkpoints.directory / str(latest)}")
+        changed = resume.changed_settings(saved_configs[latest], config_dict)
+        if changed:
+            log(f"mtjax: note: steps after {latest} train with settings changed since the "
+                f"checkpoint's run: {'; '.join(changed)}")
         if init_from:
             # Resume wins, so that a job restarted after preemption with its original command
             # line does not start over; but say so, in case a fine-tune was meant.
