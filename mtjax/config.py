@@ -347,6 +347,8 @@ def _check_types(config: Config) -> Config:
             annotation, optional = _unwrap_optional(_field_type(type(section), field.name))
             if optional and value is None:
                 continue
+            if key == "train.loss_normalizing_factor" and isinstance(value, str):
+                _refuse_t5x_factor_name(key, value)
             if annotation is float and type(value) is int:
                 fixed[field.name] = float(value)
             elif not (type(value) is annotation

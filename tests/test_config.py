@@ -106,6 +106,14 @@ def test_t5x_loss_normalizing_factor_names_are_answered_with_the_setting(overrid
     assert config_lib.load(None, [fix]).train.loss_normalization == fix.split("=")[1]
 
 
+def test_a_t5x_factor_name_in_a_python_config_is_answered_with_the_setting():
+    config = config_lib.Config(train=config_lib.TrainConfig(
+        loss_normalizing_factor="AVERAGE_PER_SEQUENCE"))
+    with pytest.raises(config_lib.ConfigError,
+                       match="is train.loss_normalization=per_sequence in mtjax"):
+        config_lib.validate(config)
+
+
 def test_a_constant_loss_normalizing_factor_and_a_named_one_are_refused_together():
     with pytest.raises(config_lib.ConfigError, match=re.escape(
             "train.loss_normalizing_factor=233472.0 divides the loss by that constant, and "
