@@ -150,6 +150,9 @@ class LogConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     # Each task's seqio metric_fns on its eval split (seqio.Evaluator), decoded with the cache.
+    # The task or mixture evaluated; None: data.mixture. Another one tracks held-out tasks
+    # (zero-shot transfer) while training; its tasks must use the training vocabulary.
+    mixture: str | None = None
     every_steps: int = 0  # evaluate every N steps during training; 0: never periodically
     at_end: bool = True  # also evaluate after the last step (per-task metrics in the summary)
     split: str = "validation"

@@ -670,6 +670,59 @@ def test_an_eval_split_no_task_has_stops_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_mixture_evaluates_held_out_tasks_in_training_and_mtjax_eval(tmp_path, capsys):
+    """eval.mixture=<a task the run does not train on> evaluates that task alone, during
+    training and as `mtjax eval`'s default (zero-shot transfer to held-out tasks)."""
+    from mtjax import cli
+    from mtjax.train import trainer
+
+    config = tiny_config("train.steps=2", "data.mixture=mtjax_copy", "eval.mixture=mtjax_reverse",
+                         "eval.max_examples=4", "eval.max_decode_length=4")
+    result = trainer.train(config, tmp_path / "run", progress=False)
+    evaluated = {key.split("/")[1] for key in result.metrics if key.startswith("eval/")}
+    assert evaluated == {"mtjax_reverse"}, result.metrics
+    assert {key.split("/")[1] for key in result.metrics if key.startswith("loss/")} == {
+        "mtjax_copy"}
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--max-examples", "2",
+                     "--max-decode-length", "4", "--no-progress", "--no-loss"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"mtjax_reverse"}
+
+
+def test_an_eval_mixture_that_cannot_be_evaluated_stops_before_training(tmp_path, monkeypatch):
+    """An unknown eval.mixture, or one whose tasks use another vocabulary than the training
+    tasks' (the model would read their ids as other pieces), is refused by name before the
+    run directory is made."""
+    import seqio
+
+    from mtjax.data import pipeline
+    from mtjax.train import trainer
+
+    def examples(split, shuffle_files=False, seed=None):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors({"inputs": [5, 6], "targets": [7]})
+
+    vocabulary = seqio.PassThroughVocabulary(size=300)
+    features = {k: seqio.Feature(vocabulary=vocabulary) for k in ("inputs", "targets")}
+    name = "mtjax_test_other_vocabulary"
+    seqio.TaskRegistry.add(name, seqio.FunctionDataSource(examples, splits=["validation"]),
+                           output_features=features, metric_fns=[])
+    try:
+        for mixture, error, message in (
+                ("mtjax_revers", pipeline.UnknownTaskError,
+                 "eval.mixture: Unknown task or mixture 'mtjax_revers'. Did you mean: "
+                 "mtjax_reverse"),
+                (name, pipeline.VocabularyMismatchError,
+                 f"eval.mixture='{name}' uses")):
+            with pytest.raises(error, match=re.escape(message)):
+                trainer.train(tiny_config("train.steps=2", f"eval.mixture={mixture}"),
+                              tmp_path / "run", progress=False)
+            assert not (tmp_path / "run").exists()
+    finally:
+        seqio.TaskRegistry.remove(name)
+
+
 def test_throughput_counts_timed_steps_only_and_sums_windows_harmonically():
     from mtjax.train import throughput
 

@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint with seqio.Evaluator: every task of the run's mixture (or --mixture)
-that has metric_fns, on its validation split, and (eval.loss, the default) every task's
-teacher-forced loss; prints (and with --output writes) JSON mapping task -> metric -> value."""
+"""Evaluate a checkpoint with seqio.Evaluator: every task of the run's eval.mixture (else its
+data.mixture; or --mixture) that has metric_fns, on its validation split, and (eval.loss, the
+default) every task's teacher-forced loss; prints (and with --output writes) JSON mapping
+task -> metric -> value."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, metavar="FILE.json",
                         help="also write the JSON here")
     parser.add_argument("--mixture", default=None,
-                        help="task or mixture to evaluate (default: the run's data.mixture)")
+                        help="task or mixture to evaluate (default: the run's eval.mixture, "
+                             "else its data.mixture)")
     parser.add_argument("--split", default="validation", help="eval split (default validation)")
     parser.add_argument("--max-examples", type=int, default=0,
                         help="first N examples of each task (default 0: all)")
@@ -48,13 +50,13 @@ def run(args: argparse.Namespace) -> int:
             raise config_lib.ConfigError(f"{flag} must be at least {least}, got {value}")
     model = _inference.load(args)
     config = model.config
-    data = dataclasses.replace(config.data, mixture=args.mixture or config.data.mixture)
     eval_config = dataclasses.replace(
-        config.eval, split=args.split, max_examples=args.max_examples,
+        config.eval, mixture=args.mixture or config.eval.mixture, split=args.split,
+        max_examples=args.max_examples,
         batch_size=args.batch_size, beam_size=args.beam_size, alpha=args.alpha,
         max_decode_length=args.max_decode_length,
         loss=config.eval.loss if args.loss is None else args.loss)
-    config = config_lib.validate(dataclasses.replace(config, data=data, eval=eval_config))
+    config = config_lib.validate(dataclasses.replace(config, eval=eval_config))
     evaluator = evaluate.make_evaluator(config, model.mesh, model.rules, model.model_def,
                                         progress=not args.no_progress)
     if not evaluator.task_names:
@@ -62,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
         from mtjax.data import pipeline
 
-        splits = sorted({s for name in pipeline.resolve_task_names(data.mixture)
+        mixture = pipeline.eval_mixture(config)
+        splits = sorted({s for name in pipeline.resolve_task_names(mixture)
                          for s in seqio.TaskRegistry.get(name).splits})
         which = "" if config.eval.loss else "metric_fns and "
         raise config_lib.ConfigError(
-            f"nothing to evaluate: no task of {data.mixture!r} has {which}a split "
+            f"nothing to evaluate: no task of {mixture!r} has {which}a split "
             f"{args.split!r} (its tasks' splits: {', '.join(splits)})")
     results = evaluator(model.params, model.step)
     text = outputs.dumps(results, indent=2, sort_keys=True)

@@ -73,6 +73,37 @@ def resolve_task_names(mixture: str) -> list[str]:
     return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [mixture]
 
 
+def eval_mixture(config: Any) -> str:
+    """The task or mixture a run evaluates: ``eval.mixture``, else ``data.mixture``."""
+    return config.eval.mixture or config.data.mixture
+
+
+def check_eval_mixture(config: Any) -> None:
+    """An ``eval.mixture`` of its own must be registered and share the training vocabulary
+    (the model would decode its tasks' ids as other pieces); after :func:`prepare`.
+
+    Raises:
+        UnknownTaskError, VocabularyMismatchError: naming ``eval.mixture``.
+    """
+    if not config.eval.mixture or config.eval.mixture == config.data.mixture:
+        return
+    try:
+        names = resolve_task_names(config.eval.mixture)
+    except UnknownTaskError as e:
+        raise UnknownTaskError(f"eval.mixture: {e}") from None
+    evaluated = _shared_vocabulary(config.eval.mixture,
+                                   [seqio.TaskRegistry.get(n) for n in names])
+    trained = _shared_vocabulary(
+        config.data.mixture,
+        [seqio.TaskRegistry.get(n) for n in resolve_task_names(config.data.mixture)],
+        config.data.vocabulary)
+    if evaluated != trained:
+        raise VocabularyMismatchError(
+            f"eval.mixture={config.eval.mixture!r} uses {vocab_lib.describe(evaluated)}, and "
+            f"the model learns {vocab_lib.describe(trained)} from data.mixture="
+            f"{config.data.mixture!r}: evaluate tasks defined with the training vocabulary")
+
+
 class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     """`EncDecFeatureConverter` that also packs a per-token `task_ids` feature, first-fit.
 

@@ -320,7 +320,8 @@ class Evaluator:
 
 def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules,
                    model_def: Any, *, progress: bool = False) -> Evaluator:
-    """The evaluator of a run: its mixture's tasks, with the run's ``eval`` settings.
+    """The evaluator of a run: the tasks of ``eval.mixture`` (else its training mixture), with
+    the run's ``eval`` settings.
 
     Call the result as ``evaluator(params, step) -> {task: {metric: value}}``; see
     :func:`flatten` for metric-writer keys ``eval/<task>/<metric>``.
@@ -328,7 +329,7 @@ def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRu
     from mtjax.data import pipeline
 
     pipeline.prepare(config)  # the run's vocabulary default, then the user's tasks module
-    pipeline.resolve_task_names(config.data.mixture)  # a clear error for unknown names
+    pipeline.resolve_task_names(pipeline.eval_mixture(config))  # a clear error for unknown names
     options = DecodeOptions(beam_size=config.eval.beam_size, alpha=config.eval.alpha)
     lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
     kwargs = dict(split=config.eval.split, max_examples=config.eval.max_examples,
@@ -336,5 +337,6 @@ def make_evaluator(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRu
                   max_decode_length=config.eval.max_decode_length or None, progress=progress)
     # Tasks whose preprocessors need lengths (span corruption's chunks) get the run's; the
     # others are evaluated whole, as on their own.
-    return Evaluator(config.data.mixture, model_def, mesh, rules, sequence_length=lengths,
+    return Evaluator(pipeline.eval_mixture(config), model_def, mesh, rules,
+                     sequence_length=lengths,
                      loss=config.eval.loss, seed=config.train.seed, **kwargs)

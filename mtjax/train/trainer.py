@@ -132,6 +132,8 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         sizes.get_config(config.model.name)
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
+        if config.eval.every_steps or config.eval.at_end:
+            pipeline_lib.check_eval_mixture(config)
         _check_eval_split(config)
         if init_from and not _has_checkpoint(workdir):
             from mtjax.checkpoint import find_state_dir
@@ -484,13 +486,14 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
     """The evaluator the run uses, or None (no evaluation asked, or nothing to evaluate)."""
     evaluator = None
     if config.eval.every_steps or config.eval.at_end:
+        from mtjax.data import pipeline as pipeline_lib
         from mtjax.infer import evaluate as evaluate_lib
 
         evaluator = evaluate_lib.make_evaluator(config, mesh, rules, setup.model_def,
                                                 progress=False)
         if not evaluator.task_names:
             which = "" if config.eval.loss else "metric_fns and "
-            log(f"mtjax: note: no task of {config.data.mixture} has {which}a "
+            log(f"mtjax: note: no task of {pipeline_lib.eval_mixture(config)} has {which}a "
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
             evaluator = None
@@ -510,13 +513,16 @@ def _check_eval_split(config: config_lib.Config) -> None:
         return
     import seqio
 
+    from mtjax.data import pipeline as pipeline_lib
+
     # The tasks the evaluator takes (infer.evaluate.seqio_evaluators), before their split.
-    scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(config.data.mixture))
+    mixture = pipeline_lib.eval_mixture(config)
+    scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture))
               if t.metric_fns or t.metric_objs]
     if scored and not any(config.eval.split in t.splits for t in scored):
         splits = sorted({s for t in scored for s in t.splits})
         raise config_lib.ConfigError(
-            f"eval.split={config.eval.split!r}: no task of {config.data.mixture} with metrics "
+            f"eval.split={config.eval.split!r}: no task of {mixture} with metrics "
             f"has that split (they have: {', '.join(splits)}); fix eval.split, or set "
             f"eval.at_end=false eval.every_steps=0 to train without evaluating")
 
