@@ -438,6 +438,27 @@ def test_train_steps_is_a_changed_setting_where_the_schedule_decays_to_it():
     assert changed("optim.schedule=linear") == ["train.steps 200 -> 400"]
 
 
+def test_a_resumed_run_names_no_setting_that_trains_alike():
+    """``optim.schedule=auto`` given as the schedule it stands for, and a mixing setting that
+    the run's data.mixing does not read, change nothing: no note."""
+    from mtjax.train import resume
+
+    def changed(before, after):
+        saved = config_lib.to_dict(config_lib.load(None, before))
+        now = config_lib.to_dict(config_lib.load(None, after))
+        return resume.changed_settings(saved, now)
+
+    assert changed([], ["optim.schedule=rsqrt"]) == []  # adafactor's auto
+    assert changed(["optim.name=adamw"], ["optim.name=adamw", "optim.schedule=cosine"]) == []
+    assert changed([], ["data.mixing_cap=100", "data.mixing_temperature=3"]) == []  # mixture
+    assert changed([], ["optim.schedule=constant"]) == ["optim.schedule 'auto' -> 'constant'"]
+    temperature = ["data.mixing=temperature"]
+    assert changed(temperature, [*temperature, "data.mixing_cap=100"]) == [
+        "data.mixing_cap None -> 100"]
+    proportional = ["data.mixing=examples_proportional"]
+    assert changed(proportional, [*proportional, "data.mixing_temperature=3"]) == []
+
+
 @pytest.mark.parametrize("source, message", [
     ("missing", "does not exist"),
     ("a_file", "is a file, not a checkpoint"),

@@ -72,14 +72,42 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """``"key old -> new"`` for each setting that changes the training and differs between the
     checkpoint's run (``saved``, its recorded config) and this one. ``train.steps`` too where
     the schedule decays to it (linear, cosine): the learning rate of every later step moves.
-    A key the saved config lacks (an older mtjax) is not compared."""
-    keys = list(_TRAJECTORY_KEYS)
+    A key the saved config lacks (an older mtjax) is not compared, nor a mixing setting that
+    the run's ``data.mixing`` does not read, and ``optim.schedule`` is compared as ``auto``
+    resolves (``auto`` and the schedule it stands for train alike)."""
+    keys = [key for key in _TRAJECTORY_KEYS if _read_by_mixing(key, current["data"])]
     if _decays_to_the_end(saved.get("optim", {})) or _decays_to_the_end(current["optim"]):
         keys.append(("train", "steps"))
+
+    def differs(s: str, k: str) -> bool:
+        if (s, k) == ("optim", "schedule"):
+            return _schedule(saved[s]) != _schedule(current[s])
+        return saved[s][k] != current[s][k]
+
     return [f"{s}.{k} {saved[s][k]!r} -> {current[s][k]!r}"
-            for s, k in keys if k in saved.get(s, {}) and saved[s][k] != current[s][k]]
+            for s, k in keys if k in saved.get(s, {}) and differs(s, k)]
+
+
+# The mixing settings each data.mixing reads (config.unused_settings names the others when set);
+# data.mixing itself cannot change on resume, so a setting it does not read changes nothing.
+_MIXING_READS = {"examples_proportional": ("mixing_cap",),
+                 "temperature": ("mixing_cap", "mixing_temperature")}
+
+
+def _read_by_mixing(key: tuple[str, str], data: dict[str, Any]) -> bool:
+    section, name = key
+    if section != "data" or not name.startswith("mixing_"):
+        return True
+    return name in _MIXING_READS.get(data.get("mixing"), ())
+
+
+def _schedule(optim: dict[str, Any]) -> str | None:
+    """A recorded ``optim.schedule`` with ``auto`` resolved as ``optim.schedule_name`` does."""
+    schedule = optim.get("schedule")
+    if schedule != "auto":
+        return schedule
+    return "rsqrt" if optim.get("name") == "adafactor" else "cosine"
 
 
 def _decays_to_the_end(optim: dict[str, Any]) -> bool:
-    schedule = optim.get("schedule")
-    return schedule in ("linear", "cosine") or (schedule == "auto" and optim.get("name") == "adamw")
+    return _schedule(optim) in ("linear", "cosine")
