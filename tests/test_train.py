@@ -594,6 +594,18 @@ def test_a_one_step_run_says_its_speed_was_not_measured(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens_per_s"] is None
 
 
+def test_the_start_up_line_gives_numbers_as_they_were_set():
+    """A log says what ran: the loss's constant and the learning rate are not rounded to six
+    digits (2097152 read 2.09715e+06)."""
+    from mtjax.train import trainer
+
+    line = trainer._describe_training(config_lib.load(None, [
+        "train.loss_normalizing_factor=2097152", "optim.learning_rate=0.0012345678",
+        "train.label_smoothing=0.1"]))
+    assert ("(learning rate 0.0012345678, rsqrt decay after 100 steps)" in line
+            and line.endswith("; loss: label smoothing 0.1, sum over 2097152")), line
+
+
 def test_result_files_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
     """Python writes NaN and Infinity, which jq and other strict JSON readers refuse: a
     non-finite metric (a task's metric function may return NaN) is written as null."""

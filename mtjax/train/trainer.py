@@ -396,6 +396,13 @@ def _resolved(config: config_lib.Config, setup: setup_lib.TrainSetup) -> dict[st
             "vocab_size": int(setup.model_cfg.vocab_size), "jax": jax.__version__}
 
 
+def _exact(value: float) -> str:
+    """``value`` as it was given, as short as reads back the same (``:g`` keeps 6 digits: a
+    loss_normalizing_factor of 2097152 read 2.09715e+06, a learning rate of 0.0012345678
+    0.00123457)."""
+    return repr(value).removesuffix(".0")
+
+
 def _describe_training(config: config_lib.Config) -> str:
     """One start-up line with the settings that decide speed and numerics, so that a log says
     what ran without config.json beside it."""
@@ -404,16 +411,16 @@ def _describe_training(config: config_lib.Config) -> str:
     micro = f" in {t.microbatches} microbatches" if t.microbatches > 1 else ""
     name = optim_lib.schedule_name(o)
     warmup = f"warmup {o.warmup_steps} steps, " if o.warmup_steps else ""
-    schedule = f"learning rate {o.learning_rate:g}, " + {
+    schedule = f"learning rate {_exact(o.learning_rate)}, " + {
         "rsqrt": f"rsqrt decay after {o.warmup_steps} steps",
         "constant": f"{warmup}constant",
         "linear": f"{warmup}linear decay to 0",
         "cosine": f"{warmup}cosine decay"}[name]
     state = f", state {o.state_dtype}" if o.state_dtype != "float32" else ""
     steps = f"{t.steps} step" + ("s" if t.steps != 1 else "")
-    loss = [f"label smoothing {t.label_smoothing:g}"] if t.label_smoothing else []
+    loss = [f"label smoothing {_exact(t.label_smoothing)}"] if t.label_smoothing else []
     if t.loss_normalizing_factor:
-        loss.append(f"sum over {t.loss_normalizing_factor:g}")
+        loss.append(f"sum over {_exact(t.loss_normalizing_factor)}")
     elif t.loss_normalization != "tokens":
         loss.append({"total_tokens": "sum over batch x targets length",
                      "per_sequence": "mean per sequence"}[t.loss_normalization])
