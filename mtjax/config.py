@@ -285,7 +285,7 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         if (section is None or not dataclasses.is_dataclass(section)
                 or field_name not in {f.name for f in dataclasses.fields(section)}):
             raise _unknown_key(key)
-        if key in ("train.loss_normalizing_factor", "train.loss_normalization"):
+        if key in _LOSS_NORMALIZATION_KEYS:  # before the float parser's "expects float"
             _refuse_t5x_factor_name(key, text.strip())
         value = _parse_value(key, text.strip(), _field_type(type(section), field_name))
         config = dataclasses.replace(
@@ -293,6 +293,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     return validate(config)
 
 
+# The keys where T5X's users put its named factors (a gin habit).
+_LOSS_NORMALIZATION_KEYS = ("train.loss_normalizing_factor", "train.loss_normalization")
 # T5X's SpecialLossNormalizingFactor names, and the train.loss_normalization value of each.
 _T5X_LOSS_NORMALIZATIONS = {"NUM_REAL_TARGET_TOKENS": "tokens",
                             "NUM_TOTAL_TARGET_TOKENS": "total_tokens",
@@ -350,8 +352,8 @@ def _check_types(config: Config) -> Config:
             annotation, optional = _unwrap_optional(_field_type(type(section), field.name))
             if optional and value is None:
                 continue
-            if key == "train.loss_normalizing_factor" and isinstance(value, str):
-                _refuse_t5x_factor_name(key, value)
+            if key in _LOSS_NORMALIZATION_KEYS and isinstance(value, str):
+                _refuse_t5x_factor_name(key, value)  # as the command line answers it
             if annotation is float and type(value) is int:
                 fixed[field.name] = float(value)
             elif not (type(value) is annotation

@@ -106,12 +106,20 @@ def test_t5x_loss_normalizing_factor_names_are_answered_with_the_setting(overrid
     assert config_lib.load(None, [fix]).train.loss_normalization == fix.split("=")[1]
 
 
-def test_a_t5x_factor_name_in_a_python_config_is_answered_with_the_setting():
-    config = config_lib.Config(train=config_lib.TrainConfig(
-        loss_normalizing_factor="AVERAGE_PER_SEQUENCE"))
-    with pytest.raises(config_lib.ConfigError,
-                       match="is train.loss_normalization=per_sequence in mtjax"):
-        config_lib.validate(config)
+@pytest.mark.parametrize("train, fix", [
+    ({"loss_normalizing_factor": "AVERAGE_PER_SEQUENCE"}, "train.loss_normalization=per_sequence"),
+    ({"loss_normalization": "NUM_TOTAL_TARGET_TOKENS"}, "train.loss_normalization=total_tokens"),
+])
+def test_t5x_loss_normalizing_factor_names_in_a_config_file_are_answered_too(tmp_path, train,
+                                                                          fix):
+    """A get_config() that sets T5X's named factor gets the same answer as the command line,
+    not "expects float" or "must be one of"."""
+    path = tmp_path / "t5x_habit.py"
+    path.write_text("from mtjax.config import Config, TrainConfig\n\ndef get_config():\n"
+                    f"    return Config(train=TrainConfig(**{train!r}))\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(str(path), [])
+    assert f"is {fix} in mtjax" in str(e.value)
 
 
 def test_a_constant_loss_normalizing_factor_and_a_named_one_are_refused_together():
