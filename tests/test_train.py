@@ -837,21 +837,27 @@ def test_the_step_before_an_evaluation_is_timed(tmp_path):
 
 def test_the_closing_summary_sets_held_out_figures_apart(tmp_path, capsys):
     """With eval.loss a task's line held two `loss` figures, training's and the held-out one,
-    with nothing to tell them apart."""
+    with nothing to tell them apart. A label-smoothed training loss says so (it sits above
+    the held-out loss, which is not smoothed), and held-out tasks of an eval.mixture get
+    lines of their own (they were not printed)."""
     from mtjax.cli import train as train_cli
     from mtjax.train import trainer
 
     metrics = {"loss": 1.5, "accuracy": 0.5, "loss/a": 1.25, "accuracy/a": 0.625,
-               "eval/a/loss": 1.75, "eval/a/exact_match": 12.5, "eval/b/loss": 2.5}
+               "eval/a/loss": 1.75, "eval/a/exact_match": 12.5, "eval/b/loss": 2.5,
+               "eval/c/loss": 3.5}
     result = trainer.TrainResult(workdir=tmp_path, start_step=0, step=10, metrics=metrics,
                                  wall_s=3.0, task_names=["a", "b"],
                                  throughput={"tokens_per_s": 100.0})
-    train_cli._print_summary(result)
+    train_cli._print_summary(result, label_smoothing=0.1)
     lines = capsys.readouterr().err.splitlines()
+    assert "final loss 1.5000, label-smoothed by 0.1, token accuracy 0.500" in lines
     assert ("  a                            loss 1.2500  accuracy 0.625  | eval: exact_match "
             "12.5  loss 1.75") in lines
     assert ("  b                            (not in the last logged batches)  | eval: loss "
             "2.5") in lines
+    # A task of eval.mixture the run did not train on, after the trained ones.
+    assert lines[-2] == "  c                            (not trained on)  | eval: loss 3.5"
 
 
 def test_a_profiler_warning_is_shown_on_the_host_it_concerns(monkeypatch, capsys):

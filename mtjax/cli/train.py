@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     except preemption.Preempted as stopped:
         return stopped.exit_code
-    _print_summary(result)
+    _print_summary(result, label_smoothing=config.train.label_smoothing)
     return 0
 
 
@@ -105,7 +105,9 @@ def _steps_text(steps: list[int], shown: int = 10) -> str:
     return text + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, label_smoothing: float = 0.0) -> None:
+    """The closing lines: speed, the final training figures, and each task's, with its
+    held-out ones apart (tasks of an eval.mixture the run did not train on too)."""
     import jax
 
     if jax.process_index() != 0 or result.step == result.start_step:
@@ -122,11 +124,17 @@ def _print_summary(result) -> None:
     if "loss" in m:
         at = (f" (logged at step {result.metrics_step})"
               if result.metrics_step not in (None, result.step) else "")
-        lines.append(f"final loss {m['loss']:.4f}, token accuracy {m['accuracy']:.3f}{at}")
-    for task in result.task_names:
+        # Smoothed, the training loss sits above the held-out one, which is not smoothed.
+        smoothed = f", label-smoothed by {label_smoothing:g}" if label_smoothing else ""
+        lines.append(f"final loss {m['loss']:.4f}{smoothed}, token accuracy "
+                     f"{m['accuracy']:.3f}{at}")
+    held_out = sorted({key.split("/")[1] for key in m if key.startswith("eval/")}
+                      - set(result.task_names))
+    for task in [*result.task_names, *held_out]:
         # A task can miss the last logging window (a small batch) and still have eval results.
         train = (f"loss {m[f'loss/{task}']:.4f}  accuracy {m[f'accuracy/{task}']:.3f}"
-                 if f"loss/{task}" in m else "(not in the last logged batches)")
+                 if f"loss/{task}" in m else "(not trained on)" if task in held_out
+                 else "(not in the last logged batches)")
         evals = "  ".join(f"{key.split('/')[-1]} {value:.3g}"
                           for key, value in sorted(m.items()) if key.startswith(f"eval/{task}/"))
         # Held-out figures apart: the eval `loss` beside training's would read as one of them.
