@@ -723,6 +723,7 @@ def test_eval_mixture_evaluates_held_out_tasks_in_training_and_mtjax_eval(tmp_pa
     result = trainer.train(config, tmp_path / "run", progress=False)
     evaluated = {key.split("/")[1] for key in result.metrics if key.startswith("eval/")}
     assert evaluated == {"mtjax_reverse"}, result.metrics
+    assert "evaluating eval.mixture mtjax_reverse: mtjax_reverse\n" in capsys.readouterr().err
     assert {key.split("/")[1] for key in result.metrics if key.startswith("loss/")} == {
         "mtjax_copy"}
     capsys.readouterr()
