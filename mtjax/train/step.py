@@ -218,7 +218,7 @@ def inverse_loss_denominator(batch: Batch, loss_normalizing_factor: float,
     T5), else by ``loss_normalization``:
 
     - ``"tokens"``: the whole batch's loss-weighted target tokens (T5X's
-      NUM_REAL_TARGET_TOKENS, its default);
+      NUM_REAL_TARGET_TOKENS; T5X's own default, no factor, is the sum: a constant of 1);
     - ``"total_tokens"``: batch size × targets length, padding included (NUM_TOTAL_TARGET_TOKENS);
     - ``"per_sequence"``: the number of sequences with loss weight, the batch's
       ``gradient_weights`` (:func:`per_sequence_weights`) summed (AVERAGE_PER_SEQUENCE).
