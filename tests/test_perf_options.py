@@ -724,6 +724,16 @@ def test_per_sequence_weights_sum_to_one_per_weighted_sequence():
                                      [1, 0, 1 / 2, 1 / 2, 0, 0, 1, 0]], rtol=1e-6)
 
 
+def test_per_sequence_weights_of_segment_ids_past_the_row_length():
+    """The packer numbers a row's examples on every side alike, so an example without target
+    tokens (targets without EOS, empty) still takes a number: the decoder ids of the next ones
+    can pass the row's length (here 7 in a row of 4). Their sequences keep their weight."""
+    got = step_lib.per_sequence_weights(jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]]),
+                                        jnp.asarray([[1, 1, 7, 0], [5, 9, 9, 9]]))
+    np.testing.assert_allclose(got, [[1 / 2, 1 / 2, 1, 0], [1, 1 / 3, 1 / 3, 1 / 3]],
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_a_loss_normalizing_factor_scales_the_gradients_and_not_the_logged_loss(
         mesh, microbatches):

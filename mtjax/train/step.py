@@ -197,15 +197,20 @@ def per_sequence_weights(weights_BL: jax.Array, segment_ids_BL: jax.Array) -> ja
     for a sequence without weight: every sequence's weights then sum to 1, so a sequence
     counts once whatever its length (T5X's AVERAGE_PER_SEQUENCE).
 
-    Segments are numbered 1, 2, ... within a row and 0 on padding (``data.pipeline``), so a
-    row's totals are one segment sum of length L + 1, and rows stay on the devices that hold
-    them."""
+    A row's sequences lie one after another, 0 on padding (``data.pipeline``); they are
+    numbered 1, 2, ... again in that order, so a row's totals are one segment sum of length
+    L + 1, and rows stay on the devices that hold them. (The packer's decoder ids can pass the
+    row's length: an example without target tokens, from a task without EOS on its targets,
+    keeps its number. Out of range, a sequence's tokens got weight 0.)"""
     weights_BL = weights_BL.astype(jnp.float32)
     num_segments = segment_ids_BL.shape[-1] + 1
 
     def row_totals(weights_L, segment_ids_L):
-        totals_S = jax.ops.segment_sum(weights_L, segment_ids_L, num_segments=num_segments)
-        return totals_S[segment_ids_L]
+        starts_L = jnp.concatenate([segment_ids_L[:1] != 0,
+                                    segment_ids_L[1:] != segment_ids_L[:-1]])
+        dense_L = jnp.where(segment_ids_L != 0, jnp.cumsum(starts_L), 0)
+        totals_S = jax.ops.segment_sum(weights_L, dense_L, num_segments=num_segments)
+        return totals_S[dense_L]
 
     totals_BL = jax.vmap(row_totals)(weights_BL, segment_ids_BL)
     return jnp.where(totals_BL > 0, weights_BL / jnp.where(totals_BL > 0, totals_BL, 1.0), 0.0)
