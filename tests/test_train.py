@@ -447,6 +447,22 @@ def test_train_steps_is_a_changed_setting_where_the_schedule_decays_to_it():
     assert changed("optim.schedule=linear") == ["train.steps 200 -> 400"]
 
 
+def test_a_checkpoint_from_before_a_setting_existed_is_compared_with_its_default():
+    """A checkpoint written before train.loss_normalization (or label_smoothing) existed
+    trained as their defaults: resumed with another value, the note names it (it said
+    nothing), and with the defaults it stays silent."""
+    from mtjax.train import resume
+
+    saved = config_lib.to_dict(config_lib.load(None, []))
+    for key in ("loss_normalization", "label_smoothing"):
+        del saved["train"][key]
+    del saved["optim"]["schedule"]
+    now = config_lib.to_dict(config_lib.load(None, ["train.loss_normalization=per_sequence"]))
+    assert resume.changed_settings(saved, now) == [
+        "train.loss_normalization 'tokens' -> 'per_sequence'"]
+    assert resume.changed_settings(saved, config_lib.to_dict(config_lib.load(None, []))) == []
+
+
 def test_a_resumed_run_names_no_setting_that_trains_alike():
     """``optim.schedule=auto`` given as the schedule it stands for, and a mixing setting that
     the run's data.mixing does not read, change nothing: no note."""

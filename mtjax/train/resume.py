@@ -72,11 +72,18 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """``"key old -> new"`` for each setting that changes the training and differs between the
     checkpoint's run (``saved``, its recorded config) and this one. ``train.steps`` too where
     the schedule decays to it (linear, cosine): the learning rate of every later step moves.
-    A key the saved config lacks (an older mtjax) is not compared, nor a mixing setting that
-    the run's ``data.mixing`` does not read, and ``optim.schedule`` is compared as ``auto``
-    resolves (``auto`` and the schedule it stands for train alike)."""
+    A key the saved config lacks (written by an mtjax before the setting existed) counts as
+    its default, which each of these settings was added with to train as before (a checkpoint
+    from then resumed with ``train.loss_normalization=per_sequence`` is named). A mixing
+    setting that the run's ``data.mixing`` does not read is not compared, and
+    ``optim.schedule`` is compared as ``auto`` resolves (``auto`` and the schedule it stands
+    for train alike)."""
+    from mtjax import config as config_lib
+
+    defaults = config_lib.to_dict(config_lib.Config())
+    saved = {s: {**defaults[s], **saved.get(s, {})} for s in defaults}
     keys = [key for key in _TRAJECTORY_KEYS if _read_by_mixing(key, current["data"])]
-    if _decays_to_the_end(saved.get("optim", {})) or _decays_to_the_end(current["optim"]):
+    if _decays_to_the_end(saved["optim"]) or _decays_to_the_end(current["optim"]):
         keys.append(("train", "steps"))
 
     def differs(s: str, k: str) -> bool:
@@ -85,7 +92,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         return saved[s][k] != current[s][k]
 
     return [f"{s}.{k} {saved[s][k]!r} -> {current[s][k]!r}"
-            for s, k in keys if k in saved.get(s, {}) and differs(s, k)]
+            for s, k in keys if differs(s, k)]
 
 
 # The mixing settings each data.mixing reads (config.unused_settings names the others when set);
