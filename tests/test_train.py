@@ -751,7 +751,9 @@ def test_eval_mixture_evaluates_held_out_tasks_in_training_and_mtjax_eval(tmp_pa
 def test_an_eval_mixture_that_cannot_be_evaluated_stops_before_training(tmp_path, monkeypatch):
     """An unknown eval.mixture, or one whose tasks use another vocabulary than the training
     tasks' (the model would read their ids as other pieces), is refused by name before the
-    run directory is made."""
+    run directory is made, also by a run that does not evaluate (`mtjax eval` evaluates it
+    then: an unknown name did not say it was eval.mixture, another vocabulary gave metrics
+    of nonsense)."""
     import seqio
 
     from mtjax.data import pipeline
@@ -774,10 +776,13 @@ def test_an_eval_mixture_that_cannot_be_evaluated_stops_before_training(tmp_path
                  "mtjax_reverse"),
                 (name, pipeline.VocabularyMismatchError,
                  f"eval.mixture='{name}' uses")):
-            with pytest.raises(error, match=re.escape(message)):
-                trainer.train(tiny_config("train.steps=2", f"eval.mixture={mixture}"),
-                              tmp_path / "run", progress=False)
-            assert not (tmp_path / "run").exists()
+            # Also where the run does not evaluate: `mtjax eval` takes eval.mixture later.
+            for evaluation in ([], ["eval.at_end=false", "eval.every_steps=0"]):
+                with pytest.raises(error, match=re.escape(message)):
+                    trainer.train(tiny_config("train.steps=2", f"eval.mixture={mixture}",
+                                              *evaluation),
+                                  tmp_path / "run", progress=False)
+                assert not (tmp_path / "run").exists()
     finally:
         seqio.TaskRegistry.remove(name)
 

@@ -132,8 +132,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         sizes.get_config(config.model.name)
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
-        if config.eval.every_steps or config.eval.at_end:
-            pipeline_lib.check_eval_mixture(config)
+        pipeline_lib.check_eval_mixture(config)  # (without evaluation too: `mtjax eval` takes it)
         _check_eval_split(config)
         if init_from and not _has_checkpoint(workdir):
             from mtjax.checkpoint import find_state_dir
