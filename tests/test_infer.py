@@ -511,6 +511,28 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
     assert code == 2 and not stdout and "split 'valdation'" in err, err
     assert "splits: train, validation" in err and len(err.strip().splitlines()) == 1, err
 
+    # Tasks of another vocabulary than the model's: refused, not scored as noise.
+    import seqio
+
+    def examples(split, shuffle_files=False, seed=None):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors({"inputs": [5, 6], "targets": [7]})
+
+    features = {k: seqio.Feature(vocabulary=seqio.PassThroughVocabulary(size=300))
+                for k in ("inputs", "targets")}
+    seqio.TaskRegistry.add("mtjax_test_eval_vocabulary", seqio.FunctionDataSource(
+        examples, splits=["validation"]), output_features=features, metric_fns=[])
+    try:
+        code, stdout, err = _cli(["eval", "--checkpoint", str(trained_run), "--mixture",
+                                  "mtjax_test_eval_vocabulary", "--no-progress"], capsys)
+    finally:
+        seqio.TaskRegistry.remove("mtjax_test_eval_vocabulary")
+    assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
+    assert ("'mtjax_test_eval_vocabulary' uses PassThroughVocabulary(300), and the model of "
+            in err and "reads byte(259): evaluate tasks defined with the model's vocabulary"
+            in err), err
+
 
 @pytest.mark.parametrize("argv, message", [
     (["score", "--checkpoint", "{missing}", "--input", "{pairs}"], "does not exist"),

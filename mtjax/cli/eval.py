@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         max_decode_length=args.max_decode_length,
         loss=config.eval.loss if args.loss is None else args.loss)
     config = config_lib.validate(dataclasses.replace(config, eval=eval_config))
+    _check_vocabulary(config, model)
     evaluator = evaluate.make_evaluator(config, model.mesh, model.rules, model.model_def,
                                         progress=not args.no_progress)
     if not evaluator.task_names:
@@ -77,3 +78,19 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         outputs.write_text(args.output, text + "\n")
     return 0
+
+
+def _check_vocabulary(config, model) -> None:
+    """The tasks evaluated must use the checkpoint's vocabulary: the model would read their ids
+    as other pieces, and every metric would be noise."""
+    from mtjax.data import pipeline
+    from mtjax.data import vocab as vocab_lib
+
+    pipeline.prepare(config)
+    mixture = pipeline.eval_mixture(config)
+    evaluated, read = pipeline.mixture_vocabulary(mixture), model.vocabulary
+    if evaluated != read:
+        raise pipeline.VocabularyMismatchError(
+            f"{mixture!r} uses {vocab_lib.describe(evaluated)}, and the model of "
+            f"{model.step_dir} reads {vocab_lib.describe(read)}: evaluate tasks defined with "
+            f"the model's vocabulary")

@@ -78,6 +78,17 @@ def eval_mixture(config: Any) -> str:
     return config.eval.mixture or config.data.mixture
 
 
+def mixture_vocabulary(mixture: str) -> seqio.Vocabulary:
+    """The vocabulary the tasks of ``mixture`` share.
+
+    Raises:
+        UnknownTaskError: ``mixture`` is not registered.
+        VocabularyMismatchError: its tasks disagree.
+    """
+    return _shared_vocabulary(mixture, [seqio.TaskRegistry.get(n)
+                                        for n in resolve_task_names(mixture)])
+
+
 def check_eval_mixture(config: Any) -> None:
     """An ``eval.mixture`` of its own must be registered and share the training vocabulary
     (the model would decode its tasks' ids as other pieces); after :func:`prepare`.
@@ -88,11 +99,9 @@ def check_eval_mixture(config: Any) -> None:
     if not config.eval.mixture or config.eval.mixture == config.data.mixture:
         return
     try:
-        names = resolve_task_names(config.eval.mixture)
+        evaluated = mixture_vocabulary(config.eval.mixture)
     except UnknownTaskError as e:
         raise UnknownTaskError(f"eval.mixture: {e}") from None
-    evaluated = _shared_vocabulary(config.eval.mixture,
-                                   [seqio.TaskRegistry.get(n) for n in names])
     trained = _shared_vocabulary(
         config.data.mixture,
         [seqio.TaskRegistry.get(n) for n in resolve_task_names(config.data.mixture)],
