@@ -447,6 +447,23 @@ def test_train_steps_is_a_changed_setting_where_the_schedule_decays_to_it():
     assert changed("optim.schedule=linear") == ["train.steps 200 -> 400"]
 
 
+def test_warmup_steps_is_a_changed_setting_while_it_still_shapes_the_learning_rate():
+    """A warmup that ended before the resumed step (under both settings) changes nothing under
+    the constant schedule; rsqrt decays by it at every step, and linear and cosine decay over
+    the steps after it."""
+    from mtjax.train import resume
+
+    def changed(step, *overrides):
+        saved = config_lib.to_dict(config_lib.load(None, [*overrides, "optim.warmup_steps=100"]))
+        now = config_lib.to_dict(config_lib.load(None, [*overrides, "optim.warmup_steps=50"]))
+        return resume.changed_settings(saved, now, step)
+
+    assert changed(100, "optim.schedule=constant") == []
+    assert changed(99, "optim.schedule=constant") == ["optim.warmup_steps 100 -> 50"]
+    for schedule in ("rsqrt", "linear", "cosine"):
+        assert changed(150, f"optim.schedule={schedule}") == ["optim.warmup_steps 100 -> 50"]
+
+
 def test_a_checkpoint_from_before_a_setting_existed_is_compared_with_its_default():
     """A checkpoint written before train.loss_normalization (or label_smoothing) existed
     trained as their defaults: resumed with another value, the note names it (it said

@@ -68,7 +68,8 @@ _TRAJECTORY_KEYS = (
 )
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def changed_settings(saved: dict[str, Any], current: dict[str, Any],
+                     step: int | None = None) -> list[str]:
     """``"key old -> new"`` for each setting that changes the training and differs between the
     checkpoint's run (``saved``, its recorded config) and this one. ``train.steps`` too where
     the schedule decays to it (linear, cosine): the learning rate of every later step moves.
@@ -77,12 +78,17 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     from then resumed with ``train.loss_normalization=per_sequence`` is named). A mixing
     setting that the run's ``data.mixing`` does not read is not compared, and
     ``optim.schedule`` is compared as ``auto`` resolves (``auto`` and the schedule it stands
-    for train alike)."""
+    for train alike). ``optim.warmup_steps`` is not named from a resumed ``step`` past both
+    warmups of the constant schedule, which only warms up with it (rsqrt decays by it, and
+    linear and cosine decay over the steps after it)."""
     from mtjax import config as config_lib
 
     defaults = config_lib.to_dict(config_lib.Config())
     saved = {s: {**defaults[s], **saved.get(s, {})} for s in defaults}
     keys = [key for key in _TRAJECTORY_KEYS if _read_by_mixing(key, current["data"])]
+    if (step is not None and _schedule(saved["optim"]) == _schedule(current["optim"]) == "constant"
+            and step >= max(saved["optim"]["warmup_steps"], current["optim"]["warmup_steps"])):
+        keys.remove(("optim", "warmup_steps"))
     if _decays_to_the_end(saved["optim"]) or _decays_to_the_end(current["optim"]):
         keys.append(("train", "steps"))
 

@@ -448,7 +448,7 @@ def _initial_state(config, setup, checkpoints, pipeline, init_from, workdir, con
         if not data_restored:
             pipeline = make_pipeline(config, per_host_batch, seed_offset=latest)
         log(f"resuming from {checkpoints.directory / str(latest)}")
-        changed = resume.changed_settings(saved_configs[latest], config_dict)
+        changed = resume.changed_settings(saved_configs[latest], config_dict, latest)
         if changed and latest < config.train.steps:  # (a finished run trains nothing more)
             log(f"mtjax: note: steps after {latest} train with settings changed since the "
                 f"checkpoint's run: {'; '.join(changed)}")
