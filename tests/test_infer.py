@@ -441,6 +441,48 @@ def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
     assert results["t_loss_only"]["token_accuracy"] == pytest.approx(right.sum() / weights.sum())
     assert evaluator(m.params, step=1) == results  # the same examples every time
 
+    # At 32/16 tokens the examples are whole, and their batches are cut to 16/8 columns past
+    # them: the same figures as the forward pass over the converter's padding.
+    config = config_lib.load(None, ["data.mixture=t_loss_only", "data.inputs_length=32",
+                                    "data.targets_length=16", "eval.batch_size=2"])
+    wide = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)(m.params, step=0)
+    enc = np.array([ids(i, 32) for i, _ in rows], np.int32)
+    targets = np.array([ids(t, 16) for _, t in rows], np.int32)
+    dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], axis=1)
+    logits = m.logits(enc, dec_in)
+    loss_BL, _ = step_lib.cross_entropy_with_z_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                                     0.0)
+    weights = (targets > 0).astype(np.float32)
+    expected = float(np.sum(np.asarray(loss_BL) * weights) / weights.sum())
+    np.testing.assert_allclose(wide["t_loss_only"]["loss"], expected, rtol=1e-5)
+
+
+def test_loss_batches_lose_the_padding_past_the_longest_example():
+    """Columns past a task's longest example (rounded up to a power of two, at least 8) are
+    cut from its loss batches; what is kept is unchanged."""
+    from mtjax.infer import evaluate
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for used_inputs, used_targets in ((9, 3), (5, 2)):
+        batch = {k: np.zeros((2, 32 if k.startswith("encoder_") else 16), np.int32)
+                 for k in evaluate.TaskLosses._KEYS}
+        batch["encoder_input_tokens"][0, :used_inputs] = rng.integers(1, 99, used_inputs)
+        batch["decoder_target_tokens"][1, :used_targets] = rng.integers(1, 99, used_targets)
+        batch["decoder_loss_weights"][1, :used_targets] = 1
+        batches.append(batch)
+    trimmed = evaluate.trim_padding(batches)
+    for before, after in zip(batches, trimmed, strict=True):
+        assert after["encoder_input_tokens"].shape == (2, 16)  # 9 -> 16
+        assert after["decoder_target_tokens"].shape == after["decoder_loss_weights"].shape == (
+            2, 8)  # 3 -> at least 8
+        for key, value in after.items():
+            np.testing.assert_array_equal(value, before[key][:, :value.shape[1]])
+            assert not before[key][:, value.shape[1]:].any()
+    assert evaluate.trim_padding(batches[:1])[0]["encoder_input_tokens"].shape == (2, 16)
+    full = [dict(batches[0], encoder_input_tokens=np.ones((2, 32), np.int32))]
+    assert evaluate.trim_padding(full)[0]["encoder_input_tokens"].shape == (2, 32)
+
 
 def test_none_and_text_metric_values_are_not_numbers():
     """None (a metric fn's 'no value') became NaN, recorded as null beside the other metrics

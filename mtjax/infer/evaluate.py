@@ -139,6 +139,33 @@ def loss_tasks(mixture: str, split: str) -> list[str]:
             if split in t.splits]
 
 
+def _bucket(length: int, most: int) -> int:
+    """``length`` rounded up to a power of two (at least 8), at most ``most``."""
+    return min(most, max(8, 1 << max(length - 1, 0).bit_length()))
+
+
+def trim_padding(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """A task's loss batches without the padding columns past its longest example (rounded up
+    to a power of two, so that tasks of similar lengths share one compiled shape).
+
+    The converter pads every example to the run's lengths, and the forward pass computed on
+    that padding: the held-out loss of the quick start's 600 examples at 128/64 took 11 s a
+    pass. The figures do not change: padding is masked on the encoder side and after the
+    targets on the causal decoder side, and weighs nothing in the loss."""
+    if not batches:
+        return batches
+
+    def extent(key: str) -> int:
+        used = [np.flatnonzero(np.any(b[key] != 0, axis=0)) for b in batches]
+        return max((int(u[-1]) + 1 for u in used if u.size), default=1)
+
+    inputs = _bucket(extent("encoder_input_tokens"), batches[0]["encoder_input_tokens"].shape[1])
+    targets = _bucket(extent("decoder_target_tokens"),
+                      batches[0]["decoder_target_tokens"].shape[1])
+    return [{k: v[:, :inputs] if k.startswith("encoder_") else v[:, :targets]
+             for k, v in b.items()} for b in batches]
+
+
 class TaskLosses:
     """The teacher-forced cross-entropy per target token, and token accuracy, of every task of a
     mixture on its eval split (T5X's ``train_eval``), whether the task has metrics or not: the first
@@ -175,8 +202,9 @@ class TaskLosses:
                 if self.max_examples:
                     ds = ds.take(self.max_examples)
                 ds = converter(ds, self.sequence_length)
-                batches[name] = [{k: b[k] for k in self._KEYS}
-                                 for b in ds.batch(self.batch_size).as_numpy_iterator()]
+                batches[name] = trim_padding([{k: b[k] for k in self._KEYS}
+                                              for b in ds.batch(self.batch_size)
+                                              .as_numpy_iterator()])
         return batches
 
     def __call__(self, params: Any) -> Results:
