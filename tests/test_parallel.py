@@ -320,6 +320,10 @@ def test_cli_dry_run_reports_plan_without_training(tmp_path, capsys):
     assert report["compile_s"] > 0 and report["compiled_memory_per_device"]
     names = {g["name"] for g in report["parameter_groups"]}
     assert "encoder.layers.*.attention.query.kernel" in names
+    # A plan checks what the run would refuse at start: an eval.mixture it cannot evaluate.
+    code = cli.main(["train", "--dry-run", *TINY, "eval.mixture=mtjax_revers"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.mixture: Unknown task or mixture 'mtjax_revers'" in err, err
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ def mixture_vocab_size(config: config_lib.Config) -> int:
 
     pipeline_lib.prepare(config)  # the run's vocabulary default, then the user's tasks module
     task = pipeline_lib.lookup(config.data.mixture)  # a clear error for an unknown name
+    pipeline_lib.check_eval_mixture(config)  # as the run checks it at start
     vocab = task.output_features["targets"].vocabulary
     return vocab_lib.padded_vocab_size(vocab)
 
