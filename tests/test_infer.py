@@ -427,18 +427,23 @@ def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
         row = [b + 3 for b in text.encode()][:length - 1] + [1]
         return row + [0] * (length - len(row))
 
-    rows = [("copy: ab", "ab"), ("copy: cd", "cd"), ("copy: e", "e")]
-    enc = np.array([ids(i, 8) for i, _ in rows], np.int32)
-    targets = np.array([ids(t, 4) for _, t in rows], np.int32)
-    dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], axis=1)
-    logits = m.logits(enc, dec_in)
-    loss_BL, _ = step_lib.cross_entropy_with_z_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                                     0.0)
-    weights = (targets > 0).astype(np.float32)
-    expected = float(np.sum(np.asarray(loss_BL) * weights) / weights.sum())
-    np.testing.assert_allclose(results["t_loss_only"]["loss"], expected, rtol=1e-5)
-    right = (np.argmax(logits, axis=-1) == targets) * weights
-    assert results["t_loss_only"]["token_accuracy"] == pytest.approx(right.sum() / weights.sum())
+    def by_hand(inputs_length: int, targets_length: int) -> tuple[float, float]:
+        """(loss, token accuracy) of the model over the rows padded to these lengths."""
+        rows = [("copy: ab", "ab"), ("copy: cd", "cd"), ("copy: e", "e")]
+        enc = np.array([ids(i, inputs_length) for i, _ in rows], np.int32)
+        targets = np.array([ids(t, targets_length) for _, t in rows], np.int32)
+        dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], axis=1)
+        logits = m.logits(enc, dec_in)
+        loss_BL, _ = step_lib.cross_entropy_with_z_loss(jnp.asarray(logits),
+                                                         jnp.asarray(targets), 0.0)
+        weights = (targets > 0).astype(np.float32)
+        right = (np.argmax(logits, axis=-1) == targets) * weights
+        return (float(np.sum(np.asarray(loss_BL) * weights) / weights.sum()),
+                float(right.sum() / weights.sum()))
+
+    loss, token_accuracy = by_hand(8, 4)
+    np.testing.assert_allclose(results["t_loss_only"]["loss"], loss, rtol=1e-5)
+    assert results["t_loss_only"]["token_accuracy"] == pytest.approx(token_accuracy)
     assert evaluator(m.params, step=1) == results  # the same examples every time
 
     # At 32/16 tokens the examples are whole, and their batches are cut to 16/8 columns past
@@ -446,15 +451,9 @@ def test_every_task_with_the_split_gets_its_teacher_forced_loss(tmp_path):
     config = config_lib.load(None, ["data.mixture=t_loss_only", "data.inputs_length=32",
                                     "data.targets_length=16", "eval.batch_size=2"])
     wide = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)(m.params, step=0)
-    enc = np.array([ids(i, 32) for i, _ in rows], np.int32)
-    targets = np.array([ids(t, 16) for _, t in rows], np.int32)
-    dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], axis=1)
-    logits = m.logits(enc, dec_in)
-    loss_BL, _ = step_lib.cross_entropy_with_z_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                                     0.0)
-    weights = (targets > 0).astype(np.float32)
-    expected = float(np.sum(np.asarray(loss_BL) * weights) / weights.sum())
-    np.testing.assert_allclose(wide["t_loss_only"]["loss"], expected, rtol=1e-5)
+    loss, token_accuracy = by_hand(32, 16)
+    np.testing.assert_allclose(wide["t_loss_only"]["loss"], loss, rtol=1e-5)
+    assert wide["t_loss_only"]["token_accuracy"] == pytest.approx(token_accuracy)
 
 
 def test_loss_batches_lose_the_padding_past_the_longest_example():
