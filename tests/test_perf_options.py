@@ -164,6 +164,24 @@ def test_attention_without_a_bias_equals_a_zero_bias(mesh):
             np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_major_attention_equals_softmax_attention(mesh, dtype):
+    """The decoding cache's [B, H, S, K] layout computes what [B, S, H, K] does, with the
+    decoding step's biases (relative positions plus a causal mask; an encoder padding mask)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, 3, 4)), dtype) for L in (1, 7, 7))
+    mask = jnp.where(jnp.arange(7) <= 3, 0.0, attention_lib.MASK_BIAS)[None, None, None]
+    for bias in (jnp.asarray(rng.normal(size=(1, 3, 1, 7)), jnp.float32) + mask,
+                 jnp.where(jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3), 0.0,
+                           attention_lib.MASK_BIAS)):
+        got = attention_lib.heads_major_attention(q, jnp.swapaxes(k, 1, 2),
+                                                  jnp.swapaxes(v, 1, 2), bias)
+        want = attention_lib.softmax_attention(q, k, v, bias)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
 def _reference_attention(q, k, v, bias):
     scores = jnp.einsum("BQHK,BSHK->BHQS", q, k, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1)

@@ -33,6 +33,7 @@ from mtjax.model.sizes import T5Config
 FEATURE_CONVERTER = "EncDecFeatureConverter"
 
 _RESIDUAL = ("batch", "length", "embed")
+_HEADS_MAJOR = ("batch", "heads", "length", "kv")  # the decoding cache's keys and values
 
 _REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -140,6 +141,11 @@ def _position_bias(cfg: T5Config, module: RelativePositionBias, query_length: in
     return AttentionBias(module(query_length, key_length), None)
 
 
+def _heads_major(x_BLHK: jax.Array) -> jax.Array:
+    """[B, L, H, K] -> [B, H, L, K], the layout of the decoding cache."""
+    return constrain(jnp.transpose(x_BLHK, (0, 2, 1, 3)), _HEADS_MAJOR)
+
+
 def _common(cfg: T5Config) -> dict:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
@@ -223,23 +229,23 @@ class DecoderLayer(nnx.Module):
         all cached positions (later ones masked by ``self_mask_bias``), and to the cached
         cross-attention keys/values. No dropout (inference only).
         """
-        max_length = cache["self_k"].shape[1]
+        max_length = cache["self_k"].shape[2]
         position_bias = (self.relpos_bias(1, max_length, index) if shared_bias_1H1T is None
                          else shared_bias_1H1T)
         h_B1D = self.pre_self_attention_layer_norm(y_B1D)
         k_B1HK, v_B1HK = self.self_attention.keys_values(h_B1D)
         self_k = jax.lax.dynamic_update_slice_in_dim(
-            cache["self_k"], k_B1HK.astype(cache["self_k"].dtype), index, axis=1)
+            cache["self_k"], _heads_major(k_B1HK).astype(cache["self_k"].dtype), index, axis=2)
         self_v = jax.lax.dynamic_update_slice_in_dim(
-            cache["self_v"], v_B1HK.astype(cache["self_v"].dtype), index, axis=1)
-        h_B1D = self.self_attention.attend(h_B1D, self_k, self_v,
-                                           position_bias + self_mask_bias_B11T)
+            cache["self_v"], _heads_major(v_B1HK).astype(cache["self_v"].dtype), index, axis=2)
+        h_B1D = self.self_attention.attend_cached(h_B1D, self_k, self_v,
+                                                  position_bias + self_mask_bias_B11T)
         y_B1D = constrain(y_B1D + h_B1D, _RESIDUAL)
         h_B1D = self.pre_cross_attention_layer_norm(y_B1D)
         # Several decodes per input (beams, adjacent rows) share its cross keys/values: attend
         # with them as that input's queries rather than keep a copy of the cache per decode.
         n, b = h_B1D.shape[0], cache["cross_k"].shape[0]
-        h_BND = self.encoder_decoder_attention.attend(
+        h_BND = self.encoder_decoder_attention.attend_cached(
             h_B1D.reshape(b, n // b, -1), cache["cross_k"], cache["cross_v"],
             cross_mask_bias_B11S)
         y_B1D = constrain(y_B1D + h_BND.reshape(n, 1, -1), _RESIDUAL)
@@ -334,7 +340,7 @@ class Decoder(nnx.Module):
 
     def step(self, y_B1D, layer_caches, index, self_mask_bias_B11T, cross_mask_bias_B11S):
         """One decoding position through every layer; returns (normed y, updated caches)."""
-        max_length = layer_caches[0]["self_k"].shape[1]
+        max_length = layer_caches[0]["self_k"].shape[2]
         shared_bias = (None if self.cfg.per_layer_relative_bias
                        else self.relpos_bias(1, max_length, index))
         y_B1D = constrain(y_B1D, _RESIDUAL)
@@ -428,11 +434,12 @@ class T5(nnx.Module):
                    max_length: int, num_decodes: int = 1) -> dict:
         """The decoding cache for ``decode_step``: a pytree of arrays.
 
-        ``layers[i]`` holds ``self_k``/``self_v`` [B * num_decodes, max_length, H, K] (zeros,
-        filled one position per step) and ``cross_k``/``cross_v`` [B, S, H, K] (the encoder
+        ``layers[i]`` holds ``self_k``/``self_v`` [B * num_decodes, H, max_length, K] (zeros,
+        filled one position per step) and ``cross_k``/``cross_v`` [B, H, S, K] (the encoder
         output's cross-attention keys/values, computed once); ``cross_bias`` [B, 1, 1, S] masks
         encoder padding. Only the ``self_*`` entries depend on the decoded prefix (beam search
-        reorders them); the rest depend on the input alone.
+        reorders them); the rest depend on the input alone. Keys and values are kept heads-major,
+        the layout attention's batched dots read (``heads_major_attention``).
 
         Args:
             encoded: ``encode(...)`` output [B, S, D] of unpacked inputs.
@@ -442,14 +449,14 @@ class T5(nnx.Module):
         """
         cfg = self.config
         b = encoded.shape[0] * num_decodes
-        zeros_BTHK = constrain(
-            jnp.zeros((b, max_length, cfg.num_heads, cfg.d_kv), jnp.dtype(cfg.dtype)),
-            ("batch", "length", "heads", "kv"))
+        zeros_BHTK = constrain(
+            jnp.zeros((b, cfg.num_heads, max_length, cfg.d_kv), jnp.dtype(cfg.dtype)),
+            _HEADS_MAJOR)
         layers = []
         for layer in self.decoder.layers:
             cross_k, cross_v = layer.encoder_decoder_attention.keys_values(encoded)
-            layers.append({"self_k": zeros_BTHK, "self_v": zeros_BTHK,
-                           "cross_k": cross_k, "cross_v": cross_v})
+            layers.append({"self_k": zeros_BHTK, "self_v": zeros_BHTK,
+                           "cross_k": _heads_major(cross_k), "cross_v": _heads_major(cross_v)})
         cross_bias_B11S = mask_to_bias((encoder_input_tokens > 0)[:, None, :])
         return {"layers": layers, "cross_bias": cross_bias_B11S}
 
@@ -466,7 +473,7 @@ class T5(nnx.Module):
         Returns:
             (float32 logits [B, V], the cache with this position's keys/values written).
         """
-        max_length = cache["layers"][0]["self_k"].shape[1]
+        max_length = cache["layers"][0]["self_k"].shape[2]
         y_B1D = self.token_embedder(decoder_input_tokens)
         # Causal: keys at positions after ``index`` are still zeros in the cache; mask them.
         self_bias_T = jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)
