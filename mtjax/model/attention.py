@@ -132,15 +132,13 @@ class Attention(nnx.Module):
     def attend_cached(self, x_BQD: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array,
                       bias_BHQS: jax.Array) -> jax.Array:
         """``attend`` (no dropout) to keys and values in the heads-major [B, H, S, K] layout of
-        a decoding cache (``heads_major_attention``); ``bias_BHQS`` is a float32 array."""
+        a decoding cache (``heads_major_attention``); ``bias_BHQS`` is a float32 array.
+
+        Whatever ``model.attention`` says: a decoding step has one query per row, where a
+        flash kernel (cuDNN's) has nothing to tile, and handing it [B, S, H, K] keys would copy
+        every cache at every step again (the numbers of softmax_attention, tested)."""
         q_BQHK = self._heads(self.query(x_BQD))
-        if resolve_attention(self.kind, q_BQHK.dtype) == "dot_product":
-            # cuDNN reads [B, S, H, K]; on GPU this copy of the cache is cheap.
-            y_BQHK = dot_product_attention(q_BQHK, jnp.swapaxes(k_BHSK, 1, 2),
-                                           jnp.swapaxes(v_BHSK, 1, 2), bias_BHQS)
-        else:
-            y_BQHK = heads_major_attention(q_BQHK, k_BHSK, v_BHSK, bias_BHQS)
-        return self._output(y_BQHK)
+        return self._output(heads_major_attention(q_BQHK, k_BHSK, v_BHSK, bias_BHQS))
 
     def _output(self, y_BQHK: jax.Array) -> jax.Array:
         y_BQHK = constrain(y_BQHK, ("batch", "length", "heads", "kv"))
