@@ -78,15 +78,16 @@ def eval_mixture(config: Any) -> str:
     return config.eval.mixture or config.data.mixture
 
 
-def mixture_vocabulary(mixture: str) -> seqio.Vocabulary:
-    """The vocabulary the tasks of ``mixture`` share.
+def mixture_vocabulary(mixture: str, configured: str | None = None) -> seqio.Vocabulary:
+    """The vocabulary the tasks of ``mixture`` share (checked against ``configured``, a
+    ``data.vocabulary``).
 
     Raises:
         UnknownTaskError: ``mixture`` is not registered.
-        VocabularyMismatchError: its tasks disagree.
+        VocabularyMismatchError: its tasks disagree, or disagree with ``configured``.
     """
     return _shared_vocabulary(mixture, [seqio.TaskRegistry.get(n)
-                                        for n in resolve_task_names(mixture)])
+                                        for n in resolve_task_names(mixture)], configured)
 
 
 def check_eval_mixture(config: Any) -> None:
@@ -96,16 +97,13 @@ def check_eval_mixture(config: Any) -> None:
     Raises:
         UnknownTaskError, VocabularyMismatchError: naming ``eval.mixture``.
     """
-    if not config.eval.mixture or config.eval.mixture == config.data.mixture:
+    if eval_mixture(config) == config.data.mixture:
         return
     try:
         evaluated = mixture_vocabulary(config.eval.mixture)
     except UnknownTaskError as e:
         raise UnknownTaskError(f"eval.mixture: {e}") from None
-    trained = _shared_vocabulary(
-        config.data.mixture,
-        [seqio.TaskRegistry.get(n) for n in resolve_task_names(config.data.mixture)],
-        config.data.vocabulary)
+    trained = mixture_vocabulary(config.data.mixture, config.data.vocabulary)
     if evaluated != trained:
         raise VocabularyMismatchError(
             f"eval.mixture={config.eval.mixture!r} uses {vocab_lib.describe(evaluated)}, and "

@@ -503,7 +503,7 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
                  f"{config.eval.split!r} split, so nothing is evaluated "
                  f"(eval.at_end=false says that this is meant)")
             evaluator = None
-        elif config.eval.mixture and config.eval.mixture != config.data.mixture:
+        elif pipeline_lib.eval_mixture(config) != config.data.mixture:
             log(f"evaluating eval.mixture {config.eval.mixture}: "
                 f"{', '.join(evaluator.task_names)}")
     if (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
