@@ -12,9 +12,14 @@ from mtjax.train import layerwise
 
 def schedule_name(cfg: OptimConfig) -> str:
     """``optim.schedule`` with "auto" resolved: rsqrt for Adafactor (T5), cosine for AdamW."""
-    if cfg.schedule != "auto":
-        return cfg.schedule
-    return "rsqrt" if cfg.name == "adafactor" else "cosine"
+    return resolve_schedule(cfg.schedule, cfg.name)
+
+
+def resolve_schedule(schedule: str | None, optimizer: str | None) -> str | None:
+    """:func:`schedule_name` of the two settings (a recorded config's, say)."""
+    if schedule != "auto":
+        return schedule
+    return "rsqrt" if optimizer == "adafactor" else "cosine"
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

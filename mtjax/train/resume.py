@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from mtjax.checkpoint import CheckpointError
+from mtjax.train import optim as optim_lib
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoints, step) -> None:
@@ -115,11 +116,8 @@ def _read_by_mixing(key: tuple[str, str], data: dict[str, Any]) -> bool:
 
 
 def _schedule(optim: dict[str, Any]) -> str | None:
-    """A recorded ``optim.schedule`` with ``auto`` resolved as ``optim.schedule_name`` does."""
-    schedule = optim.get("schedule")
-    if schedule != "auto":
-        return schedule
-    return "rsqrt" if optim.get("name") == "adafactor" else "cosine"
+    """A recorded ``optim.schedule`` with ``auto`` resolved."""
+    return optim_lib.resolve_schedule(optim.get("schedule"), optim.get("name"))
 
 
 def _decays_to_the_end(optim: dict[str, Any]) -> bool:
