@@ -163,9 +163,6 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: f
     task_BLT = (batch["decoder_task_ids"][..., None]
                 == jnp.arange(1, num_tasks + 1)[None, None, :]
                 ).astype(jnp.float32) * weights_BL[..., None]
-    gradient_weights_BL = batch.get("gradient_weights")
-    loss_to_differentiate = (jnp.sum(loss_BL * weights_BL) if gradient_weights_BL is None
-                             else jnp.sum(loss_BL * gradient_weights_BL))
     sums = {
         "loss_sum": jnp.sum(loss_BL * weights_BL),
         "z_loss_sum": jnp.sum(z_BL * weights_BL),
@@ -175,7 +172,10 @@ def batch_metrics(logits_BLV: jax.Array, batch: Batch, num_tasks: int, z_loss: f
         "task_correct_sum": jnp.einsum("bl,blt->t", correct_BL, task_BLT),
         "task_weight_sum": jnp.sum(task_BLT, axis=(0, 1)),
     }
-    return loss_to_differentiate, sums
+    gradient_weights_BL = batch.get("gradient_weights")
+    if gradient_weights_BL is None:
+        return sums["loss_sum"], sums
+    return jnp.sum(loss_BL * gradient_weights_BL), sums
 
 
 def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
