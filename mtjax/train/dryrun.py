@@ -51,7 +51,6 @@ def mixture_vocab_size(config: config_lib.Config) -> int:
 
     pipeline_lib.prepare(config)  # the run's vocabulary default, then the user's tasks module
     task = pipeline_lib.lookup(config.data.mixture)  # a clear error for an unknown name
-    pipeline_lib.check_eval_mixture(config)  # as the run checks it at start
     vocab = task.output_features["targets"].vocabulary
     return vocab_lib.padded_vocab_size(vocab)
 
@@ -60,7 +59,10 @@ def dry_run(config: config_lib.Config, vocab_size: int | None = None,
             compile_step: bool = True, mesh=None, rules=None) -> dict[str, Any]:
     """The plan of ``config``'s run; compiles the step unless ``compile_step`` is False."""
     if vocab_size is None:
+        from mtjax.data import pipeline as pipeline_lib
+
         vocab_size = mixture_vocab_size(config)
+        pipeline_lib.check_eval_mixture(config)  # as the run checks it at start
     setup = setup_lib.build(config, vocab_size=vocab_size, num_tasks=1, mesh=mesh, rules=rules)
     params, opt_state = setup.abstract_state.params, setup.abstract_state.opt_state
     report: dict[str, Any] = {
