@@ -27,6 +27,7 @@ from mtjax.kernels import attention as kernel_attention
 from mtjax.kernels import cross_entropy as fused_ce
 from mtjax.model import attention as attention_lib
 from mtjax.model import sizes, t5
+from mtjax.model import softmax as softmax_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
 from mtjax.train import step as step_lib
@@ -249,7 +250,7 @@ def test_kernels_build_for_the_best_instruction_set_the_cpu_has(monkeypatch):
 
 def _reference_cross_entropy(logits, targets, z_loss):
     loss, z = step_lib.cross_entropy_with_z_loss(logits, targets, z_loss)
-    return loss, z, (step_lib.first_argmax(logits) == targets).astype(jnp.float32)
+    return loss, z, (softmax_lib.first_argmax(logits) == targets).astype(jnp.float32)
 
 
 @needs_kernel
@@ -409,6 +410,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtjax.kernels import attention as kernel_attention
 from mtjax.kernels import cross_entropy as fused_ce
 from mtjax.model import attention as attention_lib
+from mtjax.model import softmax as softmax_lib
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import step as step_lib
 
@@ -458,7 +460,7 @@ def loss_value_and_grad(function):
 
 def reference_loss(x, targets, z_loss):
     loss, z = step_lib.cross_entropy_with_z_loss(x, targets, z_loss)
-    return loss, z, (step_lib.first_argmax(x) == targets).astype(jnp.float32)
+    return loss, z, (softmax_lib.first_argmax(x) == targets).astype(jnp.float32)
 
 with mesh_lib.activate(mesh, mesh_lib.get_rules("fsdp")):
     out["loss_auto_fsdp"] = step_lib.resolve_cross_entropy("auto")

@@ -499,7 +499,7 @@ def test_first_argmax_equals_argmax_with_ties():
     # Small integers: most rows have their maximum more than once.
     logits = jnp.asarray(rng.integers(-3, 4, (3, 7, 19)), jnp.float32)
     logits = logits.at[0, 0].set(-jnp.inf)  # an all -inf row: index 0, as argmax
-    np.testing.assert_array_equal(step_lib.first_argmax(logits), jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(softmax_lib.first_argmax(logits), jnp.argmax(logits, axis=-1))
     logits_np = np.asarray(logits)
     assert np.mean(np.sum(logits_np == logits_np.max(-1, keepdims=True), -1) > 1) > 0.5
 

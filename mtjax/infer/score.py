@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax.infer import batching
+from mtjax.model.softmax import first_argmax
 from mtjax.parallel import mesh as mesh_lib
 
 # Batch keys the model reads; segment ids and positions only for packed batches.
@@ -66,7 +67,7 @@ def score_totals(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.
     """The whole batch's target log-likelihood, scored tokens, and scored tokens the model
     predicts (its argmax, teacher-forced); traceable, float32 scalars."""
     logits_BTV, log_likelihood_BT, weights_BT = _scored(model, batch)
-    correct_BT = jnp.argmax(logits_BTV, axis=-1) == batch["decoder_target_tokens"]
+    correct_BT = first_argmax(logits_BTV) == batch["decoder_target_tokens"]
     return (jnp.sum(log_likelihood_BT * weights_BT), jnp.sum(weights_BT),
             jnp.sum(correct_BT * weights_BT))
 

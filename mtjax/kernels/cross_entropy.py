@@ -1,11 +1,11 @@
 """Token cross-entropy with z-loss through the fused CPU kernel (``cross_entropy_cpu.cc``).
 
 ``cross_entropy_with_z_loss(logits, targets, z_loss)`` returns what
-``mtjax.train.step.cross_entropy_with_z_loss`` and ``first_argmax(logits) == targets`` give,
-differentiable in the logits. The forward pass overwrites the logits' buffer with
+``mtjax.train.step.cross_entropy_with_z_loss`` and ``mtjax.model.softmax.first_argmax(logits) ==
+targets`` give, differentiable in the logits. The forward pass overwrites the logits' buffer with
 ``exp(logits - max)`` and the backward pass overwrites that with the gradient (XLA aliases the
-buffers; it copies first only where the logits are still needed elsewhere), so the step holds
-one [tokens, V] float32 buffer for the loss instead of several. float32, CPU.
+buffers; it copies first only where the logits are still needed elsewhere), so the step holds one
+[tokens, V] float32 buffer for the loss instead of several. float32, CPU.
 
 On a mesh of several devices each device runs the kernel on its own batch rows and positions
 (``jax.shard_map``; XLA cannot split a custom call itself), which needs whole rows of logits:

@@ -3,7 +3,7 @@
 //
 // Per row of logits l [V] and target t: lse = max + log(sum(exp(l - max))), loss = lse - l[t]
 // + z_loss * lse^2 (l[t] read as 0 when t is outside [0, V), like mtjax's masked sum), and
-// whether the first index of the maximum is t (mtjax.train.step.first_argmax).
+// whether the first index of the maximum is t (mtjax.model.softmax.first_argmax).
 //
 // Why: XLA:CPU makes several passes over the [tokens, V] logits (max, exp, sum, the target's
 // logit, the argmax, then the gradient), each writing a fresh [tokens, V] buffer that the step

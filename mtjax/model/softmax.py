@@ -10,6 +10,9 @@ a layout that makes this combiner 30x slower than ``jnp.max``.)
 The numbers are those of ``jax.nn.softmax`` for finite inputs; a NaN anywhere in a row still
 makes the row's softmax NaN (through the exp-sum), it is only the maximum itself that may skip
 it.
+
+``first_argmax`` is the argmax over the vocabulary (token accuracy in training and evaluation),
+for the same reason: XLA:CPU runs ``jnp.argmax``'s (value, index) reduce as a scalar loop.
 """
 
 from __future__ import annotations
@@ -42,3 +45,16 @@ def _softmax_jvp(axis, primals, tangents):
     y = softmax(x, axis)
     return y, y * (x_dot - jnp.sum(y * x_dot, axis, keepdims=True))
 
+
+def first_argmax(logits_BLV: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits_BLV, axis=-1)`` (the first index of the maximum) for finite logits.
+
+    A max, then a min over the indices that reach it. XLA:CPU runs argmax's (value, index)
+    reduce as a scalar loop: 67 ms on [8, 128, 32128] where these two vectorized reductions take
+    21 ms, and the max is shared with the loss's logsumexp. A row with a NaN gives ``V`` (never a
+    token id), where argmax gives the NaN's index.
+    """
+    max_BL1 = jnp.max(logits_BLV, axis=-1, keepdims=True)
+    vocab_size = logits_BLV.shape[-1]
+    vocab_V = jnp.arange(vocab_size, dtype=jnp.int32)
+    return jnp.min(jnp.where(logits_BLV == max_BL1, vocab_V, vocab_size), axis=-1)
