@@ -317,6 +317,66 @@ def test_vocabulary_paths_resolve_or_fail_clearly(tmp_path):
         load_lib.resolve_vocabulary(config, tmp_path)
 
 
+def test_tasks_that_name_no_vocabulary_take_the_runs_in_inference(tmp_path, monkeypatch):
+    """A run on a SentencePiece data.vocabulary whose tasks module names none (the helpers'
+    default: the run's): infer, score and eval register those tasks with it, as training did.
+    They got bytes, so `infer --task` fed the model byte ids and `mtjax eval` refused the run's
+    own tasks as 'another vocabulary'."""
+    import types
+
+    import sentencepiece
+    import seqio
+
+    from mtjax import compile_cache
+    from mtjax import config as config_lib
+    from mtjax.cli import _inference
+    from mtjax.data import vocab as vocab_lib
+
+    monkeypatch.setattr(vocab_lib, "_RUN_VOCABULARY", [None])
+    run = tmp_path / "run"
+    step_dir = run / "checkpoints" / "5"
+    step_dir.mkdir(parents=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"word{i} text{i % 7} sample" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(run / "sp"), vocab_size=30, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, minloglevel=2)
+    (tmp_path / "d.tsv").write_text("a\tb\n")
+    config, configs = config_lib.load(None, []), {}
+    for name in ("mtjax_test_run_vocab_a", "mtjax_test_run_vocab_b"):
+        module = tmp_path / f"{name}.py"
+        module.write_text(f"from mtjax.data import tasks\ntasks.add_file_task({name!r}, "
+                          f"{{'validation': {str(tmp_path / 'd.tsv')!r}}})\n")
+        # data.vocabulary as a converter records it: relative to the run directory.
+        configs[name] = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, vocabulary="sp.model", tasks_module=str(module), mixture=name))
+    try:
+        # The run's own tasks module, imported while the vocabulary is looked up.
+        config_a = configs["mtjax_test_run_vocab_a"]
+        model_vocabulary = load_lib.resolve_vocabulary(config_a, step_dir)
+        assert isinstance(model_vocabulary, seqio.SentencePieceVocabulary)
+        task = seqio.TaskRegistry.get("mtjax_test_run_vocab_a")
+        assert task.output_features["inputs"].vocabulary == model_vocabulary
+
+        # --tasks-module, which the commands import before the checkpoint loads.
+        monkeypatch.setattr(vocab_lib, "_RUN_VOCABULARY", [None])  # a fresh process's
+        config_b = configs["mtjax_test_run_vocab_b"]
+        monkeypatch.setattr(load_lib, "find_step_dir", lambda path: step_dir)
+        monkeypatch.setattr(load_lib, "read_config", lambda path: config_b)
+        loaded = types.SimpleNamespace(config=config_b, step_dir=step_dir)
+        monkeypatch.setattr(load_lib, "load", lambda path: loaded)
+        monkeypatch.setattr(load_lib, "check_vocabulary_fits", lambda model: None)
+        monkeypatch.setattr(compile_cache, "enable", lambda setting: None)
+        args = types.SimpleNamespace(batch_size=1, checkpoint=str(run), no_progress=True,
+                                     tasks_module=config_b.data.tasks_module)
+        assert _inference.load(args) is loaded
+        task = seqio.TaskRegistry.get("mtjax_test_run_vocab_b")
+        assert task.output_features["inputs"].vocabulary == model_vocabulary
+    finally:
+        for name in ("mtjax_test_run_vocab_a", "mtjax_test_run_vocab_b"):
+            seqio.TaskRegistry.remove(name)
+
+
 def test_evaluator_beats_untrained_model(trained_run):
     from mtjax.infer import evaluate
 

@@ -68,17 +68,20 @@ def load(args: argparse.Namespace):
 
     # What can fail on one host alone, checked before any host reads the checkpoint (Orbax
     # reads, even a config's JSON, wait for every host).
-    failure = None
+    failure = step_dir = None
     try:
-        load_lib.find_step_dir(args.checkpoint)
-        if args.tasks_module:
-            from mtjax.data import tasks as tasks_lib
-
-            tasks_lib.import_tasks_module(args.tasks_module)
+        step_dir = load_lib.find_step_dir(args.checkpoint)
     except UserError as e:
         failure = e
     distributed.agree_on_set_up(failure)
-    model = load_lib.load(args.checkpoint)
+    # Tasks modules after the run's config: their tasks that name no vocabulary take the run's.
+    failure = None
+    try:
+        load_lib.import_tasks(load_lib.read_config(step_dir), step_dir, args.tasks_module)
+    except UserError as e:
+        failure = e
+    distributed.agree_on_set_up(failure)
+    model = load_lib.load(step_dir)
     load_lib.check_vocabulary_fits(model)
     from mtjax import compile_cache
 

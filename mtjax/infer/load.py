@@ -161,44 +161,59 @@ def check_vocabulary_fits(model: LoadedModel) -> None:
             f"it was trained with (mtjax convert --vocab)")
 
 
-def _import_tasks(config: config_lib.Config) -> None:
-    if config.data.tasks_module:
-        from mtjax.data import tasks as tasks_lib
+def vocabulary_path(config: config_lib.Config, step_dir: pathlib.Path) -> str | None:
+    """``config.data.vocabulary`` as it opens here: ``"byte"``, the SentencePiece file found, or
+    None (the vocabulary of the config's mixture). A relative path is looked up in the step
+    directory, the run directory (where converters put it) and the current directory, in that
+    order.
 
-        tasks_lib.import_tasks_module(config.data.tasks_module)
+    Raises:
+        VocabularyError: the file is in none of them.
+    """
+    name = config.data.vocabulary
+    if name in (None, "byte"):
+        return name
+    path = pathlib.Path(name)
+    candidates = [path] if path.is_absolute() else [
+        step_dir / path, checkpoint_lib.run_dir_of(step_dir) / path, path.absolute()]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise VocabularyError(
+        f"vocabulary {name!r} of checkpoint {step_dir} not found (looked in "
+        f"{', '.join(str(c) for c in candidates)}); copy the .model file there")
+
+
+def import_tasks(config: config_lib.Config, step_dir: pathlib.Path,
+                 tasks_module: str | None = None) -> None:
+    """Register the run's tasks as training did: the run's vocabulary is the default of task
+    helpers given none (``pipeline.prepare``'s order) before ``tasks_module`` (``--tasks-module``)
+    and the run's ``data.tasks_module`` are imported; imported first, their tasks had bytes."""
+    from mtjax.data import tasks as tasks_lib
+    from mtjax.data import vocab as vocab_lib
+
+    vocab_lib.set_run_vocabulary(vocabulary_path(config, step_dir))
+    for module in (tasks_module, config.data.tasks_module):
+        if module:
+            tasks_lib.import_tasks_module(module)
     import mtjax.data  # noqa: F401 - registers the built-in tasks
 
 
 def resolve_vocabulary(config: config_lib.Config, step_dir: pathlib.Path):
-    """The checkpoint's vocabulary.
-
-    ``config.data.vocabulary`` when set: ``"byte"``, or a SentencePiece file; a relative path is
-    looked up in the step directory, the run directory (where converters put it) and the current
-    directory, in that order.
-    Otherwise the output vocabulary of the config's mixture.
-    """
-    _import_tasks(config)
+    """The checkpoint's vocabulary: ``config.data.vocabulary`` when set (see
+    :func:`vocabulary_path`), otherwise the output vocabulary of the config's mixture."""
+    import_tasks(config, step_dir)
     from mtjax.data import vocab as vocab_lib
 
-    name = config.data.vocabulary
-    if name is None:
+    path = vocabulary_path(config, step_dir)
+    if path is None:
         import seqio
 
         from mtjax.data import pipeline
 
         first = pipeline.resolve_task_names(config.data.mixture)[0]
         return seqio.get_mixture_or_task(first).output_features["targets"].vocabulary
-    if name == "byte":
-        return vocab_lib.get_vocabulary("byte")
-    path = pathlib.Path(name)
-    candidates = [path] if path.is_absolute() else [
-        step_dir / path, checkpoint_lib.run_dir_of(step_dir) / path, path.absolute()]
-    for candidate in candidates:
-        if candidate.is_file():
-            return vocab_lib.get_vocabulary(str(candidate))
-    raise VocabularyError(
-        f"vocabulary {name!r} of checkpoint {step_dir} not found (looked in "
-        f"{', '.join(str(c) for c in candidates)}); copy the .model file there")
+    return vocab_lib.get_vocabulary(path)
 
 
 def inference_meshes(config: config_lib.Config) -> Iterator[Mesh]:
