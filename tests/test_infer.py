@@ -781,6 +781,38 @@ def test_a_reader_that_stops_early_ends_infer_quietly(trained_run, tmp_path):
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+def test_infer_refuses_a_task_of_another_vocabulary_than_the_models():
+    """`infer --task` with a task whose vocabulary is not the checkpoint's fed the model ids of
+    other pieces and printed noise without a word; `mtjax eval` refuses such tasks already."""
+    import types
+
+    import seqio
+
+    from mtjax.data import vocab as vocab_lib
+    from mtjax.errors import UserError
+    from mtjax.infer import records
+
+    def examples(split, shuffle_files=False, seed=None):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors({"inputs": "a", "targets": "b"})
+
+    features = {k: seqio.Feature(vocabulary=seqio.PassThroughVocabulary(size=300))
+                for k in ("inputs", "targets")}
+    seqio.TaskRegistry.add("mtjax_test_infer_vocabulary", seqio.FunctionDataSource(
+        examples, splits=["validation"]), output_features=features)
+    model = types.SimpleNamespace(vocabulary=vocab_lib.get_vocabulary("byte"),
+                                  step_dir=pathlib.Path("run/checkpoints/20"))
+    try:
+        with pytest.raises(UserError, match=r"--task 'mtjax_test_infer_vocabulary' uses "
+                           r"PassThroughVocabulary\(300\), and the model of run/checkpoints/20 "
+                           r"reads byte\(259\)"):
+            next(records.predict(model, [{"inputs": "a"}], DecodeOptions(),
+                                 task="mtjax_test_infer_vocabulary"))
+    finally:
+        seqio.TaskRegistry.remove("mtjax_test_infer_vocabulary")
+
+
 def test_a_task_whose_source_yields_lines_takes_the_line(tmp_path):
     """A seqio.TextLineDataSource yields bare strings, not a dict of fields: --task takes the
     record's text line (or its `text` field) as that string (it was an AttributeError)."""

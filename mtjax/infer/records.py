@@ -209,6 +209,18 @@ class TaskText:
                              f"records into {len(examples)} examples; cannot pair them up")
         return [[int(x) for x in ex["inputs"]] for ex in examples], examples
 
+    def check_vocabulary(self, vocabulary, step_dir) -> None:
+        """The model must read the task's ids: another vocabulary's are other pieces to it."""
+        from mtjax.data import vocab as vocab_lib
+
+        for feature in ("inputs", "targets"):
+            used = getattr(self.task.output_features.get(feature), "vocabulary", vocabulary)
+            if used != vocabulary:
+                raise InputError(
+                    f"--task {self.task.name!r} uses {vocab_lib.describe(used)}, and the model "
+                    f"of {step_dir} reads {vocab_lib.describe(vocabulary)}: give a task defined "
+                    f"with the model's vocabulary")
+
     def postprocess(self, text: str, example: dict) -> Any:
         return self.task.postprocess_fn(text, example=example, is_target=False)
 
@@ -257,6 +269,7 @@ def predict(model: LoadedModel, records: Sequence[dict[str, Any]], options: Deco
     batch_size = _fitted_batch_size(batch_size, len(records))
     task_text = TaskText(task) if task else None
     if task_text:
+        task_text.check_vocabulary(vocabulary, model.step_dir)
         # All records in one pass: a random preprocessor (span corruption) draws each record's
         # noise by its place in the input, not in its batch, so --batch-size changes nothing.
         all_ids, all_examples = task_text.encode(records)
