@@ -647,6 +647,11 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
      "add --temperature T"),
     (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--seed", "3"],
      "drop --seed"),
+    # The length penalty of beam search, which greedy decoding ignored without a word.
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--alpha", "1.0"],
+     "add --beam-size N, or drop --alpha"),
+    (["eval", "--checkpoint", "{missing}", "--alpha", "1.0"],
+     "add --beam-size N, or drop --alpha"),
     (["eval", "--checkpoint", "{missing}"], "does not exist"),
     # A file (a run's config.json, a model.safetensors) is named as one, not searched "under".
     (["score", "--checkpoint", "{pairs}", "--input", "{pairs}"],

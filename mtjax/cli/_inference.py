@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterator
 
 from mtjax.errors import UserError
 
+# Greedy decoding and sampling have no length penalty: a silent --alpha would look applied.
+ALPHA_WITHOUT_BEAMS = ("--alpha is beam search's length penalty, and decoding is not a beam "
+                       "search without --beam-size: add --beam-size N, or drop --alpha")
+
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=0,
                         help="first N examples of each task (default 0: all)")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy (default)")
-    parser.add_argument("--alpha", type=float, default=0.6,
-                        help="beam search length penalty ((5+len)/6)**alpha (default 0.6)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="beam search length penalty ((5+len)/6)**alpha (default 0.6; "
+                        "needs --beam-size)")
     parser.add_argument("--max-decode-length", type=int, default=0,
                         help="default 0: the longest target of the eval examples")
     parser.add_argument("--loss", action=argparse.BooleanOptionalAction, default=None,
@@ -41,19 +42,23 @@ def run(args: argparse.Namespace) -> int:
 
     from mtjax import config as config_lib
     from mtjax.infer import evaluate
+    from mtjax.infer.decode import DecodeOptions
 
     # The flags first, by their own names: a mistake fails before the checkpoint loads.
-    for flag, value, least in (("--beam-size", args.beam_size, 1), ("--alpha", args.alpha, 0),
+    alpha = DecodeOptions.alpha if args.alpha is None else args.alpha
+    for flag, value, least in (("--beam-size", args.beam_size, 1), ("--alpha", alpha, 0),
                                ("--max-examples", args.max_examples, 0),
                                ("--max-decode-length", args.max_decode_length, 0)):
         if not (math.isfinite(value) and value >= least):  # NaN passes `value < least`
             raise config_lib.ConfigError(f"{flag} must be at least {least}, got {value}")
+    if args.alpha is not None and args.beam_size == 1:
+        raise config_lib.ConfigError(_inference.ALPHA_WITHOUT_BEAMS)
     model = _inference.load(args)
     config = model.config
     eval_config = dataclasses.replace(
         config.eval, mixture=args.mixture or config.eval.mixture, split=args.split,
         max_examples=args.max_examples,
-        batch_size=args.batch_size, beam_size=args.beam_size, alpha=args.alpha,
+        batch_size=args.batch_size, beam_size=args.beam_size, alpha=alpha,
         max_decode_length=args.max_decode_length,
         loss=config.eval.loss if args.loss is None else args.loss)
     config = config_lib.validate(dataclasses.replace(config, eval=eval_config))

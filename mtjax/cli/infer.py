@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, metavar="FILE.jsonl",
                         help="where to write (default: stdout)")
     parser.add_argument("--beam-size", type=int, default=1, help="1: greedy (default)")
-    parser.add_argument("--alpha", type=float, default=0.6,
-                        help="beam search length penalty ((5+len)/6)**alpha (default 0.6)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="beam search length penalty ((5+len)/6)**alpha (default 0.6; "
+                        "needs --beam-size)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample at this temperature (default 0: greedy)")
     parser.add_argument("--top-k", type=int, default=0,
@@ -51,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     length = args.max_decode_length
     options = DecodeOptions(
         max_decode_length=1 if length is None else length, beam_size=args.beam_size,
-        alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed or 0)
+        alpha=DecodeOptions.alpha if args.alpha is None else args.alpha,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed or 0)
+    if args.alpha is not None and args.beam_size == 1:
+        raise DecodeOptionsError(_inference.ALPHA_WITHOUT_BEAMS)
     records = records_lib.read_records(args.input, required=() if args.task else ("inputs",),
                                        allow_text=True)
     _inference.note_empty_input(args, records)
