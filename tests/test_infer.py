@@ -652,6 +652,8 @@ def test_eval_command_writes_task_metric_json(trained_run, tmp_path, capsys):
      "add --beam-size N, or drop --alpha"),
     (["eval", "--checkpoint", "{missing}", "--alpha", "1.0"],
      "add --beam-size N, or drop --alpha"),
+    (["infer", "--checkpoint", "{missing}", "--input", "{pairs}", "--beam-size", "2",
+      "--alpha", "-1"], "--alpha must be >= 0, got -1.0"),
     (["eval", "--checkpoint", "{missing}"], "does not exist"),
     # A file (a run's config.json, a model.safetensors) is named as one, not searched "under".
     (["score", "--checkpoint", "{pairs}", "--input", "{pairs}"],

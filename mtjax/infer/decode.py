@@ -101,7 +101,7 @@ class DecodeOptions:
                 "--top-k and --top-p restrict sampling, and decoding is greedy without "
                 "--temperature: add --temperature T (1.0 samples from the model's distribution)")
         if self.alpha < 0:
-            raise DecodeOptionsError(f"length penalty alpha must be >= 0, got {self.alpha}")
+            raise DecodeOptionsError(f"--alpha must be >= 0, got {self.alpha}")
 
     @property
     def sampling(self) -> bool:
