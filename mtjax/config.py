@@ -160,7 +160,7 @@ class EvalConfig:
     batch_size: int = 32  # sequences per decoding/scoring batch (global)
     beam_size: int = 1  # 1: greedy
     alpha: float = 0.6  # beam search length penalty ((5 + len) / 6) ** alpha
-    max_decode_length: int = 0  # 0: the longest target of the eval examples
+    max_decode_length: int = 0  # 0: each task's longest target
     # Also each task's teacher-forced cross-entropy per target token and token accuracy
     # (T5X's train_eval) on the same examples cut at data.inputs_length/targets_length:
     # eval/<task>/loss and eval/<task>/token_accuracy, for every task with the split.

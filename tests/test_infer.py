@@ -430,6 +430,44 @@ def test_a_task_scores_the_same_beside_a_task_that_needs_lengths():
     np.testing.assert_allclose(beside["log_likelihood"], alone["log_likelihood"], rtol=1e-5)
 
 
+def test_each_task_decodes_to_its_own_longest_target(tmp_path):
+    """Tasks evaluated together were all decoded to the longest target of any of them, so a
+    task's predictions (a beam search's, or any that ends with no EOS) changed with its
+    neighbours, and its decoding took as long as theirs."""
+    import seqio
+
+    from mtjax import config as config_lib
+    from mtjax.data import tasks
+    from mtjax.infer import evaluate
+
+    (tmp_path / "short.tsv").write_text("copy: ab\tab\n")  # targets: 2 bytes + EOS
+    (tmp_path / "long.tsv").write_text("copy: a\tabcdefghijklmn\ncopy: b\tb\n")  # 14 + EOS
+    for name in ("short", "long"):
+        files = str(tmp_path / f"{name}.tsv")
+        tasks.add_file_task(f"t_decode_{name}", {"train": files, "validation": files},
+                            vocabulary="byte", metric_fns=[lambda targets, predictions: {}])
+    seqio.MixtureRegistry.add("t_decode_both", ["t_decode_short", "t_decode_long"],
+                              default_rate=1.0)
+    m = Tiny(dataclasses.replace(BASE, vocab_size=384))
+    try:
+        config = config_lib.load(None, ["data.mixture=t_decode_both", "eval.batch_size=4",
+                                        "eval.loss=false"])
+        evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
+        decoded, decoder = {}, evaluator.decoder
+
+        def record(params, tokens_BS, options, **kwargs):
+            decoded[len(tokens_BS)] = options.max_decode_length  # rows: the task's examples
+            return decoder(params, tokens_BS, options, **kwargs)
+
+        evaluator.decoder = record
+        evaluator(m.params, step=0)
+    finally:
+        seqio.MixtureRegistry.remove("t_decode_both")
+        for name in ("short", "long"):
+            seqio.TaskRegistry.remove(f"t_decode_{name}")
+    assert decoded == {1: 3, 2: 15}
+
+
 def test_a_metric_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys):
     """A seqio Text metric (sample predictions, say) was dropped without a word."""
     import seqio

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="beam search length penalty ((5+len)/6)**alpha (default 0.6; "
                         "needs --beam-size)")
     parser.add_argument("--max-decode-length", type=int, default=0,
-                        help="default 0: the longest target of the eval examples")
+                        help="default 0: each task's longest target")
     parser.add_argument("--loss", action=argparse.BooleanOptionalAction, default=None,
                         help="each task's teacher-forced loss per target token and token "
                         "accuracy (default: the run's eval.loss, on unless the run turned it "

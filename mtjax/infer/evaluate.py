@@ -82,7 +82,8 @@ def needs_lengths(task: Any) -> bool:
 def seqio_evaluators(mixture: str, split: str, max_examples: int | None,
                      sequence_length: Mapping[str, int] | None) -> list[Any]:
     """The ``seqio.Evaluator``s of a mixture: tasks that need feature lengths get
-    ``sequence_length``, the others none (each example whole, decoded up to the longest target).
+    ``sequence_length``, the others none (each example whole, decoded up to its task's longest
+    target).
 
     One evaluator for the whole mixture had to give every task the lengths once one task
     needed them, so a task's figures changed with its neighbours: ``mtjax_kb_qa`` read its
@@ -144,6 +145,12 @@ def _bucket(length: int, most: int) -> int:
     return min(most, max(8, 1 << max(length - 1, 0).bit_length()))
 
 
+def _extent(arrays_BL: list[np.ndarray]) -> int:
+    """Columns up to the last one that is not padding in any of ``arrays`` (at least 1)."""
+    used = [np.flatnonzero(np.any(a != 0, axis=0)) for a in arrays_BL]
+    return max((int(u[-1]) + 1 for u in used if u.size), default=1)
+
+
 def trim_padding(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """A task's loss batches without the padding columns past its longest example (rounded up
     to a power of two, so that tasks of similar lengths share one compiled shape).
@@ -156,8 +163,7 @@ def trim_padding(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndar
         return batches
 
     def extent(key: str) -> int:
-        used = [np.flatnonzero(np.any(b[key] != 0, axis=0)) for b in batches]
-        return max((int(u[-1]) + 1 for u in used if u.size), default=1)
+        return _extent([b[key] for b in batches])
 
     inputs = _bucket(extent("encoder_input_tokens"), batches[0]["encoder_input_tokens"].shape[1])
     targets = _bucket(extent("decoder_target_tokens"),
@@ -237,7 +243,7 @@ class Evaluator:
         max_examples: the first N examples of each task (None or 0: all).
         batch_size: sequences per decoding / scoring batch.
         options: decoding options (default greedy).
-        max_decode_length: decoded length (None: the longest target of the eval set).
+        max_decode_length: decoded length (None: each task's longest target).
         sequence_length: feature lengths for the tasks whose preprocessors need them (the
             others, and these when None, take the longest example: no truncation).
         progress: report each model pass on stderr.
@@ -291,11 +297,14 @@ class Evaluator:
     def _predict_fn(self, params: Any) -> Callable:
         def predict(dataset) -> list[tuple[int, list[int]]]:
             out = []
-            for indices, features in _batches(dataset, self.batch_size):
+            batches = list(_batches(dataset, self.batch_size))
+            # The task's own longest target: seqio pads every task evaluated together to the
+            # longest of them all, and their predictions would change with their neighbours.
+            length = self.max_decode_length or _extent(
+                [features["decoder_target_tokens"] for _, features in batches])
+            options = dataclasses.replace(self.options, max_decode_length=length)
+            for indices, features in batches:
                 tokens_BS = features["encoder_input_tokens"]
-                length = (self.max_decode_length
-                          or features["decoder_target_tokens"].shape[1])
-                options = dataclasses.replace(self.options, max_decode_length=length)
                 tokens_BT, _ = self.decoder(params, tokens_BS, options,
                                             batch_size=self.batch_size)
                 # Whole rows (0 after EOS): seqio stacks them into one array and its
