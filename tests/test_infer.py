@@ -858,6 +858,36 @@ def test_infer_refuses_a_task_of_another_vocabulary_than_the_models():
         seqio.TaskRegistry.remove("mtjax_test_infer_vocabulary")
 
 
+def test_a_record_whose_number_the_source_cannot_hold_is_one_line():
+    """A fraction in a field the task's source yields as an integer (or a number where it
+    yields a bool) was a TensorFlow TypeError traceback, not the record's line."""
+    import seqio
+    import tensorflow as tf
+
+    from mtjax.data import vocab as vocab_lib
+    from mtjax.infer import records
+
+    def examples(split, shuffle_files=False, seed=None):
+        return tf.data.Dataset.from_tensors({"inputs": "a", "label": tf.constant(3, tf.int64),
+                                             "flag": tf.constant(True)})
+
+    byte = vocab_lib.get_vocabulary("byte")
+    seqio.TaskRegistry.add(
+        "mtjax_test_numeric_fields", seqio.FunctionDataSource(examples, splits=["validation"]),
+        preprocessors=[seqio.preprocessors.tokenize],
+        output_features={k: seqio.Feature(byte) for k in ("inputs", "targets")})
+    try:
+        task = records.TaskText("mtjax_test_numeric_fields")
+        good = {"inputs": "a", "label": 4, "flag": False}
+        assert task.encode([good])[0] == [list(byte.encode("a"))]
+        for number, field, value in ((2, "label", 1.5), (3, "flag", 2)):
+            with pytest.raises(records.InputError, match=f"input record {number} has a wrongly "
+                               f"typed field '{field}'"):
+                task.encode([good, {**good, field: value}], first=number - 1)
+    finally:
+        seqio.TaskRegistry.remove("mtjax_test_numeric_fields")
+
+
 def test_a_task_whose_source_yields_lines_takes_the_line(tmp_path):
     """A seqio.TextLineDataSource yields bare strings, not a dict of fields: --task takes the
     record's text line (or its `text` field) as that string (it was an AttributeError)."""

@@ -178,8 +178,11 @@ class TaskText:
             for number, record in enumerate(records, first):
                 # Targets are what the model predicts: optional here.
                 value = record.get(key, "" if key == "targets" and dtype == tf.string else None)
+                # TensorFlow takes no fraction as an integer and no number as a bool.
                 ok = (isinstance(value, str) if dtype == tf.string else
-                      isinstance(value, bool | int | float) and not isinstance(value, str))
+                      isinstance(value, bool) if dtype == tf.bool else
+                      isinstance(value, int) if dtype.is_integer else
+                      isinstance(value, bool | int | float))
                 if not ok:
                     problem = "lacks" if value is None else "has a wrongly typed"
                     raise InputError(f"input record {number} {problem} field {key!r}: task "
