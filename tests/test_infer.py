@@ -115,6 +115,32 @@ def test_greedy_tokens_and_scores_match_uncached_forward(tiny):
         np.testing.assert_allclose(scores[b], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_that_pad_a_batch_do_not_keep_decoding_going(tiny):
+    """A batch padded to its compiled size (the last one of a task, say) decoded until every
+    row ended, and all-zero rows rarely say EOS: it ran to max_decode_length after its inputs
+    had ended. Rows past ``rows`` now start finished: the inputs decode as alone, the padding
+    to zeros, and with no input rows the loop ends before its first step."""
+    from mtjax.infer.decode import decode
+
+    padded = np.concatenate([ENC, np.zeros_like(ENC)])
+
+    def run(enc, options, rows):
+        with mesh_lib.activate(tiny.mesh, tiny.rules):
+            fn = jax.jit(lambda p, e, r: decode(tiny.model_def.merge(p), e, options, rows=r))
+            return jax.device_get(fn(tiny.params, enc, rows))
+
+    for options in (DecodeOptions(max_decode_length=7),
+                    DecodeOptions(max_decode_length=7, beam_size=3)):
+        alone = run(ENC, options, None)
+        tokens, scores = run(padded, options, np.int32(len(ENC)))
+        np.testing.assert_array_equal(tokens[:len(ENC)], alone[0])
+        np.testing.assert_allclose(scores[:len(ENC)], alone[1], rtol=1e-6)
+        if options.beam_size == 1:
+            assert not tokens[len(ENC):].any() and not scores[len(ENC):].any()
+        nothing, _ = run(padded, options, np.int32(0))
+        assert not nothing.any(), options
+
+
 # --- Beam search ------------------------------------------------------------------------------
 
 def test_beam_size_one_equals_greedy(tiny):

@@ -139,9 +139,18 @@ def _encode_and_cache(model, encoder_input_tokens_BS, max_length: int, num_decod
     return model.init_cache(encoded_BSD, encoder_input_tokens_BS, max_length, num_decodes)
 
 
+def _padding_rows(b: int, rows: int | jax.Array | None) -> jax.Array:
+    """bool [B]: the rows past ``rows`` (none when None). They end the loop as if finished:
+    a batch padded to its compiled size ran to ``max_decode_length`` after every input ended,
+    since all-zero rows rarely say EOS."""
+    if rows is None:
+        return jnp.zeros((b,), bool)
+    return jnp.arange(b) >= rows
+
+
 def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOptions,
-                  rng: jax.Array | None = None,
-                  first_row: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+                  rng: jax.Array | None = None, first_row: int | jax.Array = 0,
+                  rows: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Greedy (temperature 0) or sampled decoding; traceable, call under ``jax.jit``.
 
     Args:
@@ -153,6 +162,8 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
             with ``first_row + r``: a record's sample depends on the seed and its place in
             the input, not on the batch it landed in (one key for every batch repeated the
             same noise in each batch's row r).
+        rows: the rows that are inputs (None: all); the rest pad the batch, start finished
+            and decode to zeros.
 
     Returns:
         (int32 tokens [B, T], float32 log-probability sums [B]).
@@ -189,7 +200,7 @@ def sample_decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOpti
         return i + 1, tokens_BT, token_B[:, None], cache, done_B, logprob_B
 
     init = (jnp.int32(0), jnp.zeros((b, t), jnp.int32), jnp.zeros((b, 1), jnp.int32), cache,
-            jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+            _padding_rows(b, rows), jnp.zeros((b,), jnp.float32))
     _, tokens_BT, _, _, _, logprob_B = jax.lax.while_loop(cond, body, init)
     return tokens_BT, logprob_B
 
@@ -200,14 +211,15 @@ def _gather_beams(x_BKX: jax.Array, index_BN: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BKX, index, axis=1)
 
 
-def beam_search(model, encoder_input_tokens_BS: jax.Array,
-                options: DecodeOptions) -> tuple[jax.Array, jax.Array]:
+def beam_search(model, encoder_input_tokens_BS: jax.Array, options: DecodeOptions,
+                rows: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Beam search with T5's length penalty; traceable, call under ``jax.jit``.
 
     Each step extends every live beam by every token, keeps the 2K best candidates (so that K
     stay live even if K of them end with EOS), moves those ending with EOS into the finished set
     (scored with the length penalty) and keeps the K best others live. Stops when no live beam
-    can still beat the worst finished one, or at ``max_decode_length``.
+    can still beat the worst finished one, or at ``max_decode_length``. Items past ``rows``
+    (padding; None: none) do not keep the search going.
 
     Returns:
         (int32 tokens [B, K, T], float32 scores [B, K]), best first.
@@ -216,6 +228,7 @@ def beam_search(model, encoder_input_tokens_BS: jax.Array,
     k, t, alpha = options.beam_size, options.max_decode_length, options.alpha
     cache = _encode_and_cache(model, encoder_input_tokens_BS, t, num_decodes=k)
     batch_offsets_B1 = (jnp.arange(b) * k)[:, None]
+    padding_B1 = _padding_rows(b, rows)[:, None]
 
     def cond(state):
         i, live_logprobs_BK, _, finished_scores_BK, finished_BK, _ = state
@@ -224,7 +237,7 @@ def beam_search(model, encoder_input_tokens_BS: jax.Array,
         best_live_B1 = live_logprobs_BK[:, :1] / length_penalty(t, alpha)
         worst_finished_BK = jnp.where(finished_BK, jnp.min(finished_scores_BK, axis=1,
                                                            keepdims=True), NEG_INF)
-        return (i < t) & ~jnp.all(worst_finished_BK > best_live_B1)
+        return (i < t) & ~jnp.all((worst_finished_BK > best_live_B1) | padding_B1)
 
     def body(state):
         i, live_logprobs_BK, live_seqs_BKT, finished_scores_BK, finished_BK, rest = state
@@ -275,14 +288,14 @@ def beam_search(model, encoder_input_tokens_BS: jax.Array,
 
 
 def decode(model, encoder_input_tokens_BS: jax.Array, options: DecodeOptions,
-           rng: jax.Array | None = None,
-           first_row: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+           rng: jax.Array | None = None, first_row: int | jax.Array = 0,
+           rows: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The best sequence [B, T] and its score [B] by the algorithm ``options`` select
-    (``first_row``: see ``sample_decode``)."""
+    (``first_row``, ``rows``: see ``sample_decode``)."""
     if options.beam_size > 1:
-        seqs_BKT, scores_BK = beam_search(model, encoder_input_tokens_BS, options)
+        seqs_BKT, scores_BK = beam_search(model, encoder_input_tokens_BS, options, rows)
         return seqs_BKT[:, 0], scores_BK[:, 0]
-    return sample_decode(model, encoder_input_tokens_BS, options, rng, first_row)
+    return sample_decode(model, encoder_input_tokens_BS, options, rng, first_row, rows)
 
 
 class Decoder:
@@ -307,9 +320,9 @@ class Decoder:
     def _fn(self, options: DecodeOptions) -> Callable:
         options = dataclasses.replace(options, seed=0)  # the key is an argument: no recompile
         if options not in self._compiled:
-            def run(params, tokens_BS, rng, first_row):
+            def run(params, tokens_BS, rng, first_row, rows):
                 model = self.model_def.merge(params)
-                return decode(model, tokens_BS, options, rng, first_row)
+                return decode(model, tokens_BS, options, rng, first_row, rows)
 
             # Inputs keep the shardings they are placed with (parameters by their logical
             # rules, tokens split over the batch axes); outputs are replicated so that every
@@ -344,7 +357,7 @@ class Decoder:
             rng = jax.random.key(options.seed)
         with mesh_lib.activate(self.mesh, self.rules):
             tokens_BT, scores_B = self._fn(options)(params, tokens_BS, rng,
-                                                    np.int32(first_row))
+                                                    np.int32(first_row), np.int32(n))
         tokens_BT, scores_B = jax.device_get((tokens_BT, scores_B))
         return np.asarray(tokens_BT)[:n], np.asarray(scores_B)[:n]
 
