@@ -856,6 +856,23 @@ def test_custom_architecture_of_init_from_wins_until_the_run_has_a_checkpoint(tm
     assert trainer._use_custom_architecture(run, None) == run / sizes.MODEL_CONFIG_FILE
 
 
+def test_a_resumed_custom_architecture_run_needs_not_its_init_from(tmp_path, monkeypatch):
+    """A run fine-tuning a converted checkpoint (model.name=custom) keeps its own copy of the
+    architecture; restarted with its original command line after the converted directory was
+    removed, it stopped with "checkpoint .../converted does not exist" instead of resuming."""
+    from mtjax.model import sizes
+    from mtjax.train import trainer
+
+    monkeypatch.setattr(sizes, "_custom", sizes._custom)  # restored after the test
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), d_ff=40)
+    (run / sizes.MODEL_CONFIG_FILE).write_text(json.dumps({"t5_config": dataclasses.asdict(cfg)}))
+    gone = str(tmp_path / "converted")
+    assert trainer._use_custom_architecture(run, gone) == run / sizes.MODEL_CONFIG_FILE
+    assert sizes.get_config(sizes.CUSTOM).d_ff == 40
+
+
 def test_the_step_before_an_evaluation_is_timed(tmp_path):
     """The end-of-run evaluation waited for the last step's computation (dispatched, still
     running) and its time was taken out of tokens/s as evaluation time: a 2-step demo run

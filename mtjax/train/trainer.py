@@ -358,15 +358,17 @@ def _use_custom_architecture(workdir: pathlib.Path, init_from: str | None) -> pa
 
     A run without a checkpoint yet takes --init-from's first: its own copy is then left from
     an attempt that stopped in set-up, maybe with another --init-from, whose architecture the
-    weights now given would not fit."""
+    weights now given would not fit. A run that resumes with its own copy does not look at
+    --init-from (its original command line resumes after the converted checkpoint is gone)."""
     from mtjax.model import sizes
 
     candidates = [workdir / sizes.MODEL_CONFIG_FILE]
-    if init_from:
+    resumes = _has_checkpoint(workdir)
+    if init_from and not (resumes and candidates[0].is_file()):
         from mtjax.checkpoint import find_state_dir, run_dir_of
 
         given = run_dir_of(find_state_dir(init_from).parent) / sizes.MODEL_CONFIG_FILE
-        candidates.insert(1 if _has_checkpoint(workdir) else 0, given)
+        candidates.insert(1 if resumes else 0, given)
     for path in candidates:
         if path.is_file():
             try:
