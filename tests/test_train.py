@@ -409,6 +409,39 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(tmp_path, monkeypatch, capsys
                     for r in metrics_lib.read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
 
 
+def test_sigterm_during_an_evaluation_saves_the_step_without_waiting_for_it(tmp_path,
+                                                                          monkeypatch, capsys):
+    """A SIGTERM in a periodic evaluation waited for the whole evaluation (minutes with a large
+    model, past SLURM's or Kubernetes' grace period) and one more training step before saving:
+    the evaluation stops at its next batch, and the evaluated step is saved at once."""
+    import os
+    import signal
+
+    from mtjax.infer import evaluate as evaluate_lib
+    from mtjax.train import preemption, trainer
+
+    decode = evaluate_lib.Decoder.__call__
+    decoded = []
+
+    def decode_then_get_preempted(self, *args, **kwargs):
+        decoded.append(1)
+        if len(decoded) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_lib.Decoder, "__call__", decode_then_get_preempted)
+    config = tiny_config("train.steps=4", "eval.every_steps=2", "eval.batch_size=2",
+                         "eval.loss=false", "checkpoint.every_steps=100",
+                         "data.mixture=mtjax_add")
+    with pytest.raises(preemption.Preempted) as info:
+        trainer.train(config, tmp_path / "run", progress=False)
+    assert info.value.exit_code == 42 and info.value.step == 2
+    assert len(decoded) == 1  # not the evaluation's other 3 batches
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["2"]
+    err = capsys.readouterr().err
+    assert "SIGTERM: the step 2 evaluation is left out" in err, err
+
+
 def test_resuming_a_run_that_recorded_its_vocabulary_relative(tmp_path, monkeypatch):
     """Older versions recorded data.vocabulary as given; the same file given again (now made
     absolute) is the same run, another file is not."""

@@ -33,6 +33,11 @@ from mtjax.parallel import mesh as mesh_lib
 Results = dict[str, dict[str, float]]
 
 
+class Interrupted(Exception):
+    """:attr:`Evaluator.stop` said to stop (a SIGTERM or Ctrl-C in training): the evaluation is
+    abandoned at its next batch, so that the run saves without waiting for the rest."""
+
+
 def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """(indices [b], features [b, L]) numpy batches of an enumerated seqio eval dataset."""
     yield from dataset.batch(batch_size).as_numpy_iterator()
@@ -213,16 +218,17 @@ class TaskLosses:
                                               .as_numpy_iterator()])
         return batches
 
-    def __call__(self, params: Any) -> Results:
+    def __call__(self, params: Any, check: Callable[[], None] = lambda: None) -> Results:
         """task -> {"loss": cross-entropy per target token, "token_accuracy": the fraction of
         target tokens that are the model's argmax}; a task without target tokens in the
-        examples read is left out."""
+        examples read is left out. ``check()`` is called before each batch."""
         if self._batches is None:
             self._batches = self._read()
         results: Results = {}
         for name, batches in self._batches.items():
             log_likelihood, tokens, correct = 0.0, 0.0, 0.0
             for batch in batches:
+                check()
                 ll, n, right = self.scorer.totals(params, batch, batch_size=self.batch_size)
                 log_likelihood, tokens, correct = log_likelihood + ll, tokens + n, correct + right
             if tokens:
@@ -263,6 +269,8 @@ class Evaluator:
         self.max_decode_length = max_decode_length
         self.progress = progress
         self._counts = {"decoded": 0, "scored": 0}
+        # Asked before each batch: True abandons the evaluation (raises Interrupted).
+        self.stop: Callable[[], bool] = lambda: False
         self._noted: set[tuple[str, str]] = set()
         self.decoder = Decoder(model_def, mesh, rules)
         self.scorer = Scorer(model_def, mesh, rules)
@@ -294,6 +302,10 @@ class Evaluator:
             f"(metrics.jsonl, TensorBoard, the eval output), so it is left out; return a "
             f"float (or seqio.metrics.Scalar) to record it")
 
+    def _check_stop(self) -> None:
+        if self.stop():
+            raise Interrupted
+
     def _predict_fn(self, params: Any) -> Callable:
         def predict(dataset) -> list[tuple[int, list[int]]]:
             out = []
@@ -304,6 +316,7 @@ class Evaluator:
                 [features["decoder_target_tokens"] for _, features in batches])
             options = dataclasses.replace(self.options, max_decode_length=length)
             for indices, features in batches:
+                self._check_stop()
                 tokens_BS = features["encoder_input_tokens"]
                 tokens_BT, _ = self.decoder(params, tokens_BS, options,
                                             batch_size=self.batch_size)
@@ -319,6 +332,7 @@ class Evaluator:
         def score(dataset) -> list[tuple[int, float]]:
             out = []
             for indices, features in _batches(dataset, self.batch_size):
+                self._check_stop()
                 batch = {k: features[k] for k in ("encoder_input_tokens", "decoder_input_tokens",
                                                    "decoder_target_tokens",
                                                    "decoder_loss_weights")}
@@ -344,7 +358,7 @@ class Evaluator:
             results[task] = {name: v for name, v in values.items() if v is not None}
             for name in sorted(set(values) - set(results[task])):
                 self._note_not_a_number(task, name, metrics[name])
-        losses = {} if self.losses is None else self.losses(params)
+        losses = {} if self.losses is None else self.losses(params, self._check_stop)
         for task, values in losses.items():
             results.setdefault(task, {}).update(values)
         # seqio calls the functions once per task without naming it: one line for them all.

@@ -279,7 +279,15 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     # or its compute is taken out of tokens/s as evaluation time.
                     jax.block_until_ready(step_metrics)
                     eval_start = time.time()
-                    eval_results = evaluate_lib.flatten(evaluator(state.params, step))
+                    evaluator.stop = lambda: preemption.raised  # (several hosts: set at a step)
+                    try:
+                        eval_results = evaluate_lib.flatten(evaluator(state.params, step))
+                    except evaluate_lib.Interrupted:
+                        # Save now: the rest of the evaluation (minutes with a large model)
+                        # and another step would outlast a scheduler's grace period.
+                        preempted = must_save = True
+                        _log_above(bar, f"{preemption.signal_name}: the step {step} evaluation "
+                                        f"is left out (`mtjax eval` runs it on the checkpoint)")
                     # Evaluation time is not training time: keep it out of tokens/s.
                     eval_s = time.time() - eval_start
                     window_start += eval_s
