@@ -288,10 +288,11 @@ def read_mtjax(src: pathlib.Path) -> tuple[T5Config, dict, dict[str, Any]]:
     params = conv.unflatten({p: np.asarray(x) for p, x in
                              conv.flatten(restore_params(state_dir.parent, abstract)).items()})
     model_file = run_dir_of(state_dir.parent) / MODEL_CONFIG_FILE
+    model = run_config.get("model", {})
     if model_file.is_file():
-        cfg = read_architecture(model_file)
+        cfg = read_architecture(model_file)  # (the dropout as converted: the run's own wins)
+        cfg = dataclasses.replace(cfg, dropout_rate=model.get("dropout_rate", cfg.dropout_rate))
     else:
-        model = run_config.get("model", {})
         try:
             cfg = get_config(model.get("name", ""))
             cfg = dataclasses.replace(

@@ -461,6 +461,24 @@ def test_converted_checkpoint_initialises_training(tmp_path, capsys, name):
     assert all(np.array_equal(back[k], original[k]) for k in original)
 
 
+def test_a_custom_size_run_exports_the_dropout_it_trained_with(tmp_path, capsys):
+    """A run of a converted size (model.name=custom) keeps the architecture the conversion
+    recorded, dropout 0.1 from Hugging Face's config.json; fine-tuned with model.dropout_rate=0,
+    its export said 0.1, where a named size's export says the run's own rate."""
+    cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=384, d_ff=40)
+    rng = np.random.default_rng(0)
+    params = convert.unflatten({e.path: rng.normal(size=e.shape).astype(np.float32)
+                                for e in convert.param_table(cfg)})
+    run = tmp_path / "run"
+    interop.write_mtjax(run, cfg, params, "byte", source={})  # model.dropout_rate=0.0
+    recorded = json.loads((run / "model_config.json").read_text())
+    recorded["t5_config"]["dropout_rate"] = 0.1  # the converted checkpoint's, copied by the run
+    (run / "model_config.json").write_text(json.dumps(recorded))
+    assert cli.main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dropout_rate"] == 0.0
+
+
 def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, capsys):
     not_spm = tmp_path / "notes.txt"
     not_spm.write_text("not a sentencepiece model\n")
