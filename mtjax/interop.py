@@ -187,17 +187,30 @@ def _read_ts(ckpt_dir: pathlib.Path, spec: dict) -> np.ndarray:
 def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
     """The parameters (``target``) of a T5X checkpoint as ``{"encoder/layers_0/...": array}``.
 
-    ``src``: a ``checkpoint_<step>`` directory, the directory holding them (the latest is
-    taken), or an Orbax PyTree directory.
+    ``src``: a ``checkpoint_<step>`` directory, the directory holding them (the latest
+    complete one is taken), or an Orbax PyTree directory.
     """
-    if not (src / "checkpoint").is_file() and not (src / "_METADATA").is_file():
+    def complete(path: pathlib.Path) -> bool:
+        return (path / "checkpoint").is_file() or (path / "_METADATA").is_file()
+
+    if not complete(src):
         steps = sorted((int(p.name.split("_")[1]), p) for p in src.glob("checkpoint_*")
                        if p.name.split("_")[1].isdigit())
         if not steps:
             raise conv.ConversionError(
                 f"{src} is not a T5X checkpoint (no 'checkpoint' file, no checkpoint_<step>/ "
                 f"directories, no Orbax _METADATA)")
-        src = steps[-1][1]
+        done = [(step, p) for step, p in steps if complete(p)]
+        newest = done[-1][0] if done else -1
+        # Newer ones without either file: a save or a copy cut short.
+        newer = [p.name for step, p in steps if step > newest]
+        cut_short = (f"{', '.join(newer)} {'holds' if len(newer) == 1 else 'hold'} no "
+                     f"'checkpoint' file or Orbax _METADATA")
+        if not done:
+            raise conv.ConversionError(f"{src} holds no complete T5X checkpoint: {cut_short}")
+        if steps[-1][0] > newest:
+            log(f"note: {cut_short} (incomplete): not read")
+        src = done[-1][1]
         log(f"reading {src}")
     if (src / "checkpoint").is_file():
         from flax import serialization

@@ -388,6 +388,38 @@ def test_t5x_native_checkpoint_directory(tmp_path, capsys):
     assert all(np.array_equal(flat_back[k], v) for k, v in convert.flatten(params).items())
 
 
+def test_a_t5x_directory_whose_latest_step_is_incomplete(tmp_path, capsys):
+    """The directory of a T5X run whose newest checkpoint_<step> holds no checkpoint file (a
+    save or a copy cut short) ended in a traceback ("No structure could be identified"): the
+    newest complete step is taken, naming the one passed over; with none, one line."""
+    from flax import serialization
+
+    hf_config, tensors = hf_fixture("t5_1_1")
+    cfg = convert.hf_config_to_t5(hf_config)
+    target: dict = {}
+    for name, x in to_t5x(convert.hf_to_params(tensors, cfg), scanned=False, kernels_3d=False,
+                          heads=cfg.num_heads).items():
+        *parents, leaf = name.removeprefix("target/").split("/")
+        node = target
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = x
+    (tmp_path / "empty" / "checkpoint_2000").mkdir(parents=True)
+    assert cli.main(["convert", str(tmp_path / "empty"), str(tmp_path / "none"), "--from", "t5x",
+                     "--vocab", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_2000 holds no 'checkpoint' file" in err and "Traceback" not in err, err
+    shutil.copytree(tmp_path / "empty", tmp_path / "t5x")
+    (tmp_path / "t5x" / "checkpoint_1000").mkdir()
+    (tmp_path / "t5x" / "checkpoint_1000" / "checkpoint").write_bytes(
+        serialization.msgpack_serialize({"optimizer": {"target": target}}))
+    assert cli.main(["convert", str(tmp_path / "t5x"), str(tmp_path / "out"),
+                     "--vocab", "byte"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint_2000 holds no 'checkpoint' file" in err, err
+    assert f"reading {tmp_path / 't5x' / 'checkpoint_1000'}" in err, err
+
+
 def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, recwarn):
     """Orbax warned "Sharding info not provided when restoring..." (two lines on stderr) for
     every Orbax tree read as T5X: before a converted T5X tree's summary, and before the one-line
