@@ -181,7 +181,13 @@ def _read_ts(ckpt_dir: pathlib.Path, spec: dict) -> np.ndarray:
     relative = kvstore.get("path") or spec.get("path")
     local = {"driver": spec["driver"],
              "kvstore": {"driver": "file", "path": str(ckpt_dir / relative)}}
-    return np.asarray(ts.open(local, open=True).result().read().result())
+    try:
+        return np.asarray(ts.open(local, open=True).result().read().result())
+    except ValueError as e:  # TensorStore's error for a missing or damaged file
+        why = _first_line(e).split(" [tensorstore_spec=")[0]
+        raise conv.ConversionError(
+            f"T5X array {ckpt_dir / relative} cannot be read ({why}); the checkpoint is "
+            f"damaged or cut short, copy it again") from e
 
 
 def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:

@@ -386,6 +386,16 @@ def test_t5x_native_checkpoint_directory(tmp_path, capsys):
     assert cfg_back == dataclasses.replace(cfg, dropout_rate=0.0)
     flat_back = convert.flatten(params_back)
     assert all(np.array_equal(flat_back[k], v) for k, v in convert.flatten(params).items())
+    # An array file damaged or missing (a copy cut short): one line naming it, no traceback.
+    array = ckpt / "target.decoder.logits_dense.kernel"
+    (array / "0.0").write_bytes(b"cut")
+    for out in ("cut_short", "missing"):
+        if out == "missing":
+            (array / ".zarray").unlink()
+        assert cli.main(["convert", str(ckpt), str(tmp_path / out), "--vocab", "byte"]) == 2
+        err = capsys.readouterr().err
+        assert f"mtjax: error: T5X array {array} cannot be read" in err, err
+        assert "Traceback" not in err and "tensorstore_spec" not in err, err
 
 
 def test_a_t5x_directory_whose_latest_step_is_incomplete(tmp_path, capsys):
