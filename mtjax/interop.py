@@ -230,11 +230,22 @@ def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
     else:
         import orbax.checkpoint as ocp
 
+        from mtjax.checkpoint.failures import _short
+        from mtjax.checkpoint.quiet import _note_failed_restore, _quiet_failed_reads
+
+        _quiet_failed_reads()  # one line for a damaged tree, not one traceback per array
         with warnings.catch_warnings():
             # Without target shardings Orbax reads the saved ones, and says so in two lines
             # for every tree; conversion wants host arrays, so any layout does.
             warnings.filterwarnings("ignore", "Sharding info not provided", UserWarning)
-            tree = ocp.PyTreeCheckpointer().restore(src)
+            try:
+                tree = ocp.PyTreeCheckpointer().restore(src)
+            except Exception as e:  # noqa: BLE001 - Orbax's and TensorStore's, for damage
+                _note_failed_restore()
+                why = _short(e, 200).split(" [tensorstore_spec=")[0]
+                raise conv.ConversionError(
+                    f"T5X checkpoint {src} cannot be read ({why}); it is damaged or cut "
+                    f"short, copy it again") from None
     tree = tree.get("optimizer", tree)
     tree = tree.get("target", tree.get("params", tree))
     return {name: _read_ts(src, x) if _is_ts_spec(x) else np.asarray(x)

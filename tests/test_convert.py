@@ -456,6 +456,38 @@ def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, 
     assert not [w for w in recwarn if "Sharding info" in str(w.message)]
 
 
+@pytest.mark.parametrize("damage", ["cut_short", "no_manifest", "bad_metadata"])
+def test_a_damaged_orbax_t5x_tree_is_one_line(tmp_path, capfd, damage):
+    """An Orbax tree read as T5X with an array file cut short, its manifest gone or its
+    _METADATA not JSON ended in tracebacks (dozens of lines, "Event loop is closed")."""
+    import orbax.checkpoint as ocp
+
+    hf_config, tensors = hf_fixture("t5_1_1")
+    cfg = convert.hf_config_to_t5(hf_config)
+    t5x = to_t5x(convert.hf_to_params(tensors, cfg), scanned=False, kernels_3d=False, heads=3)
+    tree: dict = {}
+    for name, x in t5x.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jnp.asarray(x)
+    src = tmp_path / "orbax_t5x"
+    ocp.PyTreeCheckpointer().save(src, tree)
+    if damage == "cut_short":
+        biggest = max((src / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[:100])
+    elif damage == "no_manifest":
+        (src / "manifest.ocdbt").unlink()
+    else:
+        (src / "_METADATA").write_text("{")
+    capfd.readouterr()
+    assert cli.main(["convert", str(src), str(tmp_path / "out"), "--vocab", "byte"]) == 2
+    err = capfd.readouterr().err
+    assert f"mtjax: error: T5X checkpoint {src} cannot be read" in err, err
+    assert "Traceback" not in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 # A converted checkpoint starts a training run
 # ---------------------------------------------------------------------------------------------
