@@ -390,7 +390,7 @@ def test_tasks_that_name_no_vocabulary_take_the_runs_in_inference(tmp_path, monk
         monkeypatch.setattr(load_lib, "find_step_dir", lambda path: step_dir)
         monkeypatch.setattr(load_lib, "read_config", lambda path: config_b)
         loaded = types.SimpleNamespace(config=config_b, step_dir=step_dir)
-        monkeypatch.setattr(load_lib, "load", lambda path: loaded)
+        monkeypatch.setattr(load_lib, "load", lambda path, tasks_module=None: loaded)
         monkeypatch.setattr(load_lib, "check_vocabulary_fits", lambda model: None)
         monkeypatch.setattr(compile_cache, "enable", lambda setting: None)
         args = types.SimpleNamespace(batch_size=1, checkpoint=str(run), no_progress=True,
@@ -945,6 +945,33 @@ def test_a_task_whose_source_yields_lines_takes_the_line(tmp_path):
     with pytest.raises(UserError, match="input record 4 has no text: task 't_lines' reads "
                                         "lines"):
         task.encode([{"question": "x"}], first=4)
+
+
+def test_a_tasks_module_given_replaces_the_one_the_run_recorded(tmp_path, monkeypatch, capsys):
+    """--tasks-module (help: "default: the one the run was trained with") was imported beside
+    the module the run recorded, so once that file had moved every command stopped with "tasks
+    module file '.../my_tasks.py' does not exist", whatever --tasks-module named."""
+    from mtjax import cli
+
+    byt5 = pathlib.Path(__file__).parent / "fixtures" / "hf_t5" / "byt5"
+    assert cli.main(["convert", str(byt5), str(tmp_path / "ckpt")]) == 0
+    read = load_lib.read_config
+    moved = str(tmp_path / "moved" / "my_tasks.py")
+
+    def recorded_where_it_was(step_dir):
+        config = read(step_dir)
+        return dataclasses.replace(
+            config, data=dataclasses.replace(config.data, tasks_module=moved))
+
+    monkeypatch.setattr(load_lib, "read_config", recorded_where_it_was)
+    (tmp_path / "qa_tasks_now_here.py").write_text("")
+    (tmp_path / "in.jsonl").write_text('{"inputs": "a", "targets": "b"}\n')
+    capsys.readouterr()
+    assert cli.main(["score", "--checkpoint", str(tmp_path / "ckpt"), "--no-progress",
+                     "--input", str(tmp_path / "in.jsonl"),
+                     "--tasks-module", str(tmp_path / "qa_tasks_now_here.py")]) == 0, (
+        capsys.readouterr().err)
+    assert json.loads(capsys.readouterr().out)["num_tokens"] == 2
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def load(args: argparse.Namespace):
     except UserError as e:
         failure = e
     distributed.agree_on_set_up(failure)
-    model = load_lib.load(step_dir)
+    model = load_lib.load(step_dir, tasks_module=args.tasks_module)
     load_lib.check_vocabulary_fits(model)
     from mtjax import compile_cache
 

@@ -187,15 +187,22 @@ def vocabulary_path(config: config_lib.Config, step_dir: pathlib.Path) -> str | 
 def import_tasks(config: config_lib.Config, step_dir: pathlib.Path,
                  tasks_module: str | None = None) -> None:
     """Register the run's tasks as training did: the run's vocabulary is the default of task
-    helpers given none (``pipeline.prepare``'s order) before ``tasks_module`` (``--tasks-module``)
-    and the run's ``data.tasks_module`` are imported; imported first, their tasks had bytes."""
+    helpers given none (``pipeline.prepare``'s order) before the tasks module is imported;
+    imported first, its tasks had bytes. ``tasks_module`` (``--tasks-module``) replaces the
+    run's ``data.tasks_module`` (one that has moved)."""
     from mtjax.data import tasks as tasks_lib
     from mtjax.data import vocab as vocab_lib
 
     vocab_lib.set_run_vocabulary(vocabulary_path(config, step_dir))
-    for module in (tasks_module, config.data.tasks_module):
-        if module:
-            tasks_lib.import_tasks_module(module)
+    if tasks_module:
+        tasks_lib.import_tasks_module(tasks_module)
+    elif config.data.tasks_module:
+        try:
+            tasks_lib.import_tasks_module(config.data.tasks_module)
+        except tasks_lib.TasksModuleError as e:
+            raise tasks_lib.TasksModuleError(
+                f"{e} (the run's data.tasks_module); if it has moved, give its new place with "
+                f"--tasks-module") from e
     import mtjax.data  # noqa: F401 - registers the built-in tasks
 
 
@@ -253,7 +260,8 @@ def _splits_evenly(target: Any) -> bool:
 
 
 def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
-         rules: mesh_lib.AxisRules | None = None) -> LoadedModel:
+         rules: mesh_lib.AxisRules | None = None,
+         tasks_module: str | None = None) -> LoadedModel:
     """Load the parameters and config of a checkpoint for inference.
 
     Args:
@@ -261,6 +269,7 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
         mesh: where to place the parameters (default: the first of ``inference_meshes`` over
             which the model's dimensions split evenly).
         rules: logical axis rules (default: the run's ``mesh.rules`` preset).
+        tasks_module: in place of the run's ``data.tasks_module`` (one that has moved).
 
     Raises:
         CheckpointError: no checkpoint there, no config item, or parameters that do not fit.
@@ -268,6 +277,9 @@ def load(path: str | pathlib.Path, *, mesh: Mesh | None = None,
     """
     step_dir = find_step_dir(path)
     config = read_config(step_dir)
+    if tasks_module:
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, tasks_module=tasks_module))
     vocab_size = checkpoint_vocab_size(step_dir)
     rules = rules if rules is not None else mesh_lib.get_rules(config.mesh.rules)
     model_cfg = model_config(config, vocab_size, step_dir)
