@@ -972,6 +972,12 @@ def test_a_tasks_module_given_replaces_the_one_the_run_recorded(tmp_path, monkey
                      "--tasks-module", str(tmp_path / "qa_tasks_now_here.py")]) == 0, (
         capsys.readouterr().err)
     assert json.loads(capsys.readouterr().out)["num_tokens"] == 2
+    # Without it, the error says whose module is missing and what to give.
+    assert cli.main(["score", "--checkpoint", str(tmp_path / "ckpt"), "--no-progress",
+                     "--input", str(tmp_path / "in.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"tasks module file '{moved}' does not exist (the run's data.tasks_module)" in err
+    assert "give its new place with --tasks-module" in err, err
 
 
 @pytest.mark.slow
