@@ -553,6 +553,24 @@ def test_a_custom_size_run_exports_the_dropout_it_trained_with(tmp_path, capsys)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dropout_rate"] == 0.0
 
 
+def test_init_from_a_converted_size_without_model_name_custom_says_to_give_it(tmp_path,
+                                                                             capsys):
+    """`mtjax train --init-from` a converted checkpoint of a size without a name, forgetting
+    model.name=custom, said only "needs a checkpoint of the same model size and vocabulary (it
+    holds custom)": not which setting takes it."""
+    from mtjax.checkpoint import CheckpointError, restore_params
+    from mtjax.infer import load as load_lib
+
+    assert cli.main(["convert", str(FIXTURES / "byt5"), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    mesh, rules = mesh_and_rules()
+    demo = dataclasses.replace(sizes.get_config("t5_1_1_tiny"), vocab_size=384)
+    _, target = load_lib.abstract_model(demo, mesh, rules)
+    with pytest.raises(CheckpointError, match=r"\(it holds a converted size without a name: "
+                                              r"give model\.name=custom\)"):
+        restore_params(tmp_path / "ckpt", target)
+
+
 def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, capsys):
     not_spm = tmp_path / "notes.txt"
     not_spm.write_text("not a sentencepiece model\n")

@@ -87,6 +87,8 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
             # Orbax names neither the parameter nor, of its many failed reads, a fixed one.
             reason = _shapes_that_differ(state_dir, abstract_params) or reason
             saved = _saved_model_name(state_dir.parent)
+            if saved == "custom":  # (sizes.CUSTOM) its architecture is in model_config.json
+                saved = "a converted size without a name: give model.name=custom"
             hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
                     + (f" (it holds {saved})" if saved else ""))
         raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
