@@ -571,6 +571,22 @@ def test_init_from_a_converted_size_without_model_name_custom_says_to_give_it(tm
         restore_params(tmp_path / "ckpt", target)
 
 
+def test_training_in_a_converted_checkpoint_says_to_start_from_it_instead(tmp_path, capsys):
+    """`mtjax train --workdir` a converted checkpoint (for --init-from) took its step 0 for a
+    run to resume: "written by 0 host(s)", then a refusal naming config differences or Orbax's
+    "tree structures do not match: opt_state ...", none of which says what the directory is."""
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["convert", str(FIXTURES / "byt5"), str(ckpt)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--workdir", str(ckpt), "--no-progress", "model.name=custom",
+                     "train.steps=1", "train.batch_size=2", "data.inputs_length=32",
+                     "data.targets_length=16", "eval.at_end=false",
+                     "log.tensorboard=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'checkpoints' / '0'} holds weights only" in err, err
+    assert f"--init-from {ckpt} and a new --workdir" in err and "host(s)" not in err, err
+
+
 def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, capsys):
     not_spm = tmp_path / "notes.txt"
     not_spm.write_text("not a sentencepiece model\n")

@@ -178,6 +178,12 @@ class RunCheckpoints:
         """
         damaged = list(self.set_aside)
         for step in sorted(self.all_steps(), reverse=True):
+            if not (self.directory / str(step) / "data").is_dir():
+                # Every training save holds the input position: this is `mtjax convert`'s.
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} holds weights only (as mtjax "
+                    f"convert writes them), not a run to resume: start a run from it with "
+                    f"--init-from {self.directory.parent} and a new --workdir")
             if check is not None:
                 check(step, self.restore_config(step))
             if pipeline is not None and self.saved_process_count(step) != jax.process_count():
