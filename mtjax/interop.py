@@ -285,8 +285,11 @@ def _mixture_vocabulary(run_config: dict[str, Any], step_dir: pathlib.Path) -> s
 
     try:
         vocabulary = load.resolve_vocabulary(config_lib.from_dict(run_config), step_dir)
-    except (UserError, ValueError, KeyError, ImportError, OSError):
-        return None  # convert then says no vocabulary was found and how to pass one
+    except (UserError, ValueError, KeyError, ImportError, OSError) as e:
+        # (convert then says how to pass one)
+        _stderr(f"the run's mixture {run_config['data']['mixture']!r} cannot be looked up here "
+                f"({str(e).split(' (the run')[0]}), so neither can its vocabulary")
+        return None
     import seqio
 
     if isinstance(vocabulary, seqio.ByteVocabulary):
@@ -486,7 +489,7 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, from_format: st
         log(f"writing Hugging Face model to {dst}")
         summary["files"] = write_hf(dst, cfg, params, vocab, model_type)
         if vocab is None:
-            log("no vocabulary recorded: wrote no tokenizer files (pass --vocab FILE|byte)")
+            log("no vocabulary known: wrote no tokenizer files (pass --vocab FILE|byte)")
         return summary
     if to_format != "mtjax":
         raise conv.ConversionError(f"--to {to_format!r}: choose mtjax or hf")

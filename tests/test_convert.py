@@ -587,6 +587,31 @@ def test_training_in_a_converted_checkpoint_says_to_start_from_it_instead(tmp_pa
     assert f"--init-from {ckpt} and a new --workdir" in err and "host(s)" not in err, err
 
 
+def test_an_export_whose_mixture_cannot_be_found_says_why_it_has_no_tokenizer(tmp_path,
+                                                                              capsys,
+                                                                              monkeypatch):
+    """A run that used its mixture's vocabulary, exported where its tasks module is gone,
+    said "no vocabulary recorded", which reads as a run that had none."""
+    assert cli.main(["convert", str(FIXTURES / "byt5"), str(tmp_path / "ckpt")]) == 0
+    read = interop._read_json_item
+
+    def recorded_by_a_run(item_dir):
+        config = read(item_dir)
+        if config:
+            config["data"].update(vocabulary=None, mixture="capitals_mix",
+                                  tasks_module=str(tmp_path / "gone" / "my_tasks.py"))
+        return config
+
+    monkeypatch.setattr(interop, "_read_json_item", recorded_by_a_run)
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "no vocabulary recorded" not in err, err
+    assert ("the run's mixture 'capitals_mix' cannot be looked up here (tasks module file "
+            f"'{tmp_path / 'gone' / 'my_tasks.py'}' does not exist") in err, err
+    assert "wrote no tokenizer files (pass --vocab FILE|byte)" in err, err
+
+
 def test_a_corrupt_t5x_file_or_a_vocab_that_is_no_model_is_one_line(tmp_path, capsys):
     not_spm = tmp_path / "notes.txt"
     not_spm.write_text("not a sentencepiece model\n")
