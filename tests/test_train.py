@@ -538,6 +538,9 @@ def test_a_resumed_run_names_no_setting_that_trains_alike():
     ("missing", "does not exist"),
     ("a_file", "is a file, not a checkpoint"),
     ("hf_model", "is a Hugging Face model, not an mtjax checkpoint: convert it first"),
+    # (it was "no complete checkpoint under ...", as if a save had been cut short)
+    ("t5x_run", "is a T5X checkpoint, not an mtjax checkpoint: convert it first"),
+    ("t5x_run/checkpoint_1000", "is a T5X checkpoint, not an mtjax checkpoint: convert it"),
     # A step whose save was cut short (no commit record): named, not used silently.
     ("cut_short/checkpoints/7", "cut_short/checkpoints/7 cannot be read, its files are "
                                 "damaged (it is incomplete: a save cut short?)"),
@@ -552,6 +555,8 @@ def test_a_wrong_init_from_fails_before_the_run_starts(tmp_path, source, message
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "hf_model" / name).write_text("{}")
     (tmp_path / "cut_short/checkpoints/7/state").mkdir(parents=True)
+    (tmp_path / "t5x_run/checkpoint_1000").mkdir(parents=True)
+    (tmp_path / "t5x_run/checkpoint_1000/checkpoint").write_bytes(b"")
     with pytest.raises(CheckpointError, match=re.escape(message)):
         trainer.train(tiny_config("train.steps=2"), tmp_path / "run",
                       init_from=str(tmp_path / source), progress=False)

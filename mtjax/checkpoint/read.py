@@ -45,6 +45,9 @@ def find_state_dir(path: str | pathlib.Path) -> pathlib.Path:
             any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
         raise CheckpointError(f"{path} is a Hugging Face model, not an mtjax checkpoint: "
                               f"convert it first (mtjax convert {path} DIR) and give DIR")
+    if (path / "checkpoint").is_file() or any(p.is_dir() for p in path.glob("checkpoint_*")):
+        raise CheckpointError(f"{path} is a T5X checkpoint, not an mtjax checkpoint: convert it "
+                              f"first (mtjax convert {path} DIR --vocab FILE|byte) and give DIR")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     # Every step directory, whole or not: the latest one cut short is named, not skipped.
     steps = sorted((int(p.name), p) for p in root.glob("*") if p.name.isdigit() and p.is_dir())
