@@ -100,6 +100,17 @@ def test_jsonl_task_with_column_mapping(data_dir):
             for ex in _examples(task)] == [("1e5", "1.10"), ("true", "-0"), ("12", "x")]
 
 
+def test_jsonl_pretraining_task_reads_the_text_key_by_default(data_dir):
+    """A JSONL file with an objective and no columns reads each record's "text": the default
+    was key 0, so every line of a well-formed file was 'malformed: no key 0'."""
+    (data_dir / "docs.jsonl").write_text(
+        '{"text": "alpha beta gamma delta epsilon"}\n{"text": "zeta eta theta"}\n')
+    task = tasks.add_file_task("t_docs_sc", str(data_dir / "docs.jsonl"),
+                               objective="span_corruption", vocabulary="byte")
+    assert task.source.check("train").examples == 2
+    assert len(_examples(task)) >= 1
+
+
 def test_file_task_definition_errors(data_dir):
     with pytest.raises(tasks.TaskDefinitionError, match="needs both 'inputs' and 'targets'"):
         tasks.add_file_task("t_bad", str(data_dir / "qa.jsonl"), columns={"inputs": "q"})

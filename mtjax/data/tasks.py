@@ -156,7 +156,7 @@ def add_file_task(name: str, files: Files, *, columns: Mapping[str, int | str] |
         columns: output feature -> TSV column (index, or header name with header=True) or
             JSONL key. Default: {"inputs": 0, "targets": 1} (TSV), {"inputs": "inputs",
             "targets": "targets"} (JSONL), the line (text). With an `objective`, map one
-            column only, e.g. {"text": "body"}.
+            column only, e.g. {"text": "body"}; default: column 0 (TSV), key "text" (JSONL).
         format: "tsv", "jsonl" or "text"; default from the extension (.tsv, .jsonl, .txt).
         header: TSV files start with a header line (default: when a column is named).
         objective: None (supervised: needs inputs and targets), "span_corruption" or
@@ -174,9 +174,13 @@ def add_file_task(name: str, files: Files, *, columns: Mapping[str, int | str] |
     splits = _split_map(files)
     fmt = format or infer_format(_first_pattern(splits))
     if columns is None:
-        columns = ({"text": 0} if fmt == "text" or objective else
+        columns = ({"text": "text"} if fmt == "jsonl" and objective else
+                   {"text": 0} if fmt == "text" or objective else
                    {"inputs": 0, "targets": 1} if fmt == "tsv" else
                    {"inputs": "inputs", "targets": "targets"})
+    if fmt == "jsonl" and not all(isinstance(c, str) for c in columns.values()):
+        raise TaskDefinitionError(f"task {name!r}: JSONL columns are record keys (text), got "
+                                  f"{dict(columns)}")
     if header is None:
         header = fmt == "tsv" and any(isinstance(c, str) for c in columns.values())
     if fmt == "text" and len(columns) != 1:
