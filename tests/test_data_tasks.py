@@ -400,6 +400,19 @@ def test_random_spans_helper_matches_t5():
     assert objectives.random_spans_helper(512) == (568, 114)
 
 
+@pytest.mark.parametrize("density,mean_span", [(0.5, 1.0), (0.75, 2.0)])
+def test_dense_short_span_noise_masks_have_as_many_spans_as_fit(density, mean_span):
+    """Noise spans alternate with kept spans, so there are at most as many as kept tokens:
+    density 0.5 with spans of 1 asked for 4 spans among 3 kept tokens of a 7-token chunk, and
+    the stream failed mid-training ('Shapes of all inputs must match')."""
+    for length in range(2, 40):
+        mask = objectives.random_spans_noise_mask(tf.constant(length), tf.constant([length, 1]),
+                                                  density, mean_span).numpy()
+        noise = int(round(length * density))
+        assert mask.sum() == min(max(noise, 1), length - 1), (length, mask)
+        assert not mask[0]  # a kept span first, as in T5
+
+
 def _uncorrupt(inputs, targets, vocab_size):
     """Puts the spans back; returns (tokens, noise count, spans)."""
     spans, current = {}, None

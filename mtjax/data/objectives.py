@@ -70,8 +70,9 @@ def random_spans_noise_mask(
     """Boolean [length] mask: round(length * noise_density) noise tokens in random spans.
 
     Spans alternate non-noise, noise, ..., starting with non-noise; their number is
-    round(num_noise / mean_noise_span_length) (at least 1), so the mean noise span length is
-    mean_noise_span_length up to rounding. Lengths below 2 are treated as 2, as in T5.
+    round(num_noise / mean_noise_span_length) (at least 1, at most the non-noise tokens), so
+    the mean noise span length is mean_noise_span_length up to rounding. Lengths below 2 are
+    treated as 2, as in T5.
     """
     orig_length = length
     length = tf.maximum(length, 2)
@@ -79,7 +80,9 @@ def random_spans_noise_mask(
     num_noise = tf.clip_by_value(num_noise, 1, length - 1)
     num_spans = tf.cast(
         tf.round(tf.cast(num_noise, tf.float32) / mean_noise_span_length), tf.int32)
-    num_spans = tf.clip_by_value(num_spans, 1, num_noise)
+    # Each noise span follows a kept span: at most as many spans as kept tokens (dense noise
+    # of short spans asked for more, and the spans' lengths no longer paired up).
+    num_spans = tf.clip_by_value(num_spans, 1, tf.minimum(num_noise, length - num_noise))
     seeds = tf.random.experimental.stateless_split(seed, 2)
     noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
