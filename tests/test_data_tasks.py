@@ -451,6 +451,22 @@ def test_span_corruption_matches_its_parameters(data_dir, density, mean_span):
     assert abs(noise / spans - mean_span) < 0.1 * mean_span, noise / spans
 
 
+def test_prefix_lm_splits_at_a_uniform_point_as_t5():
+    """T5's prefix LM (noise_density 0.5) splits a chunk at a point uniform over it, so half
+    of its tokens are targets on average; the split was drawn from the second half only (a
+    quarter of the tokens were targets, never more than half)."""
+    fractions = [objectives.random_prefix_noise_mask(tf.constant(101), tf.constant([i, 7]),
+                                                     0.5).numpy().mean() for i in range(300)]
+    assert 0.45 < np.mean(fractions) < 0.55, np.mean(fractions)
+    assert max(fractions) > 0.9 and min(fractions) < 0.1
+    # 0.25: the prefix keeps at least half of the chunk, the targets a quarter on average.
+    fractions = [objectives.random_prefix_noise_mask(tf.constant(101), tf.constant([i, 7]),
+                                                     0.25).numpy().mean() for i in range(300)]
+    assert 0.2 < np.mean(fractions) < 0.3 and max(fractions) < 0.51
+    with pytest.raises(ValueError, match="noise_density"):
+        objectives.prefix_lm(0.6)
+
+
 def test_prefix_lm_splits_a_chunk_without_truncation(data_dir):
     base = tasks.add_file_task("t_text", str(data_dir / "corpus.txt"), objective="prefix_lm")
     lengths = {"inputs": 64, "targets": 32}

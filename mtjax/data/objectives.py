@@ -95,11 +95,12 @@ def random_spans_noise_mask(
 def random_prefix_noise_mask(length: tf.Tensor, seed, noise_density: float = 0.5) -> tf.Tensor:
     """Boolean [length] mask that is True on a random suffix (T5's prefix-LM split).
 
-    The prefix (kept as inputs) has between round((1 - noise_density) * (length - 1)) and
-    length - 1 tokens, uniformly; the suffix (the targets) is never empty.
+    The prefix (kept as inputs) has between round((1 - 2 * noise_density) * (length - 1)) and
+    length - 1 tokens, uniformly, as in T5: the suffix (the targets) holds noise_density of the
+    tokens on average (0.5: a split point uniform over the chunk), and is never empty.
     """
     max_inputs = tf.maximum(length - 1, 1)
-    min_inputs = tf.cast(tf.round((1.0 - noise_density) * tf.cast(max_inputs, tf.float32)),
+    min_inputs = tf.cast(tf.round((1.0 - 2 * noise_density) * tf.cast(max_inputs, tf.float32)),
                          tf.int32)
     min_inputs = tf.clip_by_value(min_inputs, 1, max_inputs)
     num_inputs = tf.random.stateless_uniform(
@@ -204,13 +205,16 @@ def prefix_lm(noise_density: float = 0.5, concat_documents: int = CONCAT_DOCUMEN
     `inputs`, the rest `targets`.
 
     Args:
-        noise_density: the largest fraction of a chunk that goes to the targets (T5: 0.5).
+        noise_density: the mean fraction of a chunk that goes to the targets, at most 0.5
+            (T5: 0.5, a split point uniform over the chunk).
         concat_documents: documents concatenated before chunking; 1 keeps documents apart.
 
     Returns:
         A seqio preprocessor `fn(dataset, sequence_length, output_features)`.
     """
     _check_rates(noise_density, 1.0)
+    if noise_density > 0.5:  # the split point is uniform from the start at 0.5 already
+        raise ValueError(f"prefix LM noise_density must be at most 0.5, got {noise_density}")
 
     @seqio.map_over_dataset(num_seeds=1)
     def split(features, seed):
@@ -237,7 +241,7 @@ def prefix_lm_chunk_length(inputs_length: int, targets_length: int,
     """The longest chunk whose prefix-LM split fits both lengths (EOS included) untruncated."""
 
     def longest_targets(chunk: int) -> int:  # as random_prefix_noise_mask rounds (float32)
-        min_inputs = np.round(np.float32(1.0 - noise_density) * np.float32(chunk - 1))
+        min_inputs = np.round(np.float32(1.0 - 2 * noise_density) * np.float32(chunk - 1))
         return chunk - int(min(max(min_inputs, 1), chunk - 1))
 
     chunk = max(inputs_length, 3)

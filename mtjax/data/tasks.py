@@ -269,8 +269,8 @@ def add_prefix_lm_task(name: str, text_task: str, *, text_key: str | Sequence[st
                        noise_density: float = 0.5, vocabulary: str | None = None) -> seqio.Task:
     """Registers prefix-LM pretraining (T5) over the text of any registered task.
 
-    Arguments as for `add_span_corruption_task`; `noise_density` is the largest fraction of a
-    chunk that becomes targets.
+    Arguments as for `add_span_corruption_task`; `noise_density` is the mean fraction of a
+    chunk that becomes targets, at most 0.5 (T5's 0.5: a split point uniform over the chunk).
     """
     return _derived(name, text_task, text_key, vocabulary, objectives.prefix_lm(noise_density))
 
