@@ -111,6 +111,23 @@ def test_jsonl_pretraining_task_reads_the_text_key_by_default(data_dir):
     assert len(_examples(task)) >= 1
 
 
+def test_jsonl_lone_surrogate_escape_is_a_malformed_line(data_dir):
+    """JSON accepts a lone surrogate escape (half an emoji cut off, "\\ud83d"), which no
+    UTF-8 text can hold: it is a malformed line, located (it failed the run with 'Error
+    converting unicode string while converting Python sequence to Tensor', no file named)."""
+    (data_dir / "surrogate.jsonl").write_text(
+        '{"inputs": "cut \\ud83d", "targets": "x"}\n{"inputs": "ok \\ud83d\\ude00", '
+        '"targets": "y"}\n')
+    task = tasks.add_file_task("t_surrogate", str(data_dir / "surrogate.jsonl"))
+    with pytest.raises(files_lib.DataFileError, match="surrogate.jsonl:1: key 'inputs'"):
+        _examples(task)
+    task = tasks.add_file_task("t_surrogate", str(data_dir / "surrogate.jsonl"),
+                               on_malformed="skip")
+    shuffled = task.source.get_dataset("train", shuffle=True, seed=1)
+    assert [ex["inputs"].decode() for ex in shuffled.as_numpy_iterator()] == ["ok \U0001f600"]
+    assert [ex["targets_pretokenized"] for ex in _examples(task)] == [b"y"]
+
+
 def test_file_task_definition_errors(data_dir):
     with pytest.raises(tasks.TaskDefinitionError, match="needs both 'inputs' and 'targets'"):
         tasks.add_file_task("t_bad", str(data_dir / "qa.jsonl"), columns={"inputs": "q"})

@@ -12,9 +12,9 @@ which then fail the run with their count and location, or are skipped, as `on_ma
 
 What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
 (or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
-to a list/object or null; any format, a line that is not UTF-8. Blank lines are skipped silently,
-and a UTF-8 byte-order mark at the start of a file is dropped. Compressed (.gz) files are refused
-with the fix.
+to a list/object, null or text with a lone surrogate escape; any format, a line that is not
+UTF-8. Blank lines are skipped silently, and a UTF-8 byte-order mark at the start of a file is
+dropped. Compressed (.gz) files are refused with the fix.
 """
 
 from __future__ import annotations
@@ -170,7 +170,20 @@ def _json_problem(line: str, keys: tuple) -> str | None:
             return f"key {key!r} is null, expected text or a number"
         if isinstance(obj[key], (dict, list)):
             return f"key {key!r} holds a {type(obj[key]).__name__}, expected text or a number"
+        if isinstance(obj[key], str) and not _is_unicode(obj[key]):
+            return (f"key {key!r} holds a lone surrogate escape (half of a \\uXXXX pair), "
+                    "not text")
     return None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text with a lone surrogate (JSON's "\\ud83d" alone), which UTF-8 cannot
+    hold: the reader's tensors could not be made of it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_text(value) -> str:
