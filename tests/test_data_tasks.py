@@ -128,6 +128,17 @@ def test_jsonl_lone_surrogate_escape_is_a_malformed_line(data_dir):
     assert [ex["targets_pretokenized"] for ex in _examples(task)] == [b"y"]
 
 
+def test_header_is_refused_for_files_other_than_tsv(data_dir):
+    """header=True applies to TSV files: a text file's reader skipped its first line while the
+    count (mixing rates, an empty split) still held it, and JSONL ignored it without a word."""
+    (data_dir / "titled.txt").write_text("A TITLE\nline one\n")
+    for path in ("titled.txt", "qa.jsonl"):
+        with pytest.raises(files_lib.DataFileError, match="header=True.*TSV"):
+            tasks.add_file_task("t_header", str(data_dir / path), objective="prefix_lm",
+                                columns={"text": "q"} if path.endswith("jsonl") else None,
+                                header=True)
+
+
 def test_file_task_definition_errors(data_dir):
     with pytest.raises(tasks.TaskDefinitionError, match="needs both 'inputs' and 'targets'"):
         tasks.add_file_task("t_bad", str(data_dir / "qa.jsonl"), columns={"inputs": "q"})

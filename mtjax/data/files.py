@@ -210,6 +210,10 @@ class FileSource(seqio.FileDataSource):
             raise DataFileError(f"format must be one of {FORMATS}, got {fmt!r}")
         if on_malformed not in (None, "fail", "skip"):
             raise DataFileError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
+        if header and fmt != "tsv":  # (text: the count held the line the reader skipped)
+            raise DataFileError(
+                f"task {task_name!r}: header=True applies to TSV files only, and these are "
+                f"{fmt}: leave header unset")
         if fmt == "tsv" and not header and any(isinstance(c, str) for c in columns.values()):
             raise DataFileError(
                 f"task {task_name!r}: TSV columns {dict(columns)} name header fields; pass "
