@@ -441,6 +441,19 @@ def test_dense_short_span_noise_masks_have_as_many_spans_as_fit(density, mean_sp
         assert not mask[0]  # a kept span first, as in T5
 
 
+def test_span_corruption_worked_example():
+    """objectives' docstring example: one sentinel per span on each side, counted down from
+    the top id; the targets end with the sentinel of the last kept span, as in T5 (the
+    docstring left it out)."""
+    tokens = tf.range(10, 20)
+    mask = tf.constant([0, 0, 1, 1, 0, 0, 0, 1, 0, 0]) > 0
+    assert objectives.noise_span_to_unique_sentinel(tokens, mask, 259).numpy().tolist() == [
+        10, 11, 258, 14, 15, 16, 257, 18, 19]
+    assert objectives.noise_span_to_unique_sentinel(
+        tokens, tf.logical_not(mask), 259).numpy().tolist() == [258, 12, 13, 257, 17, 256]
+    assert "[258 t2 t3 257 t7 256]" in objectives.__doc__
+
+
 def _uncorrupt(inputs, targets, vocab_size):
     """Puts the spans back; returns (tokens, noise count, spans)."""
     spans, current = {}, None

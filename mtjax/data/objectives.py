@@ -8,7 +8,7 @@ Worked example (span corruption, byte vocabulary of size 259, so sentinels are 2
 
     targets tokens  [t0 t1 t2 t3 t4 t5 t6 t7 t8 t9]     noise mask [0 0 1 1 0 0 0 1 0 0]
     inputs   ->     [t0 t1 258 t4 t5 t6 257 t8 t9]      (each noise span -> one sentinel)
-    targets  ->     [258 t2 t3 257 t7]                  (each kept span -> one sentinel)
+    targets  ->     [258 t2 t3 257 t7 256]              (each kept span -> one sentinel)
 
 EOS is appended afterwards by `seqio.preprocessors.append_eos_after_trim`.
 """
