@@ -670,6 +670,16 @@ def test_run_vocabulary_and_conflicts(data_dir, spm_model):
         InputPipeline("t_two_vocabs", inputs_length=64, targets_length=32, batch_size=2)
 
 
+def test_span_corruption_needs_no_more_spans_than_sentinels(data_dir, spm_model):
+    """At data.inputs_length=2048 a chunk has 114 noise spans, and a SentencePiece vocabulary
+    100 sentinels: the last 14 spans were marked with ordinary pieces, silently."""
+    task = tasks.add_file_task("t_spm_long_sc", str(data_dir / "corpus.txt"),
+                               objective="span_corruption", vocabulary=spm_model["model"])
+    with pytest.raises(ValueError, match="114 noise spans.*100 sentinel"):
+        _examples(task, lengths={"inputs": 2048, "targets": 512}, n=1)
+    assert _examples(task, lengths={"inputs": 1024, "targets": 256}, n=1)  # 57 spans
+
+
 def _chi2(observed, expected_rates) -> float:
     expected = np.sum(observed) * np.asarray(expected_rates)
     return float(np.sum((np.asarray(observed) - expected) ** 2 / expected))

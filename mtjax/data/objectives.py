@@ -19,6 +19,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mtjax.data.vocab import describe as describe_vocab
+
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 # Documents concatenated before chunking, as T5's `reduce_concat_tokens(batch_size=128)`: short
@@ -188,6 +190,8 @@ def span_corruption(noise_density: float = NOISE_DENSITY,
         if sequence_length and sequence_length.get("inputs"):
             chunk, _ = random_spans_helper(sequence_length["inputs"], noise_density,
                                            mean_noise_span_length)
+            _check_sentinel_count(output_features["targets"].vocabulary, chunk, noise_density,
+                                  mean_noise_span_length, sequence_length["inputs"])
             dataset = concat_and_split(dataset, chunk, concat_documents)
         else:  # no lengths (e.g. scoring whole documents): one example per document
             dataset = _targets_only(dataset)
@@ -257,6 +261,25 @@ def check_sentinels(vocab: seqio.Vocabulary) -> None:
             f"span corruption needs sentinel ids, but {vocab} has no extra ids: use "
             "seqio.SentencePieceVocabulary(path, extra_ids=100) (what mtjax's get_vocabulary "
             "returns for a .model path)")
+
+
+def _check_sentinel_count(vocab: seqio.Vocabulary, chunk: int, noise_density: float,
+                          mean_noise_span_length: float, inputs_length: int) -> None:
+    """Raises ValueError when a full chunk has more noise spans than `vocab` has sentinels:
+    the spans past them would be marked with ordinary pieces (or, past the bytes of the byte
+    vocabulary, UNK, EOS and padding)."""
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        sentinels = vocab.extra_ids
+    elif isinstance(vocab, seqio.ByteVocabulary):
+        sentinels = 256 + vocab.extra_ids  # ByT5: the top byte values
+    else:
+        return
+    spans = max(int(round(int(round(chunk * noise_density)) / mean_noise_span_length)), 1)
+    if spans > sentinels:
+        raise ValueError(
+            f"span corruption at inputs length {inputs_length} makes {spans} noise spans per "
+            f"chunk, but {describe_vocab(vocab)} has {sentinels} sentinel ids: shorten "
+            f"data.inputs_length, or raise mean_noise_span_length")
 
 
 def _check_rates(noise_density: float, mean_noise_span_length: float) -> None:
