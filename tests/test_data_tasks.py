@@ -139,6 +139,19 @@ def test_header_is_refused_for_files_other_than_tsv(data_dir):
                                 header=True)
 
 
+def test_a_json_document_given_as_jsonl_is_named_as_such(data_dir):
+    """A .json file holding one list (or one pretty-printed object) has no line that is a
+    record: the error says JSONL is one object per line, not only 'Fix them, or skip them'
+    (skipping them left an empty split)."""
+    (data_dir / "records.json").write_text(json.dumps(
+        [{"inputs": "a", "targets": "b"}, {"inputs": "c", "targets": "d"}], indent=2))
+    for on_malformed in ("fail", "skip"):
+        tasks.add_file_task("t_json_doc", str(data_dir / "records.json"),
+                            on_malformed=on_malformed)
+        with pytest.raises(files_lib.DataFileError, match="one JSON object per line"):
+            InputPipeline("t_json_doc", inputs_length=8, targets_length=8, batch_size=2)
+
+
 def test_file_task_definition_errors(data_dir):
     with pytest.raises(tasks.TaskDefinitionError, match="needs both 'inputs' and 'targets'"):
         tasks.add_file_task("t_bad", str(data_dir / "qa.jsonl"), columns={"inputs": "q"})

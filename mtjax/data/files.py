@@ -270,20 +270,25 @@ class FileSource(seqio.FileDataSource):
     def check(self, split: str) -> Scan:
         """Scans `split`; raises on malformed lines (unless skipping) or an empty split."""
         scan = self.scan(split)
+        # No line a record: most likely one JSON document (a list, or an object over several
+        # lines), which no line-by-line fix or skip makes into examples.
+        not_jsonl = (" JSONL holds one JSON object per line, and no line here is one: write "
+                     "each record on a line of its own (e.g. jq -c '.[]' data.json)"
+                     if self.fmt == "jsonl" and scan.malformed and not scan.examples else "")
         if scan.malformed:
             where = "; ".join(scan.locations) + (" ..." if scan.malformed > len(scan.locations)
                                                  else "")
             if self.on_malformed == "fail":
                 raise DataFileError(
                     f"task {self.task_name!r}, split {split!r}: {scan.malformed} malformed "
-                    f"line(s): {where}. Fix them, or skip them with on_malformed='skip' "
-                    "(config data.on_malformed=skip)")
+                    f"line(s): {where}." + (not_jsonl or " Fix them, or skip them with "
+                                            "on_malformed='skip' (config data.on_malformed=skip)"))
             _warn_once(f"mtjax: task {self.task_name!r}, split {split!r}: skipping "
                        f"{scan.malformed} malformed line(s): {where}")
         if scan.examples == 0:
             raise DataFileError(
                 f"task {self.task_name!r}, split {split!r} is empty: no example in "
-                f"{', '.join(scan.files)}")
+                f"{', '.join(scan.files)}" + (f".{not_jsonl}" if not_jsonl else ""))
         return scan
 
     @property
