@@ -430,10 +430,8 @@ def test_a_t5x_directory_whose_latest_step_is_incomplete(tmp_path, capsys):
     assert f"reading {tmp_path / 't5x' / 'checkpoint_1000'}" in err, err
 
 
-def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, recwarn):
-    """Orbax warned "Sharding info not provided when restoring..." (two lines on stderr) for
-    every Orbax tree read as T5X: before a converted T5X tree's summary, and before the one-line
-    error for an mtjax step's state item given with --from t5x."""
+def _save_orbax_t5x_tree(path) -> None:
+    """The t5_1_1 fixture as T5X's parameter tree, saved by Orbax at ``path``."""
     import orbax.checkpoint as ocp
 
     hf_config, tensors = hf_fixture("t5_1_1")
@@ -446,7 +444,14 @@ def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, 
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = jnp.asarray(x)
-    ocp.PyTreeCheckpointer().save(tmp_path / "orbax_t5x", tree)
+    ocp.PyTreeCheckpointer().save(path, tree)
+
+
+def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, recwarn):
+    """Orbax warned "Sharding info not provided when restoring..." (two lines on stderr) for
+    every Orbax tree read as T5X: before a converted T5X tree's summary, and before the one-line
+    error for an mtjax step's state item given with --from t5x."""
+    _save_orbax_t5x_tree(tmp_path / "orbax_t5x")
     assert cli.main(["convert", str(tmp_path / "orbax_t5x"), str(tmp_path / "from_orbax"),
                      "--vocab", "byte"]) == 0
     assert json.loads(capsys.readouterr().out)["from"] == "t5x"
@@ -460,20 +465,8 @@ def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, 
 def test_a_damaged_orbax_t5x_tree_is_one_line(tmp_path, capfd, damage):
     """An Orbax tree read as T5X with an array file cut short, its manifest gone or its
     _METADATA not JSON ended in tracebacks (dozens of lines, "Event loop is closed")."""
-    import orbax.checkpoint as ocp
-
-    hf_config, tensors = hf_fixture("t5_1_1")
-    cfg = convert.hf_config_to_t5(hf_config)
-    t5x = to_t5x(convert.hf_to_params(tensors, cfg), scanned=False, kernels_3d=False, heads=3)
-    tree: dict = {}
-    for name, x in t5x.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = jnp.asarray(x)
     src = tmp_path / "orbax_t5x"
-    ocp.PyTreeCheckpointer().save(src, tree)
+    _save_orbax_t5x_tree(src)
     if damage == "cut_short":
         biggest = max((src / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
         biggest.write_bytes(biggest.read_bytes()[:100])
