@@ -207,6 +207,10 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
 
         jitted, batch_sharding = setup.step, setup.batch_sharding
         evaluator = _make_evaluator(config, mesh, rules, setup)
+        if evaluator is not None:
+            # A SIGTERM or Ctrl-C abandons an evaluation at its next batch (several hosts: the
+            # flag is set at a step, so that they finish an evaluation together).
+            evaluator.stop = lambda: preemption.raised
 
         def to_global(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -279,7 +283,6 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     # or its compute is taken out of tokens/s as evaluation time.
                     jax.block_until_ready(step_metrics)
                     eval_start = time.time()
-                    evaluator.stop = lambda: preemption.raised  # (several hosts: set at a step)
                     try:
                         eval_results = evaluate_lib.flatten(evaluator(state.params, step))
                     except evaluate_lib.Interrupted:
