@@ -47,13 +47,20 @@ def random_spans_helper(
     def lengths(tokens_length: int) -> tuple[int, int]:
         num_noise = int(round(tokens_length * noise_density))
         num_nonnoise = tokens_length - num_noise
-        num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+        num_spans = _noise_span_count(tokens_length, noise_density, mean_noise_span_length)
         return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
 
     tokens_length = max(inputs_length - 1, 2)
     while lengths(tokens_length + 1)[0] <= inputs_length:
         tokens_length += 1
     return tokens_length, lengths(tokens_length)[1]
+
+
+def _noise_span_count(tokens_length: int, noise_density: float,
+                      mean_noise_span_length: float) -> int:
+    """Noise spans in a chunk of ``tokens_length`` tokens, as T5's helper counts them."""
+    num_noise = int(round(tokens_length * noise_density))
+    return max(int(round(num_noise / mean_noise_span_length)), 1)
 
 
 def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed) -> tf.Tensor:
@@ -274,7 +281,7 @@ def _check_sentinel_count(vocab: seqio.Vocabulary, chunk: int, noise_density: fl
         sentinels = 256 + vocab.extra_ids  # ByT5: the top byte values
     else:
         return
-    spans = max(int(round(int(round(chunk * noise_density)) / mean_noise_span_length)), 1)
+    spans = _noise_span_count(chunk, noise_density, mean_noise_span_length)
     if spans > sentinels:
         raise ValueError(
             f"span corruption at inputs length {inputs_length} makes {spans} noise spans per "
