@@ -120,6 +120,11 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:200]
 
 
+def _without_spec(reason: str) -> str:
+    """A TensorStore error's reason without the whole spec it appends."""
+    return reason.split(" [tensorstore_spec=")[0]
+
+
 def _hf_vocabulary(src: pathlib.Path) -> str | None:
     if (src / "spiece.model").is_file():
         return str(src / "spiece.model")
@@ -184,7 +189,7 @@ def _read_ts(ckpt_dir: pathlib.Path, spec: dict) -> np.ndarray:
     try:
         return np.asarray(ts.open(local, open=True).result().read().result())
     except ValueError as e:  # TensorStore's error for a missing or damaged file
-        why = _first_line(e).split(" [tensorstore_spec=")[0]
+        why = _without_spec(_first_line(e))
         raise conv.ConversionError(
             f"T5X array {ckpt_dir / relative} cannot be read ({why}); the checkpoint is "
             f"damaged or cut short, copy it again") from e
@@ -242,7 +247,7 @@ def read_t5x(src: pathlib.Path, log: Log = _stderr) -> dict[str, np.ndarray]:
                 tree = ocp.PyTreeCheckpointer().restore(src)
             except Exception as e:  # noqa: BLE001 - Orbax's and TensorStore's, for damage
                 _note_failed_restore()
-                why = _short(e, 200).split(" [tensorstore_spec=")[0]
+                why = _without_spec(_short(e, 200))
                 raise conv.ConversionError(
                     f"T5X checkpoint {src} cannot be read ({why}); it is damaged or cut "
                     f"short, copy it again") from None
