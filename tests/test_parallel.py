@@ -621,3 +621,16 @@ def test_launcher_sigterm_exits_with_the_processes_code(tmp_path):
     launcher.send_signal(signal.SIGTERM)
     output, _ = launcher.communicate(timeout=30)
     assert launcher.returncode == 42, output
+
+
+@pytest.mark.parametrize("table", ["batch=fsdp+fsdp", "embed=fsdp+fsdp", "batch=data+fsdp+data"])
+def test_a_rule_naming_a_mesh_axis_twice_is_one_line(table):
+    """``batch=fsdp+fsdp`` asked for a batch divisible by fsdp squared, and with one that was,
+    stopped in JAX's DuplicateSpecError traceback; ``embed=fsdp+fsdp`` said "both embed and
+    embed map to mesh axis 'fsdp'"."""
+    logical = table.split("=")[0]
+    with pytest.raises(config_lib.ConfigError, match=f"logical axis '{logical}' maps to .*, a "
+                       f"mesh axis twice; name each mesh axis once, e.g. {logical}="):
+        config_lib.load(None, [f"mesh.rules={table}"])
+    with pytest.raises(mesh_lib.MeshError, match="a mesh axis twice"):
+        mesh_lib.get_rules(tuple(mesh_lib.parse_rules(table)))

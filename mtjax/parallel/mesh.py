@@ -192,6 +192,13 @@ def get_rules(preset_or_rules: str | AxisRules) -> AxisRules:
                     f"mesh.rules: logical axis {logical!r} maps to unknown mesh axis {axis!r}; "
                     f"mesh axes are {MESH_AXES}"
                 )
+        if len(set(targets)) < len(targets):
+            # JAX refuses such a spec deep inside (DuplicateSpecError), or the batch check
+            # first asks for a batch divisible by the axis's size squared.
+            raise MeshError(
+                f"mesh.rules: logical axis {logical!r} maps to {'+'.join(targets)}, a mesh axis "
+                f"twice; name each mesh axis once, e.g. "
+                f"{logical}={'+'.join(dict.fromkeys(targets))}")
     return rules
 
 
