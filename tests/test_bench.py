@@ -417,3 +417,23 @@ def test_ab_step_refuses_a_mistake_before_compiling(argv, message):
                           env={**os.environ, "MTJAX_HUGEPAGES": "0"}, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr
+
+
+DECODE_ON_A_BAD_MESH = """
+from mtjax import bench
+for overrides in (["mesh.fsdp=2", "mesh.tensor=4", "mesh.rules=fsdp_tensor"],
+                  ["mesh.fsdp=8", "mesh.rules=batch=data,embed=fsdp,mlp=fsdp"]):
+    print("EXIT", bench.main(["decode", "--smoke", *overrides]), flush=True)
+"""
+
+
+def test_bench_decode_on_a_mesh_that_cannot_hold_the_model_is_one_line(subprocess_python):
+    """`bench train` refuses these meshes in one line before compiling; `bench decode` ended in
+    JAX's IndivisibleError (2 heads over tensor=4) and DuplicateSpecError tracebacks."""
+    proc = subprocess_python(DECODE_ON_A_BAD_MESH, devices=8)
+    assert proc.stdout.split() == ["EXIT", "2", "EXIT", "2"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mtjax bench: error")]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert "cannot be split over mesh.tensor = 4" in errors[0]
+    assert "both embed and mlp map to mesh axis 'fsdp'" in errors[1]

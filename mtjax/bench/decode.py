@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from mtjax import config as config_lib
@@ -20,6 +21,8 @@ from mtjax.infer import load as load_lib
 from mtjax.infer.decode import DecodeOptions, Decoder
 from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import setup as setup_lib
+from mtjax.train import state as state_lib
 
 CASES = (("greedy", 1, 1), ("greedy", 1, 64), ("beam", 4, 1), ("beam", 4, 64))
 
@@ -59,7 +62,12 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data,
                                                  m.dcn_fsdp, m.dcn_tensor))
     rules = mesh_lib.get_rules(config.mesh.rules)
+    # What `bench train` refuses in one line before compiling (JAX's errors for them are
+    # tracebacks): one mesh axis for two axes of a parameter, a dimension it cannot split.
+    state_lib.abstract_model(model_cfg, mesh, rules)
     model_def, target = load_lib.abstract_model(model_cfg, mesh, rules)
+    setup_lib.check_params_divide(target, jax.tree.map(lambda a: a.sharding, target),
+                                  config.model.name)
     params = load_lib.init_params(model_def, target, mesh, rules, config.train.seed)
     decoder = Decoder(model_def, mesh, rules)
     rng = np.random.default_rng(config.train.seed)
