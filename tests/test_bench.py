@@ -437,3 +437,13 @@ def test_bench_decode_on_a_mesh_that_cannot_hold_the_model_is_one_line(subproces
     assert len(errors) == 2, proc.stderr[-3000:]
     assert "cannot be split over mesh.tensor = 4" in errors[0]
     assert "both embed and mlp map to mesh axis 'fsdp'" in errors[1]
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", 835e12), ("float32", 417.5e12)])
+def test_h200_nvl_has_its_own_peak(dtype, expected):
+    """NVIDIA's H200 NVL (PCIe, 600 W) runs at 1,671 sparse / 835 dense BF16 TFLOP/s, as the
+    H100 NVL; its device_kind "NVIDIA H200 NVL" matched "h200" and got the SXM's 989e12, so
+    every MFU there read 16% low."""
+    assert peak_lib.lookup_peak("NVIDIA H200 NVL", dtype) == expected
+    assert peak_lib.lookup_peak("NVIDIA H200", dtype) == {"bfloat16": 989e12,
+                                                           "float32": 494.7e12}[dtype]

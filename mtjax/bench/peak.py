@@ -18,6 +18,7 @@ PEAK_TABLE: tuple[tuple[str, float, float], ...] = (
     ("h100 pcie", 756e12, 378e12),
     ("h100 nvl", 835e12, 417.5e12),
     ("h100", 989e12, 494.7e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("h200 nvl", 835e12, 417.5e12),  # the PCIe card: "NVIDIA H200 NVL", not the SXM's rate
     ("h200", 989e12, 494.7e12),
     ("a100", 312e12, 156e12),
     ("tpu v4", 275e12, 275e12),
