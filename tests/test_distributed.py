@@ -121,3 +121,26 @@ def test_mtjax_distributed_mistakes_are_one_line(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
     with pytest.raises(UserError, match="JAX found no cluster it knows here"):
         distributed.initialize_from_env()
+
+
+@pytest.mark.parametrize("count, index", [(None, "0"), ("2", None), ("two", "0"), ("2", "2"),
+                                          ("0", "0"), ("2", "-1")])
+def test_an_explicit_coordinator_without_a_usable_count_or_id_is_one_line(
+        monkeypatch, count, index):
+    """MTJAX_COORDINATOR_ADDRESS with MTJAX_NUM_PROCESSES or MTJAX_PROCESS_ID missing, not a
+    number or out of range stopped in a traceback: int()'s, or JAX's "Number of processes
+    must be defined" / "process_id and num_processes must be nonnegative"."""
+    from mtjax.errors import UserError
+
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # gloo: not in this process
+    for name, value in (("MTJAX_NUM_PROCESSES", count), ("MTJAX_PROCESS_ID", index)):
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"MTJAX_COORDINATOR_ADDRESS is set, so every process "
+                       r"also needs MTJAX_NUM_PROCESSES .* and MTJAX_PROCESS_ID \(this one's "
+                       r"number, 0 to MTJAX_NUM_PROCESSES - 1\); got ") as info:
+        _recorded_start(monkeypatch, {"MTJAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    got = str(info.value).split("; got ")[1]
+    assert ("no MTJAX_NUM_PROCESSES" if count is None else f"MTJAX_NUM_PROCESSES={count}") in got
+    assert ("no MTJAX_PROCESS_ID" if index is None else f"MTJAX_PROCESS_ID={index}") in got

@@ -89,6 +89,7 @@ def initialize_from_env() -> bool:
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # GKE names the workers
     if not (address or slurm or tpu_pod or auto):
         return False
+    num_processes, process_id = _explicit_processes() if address else (None, None)
     import jax
 
     if address:
@@ -97,10 +98,7 @@ def initialize_from_env() -> bool:
         # too early for jax.distributed.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=_env_int("MTJAX_NUM_PROCESSES"),
-            process_id=_env_int("MTJAX_PROCESS_ID"),
-        )
+            coordinator_address=address, num_processes=num_processes, process_id=process_id)
     else:
         # Reads SLURM's environment or the TPU VM's metadata; only the GPUs are ours to choose.
         try:
@@ -114,6 +112,22 @@ def initialize_from_env() -> bool:
                             "and MTJAX_PROCESS_ID") from None
     _started = True
     return True
+
+
+def _explicit_processes() -> tuple[int, int]:
+    """(MTJAX_NUM_PROCESSES, MTJAX_PROCESS_ID), which MTJAX_COORDINATOR_ADDRESS needs beside it:
+    one missing, not a number or out of range stopped in a traceback (int()'s, or JAX's
+    "Number of processes must be defined")."""
+    given = {name: os.environ.get(name, "").strip()
+             for name in ("MTJAX_NUM_PROCESSES", "MTJAX_PROCESS_ID")}
+    count, index = (int(text) if text.isdecimal() else -1 for text in given.values())
+    if not 0 <= index < count:
+        got = ", ".join(f"{name}={text}" if text else f"no {name}" for name, text in given.items())
+        raise UserError(f"MTJAX_COORDINATOR_ADDRESS is set, so every process also needs "
+                        f"MTJAX_NUM_PROCESSES (how many processes the job has) and "
+                        f"MTJAX_PROCESS_ID (this one's number, 0 to MTJAX_NUM_PROCESSES - 1); "
+                        f"got {got}")
+    return count, index
 
 
 def _auto_detect() -> bool:
