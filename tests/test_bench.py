@@ -301,7 +301,9 @@ def _grad_jaxpr_and_params(cfg: sizes.T5Config, b: int, s: int, t: int):
 
 
 @pytest.mark.parametrize("variant", [{}, {"mlp_activation": "relu", "tie_embeddings": True},
-                                     {"num_encoder_layers": 3, "num_decoder_layers": 1}])
+                                     # heads x head width 24, not d_model's 32
+                                     {"num_encoder_layers": 3, "num_decoder_layers": 1,
+                                      "num_heads": 3, "d_kv": 8}])
 def test_flop_formula_equals_counted_matmuls(variant):
     cfg = dataclasses.replace(sizes.get_config("t5_1_1_test"), vocab_size=512, **variant)
     b, s, t = 2, 24, 8
