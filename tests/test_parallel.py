@@ -634,3 +634,29 @@ def test_a_rule_naming_a_mesh_axis_twice_is_one_line(table):
         config_lib.load(None, [f"mesh.rules={table}"])
     with pytest.raises(mesh_lib.MeshError, match="a mesh axis twice"):
         mesh_lib.get_rules(tuple(mesh_lib.parse_rules(table)))
+
+
+@pytest.mark.parametrize("overrides, axis", [
+    (["mesh.fsdp=4", "mesh.tensor=2"], "tensor"),  # the default preset, fsdp
+    (["mesh.fsdp=4", "mesh.tensor=2", "mesh.rules=data"], "tensor"),
+    (["mesh.data=2", "mesh.fsdp=4", "mesh.rules=batch=fsdp,embed=fsdp"], "data"),
+])
+def test_a_mesh_axis_no_rule_uses_is_one_line(monkeypatch, overrides, axis):
+    """mesh.tensor=2 under the fsdp preset (which maps nothing to tensor) trained with every
+    device doing twice the FLOPs of fsdp=8 (counted by XLA's cost analysis: 2.23e7 against
+    1.14e7 per device for t5_1_1_test), and no word said."""
+    import jax
+
+    from mtjax.train import setup as setup_lib
+
+    config = config_lib.load(None, ["train.batch_size=8", *overrides])
+    shape = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)  # 8 devices, here none
+    monkeypatch.setattr(mesh_lib, "make_mesh", lambda *args, **kwargs: jax.sharding.AbstractMesh(
+        shape, mesh_lib.MESH_AXES))
+    with pytest.raises(config_lib.ConfigError, match=f"the {axis} axis has 2 devices, but "
+                       f"mesh.rules=.* splits nothing over it, .*; set mesh.{axis}=1"):
+        setup_lib.mesh_and_rules(config)
+    # With rules that use every axis the same mesh is fine.
+    config = config_lib.load(None, ["train.batch_size=8", *overrides[:2],
+                                    "mesh.rules=batch=data+fsdp,embed=fsdp,heads=tensor"])
+    setup_lib.mesh_and_rules(config)

@@ -33,8 +33,23 @@ def mesh_and_rules(config: config_lib.Config,
         mesh_lib.MeshShape(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor),
         devices=devices)
     rules = mesh_lib.get_rules(config.mesh.rules)
+    check_axes_used(config, mesh, rules)
     check_batch_divides(config, mesh, rules)
     return mesh, rules
+
+
+def check_axes_used(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> None:
+    """Every mesh axis of several devices must split something: along one that no rule names,
+    each device repeats the others' work (mesh.tensor=2 with the fsdp preset: twice the FLOPs
+    per device, silently)."""
+    named = {axis for _, target in rules for axis in layers.mesh_axes(target)}
+    for axis, size in mesh.shape.items():
+        if size > 1 and axis not in named:
+            raise config_lib.ConfigError(
+                f"mesh: the {axis} axis has {size} devices, but mesh.rules={config.mesh.rules} "
+                f"splits nothing over it, so each would repeat the others' work; set "
+                f"mesh.{axis}=1 (mesh.fsdp=-1 takes the devices), or use rules that map a "
+                f"logical axis to {axis} (mesh.rules=fsdp_tensor uses all three axes)")
 
 
 def check_batch_divides(config: config_lib.Config, mesh: Mesh, rules: mesh_lib.AxisRules) -> None:
