@@ -114,7 +114,10 @@ def test_a_trace_ends_with_the_run_and_one_never_reached_is_a_warning(tmp_path, 
     from mtjax.train import trainer
 
     workdir = tmp_path / "run"
-    trainer.train(tiny_config("train.steps=4", "log.profile_steps=3"), workdir, progress=False)
+    one_task = "data.mixture=mtjax_copy"  # one task to evaluate after the trace, not five
+    result = trainer.train(tiny_config("train.steps=4", "log.profile_steps=3", one_task),
+                           workdir, progress=False)
+    assert "eval/mtjax_copy/exact_match" in result.metrics  # the trace could have held one
     assert f"mtjax: profile of steps 3-4 in {workdir / 'profile'}" in capsys.readouterr().err
     (trace,) = (workdir / "profile").glob("plugins/profile/*/*.trace.json.gz")
     names = {e.get("name", "") for e in json.loads(gzip.decompress(trace.read_bytes()))[
@@ -122,7 +125,8 @@ def test_a_trace_ends_with_the_run_and_one_never_reached_is_a_warning(tmp_path, 
     assert "PjitFunction(step)" in names
     assert not [n for n in names if "checkpoint" in n or "evaluat" in n]
 
-    trainer.train(tiny_config("train.steps=5", "log.profile_steps=3"), workdir, progress=False)
+    trainer.train(tiny_config("train.steps=5", "log.profile_steps=3", one_task,
+                              "eval.at_end=false"), workdir, progress=False)
     err = capsys.readouterr().err
     assert ("mtjax: warning: log.profile_steps: no trace; this process ran 1 step(s), and the "
             "trace starts at its step 3 (after log.profile_skip_steps=2)\n") in err
@@ -920,7 +924,8 @@ def test_the_step_before_an_evaluation_is_timed(tmp_path):
     from mtjax.train import trainer
 
     trainer.train(tiny_config("train.steps=4", "log.every_steps=1", "train.batch_size=64",
-                              "data.inputs_length=128", "data.targets_length=64"),
+                              "data.inputs_length=128", "data.targets_length=64",
+                              "data.mixture=mtjax_copy"),
                   tmp_path / "run", progress=False)
     rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     *plain, evaluated = [r for r in rows if "tokens_per_s" in r]
