@@ -975,3 +975,20 @@ def test_a_profiler_warning_is_shown_on_the_host_it_concerns(monkeypatch, capsys
     trainer._warn_from_any_host(Bar(), "mtjax: warning: y")
     assert capsys.readouterr().err.splitlines() == ["bar: mtjax: warning: x",
                                                      "[host 1] mtjax: warning: y"]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_a_workdir_that_cannot_be_made_is_refused_in_one_line(tmp_path, capsys, where):
+    """A --workdir under a file, or where no directory can be made (a read-only filesystem,
+    /proc), ended in mkdir's or the lock's OSError traceback."""
+    from mtjax import cli
+
+    (tmp_path / "config.json").write_text("{}")
+    workdir = (str(tmp_path / "config.json" / "run") if where == "under_a_file"
+               else "/proc/mtjax_no_such_run")
+    assert cli.main(["train", "--workdir", workdir, "--no-progress", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {workdir}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if where == "under_a_file":
+        assert f"{tmp_path / 'config.json'} is a file, so no directory can be made" in err

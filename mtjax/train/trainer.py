@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -127,6 +128,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         if workdir.exists() and not workdir.is_dir():
             raise config_lib.ConfigError(
                 f"--workdir {given} is a file; give a directory (the run's own, or a new one)")
+        _check_workdir_writable(workdir, given)
         if config.model.name == sizes.CUSTOM:
             custom_architecture = _use_custom_architecture(workdir, init_from)
         sizes.get_config(config.model.name)
@@ -143,7 +145,12 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
     except UserError as e:
         failure = e
     preemption.stop_at_start(distributed.agree_on_set_up(failure, preemption.at_start))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # what the check above cannot foresee (a path under /proc, say)
+        raise config_lib.ConfigError(
+            f"--workdir {given} cannot be made ({e.strerror}); give a directory you can "
+            f"write") from None
     lock.acquire()
     log(f"mtjax: workdir {workdir.absolute()}")
     kept = workdir / sizes.MODEL_CONFIG_FILE
@@ -356,6 +363,22 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         skipped_steps=skipped, metrics_step=last_summary_step)
     _write_summary(result)
     return result
+
+
+def _check_workdir_writable(workdir: pathlib.Path, given: str) -> None:
+    """A run directory under a file, or on a read-only filesystem or directory, stops in one
+    line with the set-up checks (mkdir and the lock raised OSError's traceback)."""
+    existing = workdir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise config_lib.ConfigError(
+            f"--workdir {given}: {existing} is a file, so no directory can be made under it; "
+            f"give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise config_lib.ConfigError(
+            f"--workdir {given}: {existing} is not writable (a read-only filesystem, or no "
+            f"permission); give a directory you can write")
 
 
 def _has_checkpoint(workdir: pathlib.Path) -> bool:
