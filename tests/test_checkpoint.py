@@ -580,3 +580,37 @@ def test_a_save_killed_earlier_is_redone_without_orbax_warning(tmp_path, caplog)
     assert checkpoints.all_steps() == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
     checkpoints.close()
+
+
+def test_an_evaluation_after_only_skipped_updates_is_logged_and_saved_as_its_own(
+        tmp_path, monkeypatch):
+    """With every update since the last row skipped (train.on_nonfinite=skip), the step's
+    evaluation was printed but left out of metrics.jsonl and summary.json, and its checkpoint
+    was saved with the metrics of that earlier row (`mtjax checkpoints` showed step 1's loss
+    as step 2's)."""
+    from mtjax.checkpoint import list_checkpoints
+    from mtjax.infer import evaluate
+    from mtjax.train import trainer
+
+    class Evaluator:  # stands in for seqio's: no decoding to compile
+        task_names = ["mtjax_add"]
+
+        def __call__(self, params, step):
+            return {"mtjax_add": {"exact_match": 12.5}}
+
+    monkeypatch.setattr(evaluate, "make_evaluator", lambda *args, **kwargs: Evaluator())
+    config = config_lib.load(None, EXPLODING + ["train.steps=2", "train.on_nonfinite=skip",
+                                                "checkpoint.keep=10", "eval.at_end=true"])
+    result = trainer.train(config, tmp_path / "run", progress=False)
+    assert result.skipped_steps == [2]
+    rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["eval/mtjax_add/exact_match"] == 12.5 and "loss" not in rows[1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics_step"] == 2
+    assert summary["metrics"]["eval/mtjax_add/exact_match"] == 12.5
+    saved = {row["step"]: row["metrics"] for row in
+             list_checkpoints(tmp_path / "run")["checkpoints"]}
+    assert saved[1]["loss"] == rows[0]["loss"]
+    assert saved[2] == {"eval/mtjax_add/exact_match": 12.5, **{
+        k: rows[1][k] for k in rows[1] if k != "step" and not k.startswith("eval/")}}

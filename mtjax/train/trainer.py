@@ -319,22 +319,30 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
                     now = time.time()
                     # (Empty for a window of the compiling first step alone.)
                     figures = speed.close_window(now - window_start)
-                    if window is not None:
-                        last_summary = metrics_lib.summarize(window, task_names)
+                    # A window whose updates were all skipped (train.on_nonfinite=skip) has
+                    # no training figures; its step's evaluation is still a row.
+                    if window is not None or eval_results:
+                        last_summary = ({} if window is None
+                                        else metrics_lib.summarize(window, task_names))
                         last_summary.update(figures)
                         last_summary.update(eval_results)
                         last_summary_step = step
                         writer.write(step, last_summary)
                         if host_log is not None:
                             host_log.write(step, last_summary)
-                        bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
-                                        **_speed_postfix(last_summary))
+                        if "loss" in last_summary:
+                            bar.set_postfix(loss=f"{last_summary['loss']:.3f}",
+                                            **_speed_postfix(last_summary))
                     window, window_start = None, now
                 if must_save:
-                    if best_metric_unchecked and _best_metric_known(config, last_summary, bar):
+                    if (best_metric_unchecked and "loss" in last_summary
+                            and _best_metric_known(config, last_summary, bar)):
                         best_metric_unchecked = False
                     carried = window if carry_window else None
-                    saved_metrics = (last_summary if carried is None
+                    # The metrics of this step: an earlier row's are not (all updates since
+                    # were skipped), and the step then ranks worst rather than as that one.
+                    saved_metrics = ((last_summary if last_summary_step == step else {})
+                                     if carried is None
                                      else metrics_lib.summarize(carried, task_names))
                     save_start = time.time()
                     checkpoints.save(step, state, pipeline, config_dict,
