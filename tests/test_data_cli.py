@@ -321,3 +321,23 @@ def test_tasks_help_gives_overrides_that_apply_to_tasks():
         text = " ".join(tasks_cli.build_parser(command).format_help().split())
         assert "e.g. data.inputs_length=512 data.mixing=temperature" in text
         assert "train.steps" not in text
+
+
+def test_a_relative_tasks_module_that_is_not_found_says_where_it_was_looked_for(
+        capsys, tmp_path, monkeypatch):
+    """A --config file beside its tasks module, naming it relative (`tasks_module="my_tasks.py"`),
+    run from another directory, said only that 'my_tasks.py' does not exist (it is right
+    beside the config): the error now names the path read, and what relative paths are read
+    from."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "my_tasks.py").write_text("")
+    (tmp_path / "configs" / "exp.py").write_text(
+        "from mtjax.config import Config, DataConfig\n\n"
+        "def get_config():\n    return Config(data=DataConfig(tasks_module='my_tasks.py'))\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["tasks", "list", "--config", "configs/exp.py"], capsys)
+    assert code == 2, err
+    assert (f"tasks module file 'my_tasks.py' does not exist (looked for at "
+            f"{tmp_path / 'my_tasks.py'}: a relative path is read from the directory mtjax "
+            f"runs in)") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

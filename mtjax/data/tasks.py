@@ -68,7 +68,12 @@ def import_tasks_module(name_or_path: str) -> types.ModuleType:
             raise TasksModuleError(f"tasks module {name_or_path!r} is a folder; give the .py "
                                    f"file that registers your tasks")
         if not path.is_file():
-            raise TasksModuleError(f"tasks module file {name_or_path!r} does not exist")
+            # A relative path given in a --config file is read from the current directory,
+            # not the config file's: say where it was looked for.
+            where = ("" if pathlib.Path(name_or_path).expanduser().is_absolute()
+                     else f" (looked for at {path}: a relative path is read from the "
+                     f"directory mtjax runs in)")
+            raise TasksModuleError(f"tasks module file {name_or_path!r} does not exist{where}")
         if path.suffix != ".py":
             raise _not_python(name_or_path)
         module_name = f"mtjax_user_tasks_{path.stem}"
