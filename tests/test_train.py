@@ -992,3 +992,34 @@ def test_a_workdir_that_cannot_be_made_is_refused_in_one_line(tmp_path, capsys, 
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     if where == "under_a_file":
         assert f"{tmp_path / 'config.json'} is a file, so no directory can be made" in err
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["eval.every_steps=0"], "measured only by the evaluation at the end (eval.every_steps=0)"),
+    (["eval.every_steps=300", "checkpoint.every_steps=1000", "train.steps=5000"],
+     "checkpoints saved between them (checkpoint.every_steps=1000) rank worst by it"),
+    (["eval.every_steps=500", "checkpoint.every_steps=1000", "train.steps=5000"], None),
+    (["eval.every_steps=0", "checkpoint.every_steps=1000", "train.steps=1000"], None),
+])
+def test_a_best_eval_metric_that_checkpoints_miss_is_named(monkeypatch, capsys, overrides,
+                                                            expected):
+    """checkpoint.keep_best by an eval/ metric kept no best checkpoint where checkpoints are
+    saved at steps without an evaluation (they rank worst by it), and said nothing."""
+    import types
+
+    from mtjax.infer import evaluate
+    from mtjax.train import trainer
+
+    class Evaluator:
+        task_names = ["mtjax_add"]
+
+    monkeypatch.setattr(evaluate, "make_evaluator", lambda *args, **kwargs: Evaluator())
+    config = tiny_config("checkpoint.keep_best=1", "checkpoint.best_metric=eval/mtjax_add/loss",
+                         *overrides)
+    setup = types.SimpleNamespace(model_def=None)
+    assert isinstance(trainer._make_evaluator(config, None, None, setup), Evaluator)
+    err = capsys.readouterr().err
+    if expected is None:
+        assert "warning" not in err, err
+    else:
+        assert "warning: checkpoint.best_metric=eval/mtjax_add/loss is" in err and expected in err

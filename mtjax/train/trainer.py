@@ -555,6 +555,21 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
         log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is an "
              f"evaluation metric, and this run evaluates nothing (set eval.every_steps): no "
              f"checkpoint is kept as the best by it")
+    elif (config.checkpoint.keep_best and config.checkpoint.best_metric.startswith("eval/")
+          and config.checkpoint.every_steps < config.train.steps):
+        # A checkpoint saved at a step without an evaluation has no value of the metric and
+        # ranks worst by it (one saved at the end alone has nothing to rank against).
+        every, save_every = config.eval.every_steps, config.checkpoint.every_steps
+        if not every:
+            log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is "
+                f"measured only by the evaluation at the end (eval.every_steps=0): no "
+                f"checkpoint before the last can be kept as the best by it; set "
+                f"eval.every_steps to checkpoint.every_steps={save_every}")
+        elif save_every % every:
+            log(f"mtjax: warning: checkpoint.best_metric={config.checkpoint.best_metric} is "
+                f"measured at evaluations only (eval.every_steps={every}), and checkpoints "
+                f"saved between them (checkpoint.every_steps={save_every}) rank worst by it; "
+                f"make checkpoint.every_steps a multiple of eval.every_steps")
     return evaluator
 
 
