@@ -226,12 +226,15 @@ def test_layers_initialised_by_scan_equal_a_loop(monkeypatch, variant):
 
     with activate():
         scanned = jax.jit(init)()
+        eager = init()  # built outside jit, make_layers loops (a scan would compile each time)
         monkeypatch.setattr(t5_lib, "make_layers",
                             lambda make, n, rngs: nnx.List([make(rngs) for _ in range(n)]))
         looped = jax.jit(init)()
     assert jax.tree.structure(scanned) == jax.tree.structure(looped)
-    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped), strict=True):
+    for a, b, c in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped),
+                       jax.tree.leaves(eager), strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
     # Different layers got different draws (the counter moved between them).
     layers = scanned["encoder"]["layers"]
     assert not np.array_equal(layers[0]["mlp"]["wo"]["kernel"], layers[1]["mlp"]["wo"]["kernel"])

@@ -274,13 +274,17 @@ def make_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int,
     for 231 s on an H200. The scan's body is compiled once per kind of layer. Layer ``i`` draws
     the keys the loop would have drawn (the stream's counter at ``start + i * draws``), and the
     stream's counter ends where the loop would leave it.
+
+    Built eagerly (outside ``jax.jit``), the scan would compile afresh at every call (its
+    body is a new closure each time, 1-2 s per stack on a CPU), while the loop's initialisers
+    run as single ops whose compiled kernels JAX keeps per shape: eagerly, the loop.
     """
-    if count <= 1:
+    stream = rngs.params  # the stream parameter initialisers draw from ("default" if none)
+    key, start = stream.key[...], stream.count[...]
+    if count <= 1 or not isinstance(start, jax.core.Tracer):
         return nnx.List([make(rngs) for _ in range(count)])
     counter = _DrawCounter()
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(counter)))
-    stream = rngs.params  # the stream parameter initialisers draw from ("default" if none)
-    key, start = stream.key[...], stream.count[...]
 
     def init_layer(_, i):
         layer_rngs = nnx.Rngs(**{stream.tag: key})
