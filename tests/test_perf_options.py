@@ -868,3 +868,39 @@ def test_auto_schedule_is_rsqrt_for_adafactor_and_cosine_for_adamw():
             float(optim.make_schedule(explicit, 1000)(s)) for s in (0, 50, 500, 999)]
     with pytest.raises(config_lib.ConfigError, match="optim.schedule"):
         config_lib.load(None, ["optim.schedule=exponential"])
+
+
+def test_adafactor_statistics_are_sharded_like_the_parameter_axes_they_keep(mesh):
+    """Adafactor's factored statistics (v_row, v_col) each average one axis out of a parameter;
+    for a square kernel (every attention projection of the T5 sizes, 768 × 12·64 in base) the
+    shapes cannot tell which, and v_row took the other axis's sharding. The axes each statistic
+    keeps are read from optax's own numbers: after one update from a gradient that varies along
+    one axis only, a statistic varies where it kept that axis."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shapes = {"square": (128, 128), "wide": (128, 256), "tall": (256, 128),
+              "stacked": (2, 128, 128)}
+    specs = {k: (None,) * (len(s) - 2) + ("fsdp", "tensor") for k, s in shapes.items()}
+    params = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
+    tx, _ = optim.make_optimizer(config_lib.OptimConfig(name="adafactor"), 10)
+    shardings = state_lib.opt_state_shardings(
+        jax.eval_shape(tx.init, params), jax.eval_shape(lambda: params),
+        {k: NamedSharding(mesh, PartitionSpec(*s)) for k, s in specs.items()}, mesh)
+
+    def factored(state):
+        return next(x for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row"))
+                    if hasattr(x, "v_row"))
+
+    kept = {(k, field): [] for k in shapes for field in ("v_row", "v_col")}
+    for axis in range(3):
+        grads = {k: jnp.broadcast_to(jnp.arange(1.0, s[axis] + 1).reshape(
+                     [-1 if a == axis else 1 for a in range(len(s))]), s)
+                 if axis < len(s) else jnp.ones(s) for k, s in shapes.items()}
+        _, state = tx.update(grads, tx.init(params), params)
+        for (k, field), axes in kept.items():
+            if np.ptp(np.asarray(getattr(factored(state), field)[k])) > 0:
+                axes.append(axis)
+    for (k, field), axes in kept.items():
+        assert len(axes) == len(shapes[k]) - 1, (k, field, axes)
+        got = getattr(factored(shardings), field)[k].spec
+        assert got == PartitionSpec(*(specs[k][a] for a in axes)), (k, field, got)

@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -93,18 +94,33 @@ def param_shardings(abstract: t5.T5, mesh: Mesh, rules: mesh_lib.AxisRules) -> d
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+# optax's Adafactor (``scale_by_factored_rms``) factors a parameter's two largest axes, in
+# ``np.argsort``'s order, and keeps each statistic without one of them: ``v_row`` without the
+# largest, ``v_col`` without the other.
+_FACTORED_STATISTICS = {"v_row": -1, "v_col": -2}
+
+
+def _factored_axis(field: str | None, param_shape: tuple[int, ...]) -> int | None:
+    """The parameter axis that optax's factored statistic ``field`` averages out (None: not one)."""
+    if field not in _FACTORED_STATISTICS or len(param_shape) < 2:
+        return None
+    return int(np.argsort(param_shape)[_FACTORED_STATISTICS[field]])
+
+
 def _opt_leaf_spec(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...],
-                   param_spec: PartitionSpec) -> PartitionSpec:
+                   param_spec: PartitionSpec, dropped: int | None = None) -> PartitionSpec:
     """Sharding of one optimizer-state leaf that mirrors one parameter.
 
-    Adam moments have the parameter's shape; Adafactor's factored rows/columns drop one axis.
+    Adam moments have the parameter's shape; Adafactor's factored rows/columns drop one axis:
+    ``dropped`` where known (:func:`_factored_axis`), since the shape alone cannot tell which of
+    two equal axes (a square kernel's) went; else the first axis whose removal fits.
     """
     spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
     if tuple(leaf_shape) == tuple(param_shape):
         return PartitionSpec(*spec)
-    for dropped in range(len(param_shape)):
-        if tuple(leaf_shape) == param_shape[:dropped] + param_shape[dropped + 1:]:
-            return PartitionSpec(*(spec[:dropped] + spec[dropped + 1:]))
+    for axis in ([] if dropped is None else [dropped]) + list(range(len(param_shape))):
+        if tuple(leaf_shape) == param_shape[:axis] + param_shape[axis + 1:]:
+            return PartitionSpec(*(spec[:axis] + spec[axis + 1:]))
     return PartitionSpec()
 
 
@@ -113,14 +129,16 @@ def opt_state_shardings(abstract_opt_state, abstract_params, p_shardings, mesh: 
     replicated = NamedSharding(mesh, PartitionSpec())
     mirrors_params = layerwise.mirror_of(abstract_params)
 
-    def shard(node):
+    def shard(path, node):
         if mirrors_params(node):
+            field = getattr(path[-1], "name", None) if path else None  # v_row of FactoredState
             return jax.tree.map(
-                lambda leaf, p, s: NamedSharding(mesh, _opt_leaf_spec(leaf.shape, p.shape, s.spec)),
+                lambda leaf, p, s: NamedSharding(mesh, _opt_leaf_spec(
+                    leaf.shape, p.shape, s.spec, _factored_axis(field, p.shape))),
                 node, abstract_params, p_shardings)
         return jax.tree.map(lambda _: replicated, node)
 
-    return jax.tree.map(shard, abstract_opt_state, is_leaf=mirrors_params)
+    return jax.tree_util.tree_map_with_path(shard, abstract_opt_state, is_leaf=mirrors_params)
 
 
 def _model_rest(config: T5Config, seed: int) -> Any:
