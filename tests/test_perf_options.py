@@ -904,3 +904,16 @@ def test_adafactor_statistics_are_sharded_like_the_parameter_axes_they_keep(mesh
         assert len(axes) == len(shapes[k]) - 1, (k, field, axes)
         got = getattr(factored(shardings), field)[k].spec
         assert got == PartitionSpec(*(specs[k][a] for a in axes)), (k, field, got)
+
+
+def test_cosine_without_warmup_starts_at_the_peak():
+    """optim.warmup_steps=0 is no warmup for cosine as for constant and linear (the start-up
+    line says "cosine decay"): the first update takes the peak learning rate, the decay is a
+    tenth at train.steps. A warmup of one step was forced on it, so the first update's rate was
+    0 (a one-step run trained nothing) and the cosine came a step late."""
+    cfg = config_lib.load(None, ["optim.schedule=cosine", "optim.warmup_steps=0",
+                                 "optim.learning_rate=1.0"]).optim
+    lr = optim.make_schedule(cfg, total_steps=100)
+    assert {s: float(lr(s)) for s in (0, 50, 100)} == pytest.approx(
+        {0: 1.0, 50: 0.55, 100: 0.1}, abs=1e-6)
+    assert float(optim.make_schedule(cfg, total_steps=1)(0)) == 1.0

@@ -41,13 +41,13 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
             return peak * jnp.minimum(1.0, jnp.sqrt(warmup / step))
         return rsqrt
     warmup = min(cfg.warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup, 1)  # optax needs one; a run all warmup never decays
     if name == "cosine":
-        warmup = max(warmup, 1)  # optax's own minimum, and decay needs a step past it
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup,
-            decay_steps=max(total_steps, warmup + 1), end_value=peak * 0.1)
-    after = (optax.constant_schedule(peak) if name == "constant"
-             else optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1)))
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=0.1)
+    elif name == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
