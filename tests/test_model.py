@@ -157,6 +157,9 @@ def test_unknown_model_names_closest():
     with pytest.raises(sizes.UnknownModelError, match="t5_1_1_base") as info:
         sizes.get_config("t5_1_1_bsae")
     assert isinstance(info.value, KeyError)
+    # In capitals the name was too far from every size to be suggested (t5_1_1_xl came first).
+    with pytest.raises(sizes.UnknownModelError, match=r"did you mean t5_1_1_test\?$"):
+        sizes.get_config("T5_1_1_TEST")
 
 
 def test_train_flops_formula():

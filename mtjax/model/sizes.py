@@ -219,7 +219,10 @@ def get_config(name: str) -> T5Config:
             "model.name=custom is the architecture of a converted checkpoint (its "
             "model_config.json): train it with --init-from that checkpoint, or resume the run "
             "that did")
-    close = difflib.get_close_matches(name, MODEL_SIZES, n=3, cutoff=0.5)
+    if name.lower() in MODEL_SIZES:  # T5_1_1_BASE: the names are lower case
+        close = [name.lower()]
+    else:
+        close = difflib.get_close_matches(name, MODEL_SIZES, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {sorted(MODEL_SIZES)}"
     raise UnknownModelError(f"model: unknown model size {name!r}; {hint}")
 
