@@ -56,11 +56,38 @@ def _wait_for_step_and_checkpoint(proc, run_dir, step, timeout=300):
 
 
 def _params(run_dir, step):
+    return _saved_params(run_dir / "checkpoints" / str(step) / "state")
+
+
+def _saved_params(state_dir):
     import jax
     import orbax.checkpoint as ocp
 
-    state = ocp.PyTreeCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    state = ocp.PyTreeCheckpointer().restore(state_dir)
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def _change_a_parameter_on_disk(step_dir):
+    """Flip one bit inside the data file of a step's parameters, at the first of a few places
+    where the file still decodes, to other values (each place tried so far does: Orbax keeps no
+    checksum of array data)."""
+    state_dir = step_dir / "state"
+    before = _saved_params(state_dir)
+    files = sorted(state_dir.glob("ocdbt.process_*/d/*"), key=lambda f: -f.stat().st_size)
+    for f in files[:2]:
+        original = f.read_bytes()
+        for where in (0.5, 0.35, 0.65, 0.45):
+            data = bytearray(original)
+            data[int(len(data) * where)] ^= 1
+            f.write_bytes(bytes(data))
+            try:
+                after = _saved_params(state_dir)
+            except Exception:  # noqa: BLE001 - a place Orbax finds damaged: try the next
+                continue
+            if any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
+                return
+        f.write_bytes(original)
+    raise AssertionError(f"no flipped bit in {state_dir} decoded to other parameters")
 
 
 @pytest.mark.slow
@@ -253,6 +280,9 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
             shutil.rmtree(target)
         else:
             target.write_text(target.read_text()[:10])
+    # 28: a bit of its parameters' data flipped on disk (the file still decodes).
+    shutil.copytree(ckpts / "10", ckpts / "28")
+    _change_a_parameter_on_disk(ckpts / "28")
     # metrics.jsonl: a line damaged inside (kept aside), and a last line cut short by a kill as
     # it was written (dropped).
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -265,14 +295,15 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     err = capsys.readouterr().err
     for message in ("12 is incomplete", "14 cannot be read", "16 cannot be read",
                     "18 cannot be read", "20 is incomplete", "22 is incomplete",
-                    "24 is incomplete", "26 is incomplete"):
+                    "24 is incomplete", "26 is incomplete",
+                    "28 is damaged: the array data of params."):
         assert message in err, (message, err[-3000:])
     assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     assert result.start_step == 10 and result.step == 12
     names = sorted(p.name for p in ckpts.iterdir())
     assert {"12.incomplete", "14.incomplete", "16.incomplete", "18.incomplete",
             "20.incomplete", "22.incomplete", "24.incomplete", "26.incomplete",
-            "12"} <= set(names), names
+            "28.incomplete", "12"} <= set(names), names
     assert [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl")] == [
         2, 4, 6, 8, 10, 12]
     assert "metrics.jsonl: record 2 is not JSON" in err
@@ -614,3 +645,77 @@ def test_an_evaluation_after_only_skipped_updates_is_logged_and_saved_as_its_own
     assert saved[1]["loss"] == rows[0]["loss"]
     assert saved[2] == {"eval/mtjax_add/exact_match": 12.5, **{
         k: rows[1][k] for k in rows[1] if k != "step" and not k.startswith("eval/")}}
+
+
+def _flip_a_byte_of(state_dir: pathlib.Path, stored: bytes) -> None:
+    """Flip one bit inside ``stored`` (an array's bytes) where a data file of ``state_dir``
+    holds them verbatim (random bytes do not compress: zstd keeps them as they are), so that
+    the file still decodes, to one different element."""
+    for f in state_dir.rglob("d/*"):
+        data = bytearray(f.read_bytes())
+        at = data.find(stored)
+        if at >= 0:
+            data[at + len(stored) // 2] ^= 1
+            f.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"no data file of {state_dir} holds the array's bytes")
+
+
+def test_array_data_changed_on_disk_is_caught_and_the_step_before_is_used(tmp_path, capsys):
+    """A flipped bit in an array's data file decodes (Orbax keeps no checksum of array data):
+    the run resumed from the changed weights without a word. The digests saved with the state
+    catch it; the step is set aside as damaged and the one before it restores."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+
+    class Position:  # an input pipeline's position (a run's checkpoint holds one)
+        def save(self, path):
+            pathlib.Path(path, "position").write_text("0")
+
+        def restore(self, path):
+            pass
+
+    noise = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)
+    states = {step: {"params": {"noise": jnp.asarray(noise) + step,
+                                "w": jnp.full((3, 5), 0.5 * step, jnp.float32)},
+                     "step": jnp.int32(step)} for step in (1, 2)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
+    for step, state in states.items():
+        checkpoints.save(step, state, Position(), config={})
+    checkpoints.close()
+    # A normal round trip passes the check.
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    step, state, _ = checkpoints.restore_latest(states[2], Position())
+    assert step == 2 and np.array_equal(state["params"]["noise"], states[2]["params"]["noise"])
+    checkpoints.close()
+
+    _flip_a_byte_of(tmp_path / "checkpoints/2/state", (noise + 2).tobytes()[:4096])
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    step, state, _ = checkpoints.restore_latest(states[2], Position())
+    checkpoints.close()
+    err = capsys.readouterr().err
+    assert step == 1 and int(state["step"]) == 1, err
+    assert (f"checkpoint {tmp_path / 'checkpoints' / '2'} is damaged: the array data of "
+            f"params.noise no longer matches the checksum saved with it; moved aside to "
+            f"2.incomplete, not used") in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2.incomplete"]
+
+
+def test_a_checkpoint_saved_without_digests_restores_unchecked_without_a_word(tmp_path, capsys):
+    """Older mtjax saved no digests: such a step restores as before, with nothing said."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+
+    state = {"w": jnp.arange(6, dtype=jnp.float32)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=1, async_save=False)
+    checkpoints.save(1, state, None, config={})
+    checkpoints.close()
+    metadata = tmp_path / "checkpoints/1/state/_METADATA"
+    saved = json.loads(metadata.read_text())
+    assert set(saved["custom_metadata"]["mtjax_digest"]["leaves"]) == {"w"}
+    metadata.write_text(json.dumps(dict(saved, custom_metadata=None)))
+    restored = RunCheckpoints(tmp_path, every_steps=1, keep=1).restore(1, state, None)
+    assert np.array_equal(restored["w"], state["w"])
+    assert capsys.readouterr().err == ""

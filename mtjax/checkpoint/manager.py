@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mtjax.checkpoint import digest
 from mtjax.checkpoint.failures import _looks_damaged, _says_dataset_changed, _short
 from mtjax.checkpoint.layout import (
     INCOMPLETE_SUFFIX,
@@ -146,7 +147,10 @@ class RunCheckpoints:
         between logging steps (JSON; see :meth:`log_window`)."""
         if not force and not self._manager.should_save(step):
             return False
-        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        # The digests wait for the state to be computed, as the save's copy off the device does.
+        items = {"state": ocp.args.StandardSave(
+                     state, custom_metadata={digest.KEY: digest.compute(state)}),
+                 "config": ocp.args.JsonSave(config)}
         if log_window is not None:
             items[LOG_WINDOW_ITEM] = ocp.args.JsonSave(log_window)
         if pipeline is not None:
@@ -200,13 +204,13 @@ class RunCheckpoints:
                      f"input pipeline ({e.why}): the input stream restarts from a fresh "
                      f"shuffle (seeded by the step) instead of its exact position")
                 return step, e.state, False
+            except digest.DigestMismatch as e:
+                self._set_aside_damaged(step, f"is damaged: {e.reason}")
+                damaged.append(step)
             except CheckpointError as e:
                 if not _looks_damaged(e):
                     raise
-                if jax.process_index() == 0:
-                    self._quarantine(step, f"cannot be read ({_short(e.__cause__)})")
-                _sync(f"mtjax_quarantine_{step}")
-                self._manager.reload()
+                self._set_aside_damaged(step, f"cannot be read ({_short(e.__cause__)})")
                 damaged.append(step)
         if damaged:
             # Starting over here would silently train from step 0 on top of the run's outputs.
@@ -217,6 +221,13 @@ class RunCheckpoints:
                 f"<step>{INCOMPLETE_SUFFIX}); run the same command again to start this run "
                 f"over from step 0 (its metrics are then rewritten), or give a new --workdir")
         return None
+
+    def _set_aside_damaged(self, step: int, why: str) -> None:
+        """Every host found ``step`` damaged; process 0 moves it aside."""
+        if jax.process_index() == 0:
+            self._quarantine(step, why)
+        _sync(f"mtjax_quarantine_{step}")
+        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any, pipeline: Checkpointable | None) -> Any:
         """Restore ``step`` onto ``abstract_state``'s shapes and shardings; moves ``pipeline``."""
@@ -236,6 +247,8 @@ class RunCheckpoints:
             _note_failed_restore()
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be read: {_short(e)}") from e
+        # Array data changed on disk may still decode: compare with the digests saved with it.
+        digest.check(self.directory / str(step) / "state", restored["state"])
         if pipeline is not None:
             try:
                 load_pipeline(pipeline, restored["data"])
