@@ -313,7 +313,8 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped(kept_run, tmp_path, c
     assert listing["latest"] == 12 and "14.incomplete" in listing["incomplete"]
 
 
-@pytest.mark.parametrize("damage", ["array_file", "tree_metadata", "config_item", "state_gone"])
+@pytest.mark.parametrize("damage", ["array_file", "array_data_changed", "tree_metadata",
+                                    "config_item", "state_gone"])
 def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
         kept_run, tmp_path, capsys, damage):
     """eval/infer/score/--init-from load through infer.load: one line naming the damaged
@@ -327,6 +328,8 @@ def test_reading_commands_name_a_damaged_checkpoint_and_an_older_one(
         files = list((latest / "state").rglob("d/*"))
         for f in files:  # every array: only the parameters are read
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "array_data_changed":  # it still decodes: it loaded other weights silently
+        _change_a_parameter_on_disk(latest)
     else:
         f = latest / ("state/_METADATA" if damage == "tree_metadata" else "config/metadata")
         f.write_bytes(f.read_bytes()[:20])

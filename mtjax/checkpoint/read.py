@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mtjax.checkpoint import digest
 from mtjax.checkpoint.failures import _says_unreadable, _short
 from mtjax.checkpoint.layout import (
     INCOMPLETE_SUFFIX,
@@ -95,6 +96,10 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
             hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
                     + (f" (it holds {saved})" if saved else ""))
         raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
+    try:
+        digest.check(state_dir, {"params": restored["params"]})
+    except digest.DigestMismatch as e:
+        raise unreadable(state_dir.parent, OSError(e.reason)) from e
     return restored["params"]
 
 
