@@ -510,7 +510,10 @@ def test_bench_checkpoint_smoke(capsys, monkeypatch):
         # Only the bench's own wait for the last save (saves also wait inside RunCheckpoints).
         if "async" in str(self.directory) and sys._getframe(1).f_globals["__name__"] == (
                 "mtjax.bench.checkpoint"):
-            time.sleep(1.0)  # the saves themselves cost ~0.4 s of the window here
+            # The saves themselves cost ~0.4 s of the window here; the sleep is twice what the
+            # figures must show, so a loaded machine's slower steps in the other window do not
+            # hide it (it failed once at a load of 8 on 2 cores).
+            time.sleep(2.0)
         return wait(self)
 
     monkeypatch.setattr(RunCheckpoints, "wait", slow_async_wait)
@@ -519,7 +522,7 @@ def test_bench_checkpoint_smoke(capsys, monkeypatch):
     assert result["state_bytes"] > 0 and result["saves"] == 3
     steps = result["steps_timed"]
     assert result["step_s_with_saving"] * steps >= result["step_s_without_saving"] * steps + 1.0
-    assert result["async_cost_per_save_s"] >= 1.0 / result["saves"]
+    assert result["async_cost_per_save_s"] >= 1.0 / result["saves"]  # (2 s were added)
     for key in ("save_mb_per_s", "restore_mb_per_s", "save_disk_mb_per_s",
                 "restore_disk_mb_per_s", "step_s_without_saving", "step_s_with_saving",
                 "overhead_every_100_steps"):
