@@ -22,7 +22,6 @@ from mtjax.infer.decode import DecodeOptions, Decoder
 from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
-from mtjax.train import state as state_lib
 
 CASES = (("greedy", 1, 1), ("greedy", 1, 64), ("beam", 4, 1), ("beam", 4, 64))
 
@@ -63,8 +62,8 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
                                                  m.dcn_fsdp, m.dcn_tensor))
     rules = mesh_lib.get_rules(config.mesh.rules)
     # What `bench train` refuses in one line before compiling (JAX's errors for them are
-    # tracebacks): one mesh axis for two axes of a parameter, a dimension it cannot split.
-    state_lib.abstract_model(model_cfg, mesh, rules)
+    # tracebacks): one mesh axis for two axes of a parameter (abstract_model), a dimension
+    # it cannot split.
     model_def, target = load_lib.abstract_model(model_cfg, mesh, rules)
     setup_lib.check_params_divide(target, jax.tree.map(lambda a: a.sharding, target),
                                   config.model.name)

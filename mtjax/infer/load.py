@@ -24,6 +24,7 @@ from mtjax.checkpoint import CheckpointError
 from mtjax.errors import UserError
 from mtjax.model import sizes, t5
 from mtjax.parallel import mesh as mesh_lib
+from mtjax.train import state as state_lib
 
 # Written by converters next to ``checkpoints/``: the exact architecture ({"t5_config": {...}}).
 MODEL_CONFIG_FILE = sizes.MODEL_CONFIG_FILE
@@ -92,9 +93,10 @@ def model_config(config: config_lib.Config, vocab_size: int,
 
 
 def abstract_model(model_cfg: sizes.T5Config, mesh: Mesh, rules: mesh_lib.AxisRules):
-    """(ModelDef, parameters as ShapeDtypeStructs carrying their NamedShardings)."""
+    """(ModelDef, parameters as ShapeDtypeStructs carrying their NamedShardings); rules that
+    put one mesh axis on two axes of a parameter stop in one line, as in training."""
+    abstract = state_lib.abstract_model(model_cfg, mesh, rules)
     with mesh_lib.activate(mesh, rules):
-        abstract = nnx.eval_shape(lambda: t5.T5(model_cfg, rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(abstract, nnx.Param)
         specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
     params = nnx.to_pure_dict(params)
