@@ -52,10 +52,8 @@ def _words(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     bits = x.dtype.itemsize * 8
-    if bits == 32:
+    if bits in (32, 64):  # a 64-bit element: shape + (2,)
         return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if bits == 64:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # shape + (2,)
     unsigned = {8: jnp.uint8, 16: jnp.uint16}[bits]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
