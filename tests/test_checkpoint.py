@@ -725,3 +725,51 @@ def test_a_checkpoint_saved_without_digests_restores_unchecked_without_a_word(tm
     restored = RunCheckpoints(tmp_path, every_steps=1, keep=1).restore(1, state, None)
     assert np.array_equal(restored["w"], state["w"])
     assert capsys.readouterr().err == ""
+
+
+def test_a_damaged_tree_metadata_of_the_newest_step_falls_back_to_the_step_before(
+        tmp_path, capsys):
+    """A changed byte in a step's _METADATA or array_metadatas (JSON that still parses) read as
+    "does not fit this run (changed model ...)" and stopped the run (exit 2), although the step
+    before it restored: an older step that fits tells damage from the user's change."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+    from mtjax.checkpoint.layout import CheckpointError
+
+    class Position:  # an input pipeline's position (a run's checkpoint holds one)
+        def save(self, path):
+            pathlib.Path(path, "position").write_text("0")
+
+        def restore(self, path):
+            pass
+
+    states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32), "step": jnp.int32(step)}
+              for step in (1, 2, 3)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
+    for step, state in states.items():
+        checkpoints.save(step, state, Position(), config={})
+    checkpoints.close()
+    for step, (name, key) in ((3, ("_METADATA", "key_type")),
+                              (2, ("array_metadatas/process_0", "write_shape"))):
+        f = tmp_path / f"checkpoints/{step}/state/{name}"
+        f.write_text(f.read_text().replace(f'"{key}"', f'"{key[:-1]}x"'))
+    # The user's change (another shape for "w") fits no step: refused, and nothing is moved.
+    changed = dict(states[3], w=jnp.zeros((4, 5), jnp.float32))
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 does not fit this run"):
+        checkpoints.restore_latest(changed, Position())
+    checkpoints.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+    capsys.readouterr()
+
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    step, state, _ = checkpoints.restore_latest(states[3], Position())
+    checkpoints.close()
+    err = capsys.readouterr().err
+    assert step == 1 and np.array_equal(state["w"], states[1]["w"]), err
+    for newer in (3, 2):
+        assert (f"checkpoint {tmp_path / 'checkpoints' / str(newer)} is damaged: its saved tree "
+                f"does not fit this run while the run's older checkpoint 1 does") in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "1", "2.incomplete", "3.incomplete"]

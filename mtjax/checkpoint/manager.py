@@ -178,9 +178,13 @@ class RunCheckpoints:
 
         ``check(step, saved_config)`` may raise to refuse a checkpoint of another run (that is
         the user's error, not damage). A checkpoint that fails to read is moved aside with a
-        message and the next older one is tried.
+        message and the next older one is tried. One whose saved tree does not fit this run
+        is the user's change only while no older step of the run fits: a damaged metadata
+        file of the newest step reads exactly like a changed model, and the older step that
+        restores tells the two apart.
         """
         damaged = list(self.set_aside)
+        misfits: list[tuple[int, CheckpointError]] = []  # newest first
         for step in sorted(self.all_steps(), reverse=True):
             if not (self.directory / str(step) / "data").is_dir():
                 # Every training save holds the input position: this is `mtjax convert`'s.
@@ -196,22 +200,32 @@ class RunCheckpoints:
                      f"from a fresh shuffle (seeded by the step) instead of its exact position")
                 pipeline = None
             try:
-                return step, self.restore(step, abstract_state, pipeline), pipeline is not None
+                restored = step, self.restore(step, abstract_state, pipeline), pipeline is not None
             except _PositionDoesNotFit as e:
                 # The weights and optimizer state are good: losing them (setting the checkpoint
                 # aside as damaged) for a changed task or reader would cost the whole run.
                 _log(f"the input position saved in checkpoint {step} does not fit this run's "
                      f"input pipeline ({e.why}): the input stream restarts from a fresh "
                      f"shuffle (seeded by the step) instead of its exact position")
-                return step, e.state, False
+                restored = step, e.state, False
             except digest.DigestMismatch as e:
                 self._set_aside_damaged(step, f"is damaged: {e.reason}")
                 damaged.append(step)
+                continue
             except CheckpointError as e:
-                if not _looks_damaged(e):
-                    raise
-                self._set_aside_damaged(step, f"cannot be read ({_short(e.__cause__)})")
-                damaged.append(step)
+                if _looks_damaged(e):
+                    self._set_aside_damaged(step, f"cannot be read ({_short(e.__cause__)})")
+                    damaged.append(step)
+                else:
+                    misfits.append((step, e))
+                continue
+            for newer, error in misfits:
+                self._set_aside_damaged(
+                    newer, f"is damaged: its saved tree does not fit this run while the run's "
+                    f"older checkpoint {step} does ({_short(error.__cause__)})")
+            return restored
+        if misfits:
+            raise misfits[0][1]
         if damaged:
             # Starting over here would silently train from step 0 on top of the run's outputs.
             moved = ", ".join(map(str, sorted(damaged, reverse=True)))
