@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -773,3 +774,42 @@ def test_a_damaged_tree_metadata_of_the_newest_step_falls_back_to_the_step_befor
                 f"does not fit this run while the run's older checkpoint 1 does") in err, err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "1", "2.incomplete", "3.incomplete"]
+
+
+def test_checkpoints_verify_reads_every_array_and_names_the_damaged_steps(
+        kept_run, tmp_path, capsys):
+    """`mtjax checkpoints --verify` reads each step's arrays back (in groups, onto one device)
+    and compares them with the checksums saved with them: changed array data, an array file
+    cut short and a step saved without checksums are told apart; the exit status is 1 when a step
+    is damaged."""
+    from mtjax.checkpoint.verify import verify_step
+
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    ckpts = run / "checkpoints"
+    assert cli.main(["checkpoints", str(run), "--verify", "--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)["checkpoints"]
+    saved = json.loads((ckpts / "10/state/_METADATA").read_text())
+    arrays = len(saved["custom_metadata"]["mtjax_digest"]["leaves"])
+    assert [(r["step"], r["verify"]["status"], r["verify"]["arrays"]) for r in clean] == [
+        (2, "ok", arrays), (10, "ok", arrays)]
+
+    for step in (12, 14, 16):
+        shutil.copytree(ckpts / "10", ckpts / str(step))
+    _change_a_parameter_on_disk(ckpts / "12")
+    largest = max((ckpts / "14" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    metadata = ckpts / "16/state/_METADATA"
+    metadata.write_text(json.dumps(dict(saved, custom_metadata=None)))
+    assert cli.main(["checkpoints", str(run), "--verify", "--json"]) == 1
+    out, err = capsys.readouterr()
+    rows = {r["step"]: r["verify"] for r in json.loads(out)["checkpoints"]}
+    assert {step: row["status"] for step, row in rows.items()} == {
+        2: "ok", 10: "ok", 12: "damaged", 14: "damaged", 16: "unchecked"}
+    assert re.fullmatch(r"the array data of params\.\S+ no longer matches the checksum saved "
+                        r"with it", rows[12]["reason"]), rows[12]
+    assert rows[14]["reason"].startswith("its arrays cannot be read ("), rows[14]
+    assert rows[16]["arrays"] == arrays
+    assert "damaged: step 12, 14 (" in err and "give step 16" in err, err
+    # Read in several groups (the others Orbax placeholders), the same array is named.
+    assert verify_step(ckpts / "12", group_bytes=200_000)["reason"] == rows[12]["reason"]

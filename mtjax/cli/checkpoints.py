@@ -1,11 +1,13 @@
 """List a run's checkpoints: step, time, size, metrics, and which is latest and best (by
 checkpoint.best_metric of that run). Incomplete step directories (a save cut short) are listed
-apart; they are never resumed from."""
+apart; they are never resumed from. ``--verify`` reads every array of every step back and
+compares it with the checksum saved with it."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 
 from mtjax import outputs
 
@@ -17,19 +19,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory (its --workdir), its checkpoints/ folder or one "
                         "checkpoint in it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every array of every step and compare it with the checksum "
+                        "saved with it (exit 1 when a step is damaged)")
 
 
 def run(args: argparse.Namespace) -> int:
     from mtjax.checkpoint import list_checkpoints
 
     listing = list_checkpoints(args.run_dir)
+    damaged = _verify(listing) if args.verify else []
+    status = 1 if damaged else 0
     if args.json:
         print(outputs.dumps(listing, indent=2))
-        return 0
+        _say_damaged(listing, damaged)
+        return status
     metric = listing["best_metric"]
     print(f"{listing['run_dir']}/checkpoints  (best by {metric}, {listing['best_mode']})")
     width = max(10, len(metric))  # eval/<task>/<metric> names are long
-    print(f"{'step':>8}  {'saved (UTC)':<19}  {'size':>9}  {metric:>{width}}  hosts")
+    print(f"{'step':>8}  {'saved (UTC)':<19}  {'size':>9}  {metric:>{width}}  hosts"
+          + ("  verified" if args.verify else ""))
     for row in listing["checkpoints"]:
         when = datetime.datetime.fromtimestamp(row["time"], datetime.timezone.utc)
         value = row["metrics"].get(metric)
@@ -37,9 +46,39 @@ def run(args: argparse.Namespace) -> int:
                  if listing[key] == row["step"]]
         print(f"{row['step']:>8}  {when:%Y-%m-%d %H:%M:%S}  {row['bytes'] / 2**20:>6.1f}MiB  "
               f"{'' if value is None else f'{value:.4f}':>{width}}  {row['hosts']:>5}  "
-              f"{' '.join(marks)}")
+              + (f"{row['verify']['status']:<9} " if args.verify else "")
+              + " ".join(marks))
     if not listing["checkpoints"]:
         print("  (no complete checkpoint)")
     for name in listing["incomplete"]:
         print(f"  incomplete, not used: {name}")
-    return 0
+    for row in listing["checkpoints"] if args.verify else []:
+        if row["verify"]["status"] != "ok":
+            print(f"  step {row['step']} {row['verify']['status']}: {row['verify']['reason']}")
+    _say_damaged(listing, damaged)
+    return status
+
+
+def _say_damaged(listing: dict, damaged: list[int]) -> None:
+    if damaged:
+        good = [r["step"] for r in listing["checkpoints"] if r["verify"]["status"] != "damaged"]
+        print(f"damaged: step {', '.join(map(str, damaged))} (a resume sets a damaged step aside "
+              f"and takes the newest good one; eval and infer refuse it"
+              + (f": give step {good[-1]}" if good else "") + ")", file=sys.stderr)
+
+
+def _verify(listing: dict) -> list[int]:
+    """Verify every complete step of ``listing`` in place (a ``verify`` entry per row, progress
+    on stderr); returns the damaged steps."""
+    from mtjax.checkpoint.verify import verify_step
+
+    damaged = []
+    for row in listing["checkpoints"]:
+        print(f"verifying step {row['step']} ...", end="", file=sys.stderr, flush=True)
+        row["verify"] = verify_step(row["path"])
+        print(f" {row['verify']['status']} ({row['verify']['arrays']} arrays, "
+              f"{row['verify']['bytes'] / 2**20:.1f} MiB, {row['verify']['seconds']:.1f} s)",
+              file=sys.stderr)
+        if row["verify"]["status"] == "damaged":
+            damaged.append(row["step"])
+    return damaged
