@@ -34,7 +34,8 @@ if [[ $# -lt 2 ]]; then
   exit 2
 fi
 TPU_NAME=$1; ZONE=$2; shift 2
-ARGS=$(printf ' %q' "$@")
+ARGS=""  # not printf alone: with no arguments it still prints one empty one, ''
+if (( $# )); then ARGS=$(printf ' %q' "$@"); fi
 # MTJAX_DISTRIBUTED=auto: JAX finds the other workers through the TPU metadata server, which
 # mtjax cannot see from the environment (without it mtjax would not start jax.distributed).
 COMMAND="MTJAX_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 ${MTJAX_BIN:-mtjax} train$ARGS"

@@ -400,3 +400,20 @@ def test_local_multiprocess_names_a_log_dir_it_cannot_write(tmp_path):
                        MTJAX_LOG_DIR=str(tmp_path / "missing"))
     assert proc.returncode == 2 and not calls
     assert f"MTJAX_LOG_DIR={tmp_path / 'missing'} is not a writable directory" in proc.stderr
+
+
+def test_tpu_pod_without_train_arguments_passes_none(tmp_path):
+    """`tpu_pod.sh NAME ZONE` alone ran `mtjax train ''` on every worker (printf ' %q' with no
+    arguments prints one empty one), which stopped there: "override '' is not of the form
+    section.key=value"."""
+    _stand_in(tmp_path, "gcloud")
+    proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a"], tmp_path, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0].split(" xla=")[0].endswith("--command MTJAX_DISTRIBUTED=auto "
+                                               "TF_CPP_MIN_LOG_LEVEL=2 mtjax train"), calls
+    # Arguments, spaces and quotes included, still reach the workers as one word each.
+    (tmp_path / "calls").unlink()
+    (tmp_path / "calls.n").unlink()
+    proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a", "--workdir", "/mnt/a b"],
+                       tmp_path, tmp_path)
+    assert calls[0].split(" xla=")[0].endswith(r"mtjax train --workdir /mnt/a\ b"), calls
