@@ -417,3 +417,26 @@ def test_tpu_pod_without_train_arguments_passes_none(tmp_path):
     proc, calls = _run("launch/tpu_pod.sh", ["my-tpu", "zone-a", "--workdir", "/mnt/a b"],
                        tmp_path, tmp_path)
     assert calls[0].split(" xla=")[0].endswith(r"mtjax train --workdir /mnt/a\ b"), calls
+
+
+def test_slurm_gives_each_task_the_jobs_cpus(tmp_path):
+    """#SBATCH --cpus-per-task=32 did not reach the tasks: since Slurm 22.05 srun no longer
+    reads SLURM_CPUS_PER_TASK, so each task ran on one core (input pipeline and XLA's host
+    threads included); SRUN_CPUS_PER_TASK passes it on. One the user set stays."""
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text('#!/usr/bin/env bash\necho "srun_cpus=${SRUN_CPUS_PER_TASK:-unset}" '
+                    '>> "$CALLS"\n')
+    srun.chmod(0o755)
+    for given, want in (({"SLURM_CPUS_PER_TASK": "32"}, "32"),
+                        ({"SLURM_CPUS_PER_TASK": "32", "SRUN_CPUS_PER_TASK": "8"}, "8"),
+                        ({}, "unset")):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.endswith("CPUS_PER_TASK")}
+        proc = subprocess.run(
+            ["bash", str(REPO / "launch/slurm.sbatch")], cwd=REPO, capture_output=True,
+            text=True, timeout=60,
+            env={**env, **given, "CALLS": str(tmp_path / "calls"), "SLURM_SUBMIT_DIR": str(REPO),
+                 "PATH": f"{tmp_path / 'bin'}:{env['PATH']}"})
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "calls").read_text().split() == [f"srun_cpus={want}"], given
