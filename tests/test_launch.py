@@ -440,3 +440,18 @@ def test_slurm_gives_each_task_the_jobs_cpus(tmp_path):
                  "PATH": f"{tmp_path / 'bin'}:{env['PATH']}"})
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / "calls").read_text().split() == [f"srun_cpus={want}"], given
+
+
+def test_gpu_lease_exits_with_the_sweeps_code(tmp_path):
+    """benchmarks/gpu/lease.sh printed "sweep exit 124" and then exited 0: a failed or timed-out
+    sweep (timeout's 124) read as a success in the run's exit status."""
+    for name in ("nvidia-smi", "python3", "timeout"):
+        _stand_in(tmp_path, name)
+    # nvidia-smi, the version check, the smoke benchmark (timeout), then the sweep (timeout).
+    for codes, want in (("0 0 0 124", 124), ("0 0 0 0", 0)):
+        for name in ("calls", "calls.n"):
+            (tmp_path / name).unlink(missing_ok=True)
+        proc, calls = _run("benchmarks/gpu/lease.sh", [], tmp_path, tmp_path,
+                           OUT=str(tmp_path / "out"), EXIT_CODES=codes)
+        assert len(calls) == 4 and "sweep.py" in calls[3], calls
+        assert f"sweep exit {want}" in proc.stdout and proc.returncode == want, proc.stdout

@@ -46,5 +46,7 @@ timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/gpu/sweep.py --out-dir "$OUT"
 sweep=$!
 # Show the sweep's own lines as they come (the reply keeps the tail), not the library chatter.
 tail -f "$OUT/sweep.log" --pid=$sweep | grep --line-buffered -v -E "^(WARNING|I[0-9]{4}|W[0-9]{4}|  )"
-wait $sweep
-echo "sweep exit $?"
+code=0
+wait $sweep || code=$?
+echo "sweep exit $code"
+exit $code  # the run's rc: a failed or timed-out sweep is not a success
