@@ -41,6 +41,7 @@ if [[ "${ATTENTION_TIMEOUT:-0}" != 0 ]]; then
     | grep --line-buffered -v -E "^(WARNING|I[0-9]{4}|W[0-9]{4})" | cut -c1-300
 fi
 
+: >"$OUT/sweep.log"  # there before tail starts: the background job may not have opened it yet
 timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/gpu/sweep.py --out-dir "$OUT" \
   --deadline-s "${DEADLINE:-330}" >"$OUT/sweep.log" 2>&1 &
 sweep=$!
