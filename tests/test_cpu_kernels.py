@@ -523,3 +523,20 @@ def test_build_is_shared_by_environments_with_the_same_headers(tmp_path):
     header = next(copy.rglob("ffi.h"))
     header.write_text(header.read_text() + "\n// changed\n")
     assert kernels._library_path(*args, str(copy)) != same
+
+
+def test_a_compiler_that_does_not_run_is_named(tmp_path, monkeypatch):
+    """A CXX on PATH that cannot start (a wrapper script whose interpreter is gone) came out as
+    an OSError from the build, and the notice then said 'cannot load the built kernel ...;
+    remove <the cache> to rebuild it', which cannot help."""
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/no/such/interpreter\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "cpu_kernel_isa", lambda: ("avx2", ""))
+    with pytest.raises(kernels.KernelUnavailable,
+                       match=rf"the C\+\+ compiler '{re.escape(str(compiler))}' does not run "
+                             r"\(.*\); set CXX to one that does"):
+        kernels.build(str(compiler))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no partial file left

@@ -164,7 +164,11 @@ def build(compiler: str | None = None) -> pathlib.Path:
     command = [*compiler_command, *flags, "-isystem", include_dir, *map(str, _SOURCES), "-o",
                partial]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        except OSError as e:  # on PATH but not runnable (a wrapper whose interpreter is gone)
+            raise KernelUnavailable(f"the C++ compiler {compiler!r} does not run ({e}); set CXX "
+                                    f"to one that does") from e
         if result.returncode != 0:
             raise KernelUnavailable(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
