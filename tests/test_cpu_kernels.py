@@ -540,3 +540,22 @@ def test_a_compiler_that_does_not_run_is_named(tmp_path, monkeypatch):
                              r"\(.*\); set CXX to one that does"):
         kernels.build(str(compiler))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no partial file left
+
+
+@needs_kernel
+def test_a_nan_score_makes_its_attention_row_nan_as_in_xla():
+    """A NaN in one key (its value finite) got probability 0 in the kernel: its exp treated NaN
+    as a very negative score, so the output stayed finite where XLA's is NaN, and a run that
+    had gone non-finite went on without the loss showing it."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, 5, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in "kv")
+    # Batch row 0, head 1, key 3: in the first of the row's three vectors of scores, so the
+    # row maximum (max_ps of NaN and a later vector) does not carry the NaN on its own.
+    k = k.at[0, 3, 1, 7].set(jnp.nan)
+    position = jnp.zeros((2, 5 + 40 - 1), jnp.float32)
+    got = np.asarray(jax.jit(kernel_attention.cpu_attention)(q, k, v, position, None))
+    want = np.asarray(jax.jit(_reference)(q, k, v, position, None))
+    assert np.isnan(want[0, :, 1]).all() and np.isfinite(np.delete(want, 1, axis=2)).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), atol=2e-6, rtol=0)

@@ -362,7 +362,9 @@ inline void ForEachVector(int64_t n, Fn&& fn) {
 inline Vec ExpNonPositive(Vec x) {
   // exp underflows to 0 below -104 anyway; on AVX2, 2^n is built for n >= -126 only, so the
   // range there ends at the smallest normal float (about exp(-87.3)), below which it gives 0.
-  x = Max(x, Set(-104.0f));
+  // -104 first: max_ps returns its second operand where either is NaN, so a NaN stays NaN (a
+  // NaN score then makes its row NaN, as in XLA, instead of a probability of 0).
+  x = Max(Set(-104.0f), x);
   const Vec n = Round(x * Set(1.44269504088896341f));
   Vec r = NegMulAdd(n, Set(0.693359375f), x);
   r = NegMulAdd(n, Set(-2.12194440e-4f), r);
