@@ -196,6 +196,9 @@ _CHOICES = {
 }
 _MAX_INT = 2**63 - 1  # what numpy and JAX take for a seed or a count
 _MAX_LENGTH = 2**20  # tokens: far past any T5 run, and short of the overflow in the position tables
+# Longest decode (mtjax.infer.decode): the KV cache is allocated for the whole length up front,
+# and far beyond this XLA aborts the process on the buffer's size instead of raising an error.
+MAX_DECODE_LENGTH = 65536
 _POSITIVE = ("train.steps", "train.batch_size", "train.microbatches", "data.inputs_length",
              "data.targets_length", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps")
 
@@ -438,7 +441,8 @@ _RANGES = {
     "data.targets_length": (1, True, _MAX_LENGTH, True),
     "data.mixing_temperature": (0.0, False, math.inf, False),
     "eval.alpha": (0.0, True, math.inf, False),
-    "eval.max_decode_length": (0, True, _MAX_LENGTH, True),
+    # Refused here, not at the first evaluation hours into the run.
+    "eval.max_decode_length": (0, True, MAX_DECODE_LENGTH, True),
     "log.profile_steps": (0, True, _MAX_INT, True),
     "log.profile_skip_steps": (0, True, _MAX_INT, True),
 }

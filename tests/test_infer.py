@@ -1305,3 +1305,15 @@ def test_parameters_that_no_mesh_splits_are_one_clear_error(trained_run, subproc
     message = subprocess_python(RULES_ON_DATA_CODE, trained_run, devices=3).stdout
     assert "split evenly over no data x fsdp mesh of the 3 devices" in message
     assert "mesh.rules" in message
+
+
+def test_an_eval_decode_length_past_the_decoders_limit_is_refused_with_the_config():
+    """eval.max_decode_length took up to 2**20 while decoding refuses more than 65536: a run
+    with 70000 trained until its first evaluation and stopped there."""
+    from mtjax import config as config_lib
+    from mtjax.infer.decode import MAX_DECODE_LENGTH
+
+    longest = config_lib.load(None, [f"eval.max_decode_length={MAX_DECODE_LENGTH}"])
+    DecodeOptions(max_decode_length=longest.eval.max_decode_length)  # the decoder takes it
+    with pytest.raises(config_lib.ConfigError, match=r"'eval.max_decode_length'.*at most 65536"):
+        config_lib.load(None, [f"eval.max_decode_length={MAX_DECODE_LENGTH + 1}"])

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mtjax.config import MAX_DECODE_LENGTH  # one limit for the flags and eval.max_decode_length
 from mtjax.errors import UserError
 from mtjax.infer import batching
 from mtjax.parallel import mesh as mesh_lib
@@ -36,9 +37,6 @@ from mtjax.parallel import mesh as mesh_lib
 # value): finite, so sums of a few of them stay ordered and never turn into NaN.
 NEG_INF = -1.0e7
 
-# Longest decode: the KV cache is allocated for the whole length up front, and far beyond this
-# XLA aborts the process on the buffer's size instead of raising an error.
-MAX_DECODE_LENGTH = 65536
 EOS_ID = 1  # T5 vocabularies (SentencePiece and byte) put EOS at id 1; 0 is padding/BOS
 
 
