@@ -1317,3 +1317,34 @@ def test_an_eval_decode_length_past_the_decoders_limit_is_refused_with_the_confi
     DecodeOptions(max_decode_length=longest.eval.max_decode_length)  # the decoder takes it
     with pytest.raises(config_lib.ConfigError, match=r"'eval.max_decode_length'.*at most 65536"):
         config_lib.load(None, [f"eval.max_decode_length={MAX_DECODE_LENGTH + 1}"])
+
+
+def test_a_metric_of_predictions_and_aux_values_gets_the_decoding_scores(tmp_path):
+    """seqio's third kind of metric function, ``(targets, predictions, aux_values)`` (T5X passes
+    ``{"scores": ...}``), stopped every evaluation with seqio's KeyError
+    PREDICTION_WITH_AUX: mtjax gave seqio no predict_with_aux_fn."""
+    from mtjax import config as config_lib
+    from mtjax.data import tasks
+    from mtjax.infer import evaluate
+
+    rows = [("copy: ab", "ab"), ("copy: cd", "cd"), ("copy: e", "e")]
+    (tmp_path / "v.tsv").write_text("".join(f"{i}\t{t}\n" for i, t in rows))
+    seen = {}
+
+    def with_aux(targets, predictions, aux_values):
+        seen.update(targets=list(targets), predictions=list(predictions), **aux_values)
+        return {"examples": len(predictions)}
+
+    tasks.add_file_task("t_aux_metric", {"train": str(tmp_path / "v.tsv"),
+                                         "validation": str(tmp_path / "v.tsv")},
+                        vocabulary="byte", metric_fns=[with_aux])
+    m = Tiny(dataclasses.replace(BASE, vocab_size=384))
+    config = config_lib.load(None, ["data.mixture=t_aux_metric", "eval.batch_size=2",
+                                    "eval.max_decode_length=3", "eval.loss=false"])
+    evaluator = evaluate.make_evaluator(config, m.mesh, m.rules, m.model_def)
+    assert evaluator(m.params, step=0) == {"t_aux_metric": {"examples": 3.0}}
+    assert seen["targets"] == [t for _, t in rows] and len(seen["predictions"]) == 3
+    # The scores of the predictions, in the examples' order (byte ids are the byte + 3).
+    enc = batching.pad_ids([[b + 3 for b in i.encode()] + [1] for i, _ in rows], 9)
+    _, scores = m.decoder(m.params, enc, DecodeOptions(max_decode_length=3))
+    np.testing.assert_allclose(seen["scores"], scores, rtol=1e-5)

@@ -306,9 +306,12 @@ class Evaluator:
         if self.stop():
             raise Interrupted
 
-    def _predict_fn(self, params: Any) -> Callable:
-        def predict(dataset) -> list[tuple[int, list[int]]]:
-            out = []
+    def _predict_fn(self, params: Any, aux: bool = False) -> Callable:
+        """seqio's ``predict_fn``, or with ``aux`` its ``predict_with_aux_fn`` (for metric
+        functions of ``(targets, predictions, aux_values)``), whose aux values are T5X's:
+        ``{"scores": [each prediction's decoding score]}``."""
+        def predict(dataset) -> Any:
+            out, scores = [], []
             batches = list(_batches(dataset, self.batch_size))
             # The task's own longest target: seqio pads every task evaluated together to the
             # longest of them all, and their predictions would change with their neighbours.
@@ -318,13 +321,14 @@ class Evaluator:
             for indices, features in batches:
                 self._check_stop()
                 tokens_BS = features["encoder_input_tokens"]
-                tokens_BT, _ = self.decoder(params, tokens_BS, options,
-                                            batch_size=self.batch_size)
+                tokens_BT, scores_B = self.decoder(params, tokens_BS, options,
+                                                   batch_size=self.batch_size)
                 # Whole rows (0 after EOS): seqio stacks them into one array and its
                 # vocabulary decodes up to EOS.
                 out += [(int(i), row.tolist()) for i, row in zip(indices, tokens_BT, strict=True)]
+                scores += [float(s) for s in scores_B]
             self._counts["decoded"] += len(out)
-            return out
+            return (out, {"scores": scores}) if aux else out
 
         return predict
 
@@ -350,7 +354,8 @@ class Evaluator:
         for evaluator in self._seqio:
             future, _ = evaluator.evaluate(compute_metrics=True, step=step,
                                            predict_fn=self._predict_fn(params),
-                                           score_fn=self._score_fn(params))
+                                           score_fn=self._score_fn(params),
+                                           predict_with_aux_fn=self._predict_fn(params, aux=True))
             all_metrics.update(future.result() or {})
         results: Results = {}
         for task, metrics in all_metrics.items():
