@@ -1348,3 +1348,13 @@ def test_a_metric_of_predictions_and_aux_values_gets_the_decoding_scores(tmp_pat
     enc = batching.pad_ids([[b + 3 for b in i.encode()] + [1] for i, _ in rows], 9)
     _, scores = m.decoder(m.params, enc, DecodeOptions(max_decode_length=3))
     np.testing.assert_allclose(seen["scores"], scores, rtol=1e-5)
+
+
+def test_eval_refuses_a_decode_length_past_the_decoders_limit_by_its_flag(tmp_path, capsys):
+    """--max-decode-length 100000 was checked against no upper bound before the checkpoint
+    loaded, and then refused as the config key eval.max_decode_length."""
+    code, _, err = _cli(["eval", "--checkpoint", str(tmp_path / "nope"),
+                         "--max-decode-length", "100000"], capsys)
+    assert code == 2
+    assert "--max-decode-length 100000 is more than mtjax decodes (65536" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
             raise config_lib.ConfigError(f"{flag} must be at least {least}, got {value}")
     if args.alpha is not None and args.beam_size == 1:
         raise config_lib.ConfigError(_inference.ALPHA_WITHOUT_BEAMS)
+    # The decoder's own limits, by the flags' names (--max-decode-length past 65536).
+    DecodeOptions(max_decode_length=args.max_decode_length or 1, beam_size=args.beam_size,
+                  alpha=alpha)
     model = _inference.load(args)
     config = model.config
     eval_config = dataclasses.replace(
