@@ -813,3 +813,35 @@ def test_checkpoints_verify_reads_every_array_and_names_the_damaged_steps(
     assert "damaged: step 12, 14 (" in err and "give step 16" in err, err
     # Read in several groups (the others Orbax placeholders), the same array is named.
     assert verify_step(ckpts / "12", group_bytes=200_000)["reason"] == rows[12]["reason"]
+
+
+def test_weights_read_from_a_tree_that_lacks_a_parameter_are_refused(tmp_path):
+    """A partial restore handed back the wanted ShapeDtypeStruct, as if it were the weights,
+    for a parameter the saved tree lacks (a changed name in _METADATA, or another model); a
+    missing entry of Orbax's own was named as if it were the user's mistake."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints, restore_params
+    from mtjax.checkpoint.layout import CheckpointError
+
+    state = {"params": {"w": jnp.ones((3, 5), jnp.float32), "b": jnp.zeros(5, jnp.float32)}}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=1, async_save=False)
+    checkpoints.save(1, state, None, config={})
+    checkpoints.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        state["params"])
+    restored = restore_params(tmp_path / "checkpoints/1", abstract)
+    assert np.array_equal(restored["w"], state["params"]["w"])
+    metadata = tmp_path / "checkpoints/1/state/_METADATA"
+    saved = metadata.read_text()
+    # An entry of Orbax's own renamed (--init-from read it as "cannot take weights: 'key_type'").
+    metadata.write_text(saved.replace('"key_type"', '"key_typx"'))
+    with pytest.raises(CheckpointError, match=r"checkpoints/1 cannot be read, its files are "
+                       r"damaged \(its tree metadata does not parse \(KeyError: 'key_type'\)\)"):
+        restore_params(tmp_path / "checkpoints/1", abstract)
+    metadata.write_text(saved.replace('"w"', '"v"'))
+    with pytest.raises(CheckpointError, match=r"state: its saved tree holds no w \(a checkpoint "
+                       r"of another model, or its state/_METADATA file is damaged\)$"):
+        restore_params(tmp_path / "checkpoints/1", abstract)

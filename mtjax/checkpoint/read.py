@@ -82,7 +82,12 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
         _note_failed_restore()
         if _says_unreadable(e):
             raise unreadable(state_dir.parent, e) from e
-        if not isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+        if isinstance(e, (KeyError, AttributeError, TypeError, json.JSONDecodeError)):
+            # Orbax's own metadata files that do not parse as it wrote them: a missing entry
+            # (a partial restore takes a missing parameter quietly), or not JSON at all.
+            raise unreadable(state_dir.parent, OSError(
+                f"its tree metadata does not parse ({type(e).__name__}: {e})")) from e
+        if not isinstance(e, (ValueError, FileNotFoundError)):
             raise
         # Orbax's advice (strict=False, ArrayRestoreArgs) is about its API, not this command.
         reason = str(e).split(" Truncating/padding")[0].strip()
@@ -96,6 +101,16 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
             hint = ("; --init-from needs a checkpoint of the same model size and vocabulary"
                     + (f" (it holds {saved})" if saved else ""))
         raise CheckpointError(f"cannot take weights from {state_dir}: {reason}{hint}") from e
+    # A partial restore hands back the wanted shape itself for a parameter the checkpoint's tree
+    # does not hold (another model, or a changed name in its _METADATA): not weights.
+    missing = [jax.tree_util.keystr(path, simple=True, separator=".") for path, leaf in
+               jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+               if not isinstance(leaf, jax.Array)]
+    if missing:
+        more = f" (and {len(missing) - 1} more parameters)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"cannot take weights from {state_dir}: its saved tree holds no {missing[0]}{more} "
+            f"(a checkpoint of another model, or its state/_METADATA file is damaged)")
     try:
         digest.check(state_dir, {"params": restored["params"]})
     except digest.DigestMismatch as e:
