@@ -169,7 +169,8 @@ def test_spm_vocabulary_is_copied_and_recorded_relative(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"word{i} text{i % 7} sample" for i in range(200)))
     sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
-                                             vocab_size=30, minloglevel=2)
+                                             vocab_size=30, pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, minloglevel=2)
     hf = tmp_path / "hf"
     hf.mkdir()
     for name in ("config.json", "model.safetensors"):

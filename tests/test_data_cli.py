@@ -341,3 +341,22 @@ def test_a_relative_tasks_module_that_is_not_found_says_where_it_was_looked_for(
             f"{tmp_path / 'my_tasks.py'}: a relative path is read from the directory mtjax "
             f"runs in)") in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sentencepiece_model_with_sentencepieces_default_ids_is_refused(tmp_path, capsys):
+    """SentencePiece's defaults (UNK 0, BOS 1, EOS 2, no PAD) were taken as they are: every
+    unknown piece encoded as 0, seqio's padding (out of the loss), and EOS 2 never stopped
+    mtjax's decoder (which stops at 1)."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over a dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "default"),
+                                   vocab_size=40, minloglevel=2)
+    model = tmp_path / "default.model"
+    code, out, err = run(["vocab", "encode", str(model), "the fox"], capsys)
+    assert (code, out) == (2, ""), (code, out, err)
+    assert (f"Vocabulary {model} has PAD none, EOS 2, UNK 0; T5 models need PAD 0, EOS 1, "
+            f"UNK 2: train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 (as `mtjax vocab "
+            f"train` does)") in err, err
+    assert "Traceback" not in err, err

@@ -60,7 +60,22 @@ def get_vocabulary(name: str) -> seqio.Vocabulary:
             f"Vocabulary {name} is not a SentencePiece model ({type(e).__name__}: {reason}); "
             f"give the .model file (`mtjax vocab train` writes spm.model, and spm.vocab beside "
             f"it as a text listing)") from None
+    _check_t5_ids(name, vocab.tokenizer)
     return vocab
+
+
+def _check_t5_ids(name: str, tokenizer) -> None:
+    """Refuse a SentencePiece model whose special ids are not T5's (PAD 0, EOS 1, UNK 2).
+
+    seqio pads with 0 and mtjax's decoder stops at 1 whatever the model says: with
+    SentencePiece's defaults (UNK 0, BOS 1, EOS 2, no PAD) every unknown piece would be taken
+    for padding (out of the loss) and decoding would never stop at the model's EOS."""
+    ids = {"PAD": tokenizer.pad_id(), "EOS": tokenizer.eos_id(), "UNK": tokenizer.unk_id()}
+    if ids != {"PAD": 0, "EOS": 1, "UNK": 2}:
+        found = ", ".join(f"{k} {'none' if v < 0 else v}" for k, v in ids.items())
+        raise VocabularyError(
+            f"Vocabulary {name} has {found}; T5 models need PAD 0, EOS 1, UNK 2: train it "
+            f"with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 (as `mtjax vocab train` does)")
 
 
 # The vocabulary that task helpers use when a task does not name one: config data.vocabulary,
