@@ -324,6 +324,10 @@ def test_cli_dry_run_reports_plan_without_training(tmp_path, capsys):
     code = cli.main(["train", "--dry-run", *TINY, "eval.mixture=mtjax_revers"])
     err = capsys.readouterr().err
     assert code == 2 and "eval.mixture: Unknown task or mixture 'mtjax_revers'" in err, err
+    # And an eval.split no task has (the plan said nothing; the run then refused it).
+    code = cli.main(["train", "--dry-run", *TINY, "eval.at_end=true", "eval.split=bogus"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.split='bogus': no task of mtjax_demo with metrics" in err, err
 
 
 @pytest.mark.slow

@@ -111,6 +111,31 @@ def check_eval_mixture(config: Any) -> None:
             f"{config.data.mixture!r}: evaluate tasks defined with the training vocabulary")
 
 
+def check_eval_split(config: Any) -> None:
+    """Refuse an eval.split that no task with metrics has (a typo), with the other set-up
+    checks (``train`` and ``train --dry-run``): as a note the run trained without the
+    evaluation asked for, and found after the workdir was written it left a config.json in a
+    new run directory.
+
+    Raises:
+        ConfigError: naming ``eval.split`` and the splits there are.
+    """
+    if not (config.eval.every_steps or config.eval.at_end):
+        return
+    from mtjax.config import ConfigError
+
+    # The tasks the evaluator takes (infer.evaluate.seqio_evaluators), before their split.
+    mixture = eval_mixture(config)
+    scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture))
+              if t.metric_fns or t.metric_objs]
+    if scored and not any(config.eval.split in t.splits for t in scored):
+        splits = sorted({s for t in scored for s in t.splits})
+        raise ConfigError(
+            f"eval.split={config.eval.split!r}: no task of {mixture} with metrics "
+            f"has that split (they have: {', '.join(splits)}); fix eval.split, or set "
+            f"eval.at_end=false eval.every_steps=0 to train without evaluating")
+
+
 class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     """`EncDecFeatureConverter` that also packs a per-token `task_ids` feature, first-fit.
 

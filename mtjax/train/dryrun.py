@@ -62,7 +62,8 @@ def dry_run(config: config_lib.Config, vocab_size: int | None = None,
         from mtjax.data import pipeline as pipeline_lib
 
         vocab_size = mixture_vocab_size(config)
-        pipeline_lib.check_eval_mixture(config)  # as the run checks it at start
+        pipeline_lib.check_eval_mixture(config)  # as the run checks them at start
+        pipeline_lib.check_eval_split(config)
     setup = setup_lib.build(config, vocab_size=vocab_size, num_tasks=1, mesh=mesh, rules=rules)
     params, opt_state = setup.abstract_state.params, setup.abstract_state.opt_state
     report: dict[str, Any] = {

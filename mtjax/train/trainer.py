@@ -135,7 +135,7 @@ def _train(config: config_lib.Config, workdir: str | pathlib.Path, init_from: st
         pipeline_lib.prepare(config)
         pipeline_lib.resolve_task_names(config.data.mixture)
         pipeline_lib.check_eval_mixture(config)  # (without evaluation too: `mtjax eval` takes it)
-        _check_eval_split(config)
+        pipeline_lib.check_eval_split(config)
         if init_from and not _has_checkpoint(workdir):
             from mtjax.checkpoint import find_state_dir
 
@@ -571,28 +571,6 @@ def _make_evaluator(config: config_lib.Config, mesh, rules, setup):
                 f"saved between them (checkpoint.every_steps={save_every}) rank worst by it; "
                 f"make checkpoint.every_steps a multiple of eval.every_steps")
     return evaluator
-
-
-def _check_eval_split(config: config_lib.Config) -> None:
-    """Refuse an eval.split that no task with metrics has (a typo), with the other set-up
-    checks: as a note the run trained without the evaluation asked for, and found after the
-    workdir was written it left a config.json in a new run directory."""
-    if not (config.eval.every_steps or config.eval.at_end):
-        return
-    import seqio
-
-    from mtjax.data import pipeline as pipeline_lib
-
-    # The tasks the evaluator takes (infer.evaluate.seqio_evaluators), before their split.
-    mixture = pipeline_lib.eval_mixture(config)
-    scored = [t for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture))
-              if t.metric_fns or t.metric_objs]
-    if scored and not any(config.eval.split in t.splits for t in scored):
-        splits = sorted({s for t in scored for s in t.splits})
-        raise config_lib.ConfigError(
-            f"eval.split={config.eval.split!r}: no task of {mixture} with metrics "
-            f"has that split (they have: {', '.join(splits)}); fix eval.split, or set "
-            f"eval.at_end=false eval.every_steps=0 to train without evaluating")
 
 
 def _best_metric_known(config: config_lib.Config, summary: dict[str, float], bar) -> bool:
