@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -559,3 +560,40 @@ def test_a_nan_score_makes_its_attention_row_nan_as_in_xla():
     assert np.isnan(want[0, :, 1]).all() and np.isfinite(np.delete(want, 1, axis=2)).all()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), atol=2e-6, rtol=0)
+
+
+def test_a_compiler_without_avx512_support_gets_the_avx2_build(tmp_path, monkeypatch, capsys):
+    """GCC before 11 has no -march=x86-64-v4: on an AVX-512 CPU the kernels were lost (the XLA
+    path ran) although the AVX2 build compiles there. The refusal is kept in the cache, so
+    later starts go to the AVX2 build without trying again."""
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "old-g++"
+    compiler.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$*" >> {calls}
+        case "$*" in *x86-64-v4*)
+            echo "cc1plus: error: bad value ('x86-64-v4') for '-march=' switch" >&2; exit 1;;
+        esac
+        while [ "$1" != "-o" ]; do shift; done
+        echo built > "$2"
+        """))
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {*kernels.ISAS["avx512"][0],
+                                                        *kernels.ISAS["avx2"][0]})
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    first = kernels.build(str(compiler))
+    err = capsys.readouterr().err
+    assert first.name.startswith("cpu_kernels-avx2-") and first.read_text() == "built\n"
+    assert (f"mtjax: {compiler} cannot build the AVX-512 kernels (cc1plus: error: bad value "
+            f"('x86-64-v4') for '-march=' switch); building the AVX2 ones instead") in err, err
+    assert kernels.build(str(compiler)) == first
+    assert capsys.readouterr().err == ""
+    tried = calls.read_text().splitlines()
+    assert ["x86-64-v4" in line for line in tried] == [True, False], tried
+    # Asked for by name, AVX-512 is not replaced: the compiler's error is the answer.
+    monkeypatch.setenv("MTJAX_CPU_KERNEL_ISA", "avx512")
+    with pytest.raises(kernels.KernelUnavailable, match=r"bad value \('x86-64-v4'\)"):
+        kernels.build(str(compiler))

@@ -120,8 +120,25 @@ def _library_path(compiler: str, flags: tuple[str, ...], isa: str,
     return cache_dir() / f"cpu_kernels-{isa}-{digest.hexdigest()[:16]}.so"
 
 
-def build(compiler: str | None = None) -> pathlib.Path:
+def _avx2_can_stand_in(isa: str) -> bool:
+    """An AVX-512 build the compiler refused may give way to the AVX2 build: the instruction set
+    was picked, not asked for (MTJAX_CPU_KERNEL_ISA), and the CPU has AVX2."""
+    flags = _cpu_flags() or set()
+    return (isa == "avx512" and os.environ.get("MTJAX_CPU_KERNEL_ISA", "auto") == "auto"
+            and all(flag in flags for flag in ISAS["avx2"][0]))
+
+
+def _refused_path(library: pathlib.Path) -> pathlib.Path:
+    """Where a compiler's refusal of a build is kept, so that later starts skip to AVX2."""
+    return library.with_name(library.name + ".refused")
+
+
+def build(compiler: str | None = None, isa: str | None = None) -> pathlib.Path:
     """The kernels' shared library, compiled now unless a cached build exists.
+
+    ``isa``: the instruction set to build for (default: the best the CPU has). A compiler that
+    cannot build the AVX-512 one (GCC before 11 has no ``-march=x86-64-v4``) gets the AVX2
+    one instead, said once per cache.
 
     Raises:
         KernelUnavailable: kernels switched off, an unsupported CPU, no compiler, or the
@@ -130,9 +147,10 @@ def build(compiler: str | None = None) -> pathlib.Path:
     if switched_off(os.environ, "MTJAX_CPU_KERNELS"):
         raise KernelUnavailable(
             f"switched off by MTJAX_CPU_KERNELS={os.environ['MTJAX_CPU_KERNELS']}")
-    isa, why_not = cpu_kernel_isa()
     if isa is None:
-        raise KernelUnavailable(why_not)
+        isa, why_not = cpu_kernel_isa()
+        if isa is None:
+            raise KernelUnavailable(why_not)
     flags = (*_COMPILE_FLAGS, *ISAS[isa][1])
     compiler = compiler or os.environ.get("CXX") or "c++"
     compiler_command = shlex.split(compiler)  # CXX may carry flags or a wrapper (ccache g++)
@@ -142,6 +160,8 @@ def build(compiler: str | None = None) -> pathlib.Path:
 
     include_dir = jax.ffi.include_dir()
     target = _library_path(compiler, flags, isa, include_dir)
+    if _refused_path(target).exists() and _avx2_can_stand_in(isa):
+        return build(compiler, isa="avx2")
     if target.exists():
         if _intact(target):
             _mark_used(target)
@@ -169,6 +189,13 @@ def build(compiler: str | None = None) -> pathlib.Path:
         except OSError as e:  # on PATH but not runnable (a wrapper whose interpreter is gone)
             raise KernelUnavailable(f"the C++ compiler {compiler!r} does not run ({e}); set CXX "
                                     f"to one that does") from e
+        if result.returncode != 0 and _avx2_can_stand_in(isa):
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+            print(f"mtjax: {compiler} cannot build the AVX-512 kernels ({last}); building the "
+                  f"AVX2 ones instead", file=sys.stderr, flush=True)
+            outputs.write_text(_refused_path(target), result.stderr[-2000:],
+                               flag="kernel cache")
+            return build(compiler, isa="avx2")
         if result.returncode != 0:
             raise KernelUnavailable(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -227,6 +254,7 @@ def _prune(cache: pathlib.Path, keep: pathlib.Path) -> None:
     files a killed build left over a day ago; only files named as mtjax names them."""
     now = time.time()
     for pattern, max_age_s in (("cpu_kernels-*.so", UNUSED_BUILD_DAYS * 86400),
+                               ("cpu_kernels-*.so.refused", UNUSED_BUILD_DAYS * 86400),
                                ("cpu_kernels-*.partial", 86400)):
         for path in cache.glob(pattern):
             try:
