@@ -46,6 +46,8 @@ def test_smoke_train_prints_complete_json(capsys, tmp_path):
     step = result["step_s"]
     assert 0 < step["min"] <= step["median"] <= step["max"]
     assert result["tokens_per_step"] == 2 * (32 + 16)
+    assert (result["mesh"], result["mesh_rules"]) == ({"data": 1, "fsdp": 1, "tensor": 1},
+                                                      result["config"]["mesh"]["rules"])
     assert result["peak_source"] == "measured_matmul"  # CPU in tests
     assert "device_peak_memory_bytes" in result  # None on CPU
     kernel = result["host_kernel_per_step"]

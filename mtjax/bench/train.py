@@ -174,6 +174,9 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
     return {
         "benchmark": "train",
         "model": config.model.name,
+        # The mesh the step ran on, resolved (data=-1 -> the device count left), with its rules.
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+        "mesh_rules": config.mesh.rules,
         "num_params": sizes.count_params(cfg),
         "batch_size": b, "inputs_length": s, "targets_length": t,
         "dtype": config.model.dtype, "optimizer": config.optim.name,
