@@ -974,3 +974,21 @@ def test_file_task_notes_print_on_the_first_host_only(monkeypatch, capsys):
     monkeypatch.setattr(jax, "process_index", lambda: pytest.fail("backends started"))
     files_lib._warn_once("mtjax: note: one process")
     assert capsys.readouterr().err == "mtjax: note: one process\n"
+
+
+@pytest.mark.parametrize("strategy", ["examples_proportional", "temperature"])
+def test_size_strategies_name_a_file_task_whose_files_are_missing(data_dir, strategy):
+    """A file task whose pattern matches no file has no size to weigh: the error is the missing
+    file, not "cannot tell its size (... use data.mixing=equal)", which sent the user to
+    change the mixing instead of the path."""
+    tasks.add_file_task("t_nofile", str(data_dir / "no_such_file.tsv"))
+    tasks.add_file_task("t_small", str(data_dir / "small.tsv"))
+    tasks.add_mixture("t_nofile_mix", ["t_small", "t_nofile"], mixing="equal")
+    with pytest.raises(files_lib.DataFileError, match="no file matches .*no_such_file.tsv"):
+        mixing.resolve_rates("t_nofile_mix", strategy)
+    with pytest.raises(files_lib.DataFileError, match="no file matches .*no_such_file.tsv"):
+        InputPipeline("t_nofile_mix", inputs_length=16, targets_length=8, batch_size=2,
+                      mixing=strategy)
+    tasks.add_mixture("t_nofile_prop", ["t_small", "t_nofile"], mixing=strategy)
+    with pytest.raises(files_lib.DataFileError, match="no file matches .*no_such_file.tsv"):
+        mixing.mixture_rates("t_nofile_prop")

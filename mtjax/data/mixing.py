@@ -82,15 +82,21 @@ def num_examples(task: seqio.Task, split: str = "train") -> int | None:
     """Examples in a task's split before preprocessing, or None when the source cannot tell.
 
     Asks the source (TFDS metadata, a file scan); else uses the cardinality of an in-memory
-    source dataset, which is known without reading it.
+    source dataset, which is known without reading it. A source that says why it cannot be
+    read (a UserError: no file matches, a column not in the header) raises it: taken for an
+    unknown size, it became "cannot tell its size, use data.mixing=equal".
     """
     try:
         n = task.num_input_examples(split)
+    except UserError:
+        raise
     except (KeyError, ValueError, TypeError):  # e.g. TFDS metadata without split sizes
         n = None
     if n is None:
         try:
             cardinality = int(task.source.get_dataset(split=split, shuffle=False).cardinality())
+        except UserError:
+            raise
         except (KeyError, ValueError, TypeError, tf.errors.OpError):
             return None
         n = cardinality if cardinality >= 0 else None
