@@ -992,3 +992,19 @@ def test_size_strategies_name_a_file_task_whose_files_are_missing(data_dir, stra
     tasks.add_mixture("t_nofile_prop", ["t_small", "t_nofile"], mixing=strategy)
     with pytest.raises(files_lib.DataFileError, match="no file matches .*no_such_file.tsv"):
         mixing.mixture_rates("t_nofile_prop")
+
+
+@pytest.mark.parametrize("density,mean_span,inputs_length", [
+    (0.15, 3.0, 172), (0.15, 3.0, 512), (0.15, 3.0, 1180), (0.3, 8.0, 130), (0.15, 1.0, 4)])
+def test_random_spans_helper_gives_the_lengths_the_noise_mask_makes(density, mean_span,
+                                                                    inputs_length):
+    """The helper counted noise in float64 and the mask in float32: at 172 inputs its chunk
+    of 190 tokens (190 * 0.15 = 28.5) made 40 targets where it reported 38, and a run given
+    targets_length=38 from it cut 2 tokens off every full chunk's targets."""
+    chunk, targets_length = objectives.random_spans_helper(inputs_length, density, mean_span)
+    tokens = tf.range(10, 10 + chunk)
+    mask = objectives.random_spans_noise_mask(tf.constant(chunk), tf.constant([3, 4]), density,
+                                              mean_span)
+    inputs = objectives.noise_span_to_unique_sentinel(tokens, mask, 1000)
+    targets = objectives.noise_span_to_unique_sentinel(tokens, tf.logical_not(mask), 1000)
+    assert (len(inputs) + 1, len(targets) + 1) == (inputs_length, targets_length)  # + EOS

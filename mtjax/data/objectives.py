@@ -45,9 +45,9 @@ def random_spans_helper(
     """
 
     def lengths(tokens_length: int) -> tuple[int, int]:
-        num_noise = int(round(tokens_length * noise_density))
+        num_noise, num_spans = _noise_counts(tokens_length, noise_density,
+                                             mean_noise_span_length)
         num_nonnoise = tokens_length - num_noise
-        num_spans = _noise_span_count(tokens_length, noise_density, mean_noise_span_length)
         return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
 
     tokens_length = max(inputs_length - 1, 2)
@@ -56,11 +56,24 @@ def random_spans_helper(
     return tokens_length, lengths(tokens_length)[1]
 
 
+def _noise_counts(tokens_length: int, noise_density: float,
+                  mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a chunk of ``tokens_length`` tokens, computed exactly as
+    `random_spans_noise_mask` does: in float32 and clipped. (T5's helper counts in float64,
+    and where length * density is a half in float64 but just above one in float32, 190 * 0.15
+    say, it counted one noise token and one span fewer than the mask makes: targets 2 tokens
+    longer than it reported.)"""
+    length = max(tokens_length, 2)
+    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise = min(max(num_noise, 1), length - 1)
+    num_spans = int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)))
+    return num_noise, min(max(num_spans, 1), min(num_noise, length - num_noise))
+
+
 def _noise_span_count(tokens_length: int, noise_density: float,
                       mean_noise_span_length: float) -> int:
-    """Noise spans in a chunk of ``tokens_length`` tokens, as T5's helper counts them."""
-    num_noise = int(round(tokens_length * noise_density))
-    return max(int(round(num_noise / mean_noise_span_length)), 1)
+    """Noise spans in a chunk of ``tokens_length`` tokens, as the noise mask makes them."""
+    return _noise_counts(tokens_length, noise_density, mean_noise_span_length)[1]
 
 
 def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed) -> tf.Tensor:
