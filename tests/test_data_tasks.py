@@ -1008,3 +1008,22 @@ def test_random_spans_helper_gives_the_lengths_the_noise_mask_makes(density, mea
     inputs = objectives.noise_span_to_unique_sentinel(tokens, mask, 1000)
     targets = objectives.noise_span_to_unique_sentinel(tokens, tf.logical_not(mask), 1000)
     assert (len(inputs) + 1, len(targets) + 1) == (inputs_length, targets_length)  # + EOS
+
+
+def test_a_stray_first_tsv_line_is_the_malformed_one(tmp_path):
+    """Without a header, the number of fields most lines have is the expected one: taken from
+    the first line, a stray first line (a title, a row with an extra tab) made every good line
+    malformed, and on_malformed='skip' trained on the stray line alone."""
+    good = "".join(f"question {i}\tanswer {i}\n" for i in range(6))
+    for first, fields in (("my dataset\n", 1), ("what\tis\tthis\n", 3)):
+        path = tmp_path / f"stray_{fields}.tsv"
+        path.write_text(first + good)
+        task = tasks.add_file_task(f"t_stray_{fields}", str(path), on_malformed="skip")
+        assert task.source.scan("train").examples == 6
+        assert [ex["targets_pretokenized"] for ex in _examples(task)] == [
+            f"answer {i}".encode() for i in range(6)]
+        failing = tasks.add_file_task(f"t_stray_fail_{fields}", str(path), on_malformed="fail")
+        with pytest.raises(files_lib.DataFileError,
+                           match=rf"1 malformed line\(s\): {path}:1: {fields} tab-separated "
+                                 r"fields, expected 2\."):
+            _examples(failing)

@@ -11,10 +11,10 @@ files once in Python to count examples (for examples-proportional mixing) and ma
 which then fail the run with their count and location, or are skipped, as `on_malformed` says.
 
 What is malformed: TSV, a line whose number of tab-separated fields differs from the header's
-(or the first line's); JSONL, a line that is not a JSON object, lacks a mapped key, or maps a key
-to a list/object, null or text with a lone surrogate escape; any format, a line that is not
-UTF-8. Blank lines are skipped silently, and a UTF-8 byte-order mark at the start of a file is
-dropped. Compressed (.gz) files are refused with the fix.
+(or, without a header, from the number most lines have); JSONL, a line that is not a JSON
+object, lacks a mapped key, or maps a key to a list/object, null or text with a lone surrogate
+escape; any format, a line that is not UTF-8. Blank lines are skipped silently, and a UTF-8
+byte-order mark at the start of a file is dropped. Compressed (.gz) files are refused with the fix.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Scan:
     malformed: int
     locations: tuple[str, ...]  # the first few "file:line: reason"
     header: tuple[str, ...] | None  # TSV column names when the files have a header
-    fields: int | None  # TSV fields per line: the header's, else the first line's
+    fields: int | None  # TSV fields per line: the header's, else most lines'
     files: tuple[str, ...] = ()  # the split's files, in the order read
     file_examples: tuple[int, ...] = ()  # examples of each file
     file_bytes: tuple[int, ...] = ()  # bytes of each file, when scanned
@@ -94,19 +94,26 @@ def _lines(path: str):
 def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tuple) -> Scan:
     """Counts examples and malformed lines; `stamp` (each file's mtime and bytes) invalidates
     the cache on edits."""
-    examples, malformed, locations = 0, 0, []
+    examples, malformed, located = 0, 0, []  # located: (order, "file:line: reason")
     names, expected = None, None
     file_examples = []
+    # TSV without a header: the number of fields most lines have is the expected one, known
+    # once every line is seen. (Taken from the first line, one stray line at the top made
+    # every good line malformed: on_malformed='skip' trained on the stray line alone.)
+    by_fields: dict[int, list[int]] = {}  # fields -> lines of it in each file
+    first_of: dict[int, list[tuple[int, str, int]]] = {}  # fields -> first few (order, file, line)
+    order = 0
 
     def bad(path, number, reason):
         nonlocal malformed
         malformed += 1
-        if len(locations) < _SHOWN_LOCATIONS:
-            locations.append(f"{path}:{number}: {reason}")
+        if len(located) < _SHOWN_LOCATIONS:
+            located.append((order, f"{path}:{number}: {reason}"))
 
-    for path in files:
+    for i, path in enumerate(files):
         file_examples.append(examples)
         for number, raw in _lines(path):
+            order += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -122,8 +129,12 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
                     elif tuple(fields) != names:
                         bad(path, number, f"header {fields} differs from {list(names)}")
                     continue
-                if expected is None:
-                    expected = len(fields)
+                if not header:
+                    by_fields.setdefault(len(fields), [0] * len(files))[i] += 1
+                    first = first_of.setdefault(len(fields), [])
+                    if len(first) < _SHOWN_LOCATIONS:
+                        first.append((order, path, number))
+                    continue
                 if len(fields) != expected:
                     bad(path, number, f"{len(fields)} tab-separated fields, expected {expected}")
                     continue
@@ -134,6 +145,17 @@ def _scan(files: tuple[str, ...], fmt: str, keys: tuple, header: bool, stamp: tu
                     continue
             examples += 1
         file_examples[-1] = examples - file_examples[-1]
+    if by_fields:  # the most lines; a tie: the number of the first of them
+        expected = max(by_fields, key=lambda n: (sum(by_fields[n]), -first_of[n][0][0]))
+        for n, counts in by_fields.items():
+            if n == expected:
+                examples += sum(counts)
+                file_examples = [a + b for a, b in zip(file_examples, counts, strict=True)]
+            else:
+                malformed += sum(counts)
+                located += [(o, f"{path}:{number}: {n} tab-separated fields, expected "
+                                f"{expected}") for o, path, number in first_of[n]]
+    locations = [text for _, text in sorted(located)[:_SHOWN_LOCATIONS]]
     if fmt == "tsv" and header and names is not None:
         missing = [k for k in keys if isinstance(k, str) and k not in names]
         if missing:
