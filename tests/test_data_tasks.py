@@ -1027,3 +1027,13 @@ def test_a_stray_first_tsv_line_is_the_malformed_one(tmp_path):
                            match=rf"1 malformed line\(s\): {path}:1: {fields} tab-separated "
                                  r"fields, expected 2\."):
             _examples(failing)
+
+
+def test_prefix_lm_keeps_the_token_of_a_one_token_chunk_as_the_target():
+    """The last chunk of a document group can be one token: its targets were empty (EOS
+    alone), where T5 makes it the target with empty inputs; longer chunks split as before."""
+    for seed in range(5):
+        mask = objectives.random_prefix_noise_mask(tf.constant(1), tf.constant([seed, 7]), 0.5)
+        assert mask.numpy().tolist() == [True]
+        mask = objectives.random_prefix_noise_mask(tf.constant(2), tf.constant([seed, 7]), 0.5)
+        assert mask.numpy().tolist() == [False, True]

@@ -127,7 +127,9 @@ def random_prefix_noise_mask(length: tf.Tensor, seed, noise_density: float = 0.5
     min_inputs = tf.clip_by_value(min_inputs, 1, max_inputs)
     num_inputs = tf.random.stateless_uniform(
         [], minval=min_inputs, maxval=max_inputs + 1, dtype=tf.int32, seed=seed)
-    return tf.range(length) >= num_inputs
+    # A 1-token chunk (the last of a document group) keeps its token as the target, as T5
+    # does, with empty inputs: a target of EOS alone teaches nothing.
+    return tf.range(length) >= tf.minimum(num_inputs, length - 1)
 
 
 def noise_span_to_unique_sentinel(tokens: tf.Tensor, noise_mask: tf.Tensor,
