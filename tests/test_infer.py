@@ -1358,3 +1358,25 @@ def test_eval_refuses_a_decode_length_past_the_decoders_limit_by_its_flag(tmp_pa
     assert code == 2
     assert "--max-decode-length 100000 is more than mtjax decodes (65536" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["infer", "--input", "{lines}", "--task", "mtjax_cpoy"], "Did you mean: mtjax_copy"),
+    (["infer", "--input", "{lines}", "--task", "mtjax_kb"], "'mtjax_kb' is a mixture"),
+    (["eval", "--mixture", "mtjax_cpoy"], "Did you mean: mtjax_copy"),
+])
+def test_an_unknown_task_or_mixture_fails_before_the_checkpoint_loads(
+        trained_run, tmp_path, capsys, monkeypatch, argv, message):
+    """A misspelt --task or --mixture was found only once the parameters were loaded (minutes,
+    for a large model), and infer's after its compile bar had started."""
+    lines = tmp_path / "inputs.txt"
+    lines.write_text("copy: bada\n")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(load_lib, "load", no_loading)
+    argv = [a.format(lines=lines) for a in argv]
+    code, stdout, err = _cli([*argv, "--checkpoint", str(trained_run)], capsys)
+    assert code == 2 and not stdout and message in err, err
+    assert len(err.strip().splitlines()) == 1, err

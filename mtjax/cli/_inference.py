@@ -82,6 +82,7 @@ def load(args: argparse.Namespace):
     failure = None
     try:
         load_lib.import_tasks(load_lib.read_config(step_dir), step_dir, args.tasks_module)
+        _check_names(args)  # a misspelt --task or --mixture fails before minutes of loading
     except UserError as e:
         failure = e
     distributed.agree_on_set_up(failure)
@@ -92,6 +93,19 @@ def load(args: argparse.Namespace):
     compile_cache.enable(model.config.train.compilation_cache)  # the run's own setting
     _log(args, f"mtjax: loaded {model.config.model.name} from {model.step_dir}")
     return model
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    """The task (infer's --task) or mixture (eval's --mixture) named on the command line is
+    registered, now that the run's tasks module is imported."""
+    if getattr(args, "task", None):
+        from mtjax.infer import records as records_lib
+
+        records_lib.TaskText(args.task)  # an unknown name, or a mixture
+    if getattr(args, "mixture", None):
+        from mtjax.data import pipeline
+
+        pipeline.lookup(args.mixture)
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
