@@ -845,3 +845,16 @@ def test_weights_read_from_a_tree_that_lacks_a_parameter_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"state: its saved tree holds no w \(a checkpoint "
                        r"of another model, or its state/_METADATA file is damaged\)$"):
         restore_params(tmp_path / "checkpoints/1", abstract)
+
+
+def test_listing_a_step_the_run_does_not_have_is_an_error(tmp_path, capsys):
+    """`mtjax checkpoints RUN/checkpoints/999` (a misspelt step) listed the run and exited 0,
+    as if the step were there; --checkpoint refuses it."""
+    for step in ("20", "40"):
+        (tmp_path / "run" / "checkpoints" / step).mkdir(parents=True)
+    missing = tmp_path / "run" / "checkpoints" / "999"
+    assert cli.main(["checkpoints", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert (f"{missing} does not exist (the run's checkpoints: 20, 40); give one of them, or "
+            f"the run directory {tmp_path / 'run'}") in captured.err

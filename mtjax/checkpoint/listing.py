@@ -23,7 +23,7 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     Reads files only (no Orbax manager, nothing moved). Directories set aside as incomplete are
     listed under ``incomplete``.
     """
-    run_dir = pathlib.Path(run_dir).absolute()
+    run_dir = given = pathlib.Path(run_dir).absolute()
     # Also take what the other commands take: the checkpoints/ folder, one step of it, or that
     # step's state item.
     if is_state_item(run_dir):
@@ -40,6 +40,11 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
                               f"checkpoints/ folder or one checkpoint in it")
     if not root.is_dir():
         raise CheckpointError(f"{run_dir} holds no checkpoints/ folder; give a run directory")
+    if not given.exists():  # a step (or its state item) the run does not have
+        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+        raise CheckpointError(f"{given} does not exist (the run's checkpoints: "
+                              f"{', '.join(map(str, steps)) or 'none'}); give one of them, or "
+                              f"the run directory {run_dir}")
     config = {}
     rows, incomplete = [], []
     for step_dir in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)):
