@@ -360,3 +360,18 @@ def test_a_sentencepiece_model_with_sentencepieces_default_ids_is_refused(tmp_pa
             f"UNK 2: train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 (as `mtjax vocab "
             f"train` does)") in err, err
     assert "Traceback" not in err, err
+
+
+def test_vocab_train_on_empty_text_is_one_plain_line_and_makes_no_directory(capsys, tmp_path):
+    """Text files of blank lines gave SentencePiece's "INTERNAL: src/trainer_interface.cc(467)
+    [!sentences_.empty()]", and a failed training left the --out directories it had made."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    out = tmp_path / "new" / "vocab"
+    code, stdout, err = run(["vocab", "train", "--input", str(blank), "--size", "50", "--out",
+                             str(out)], capsys)
+    assert code == 2 and not stdout, err
+    assert err.strip().splitlines()[-1] == (
+        "mtjax: error: vocab train: SentencePiece failed: the input files hold no text (every "
+        "line is empty) (--size 50, 1 input file(s))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]

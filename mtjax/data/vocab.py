@@ -7,6 +7,7 @@ as `seqio.SentencePieceVocabulary(path, extra_ids=100)`, the 100 sentinels of sp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -163,6 +164,7 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
     if progress:
         print(f"training a {model_type} SentencePiece model of {size} pieces on "
               f"{len(inputs)} file(s) ...", file=sys.stderr, flush=True)
+    created = [d for d in (out, *out.absolute().parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     # Trained beside, moved into place when done: a failure leaves the old model as it was.
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=".spm-training-", dir=out))
@@ -171,6 +173,12 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
                     max_sentences, lossless, quiet)
         for suffix in (".vocab", ".model"):
             os.replace(scratch / f"spm{suffix}", out / f"spm{suffix}")
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for directory in created:  # nor the empty --out (and its parents) made for it
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     prefix = str(out / "spm")
@@ -211,6 +219,8 @@ def _train_into(spm, prefix: pathlib.Path, inputs: Sequence[str], size: int, mod
     except RuntimeError as e:
         # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
         reason = str(e).strip().rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        if "sentences_.empty()" in reason:  # "INTERNAL: src/trainer_interface.cc(467) [...]"
+            reason = "the input files hold no text (every line is empty)"
         reason = reason.replace("--character_coverage", "--character-coverage")
         if lossless and "required_chars" in reason:
             reason += " --lossless counts the 256 byte pieces among the characters."
