@@ -1380,3 +1380,18 @@ def test_an_unknown_task_or_mixture_fails_before_the_checkpoint_loads(
     code, stdout, err = _cli([*argv, "--checkpoint", str(trained_run)], capsys)
     assert code == 2 and not stdout and message in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_seed_beyond_64_bits_is_one_line_before_the_checkpoint_loads(tmp_path, capsys):
+    """--seed 2**63 passed every check and stopped in jax.random.key with an OverflowError
+    traceback, after the checkpoint had loaded."""
+    lines = tmp_path / "inputs.txt"
+    lines.write_text("copy: bada\n")
+    for seed in (2**63, -(2**63)):
+        code, stdout, err = _cli(["infer", "--checkpoint", str(tmp_path / "nope"), "--input",
+                                  str(lines), "--temperature", "1", "--seed", str(seed)], capsys)
+        assert code == 2 and not stdout, err
+        assert err.strip().splitlines() == [
+            f"mtjax: error: --seed must be between -{2**63 - 1} and {2**63 - 1} (as train.seed), "
+            f"got {seed}"], err
+    DecodeOptions(temperature=1.0, seed=2**63 - 1)  # the largest one JAX takes is fine

@@ -37,6 +37,7 @@ from mtjax.parallel import mesh as mesh_lib
 # value): finite, so sums of a few of them stay ordered and never turn into NaN.
 NEG_INF = -1.0e7
 
+_MAX_SEED = 2**63 - 1  # the int64 jax.random.key takes
 EOS_ID = 1  # T5 vocabularies (SentencePiece and byte) put EOS at id 1; 0 is padding/BOS
 
 
@@ -100,6 +101,9 @@ class DecodeOptions:
                 "--temperature: add --temperature T (1.0 samples from the model's distribution)")
         if self.alpha < 0:
             raise DecodeOptionsError(f"--alpha must be >= 0, got {self.alpha}")
+        if not -_MAX_SEED <= self.seed <= _MAX_SEED:  # beyond, jax.random.key overflows
+            raise DecodeOptionsError(f"--seed must be between -{_MAX_SEED} and {_MAX_SEED} "
+                                     f"(as train.seed), got {self.seed}")
 
     @property
     def sampling(self) -> bool:
