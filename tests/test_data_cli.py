@@ -375,3 +375,19 @@ def test_vocab_train_on_empty_text_is_one_plain_line_and_makes_no_directory(caps
         "mtjax: error: vocab train: SentencePiece failed: the input files hold no text (every "
         "line is empty) (--size 50, 1 input file(s))")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+
+
+@pytest.mark.parametrize("coverage", ["2", "0.5", "nan"])
+def test_vocab_train_names_the_character_coverage_it_takes(capsys, tmp_path, coverage):
+    """SentencePiece refused a coverage outside [0.98, 1] with its internal check,
+    "INTERNAL: src/trainer_interface.cc(94) [trainer_spec.character_coverage() >= 0.98 && ...]",
+    after creating --out."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("a few words of text\n")
+    code, stdout, err = run(["vocab", "train", "--input", str(corpus), "--size", "50", "--out",
+                             str(tmp_path / "v"), "--character-coverage", coverage], capsys)
+    assert code == 2 and not stdout, err
+    assert err.strip().splitlines() == [
+        f"mtjax: error: vocab train: --character-coverage must be between 0.98 and 1.0 (1.0 "
+        f"for small alphabets, 0.9995 for CJK), got {float(coverage)}"], err
+    assert not (tmp_path / "v").exists()

@@ -153,6 +153,10 @@ def train_sentencepiece(inputs: Sequence[str], size: int, out_dir: str, *,
         raise VocabularyError(f"vocab train: input file(s) not found: {missing or '(none given)'}")
     if size < 8:
         raise VocabularyError(f"vocab train: --size must be at least 8, got {size}")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bounds (NaN fails too)
+        raise VocabularyError(f"vocab train: --character-coverage must be between 0.98 and 1.0 "
+                              f"(1.0 for small alphabets, 0.9995 for CJK), got "
+                              f"{character_coverage}")
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VocabularyError(f"vocab train: --out {out_dir} is a file; give a directory (the "
