@@ -467,13 +467,16 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, from_format: st
         raise conv.ConversionError(f"{dst} is not empty; give a new or empty directory")
     from_format = from_format or detect_format(src)
     vocab = _check_vocabulary(vocab)
+    if from_format == "hf":
+        vocab = vocab or _hf_vocabulary(src)
+    if to_format == "mtjax" and vocab is None and from_format in ("hf", "t5x"):
+        raise _no_vocabulary(src)  # now, not after reading the weights (minutes, when large)
     model_type = None
     log(f"reading {from_format} checkpoint {src}")
     if from_format == "hf":
         hf_config, tensors = read_hf(src)
         cfg = conv.hf_config_to_t5(hf_config)
         params = conv.hf_to_params(tensors, cfg)
-        vocab = vocab or _hf_vocabulary(src)
         model_type = hf_config.get("model_type")
     elif from_format == "t5x":
         params = conv.t5x_to_params(read_t5x(src, log))
@@ -499,9 +502,7 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, from_format: st
     if to_format != "mtjax":
         raise conv.ConversionError(f"--to {to_format!r}: choose mtjax or hf")
     if vocab is None:
-        raise conv.ConversionError(
-            f"no vocabulary found with {src}; pass --vocab FILE (a SentencePiece .model) or "
-            f"--vocab byte, so that the vocabulary travels with the checkpoint")
+        raise _no_vocabulary(src)
     padded = -(-vocabulary_size(vocab) // 128) * 128
     if padded != cfg.vocab_size:
         # mtjax train sizes the embedding from the data's vocabulary (rounded up to 128).
@@ -514,3 +515,9 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, from_format: st
     summary["model"] = write_mtjax(dst, cfg, params, vocab, source)
     summary["checkpoint"] = str(dst / "checkpoints" / "0")
     return summary
+
+
+def _no_vocabulary(src: pathlib.Path) -> conv.ConversionError:
+    return conv.ConversionError(
+        f"no vocabulary found with {src}; pass --vocab FILE (a SentencePiece .model) or "
+        f"--vocab byte, so that the vocabulary travels with the checkpoint")

@@ -457,7 +457,8 @@ def test_an_orbax_tree_is_read_without_orbax_sharding_warning(tmp_path, capsys, 
                      "--vocab", "byte"]) == 0
     assert json.loads(capsys.readouterr().out)["from"] == "t5x"
     state = tmp_path / "from_orbax" / "checkpoints" / "0" / "state"
-    assert cli.main(["convert", str(state), str(tmp_path / "again"), "--from", "t5x"]) == 2
+    assert cli.main(["convert", str(state), str(tmp_path / "again"), "--from", "t5x",
+                     "--vocab", "byte"]) == 2
     assert capsys.readouterr().err.count("mtjax: error: T5X checkpoint:") == 1
     assert not [w for w in recwarn if "Sharding info" in str(w.message)]
 
@@ -649,3 +650,23 @@ def test_the_state_item_of_an_mtjax_step_is_taken_for_mtjax(tmp_path):
     (tmp_path / "orbax_t5x").mkdir()
     (tmp_path / "orbax_t5x" / "_METADATA").write_text("{}")
     assert interop.detect_format(tmp_path / "orbax_t5x") == "t5x"
+
+
+@pytest.mark.parametrize("flags", [[], ["--from", "t5x"]])
+def test_a_conversion_with_no_vocabulary_fails_before_reading_the_weights(
+        tmp_path, capsys, monkeypatch, flags):
+    """A Hugging Face model without tokenizer files, or a T5X checkpoint, converted without
+    --vocab: the weights were read whole (many minutes for an 11B model) before the missing
+    vocabulary was named."""
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(interop, "read_hf", no_reading)
+    monkeypatch.setattr(interop, "read_t5x", no_reading)
+    src = FIXTURES / "t5_1_1"  # config.json and model.safetensors only
+    assert cli.main(["convert", str(src), str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"mtjax: error: no vocabulary found with {src}; pass --vocab FILE (a SentencePiece "
+        f".model) or --vocab byte, so that the vocabulary travels with the checkpoint"), err
+    assert not (tmp_path / "out").exists()
