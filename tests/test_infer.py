@@ -773,6 +773,8 @@ def test_bench_decode_smoke():
                                                    "beam4_b64"]
     assert all(c["tokens_per_s"] > 0 for c in result["cases"])
     assert result["model"] == "t5_1_1_test" and result["num_params"] == sizes.count_params(BASE)
+    assert (result["mesh"], result["mesh_rules"]) == ({"data": 1, "fsdp": 1, "tensor": 1},
+                                                      config.mesh.rules)
 
 
 def test_infer_with_a_task_checks_the_fields_its_source_yields(trained_run, tmp_path, capsys):

@@ -74,6 +74,8 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "benchmark": "decode", "model": config.model.name,
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+        "mesh_rules": config.mesh.rules,
         "num_params": sizes.count_params(model_cfg), "dtype": config.model.dtype,
         "inputs_length": s, "decode_length": t, "steps": options.steps,
         "warmup": options.warmup,
