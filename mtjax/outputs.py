@@ -9,6 +9,7 @@ as it was, rather than an emptied or half-written one that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -95,9 +96,17 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
     with _removed_at_sigterm(partial):
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
-                yield out
-                out.flush()
-                os.fsync(out.fileno())  # on disk before its name is: a crash leaves no torn file
+                try:
+                    yield out
+                except OSError as e:
+                    if e.errno not in _FULL:  # (the block's own failure, e.g. its input's)
+                        raise
+                    raise _write_failed(flag, path, e) from e
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())  # on disk before its name: a crash leaves no torn file
+                except OSError as e:
+                    raise _write_failed(flag, path, e) from e
             if target.exists():  # keep the permissions of the file being replaced
                 os.chmod(partial, target.stat().st_mode & 0o7777)
             else:
@@ -108,6 +117,16 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
         except BaseException:
             pathlib.Path(partial).unlink(missing_ok=True)
             raise
+
+
+# A disk or quota that is full, or a file past its size limit: writes fail whatever is written.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failed(flag: str, path: str | os.PathLike, error: OSError) -> OutputError:
+    why = error.strerror or str(error)
+    return OutputError(f"{flag} {str(path)!r} could not be written ({why}); it was left as "
+                       f"it was: free space there, or give a path on another disk")
 
 
 def write_text(path: str | os.PathLike, text: str, flag: str = "--output") -> None:

@@ -1397,3 +1397,34 @@ def test_a_seed_beyond_64_bits_is_one_line_before_the_checkpoint_loads(tmp_path,
             f"mtjax: error: --seed must be between -{2**63 - 1} and {2**63 - 1} (as train.seed), "
             f"got {seed}"], err
     DecodeOptions(temperature=1.0, seed=2**63 - 1)  # the largest one JAX takes is fine
+
+
+def test_an_output_whose_disk_is_full_is_one_line_and_left_as_it_was(tmp_path, monkeypatch):
+    """A full disk while writing --output (its write, flush or fsync) ended in a traceback
+    (exit 1) after all the work; the file that was there stays, and no partial file."""
+    import errno
+
+    from mtjax import outputs
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fsync", full)
+    with pytest.raises(outputs.OutputError, match=r"^--output '.*out.jsonl' could not be written "
+                       r"\(No space left on device\); it was left as it was: free space there, "
+                       r"or give a path on another disk$"):
+        outputs.write_text(target, "new\n")
+    monkeypatch.undo()
+    with pytest.raises(outputs.OutputError, match="No space left on device"):
+        with outputs.replaced_on_success(target) as out:
+            out.write("new\n")
+            full()
+    # Another failure of the block is its own (e.g. reading its input), not the output's.
+    with pytest.raises(FileNotFoundError):
+        with outputs.replaced_on_success(target) as out:
+            open(tmp_path / "missing")  # noqa: SIM115
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
