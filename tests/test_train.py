@@ -1023,3 +1023,23 @@ def test_a_best_eval_metric_that_checkpoints_miss_is_named(monkeypatch, capsys, 
         assert "warning" not in err, err
     else:
         assert "warning: checkpoint.best_metric=eval/mtjax_add/loss is" in err and expected in err
+
+
+def test_summary_json_holds_model_flops_per_s_as_null_when_no_step_was_timed(tmp_path):
+    """A one-step run's summary.json wrote tokens_per_s as null but left model_flops_per_s out,
+    which the README promises "the same way": a script reading the key failed on such runs."""
+    import pathlib
+
+    from mtjax.train import trainer
+
+    def summary(throughput):
+        trainer._write_summary(trainer.TrainResult(
+            workdir=pathlib.Path(tmp_path), start_step=0, step=1, metrics={"loss": 6.5},
+            wall_s=2.0, task_names=["mtjax_add"], throughput=throughput))
+        return json.loads((tmp_path / "summary.json").read_text())
+
+    untimed = summary({})
+    assert untimed["tokens_per_s"] is None and untimed["model_flops_per_s"] is None
+    assert "mfu" not in untimed  # no peak known (CPU, or a chip missing from the table)
+    timed = summary({"tokens_per_s": 900.0, "model_flops_per_s": 2e9, "mfu": 0.25})
+    assert (timed["tokens_per_s"], timed["model_flops_per_s"], timed["mfu"]) == (900.0, 2e9, 0.25)

@@ -652,7 +652,9 @@ def _write_summary(result: TrainResult) -> None:
         return
     summary = {
         "step": result.step, "start_step": result.start_step,
-        "tokens_per_s": None, **result.throughput,
+        # A run that timed no step (only the compiling first one ran) says so in the keys
+        # scripts read, as null; mfu stays left out where no peak is known, as in the rows.
+        "tokens_per_s": None, "model_flops_per_s": None, **result.throughput,
         "wall_s": result.wall_s,
         "metrics": result.metrics, "metrics_step": result.metrics_step,
         "skipped_steps": result.skipped_steps, "tasks": result.task_names,
