@@ -18,7 +18,8 @@ ALPHA_WITHOUT_BEAMS = ("--alpha is beam search's length penalty, and decoding is
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a run directory or its checkpoints/ directory (the latest "
-                        "checkpoint), or one checkpoint directory (<run>/checkpoints/<step>)")
+                        "checkpoint), or one checkpoint directory (<run>/checkpoints/<step>, "
+                        "or its state/ folder)")
     parser.add_argument("--tasks-module", default=None, metavar="MODULE",
                         help="module path or .py file registering your own SeqIO tasks "
                         "(default: the one the run was trained with)")

@@ -48,7 +48,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         parser.add_argument("-n", "--num-examples", type=int, default=5,
                             help="examples shown per task (default 5)")
         parser.add_argument("--sample", type=int, default=500,
-                            help="examples per task measured for lengths and truncation")
+                            help="examples per task measured for lengths and truncation "
+                            "(default 500)")
     add_config_arguments(parser, example="data.inputs_length=512 data.mixing=temperature")
     return parser
 
