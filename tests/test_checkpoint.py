@@ -858,3 +858,42 @@ def test_listing_a_step_the_run_does_not_have_is_an_error(tmp_path, capsys):
     assert not captured.out and len(captured.err.strip().splitlines()) == 1, captured.err
     assert (f"{missing} does not exist (the run's checkpoints: 20, 40); give one of them, or "
             f"the run directory {tmp_path / 'run'}") in captured.err
+
+
+def test_running_out_of_memory_restoring_the_newest_step_sets_nothing_aside(tmp_path, capsys):
+    """Out of memory while restoring the newest step is this machine's failure, not the step's:
+    it was taken for a tree that does not fit, and when the step before then restored (memory
+    freed by the failed try) the newest, good step was moved aside as damaged."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+    from mtjax.checkpoint.layout import CheckpointError
+
+    class Position:
+        def save(self, path):
+            pathlib.Path(path, "position").write_text("0")
+
+        def restore(self, path):
+            pass
+
+    states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32)} for step in (1, 2, 3)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
+    for step, state in states.items():
+        checkpoints.save(step, state, Position(), config={})
+    checkpoints.close()
+
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    restore = checkpoints._manager.restore
+
+    def out_of_memory_at_3(step, args):
+        if step == 3 and "state" in args.keys():
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                               "3221225472 bytes.")
+        return restore(step, args=args)
+
+    checkpoints._manager.restore = out_of_memory_at_3
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 cannot be read: RESOURCE_EXHAUSTED"):
+        checkpoints.restore_latest(states[3], Position())
+    checkpoints.close()
+    assert "moved aside" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]

@@ -18,12 +18,18 @@ def _looks_damaged(error: CheckpointError) -> bool:
     opposed to a checkpoint of another run (the user's change) or a failure of this machine
     (out of memory: an older checkpoint would fail alike, and this one is fine)."""
     cause = error.__cause__
-    if not isinstance(cause, Exception) or isinstance(cause, (KeyError, MemoryError)):
-        return False
-    text = str(cause).lower()
-    if "resource_exhausted" in text or "out of memory" in text:
+    if not isinstance(cause, Exception) or isinstance(cause, KeyError) or _out_of_memory(error):
         return False
     return not _looks_mismatched(error)
+
+
+def _out_of_memory(error: CheckpointError) -> bool:
+    """The restore ran out of host or device memory (this machine's failure: the checkpoint is
+    fine, and an older one fits no better)."""
+    cause = error.__cause__
+    text = str(cause).lower()
+    return (isinstance(cause, MemoryError) or "resource_exhausted" in text
+            or "out of memory" in text)
 
 
 def _looks_mismatched(error: CheckpointError) -> bool:

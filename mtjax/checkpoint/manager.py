@@ -12,7 +12,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from mtjax.checkpoint import digest
-from mtjax.checkpoint.failures import _looks_damaged, _says_dataset_changed, _short
+from mtjax.checkpoint.failures import (
+    _looks_damaged,
+    _out_of_memory,
+    _says_dataset_changed,
+    _short,
+)
 from mtjax.checkpoint.layout import (
     INCOMPLETE_SUFFIX,
     LOG_WINDOW_ITEM,
@@ -216,6 +221,10 @@ class RunCheckpoints:
                 if _looks_damaged(e):
                     self._set_aside_damaged(step, f"cannot be read ({_short(e.__cause__)})")
                     damaged.append(step)
+                elif _out_of_memory(e):
+                    # Not the step's fault: it stays, and so do the newer ones (an older step
+                    # that then fits in memory says nothing about their trees).
+                    raise
                 else:
                     misfits.append((step, e))
                 continue
