@@ -897,3 +897,38 @@ def test_running_out_of_memory_restoring_the_newest_step_sets_nothing_aside(tmp_
     checkpoints.close()
     assert "moved aside" not in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+
+def test_checkpoints_verify_finds_an_array_its_tree_metadata_no_longer_holds(tmp_path):
+    """A state/_METADATA changed so that an array is skipped (not read at all) was verified
+    "ok", and one whose checksum record names no array it holds "unchecked" (exit 0): every
+    array saved has a checksum, so one not read is the step's damage."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+    from mtjax.checkpoint.verify import verify_step
+
+    state = {"w": jnp.ones((3, 5), jnp.bfloat16), "b": jnp.arange(4, dtype=jnp.int32)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
+    checkpoints.save(1, state, None, config={})
+    checkpoints.close()
+    step = tmp_path / "checkpoints" / "1"
+    assert verify_step(step)["status"] == "ok"
+    metadata = step / "state/_METADATA"
+    saved = json.loads(metadata.read_text())
+    tree = saved["tree_metadata"]["('b',)"]["value_metadata"]
+    metadata.write_text(json.dumps({**saved, "tree_metadata": {
+        **saved["tree_metadata"], "('b',)": {
+            **saved["tree_metadata"]["('b',)"], "value_metadata": {
+                **tree, "skip_deserialize": True}}}}))
+    row = verify_step(step)
+    assert (row["status"], row["arrays"], row["reason"]) == (
+        "damaged", 1, "the array b, saved with a checksum, is not in its tree metadata "
+        "(state/_METADATA)")
+    leaves = saved["custom_metadata"]["mtjax_digest"]["leaves"]
+    leaves["x"] = leaves.pop("w")  # one changed byte in the record's name
+    metadata.write_text(json.dumps(saved))
+    row = verify_step(step)
+    assert (row["status"], row["arrays"], row["reason"]) == (
+        "damaged", 2, "the array x, saved with a checksum, is not in its tree metadata "
+        "(state/_METADATA)")

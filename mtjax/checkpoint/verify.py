@@ -103,7 +103,7 @@ def verify_step(step_dir: str | pathlib.Path, group_bytes: int = GROUP_BYTES) ->
     expected = digest.saved(state_dir)
     saved = expected.get("leaves") if expected else None
     saved = saved if isinstance(saved, dict) else None
-    differ, unchecked = [], []
+    differ, unchecked, read = [], [], set()
     _quiet_failed_reads()
     for group in _groups(leaves, group_bytes):
         names = {leaves[i][0] for i in group}
@@ -115,6 +115,7 @@ def verify_step(step_dir: str | pathlib.Path, group_bytes: int = GROUP_BYTES) ->
         for name, array in arrays.items():
             row["arrays"] += 1
             row["bytes"] += array.nbytes
+            read.add(name)
             entry = saved.get(name) if saved is not None else None
             if not (isinstance(entry, list) and len(entry) == 2):
                 (differ if entry is not None else unchecked).append(name)
@@ -125,6 +126,13 @@ def verify_step(step_dir: str | pathlib.Path, group_bytes: int = GROUP_BYTES) ->
         more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
         return done("damaged", f"the array data of {differ[0]}{more} no longer matches the "
                     f"checksum saved with it")
+    # Every array saved has a checksum: one whose array was not read is missing from the tree
+    # metadata (a changed byte there can make Orbax skip an array, or name it otherwise).
+    lost = [name for name in saved or {} if name not in read]
+    if lost:
+        more = f" (and {len(lost) - 1} more arrays)" if len(lost) > 1 else ""
+        return done("damaged", f"the array {lost[0]}{more}, saved with a checksum, is not in "
+                    f"its tree metadata (state/_METADATA)")
     if saved is None:
         return done("unchecked", "saved without checksums (by an older mtjax): every "
                     "array was read, none could be compared")
