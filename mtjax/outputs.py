@@ -95,7 +95,8 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
                                        dir=target.parent)
     with _removed_at_sigterm(partial):
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out = os.fdopen(handle, "w", encoding="utf-8")
+            try:
                 try:
                     yield out
                 except OSError as e:
@@ -105,8 +106,14 @@ def replaced_on_success(path: str | os.PathLike, flag: str = "--output") -> Iter
                 try:
                     out.flush()
                     os.fsync(out.fileno())  # on disk before its name: a crash leaves no torn file
+                    out.close()
                 except OSError as e:
                     raise _write_failed(flag, path, e) from e
+            finally:
+                # After a failed write its buffer still holds text: closing tries to write it
+                # again, and that error would stand in for the one raised (the file goes anyway).
+                with contextlib.suppress(OSError):
+                    out.close()
             if target.exists():  # keep the permissions of the file being replaced
                 os.chmod(partial, target.stat().st_mode & 0o7777)
             else:

@@ -1428,3 +1428,29 @@ def test_an_output_whose_disk_is_full_is_one_line_and_left_as_it_was(tmp_path, m
             open(tmp_path / "missing")  # noqa: SIM115
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_an_output_past_a_real_size_limit_is_one_line_and_left_as_it_was(tmp_path):
+    """A write that really fails (here a file size limit, EFBIG, as a full disk fails) leaves
+    its text in the file object's buffer, and closing the file wrote it again: that second
+    OSError stood in for the one-line error, a traceback."""
+    code = (
+        "import pathlib, resource, sys\n"
+        "from mtjax import outputs\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE,\n"
+        "                   (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "target = pathlib.Path(sys.argv[1])\n"
+        "for text in ('x' * 6000, 'y' * 100_000):  # fails at the flush, and in the block\n"
+        "    try:\n"
+        "        outputs.write_text(target, text)\n"
+        "    except outputs.OutputError as e:\n"
+        "        print(e)\n")
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+    result = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True,
+                            text=True, timeout=60, cwd=pathlib.Path(__file__).parent.parent)
+    line = (f"--output {str(target)!r} could not be written (File too large); it was left as "
+            f"it was: free space there, or give a path on another disk")
+    assert result.stdout.splitlines() == [line, line], result.stdout + result.stderr
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
