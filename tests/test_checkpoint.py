@@ -932,3 +932,28 @@ def test_checkpoints_verify_finds_an_array_its_tree_metadata_no_longer_holds(tmp
     assert (row["status"], row["arrays"], row["reason"]) == (
         "damaged", 2, "the array x, saved with a checksum, is not in its tree metadata "
         "(state/_METADATA)")
+
+
+def test_weights_from_a_tree_laid_out_otherwise_are_another_model_not_damage(tmp_path):
+    """A saved tree with a subtree where this model has an array (or a list where it has a
+    dict), Orbax's TypeError "Type mismatch", was called damaged files and pointed at an older
+    step, which fails alike: it is a checkpoint of another model."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from mtjax.checkpoint import restore_params
+    from mtjax.checkpoint.layout import CheckpointError
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"enc": {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=device)},
+                "b": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=device)}
+    for name, params in (("list", {"enc": [jnp.ones((2, 3))], "b": jnp.ones(3)}),
+                         ("tree", {"enc": {"w": jnp.ones((2, 3))}, "b": {"q": jnp.ones(3)}})):
+        ocp.PyTreeCheckpointer().save(tmp_path / name / "state", {"params": params})
+        wrong = {"list": "params.enc", "tree": "params.b"}[name]
+        with pytest.raises(CheckpointError, match=(
+                rf"^cannot take weights from {tmp_path / name / 'state'}: its saved tree is laid "
+                rf"out otherwise than this model's at {wrong}; --init-from needs a checkpoint "
+                rf"of the same model size and vocabulary$")):
+            restore_params(tmp_path / name, abstract)

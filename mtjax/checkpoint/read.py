@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -82,17 +83,25 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
         _note_failed_restore()
         if _says_unreadable(e):
             raise unreadable(state_dir.parent, e) from e
-        if isinstance(e, (KeyError, AttributeError, TypeError, json.JSONDecodeError)):
+        # A subtree saved where this model has an array, or the other way round (another
+        # model's tree, as a shape that differs), is Orbax's TypeError "Type mismatch at ...".
+        mismatch = isinstance(e, TypeError) and "type mismatch" in str(e).lower()
+        if not mismatch and isinstance(e, (KeyError, AttributeError, TypeError,
+                                           json.JSONDecodeError)):
             # Orbax's own metadata files that do not parse as it wrote them: a missing entry
             # (a partial restore takes a missing parameter quietly), or not JSON at all.
             raise unreadable(state_dir.parent, OSError(
                 f"its tree metadata does not parse ({type(e).__name__}: {e})")) from e
-        if not isinstance(e, (ValueError, FileNotFoundError)):
+        if not mismatch and not isinstance(e, (ValueError, FileNotFoundError)):
             raise
         # Orbax's advice (strict=False, ArrayRestoreArgs) is about its API, not this command.
         reason = str(e).split(" Truncating/padding")[0].strip()
+        if mismatch:
+            at = re.search(r"key path \((.*?)\)", reason)
+            name = ".".join(re.findall(r"'([^']*)'", at.group(1))) if at else "a parameter"
+            reason = f"its saved tree is laid out otherwise than this model's at {name}"
         hint = ""
-        if "shape" in reason:
+        if "shape" in reason or mismatch:
             # Orbax names neither the parameter nor, of its many failed reads, a fixed one.
             reason = _shapes_that_differ(state_dir, abstract_params) or reason
             saved = _saved_model_name(state_dir.parent)
