@@ -957,3 +957,31 @@ def test_weights_from_a_tree_laid_out_otherwise_are_another_model_not_damage(tmp
                 rf"out otherwise than this model's at {wrong}; --init-from needs a checkpoint "
                 rf"of the same model size and vocabulary$")):
             restore_params(tmp_path / name, abstract)
+
+
+def test_checkpoints_verify_holds_one_group_of_arrays_at_a_time(tmp_path, monkeypatch):
+    """The last array of a group stayed referenced while the next group was read, so verifying
+    held a group plus that array (an embedding larger than the group: twice its memory)."""
+    import weakref
+
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints, verify
+
+    state = {name: jnp.full((64, 64), i, jnp.float32) for i, name in enumerate("abcd")}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=1, async_save=False)
+    checkpoints.save(1, state, None, config={})
+    checkpoints.close()
+    del state
+    read_group, alive = verify._read_group, []
+
+    def watched(*args):
+        alive.append(sum(ref() is not None for ref in refs))
+        arrays = read_group(*args)
+        refs.extend(weakref.ref(a) for a in arrays.values())
+        return arrays
+
+    refs = []
+    monkeypatch.setattr(verify, "_read_group", watched)
+    row = verify.verify_step(tmp_path / "checkpoints/1", group_bytes=2 * 64 * 64 * 4)
+    assert (row["status"], row["arrays"], alive) == ("ok", 4, [0, 0])

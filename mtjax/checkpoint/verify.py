@@ -121,7 +121,7 @@ def verify_step(step_dir: str | pathlib.Path, group_bytes: int = GROUP_BYTES) ->
                 (differ if entry is not None else unchecked).append(name)
             elif entry[0] != str(array.dtype) or entry[1] != int(_leaf_digest()(array)):
                 differ.append(name)
-        del arrays
+        arrays = array = None  # (the last one too) freed before the next group is read
     if differ:
         more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
         return done("damaged", f"the array data of {differ[0]}{more} no longer matches the "
