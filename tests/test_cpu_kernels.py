@@ -597,3 +597,33 @@ def test_a_compiler_without_avx512_support_gets_the_avx2_build(tmp_path, monkeyp
     monkeypatch.setenv("MTJAX_CPU_KERNEL_ISA", "avx512")
     with pytest.raises(kernels.KernelUnavailable, match=r"bad value \('x86-64-v4'\)"):
         kernels.build(str(compiler))
+
+
+def test_a_failed_avx512_build_for_another_reason_is_tried_again(tmp_path, monkeypatch, capsys):
+    """Any failed AVX-512 compile (here the compiler killed for memory, once) was kept as the
+    compiler's refusal of x86-64-v4: every later start took the AVX2 build without trying
+    again, for the 30 days until the refusal was pruned."""
+    calls, killed = tmp_path / "calls", tmp_path / "killed"
+    compiler = tmp_path / "g++"
+    compiler.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$*" >> {calls}
+        if [ ! -e {killed} ]; then
+            touch {killed}
+            echo "g++: fatal error: Killed signal terminated program cc1plus" >&2; exit 1
+        fi
+        while [ "$1" != "-o" ]; do shift; done
+        echo built > "$2"
+        """))
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {*kernels.ISAS["avx512"][0],
+                                                        *kernels.ISAS["avx2"][0]})
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    assert kernels.build(str(compiler)).name.startswith("cpu_kernels-avx2-")
+    assert "Killed signal" in capsys.readouterr().err
+    assert kernels.build(str(compiler)).name.startswith("cpu_kernels-avx512-")
+    tried = calls.read_text().splitlines()
+    assert ["x86-64-v4" in line for line in tried] == [True, False, True], tried

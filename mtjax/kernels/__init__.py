@@ -193,8 +193,12 @@ def build(compiler: str | None = None, isa: str | None = None) -> pathlib.Path:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
             print(f"mtjax: {compiler} cannot build the AVX-512 kernels ({last}); building the "
                   f"AVX2 ones instead", file=sys.stderr, flush=True)
-            outputs.write_text(_refused_path(target), result.stderr[-2000:],
-                               flag="kernel cache")
+            if "x86-64-v4" in result.stderr:
+                # The compiler refused the target itself ("bad value ('x86-64-v4') for
+                # '-march='", "unknown target CPU"): kept. Another failure (killed for memory,
+                # a missing header) is not the compiler's answer for good: tried again.
+                outputs.write_text(_refused_path(target), result.stderr[-2000:],
+                                   flag="kernel cache")
             return build(compiler, isa="avx2")
         if result.returncode != 0:
             raise KernelUnavailable(
