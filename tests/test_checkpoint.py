@@ -985,3 +985,46 @@ def test_checkpoints_verify_holds_one_group_of_arrays_at_a_time(tmp_path, monkey
     monkeypatch.setattr(verify, "_read_group", watched)
     row = verify.verify_step(tmp_path / "checkpoints/1", group_bytes=2 * 64 * 64 * 4)
     assert (row["status"], row["arrays"], alive) == ("ok", 4, [0, 0])
+
+
+@pytest.mark.parametrize("failure", [
+    PermissionError(13, "Permission denied"),
+    RuntimeError("PERMISSION_DENIED: error opening file: .../ocdbt.process_0/d/ab12"),
+    OSError(116, "Stale file handle"),
+    RuntimeError("UNKNOWN: Too many open files"),
+])
+def test_a_restore_that_fails_for_this_machine_moves_nothing(tmp_path, capsys, failure):
+    """Files it may not read, a stale NFS handle or too many open files were taken for the
+    step's damage: the newest, good step was moved aside and the run resumed from an older one
+    (its metrics cut back to it). Like running out of memory, they now stop the run as is."""
+    import jax.numpy as jnp
+
+    from mtjax.checkpoint import RunCheckpoints
+    from mtjax.checkpoint.layout import CheckpointError
+
+    class Position:
+        def save(self, path):
+            pathlib.Path(path, "position").write_text("0")
+
+        def restore(self, path):
+            pass
+
+    states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32)} for step in (1, 2)}
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
+    for step, state in states.items():
+        checkpoints.save(step, state, Position(), config={})
+    checkpoints.close()
+    checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
+    restore = checkpoints._manager.restore
+
+    def failing_at_2(step, args):
+        if step == 2 and "state" in args.keys():
+            raise failure
+        return restore(step, args=args)
+
+    checkpoints._manager.restore = failing_at_2
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 "):
+        checkpoints.restore_latest(states[2], Position())
+    checkpoints.close()
+    assert "moved aside" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]

@@ -24,12 +24,15 @@ def _looks_damaged(error: CheckpointError) -> bool:
 
 
 def _out_of_memory(error: CheckpointError) -> bool:
-    """The restore ran out of host or device memory (this machine's failure: the checkpoint is
-    fine, and an older one fits no better)."""
+    """The restore failed for this machine, not for the checkpoint: out of host or device
+    memory, files it may not read (permissions), a stale NFS handle, too many open files. The
+    checkpoint is fine, and an older one reads no better: nothing is to be moved aside."""
     cause = error.__cause__
     text = str(cause).lower()
-    return (isinstance(cause, MemoryError) or "resource_exhausted" in text
-            or "out of memory" in text)
+    return (isinstance(cause, (MemoryError, PermissionError)) or "resource_exhausted" in text
+            or any(words in text for words in ("out of memory", "permission denied",
+                                               "permission_denied", "stale file handle",
+                                               "too many open files")))
 
 
 def _looks_mismatched(error: CheckpointError) -> bool:
