@@ -16,14 +16,16 @@ def _says_dataset_changed(error: BaseException) -> bool:
 def _looks_damaged(error: CheckpointError) -> bool:
     """Files of the checkpoint are missing or damaged (set it aside, try an older one), as
     opposed to a checkpoint of another run (the user's change) or a failure of this machine
-    (out of memory: an older checkpoint would fail alike, and this one is fine)."""
+    (out of memory, permissions: an older checkpoint would fail alike, and this one is fine)."""
     cause = error.__cause__
-    if not isinstance(cause, Exception) or isinstance(cause, KeyError) or _out_of_memory(error):
+    if not isinstance(cause, Exception) or isinstance(cause, KeyError):
+        return False
+    if _this_machine_failed(error):
         return False
     return not _looks_mismatched(error)
 
 
-def _out_of_memory(error: CheckpointError) -> bool:
+def _this_machine_failed(error: CheckpointError) -> bool:
     """The restore failed for this machine, not for the checkpoint: out of host or device
     memory, files it may not read (permissions), a stale NFS handle, too many open files. The
     checkpoint is fine, and an older one reads no better: nothing is to be moved aside."""

@@ -14,9 +14,9 @@ import orbax.checkpoint as ocp
 from mtjax.checkpoint import digest
 from mtjax.checkpoint.failures import (
     _looks_damaged,
-    _out_of_memory,
     _says_dataset_changed,
     _short,
+    _this_machine_failed,
 )
 from mtjax.checkpoint.layout import (
     INCOMPLETE_SUFFIX,
@@ -221,7 +221,7 @@ class RunCheckpoints:
                 if _looks_damaged(e):
                     self._set_aside_damaged(step, f"cannot be read ({_short(e.__cause__)})")
                     damaged.append(step)
-                elif _out_of_memory(e):
+                elif _this_machine_failed(e):
                     # Not the step's fault: it stays, and so do the newer ones (an older step
                     # that then fits in memory says nothing about their trees).
                     raise
