@@ -1028,3 +1028,21 @@ def test_a_restore_that_fails_for_this_machine_moves_nothing(tmp_path, capsys, f
     checkpoints.close()
     assert "moved aside" not in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_checkpoints_verify_given_one_step_reads_that_step_alone(kept_run, tmp_path, capsys):
+    """`mtjax checkpoints RUN/checkpoints/STEP --verify` read every step of the run (minutes
+    for a large run, and exit 1 for another step's damage): it reads the step given."""
+    run = tmp_path / "run"
+    shutil.copytree(kept_run, run)
+    ckpts = run / "checkpoints"
+    _change_a_parameter_on_disk(ckpts / "10")
+
+    def verified(path):
+        code = cli.main(["checkpoints", str(path), "--verify", "--json"])
+        rows = json.loads(capsys.readouterr().out)["checkpoints"]
+        return code, {r["step"]: r["verify"]["status"] for r in rows if "verify" in r}
+
+    assert verified(ckpts / "2") == (0, {2: "ok"})
+    assert verified(ckpts / "10" / "state") == (1, {10: "damaged"})
+    assert verified(run) == (1, {2: "ok", 10: "damaged"})

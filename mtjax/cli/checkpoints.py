@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import pathlib
 import sys
 
 from mtjax import outputs
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from mtjax.checkpoint import list_checkpoints
 
     listing = list_checkpoints(args.run_dir)
-    damaged = _verify(listing) if args.verify else []
+    damaged = _verify(listing, _given_step(args.run_dir)) if args.verify else []
     status = 1 if damaged else 0
     if args.json:
         print(outputs.dumps(listing, indent=2))
@@ -46,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
                  if listing[key] == row["step"]]
         print(f"{row['step']:>8}  {when:%Y-%m-%d %H:%M:%S}  {row['bytes'] / 2**20:>6.1f}MiB  "
               f"{'' if value is None else f'{value:.4f}':>{width}}  {row['hosts']:>5}  "
-              + (f"{row['verify']['status']:<9} " if args.verify else "")
+              + (f"{row.get('verify', {}).get('status', '-'):<9} " if args.verify else "")
               + " ".join(marks))
     if not listing["checkpoints"]:
         print("  (no complete checkpoint)")
     for name in listing["incomplete"]:
         print(f"  incomplete, not used: {name}")
     for row in listing["checkpoints"] if args.verify else []:
-        if row["verify"]["status"] != "ok":
+        if row.get("verify", {"status": "ok"})["status"] != "ok":
             print(f"  step {row['step']} {row['verify']['status']}: {row['verify']['reason']}")
     _say_damaged(listing, damaged)
     return status
@@ -61,19 +62,35 @@ def run(args: argparse.Namespace) -> int:
 
 def _say_damaged(listing: dict, damaged: list[int]) -> None:
     if damaged:
-        good = [r["step"] for r in listing["checkpoints"] if r["verify"]["status"] != "damaged"]
+        good = [r["step"] for r in listing["checkpoints"]
+                if r.get("verify", {}).get("status") in ("ok", "unchecked")]
         print(f"damaged: step {', '.join(map(str, damaged))} (a resume sets a damaged step aside "
               f"and takes the newest good one; eval and infer refuse it"
               + (f": give step {good[-1]}" if good else "") + ")", file=sys.stderr)
 
 
-def _verify(listing: dict) -> list[int]:
-    """Verify every complete step of ``listing`` in place (a ``verify`` entry per row, progress
-    on stderr); returns the damaged steps."""
+def _given_step(path: str) -> int | None:
+    """The step of a RUN_DIR given as one checkpoint (``<run>/checkpoints/<step>`` or its
+    ``state`` item): --verify reads that step alone. None for a run or its checkpoints/."""
+    from mtjax.checkpoint.layout import is_state_item
+
+    step_dir = pathlib.Path(path).absolute()
+    if is_state_item(step_dir):
+        step_dir = step_dir.parent
+    if step_dir.name.isdigit() and step_dir.parent.name == "checkpoints":
+        return int(step_dir.name)
+    return None
+
+
+def _verify(listing: dict, only: int | None = None) -> list[int]:
+    """Verify every complete step of ``listing`` (or step ``only``) in place (a ``verify``
+    entry per row verified, progress on stderr); returns the damaged steps."""
     from mtjax.checkpoint.verify import verify_step
 
     damaged = []
     for row in listing["checkpoints"]:
+        if only is not None and row["step"] != only:
+            continue
         print(f"verifying step {row['step']} ...", end="", file=sys.stderr, flush=True)
         row["verify"] = verify_step(row["path"])
         print(f" {row['verify']['status']} ({row['verify']['arrays']} arrays, "
