@@ -68,6 +68,16 @@ def _saved_params(state_dir):
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
+class _Position:
+    """An input pipeline's position (a run's checkpoint holds one), for RunCheckpoints alone."""
+
+    def save(self, path):
+        pathlib.Path(path, "position").write_text("0")
+
+    def restore(self, path):
+        pass
+
+
 def _change_a_parameter_on_disk(step_dir):
     """Flip one bit inside the data file of a step's parameters, at the first of a few places
     where the file still decodes, to other values (each place tried so far does: Orbax keeps no
@@ -676,30 +686,23 @@ def test_array_data_changed_on_disk_is_caught_and_the_step_before_is_used(tmp_pa
 
     from mtjax.checkpoint import RunCheckpoints
 
-    class Position:  # an input pipeline's position (a run's checkpoint holds one)
-        def save(self, path):
-            pathlib.Path(path, "position").write_text("0")
-
-        def restore(self, path):
-            pass
-
     noise = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)
     states = {step: {"params": {"noise": jnp.asarray(noise) + step,
                                 "w": jnp.full((3, 5), 0.5 * step, jnp.float32)},
                      "step": jnp.int32(step)} for step in (1, 2)}
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
     for step, state in states.items():
-        checkpoints.save(step, state, Position(), config={})
+        checkpoints.save(step, state, _Position(), config={})
     checkpoints.close()
     # A normal round trip passes the check.
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
-    step, state, _ = checkpoints.restore_latest(states[2], Position())
+    step, state, _ = checkpoints.restore_latest(states[2], _Position())
     assert step == 2 and np.array_equal(state["params"]["noise"], states[2]["params"]["noise"])
     checkpoints.close()
 
     _flip_a_byte_of(tmp_path / "checkpoints/2/state", (noise + 2).tobytes()[:4096])
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
-    step, state, _ = checkpoints.restore_latest(states[2], Position())
+    step, state, _ = checkpoints.restore_latest(states[2], _Position())
     checkpoints.close()
     err = capsys.readouterr().err
     assert step == 1 and int(state["step"]) == 1, err
@@ -738,18 +741,11 @@ def test_a_damaged_tree_metadata_of_the_newest_step_falls_back_to_the_step_befor
     from mtjax.checkpoint import RunCheckpoints
     from mtjax.checkpoint.layout import CheckpointError
 
-    class Position:  # an input pipeline's position (a run's checkpoint holds one)
-        def save(self, path):
-            pathlib.Path(path, "position").write_text("0")
-
-        def restore(self, path):
-            pass
-
     states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32), "step": jnp.int32(step)}
               for step in (1, 2, 3)}
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
     for step, state in states.items():
-        checkpoints.save(step, state, Position(), config={})
+        checkpoints.save(step, state, _Position(), config={})
     checkpoints.close()
     for step, (name, key) in ((3, ("_METADATA", "key_type")),
                               (2, ("array_metadatas/process_0", "write_shape"))):
@@ -759,13 +755,13 @@ def test_a_damaged_tree_metadata_of_the_newest_step_falls_back_to_the_step_befor
     changed = dict(states[3], w=jnp.zeros((4, 5), jnp.float32))
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
     with pytest.raises(CheckpointError, match=r"checkpoints/3 does not fit this run"):
-        checkpoints.restore_latest(changed, Position())
+        checkpoints.restore_latest(changed, _Position())
     checkpoints.close()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
     capsys.readouterr()
 
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
-    step, state, _ = checkpoints.restore_latest(states[3], Position())
+    step, state, _ = checkpoints.restore_latest(states[3], _Position())
     checkpoints.close()
     err = capsys.readouterr().err
     assert step == 1 and np.array_equal(state["w"], states[1]["w"]), err
@@ -869,17 +865,10 @@ def test_running_out_of_memory_restoring_the_newest_step_sets_nothing_aside(tmp_
     from mtjax.checkpoint import RunCheckpoints
     from mtjax.checkpoint.layout import CheckpointError
 
-    class Position:
-        def save(self, path):
-            pathlib.Path(path, "position").write_text("0")
-
-        def restore(self, path):
-            pass
-
     states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32)} for step in (1, 2, 3)}
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
     for step, state in states.items():
-        checkpoints.save(step, state, Position(), config={})
+        checkpoints.save(step, state, _Position(), config={})
     checkpoints.close()
 
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
@@ -893,7 +882,7 @@ def test_running_out_of_memory_restoring_the_newest_step_sets_nothing_aside(tmp_
 
     checkpoints._manager.restore = out_of_memory_at_3
     with pytest.raises(CheckpointError, match=r"checkpoints/3 cannot be read: RESOURCE_EXHAUSTED"):
-        checkpoints.restore_latest(states[3], Position())
+        checkpoints.restore_latest(states[3], _Position())
     checkpoints.close()
     assert "moved aside" not in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
@@ -1002,17 +991,10 @@ def test_a_restore_that_fails_for_this_machine_moves_nothing(tmp_path, capsys, f
     from mtjax.checkpoint import RunCheckpoints
     from mtjax.checkpoint.layout import CheckpointError
 
-    class Position:
-        def save(self, path):
-            pathlib.Path(path, "position").write_text("0")
-
-        def restore(self, path):
-            pass
-
     states = {step: {"w": jnp.full((3, 5), 0.5 * step, jnp.float32)} for step in (1, 2)}
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3, async_save=False)
     for step, state in states.items():
-        checkpoints.save(step, state, Position(), config={})
+        checkpoints.save(step, state, _Position(), config={})
     checkpoints.close()
     checkpoints = RunCheckpoints(tmp_path, every_steps=1, keep=3)
     restore = checkpoints._manager.restore
@@ -1024,7 +1006,7 @@ def test_a_restore_that_fails_for_this_machine_moves_nothing(tmp_path, capsys, f
 
     checkpoints._manager.restore = failing_at_2
     with pytest.raises(CheckpointError, match=r"checkpoints/2 "):
-        checkpoints.restore_latest(states[2], Position())
+        checkpoints.restore_latest(states[2], _Position())
     checkpoints.close()
     assert "moved aside" not in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]

@@ -562,6 +562,18 @@ def test_a_nan_score_makes_its_attention_row_nan_as_in_xla():
     np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), atol=2e-6, rtol=0)
 
 
+def _an_avx512_machine_building_with(compiler, tmp_path, monkeypatch):
+    """``compiler`` (a script) builds the kernels, into a cache of ``tmp_path``, for a CPU with
+    both AVX-512 and AVX2, the instruction set left to mtjax."""
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {*kernels.ISAS["avx512"][0],
+                                                        *kernels.ISAS["avx2"][0]})
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+
+
 def test_a_compiler_without_avx512_support_gets_the_avx2_build(tmp_path, monkeypatch, capsys):
     """GCC before 11 has no -march=x86-64-v4: on an AVX-512 CPU the kernels were lost (the XLA
     path ran) although the AVX2 build compiles there. The refusal is kept in the cache, so
@@ -577,13 +589,7 @@ def test_a_compiler_without_avx512_support_gets_the_avx2_build(tmp_path, monkeyp
         while [ "$1" != "-o" ]; do shift; done
         echo built > "$2"
         """))
-    compiler.chmod(0o755)
-    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
-    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {*kernels.ISAS["avx512"][0],
-                                                        *kernels.ISAS["avx2"][0]})
-    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    _an_avx512_machine_building_with(compiler, tmp_path, monkeypatch)
     first = kernels.build(str(compiler))
     err = capsys.readouterr().err
     assert first.name.startswith("cpu_kernels-avx2-") and first.read_text() == "built\n"
@@ -615,13 +621,7 @@ def test_a_failed_avx512_build_for_another_reason_is_tried_again(tmp_path, monke
         while [ "$1" != "-o" ]; do shift; done
         echo built > "$2"
         """))
-    compiler.chmod(0o755)
-    monkeypatch.setenv("MTJAX_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MTJAX_CPU_KERNELS", raising=False)
-    monkeypatch.delenv("MTJAX_CPU_KERNEL_ISA", raising=False)
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {*kernels.ISAS["avx512"][0],
-                                                        *kernels.ISAS["avx2"][0]})
-    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    _an_avx512_machine_building_with(compiler, tmp_path, monkeypatch)
     assert kernels.build(str(compiler)).name.startswith("cpu_kernels-avx2-")
     assert "Killed signal" in capsys.readouterr().err
     assert kernels.build(str(compiler)).name.startswith("cpu_kernels-avx512-")
