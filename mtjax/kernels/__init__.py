@@ -197,8 +197,11 @@ def build(compiler: str | None = None, isa: str | None = None) -> pathlib.Path:
                 # The compiler refused the target itself ("bad value ('x86-64-v4') for
                 # '-march='", "unknown target CPU"): kept. Another failure (killed for memory,
                 # a missing header) is not the compiler's answer for good: tried again.
-                outputs.write_text(_refused_path(target), result.stderr[-2000:],
-                                   flag="kernel cache")
+                try:
+                    outputs.write_text(_refused_path(target), result.stderr[-2000:],
+                                       flag="kernel cache")
+                except OSError:  # (only spares later starts the try: the build goes on)
+                    pass
             return build(compiler, isa="avx2")
         if result.returncode != 0:
             raise KernelUnavailable(
