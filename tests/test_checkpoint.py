@@ -543,6 +543,10 @@ def test_bench_checkpoint_smoke(capsys, monkeypatch):
     assert result["save_disk_mb_per_s"] == pytest.approx(
         result["disk_bytes"] / 1e6 / result["save_s"])
     assert result["save_mb_per_s"] == pytest.approx(result["state_bytes"] / 1e6 / result["save_s"])
+    # --verify of the last synchronous save: every array read back, and its checksum matched.
+    assert result["verify_status"] == "ok" and result["verify_s"] > 0
+    assert result["verify_mb_per_s"] == pytest.approx(
+        result["state_bytes"] / 1e6 / result["verify_s"], rel=1e-3)
 
 
 # A learning rate of 1e30 (warming up over 1e6 steps) blows the parameters up at step 2.

@@ -24,6 +24,7 @@ from mtjax import config as config_lib
 from mtjax.bench import report
 from mtjax.bench.train import BenchOptions, synthetic_batch
 from mtjax.checkpoint import RunCheckpoints
+from mtjax.checkpoint.verify import verify_step
 from mtjax.model import sizes
 from mtjax.parallel import mesh as mesh_lib
 from mtjax.train import setup as setup_lib
@@ -81,6 +82,9 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
             restore_s.append(time.perf_counter() - start)
         sync.close()
         del restored
+        # `mtjax checkpoints --verify` of the last one: every array read back on one device and
+        # compared with its checksum (a cold run of it also compiles the per-shape digests).
+        verified = verify_step(sync.directory / "102")
 
         # 2. Async overhead: the same steps without and with saves (best of 2 each).
         state, one_step_s = _run_steps(setup.step, state, batch, 1)
@@ -116,6 +120,8 @@ def run(config: config_lib.Config, options: BenchOptions) -> dict[str, Any]:
         "restore_mb_per_s": mb / statistics.median(restore_s),
         "save_disk_mb_per_s": disk_mb / statistics.median(save_s),
         "restore_disk_mb_per_s": disk_mb / statistics.median(restore_s),
+        "verify_s": verified["seconds"], "verify_status": verified["status"],
+        "verify_mb_per_s": verified["bytes"] / 1e6 / max(verified["seconds"], 1e-9),
         "steps_timed": steps, "save_every_steps": save_every, "saves": saves,
         "step_s_without_saving": step_s,
         "step_s_with_saving": min(saving) / steps,
