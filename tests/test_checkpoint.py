@@ -61,10 +61,19 @@ def _params(run_dir, step):
 
 
 def _saved_params(state_dir):
+    """The saved parameters, read onto one device as their tree metadata describes them (Orbax
+    warns when a restore is given no shardings)."""
     import jax
     import orbax.checkpoint as ocp
 
-    state = ocp.PyTreeCheckpointer().restore(state_dir)
+    from mtjax.checkpoint.read import tree_metadata
+
+    tree = tree_metadata(state_dir).tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), tree)
+    state = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
