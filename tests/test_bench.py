@@ -451,3 +451,11 @@ def test_h200_nvl_has_its_own_peak(dtype, expected):
     assert peak_lib.lookup_peak("NVIDIA H200 NVL", dtype) == expected
     assert peak_lib.lookup_peak("NVIDIA H200", dtype) == {"bfloat16": 989e12,
                                                            "float32": 494.7e12}[dtype]
+
+
+def test_a_negative_seed_makes_a_synthetic_batch():
+    """`mtjax bench train train.seed=-1` stopped in numpy ("expected non-negative integer")."""
+    tokens = train_bench.synthetic_batch(2, 8, 4, 384, -1)["encoder_input_tokens"]
+    assert tokens.shape == (2, 8) and tokens.min() >= 1
+    other = train_bench.synthetic_batch(2, 8, 4, 384, 1)["encoder_input_tokens"]
+    assert not np.array_equal(tokens, other)

@@ -243,3 +243,14 @@ def test_mixture_with_two_vocabularies_is_rejected():
         seqio.MixtureRegistry.add("test_two_vocabs", [name, "mtjax_copy"], default_rate=1.0)
     with pytest.raises(ValueError, match="disagree on the output vocabulary"):
         InputPipeline("test_two_vocabs", batch_size=2, **LENGTHS)
+
+
+def test_a_negative_seed_gives_each_host_its_own_mixing_seed():
+    """train.seed=-1 (the config takes down to -(2**63-1)) stopped every host but host 0 in
+    numpy's SeedSequence ("expected non-negative integer"); other seeds draw as before."""
+    from mtjax.data import pipeline
+
+    seeds = [pipeline.host_mixing_seed(-1, host) for host in range(3)]
+    assert seeds[0] == -1 and len(set(seeds)) == 3, seeds
+    assert pipeline.host_mixing_seed(5, 1) == int(
+        np.random.SeedSequence([5, 1]).generate_state(1)[0])

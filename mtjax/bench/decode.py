@@ -69,7 +69,7 @@ def run(config: config_lib.Config, options: Any) -> dict[str, Any]:
                                   config.model.name)
     params = load_lib.init_params(model_def, target, mesh, rules, config.train.seed)
     decoder = Decoder(model_def, mesh, rules)
-    rng = np.random.default_rng(config.train.seed)
+    rng = np.random.default_rng(config.train.seed % 2**64)  # (a negative seed too)
     s, t = config.data.inputs_length, config.data.targets_length
 
     result: dict[str, Any] = {

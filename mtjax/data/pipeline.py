@@ -332,7 +332,8 @@ def host_mixing_seed(seed: int, shard_index: int) -> int:
     unchanged."""
     if shard_index == 0:
         return seed
-    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+    # (SeedSequence takes non-negative entropy: a negative train.seed as its 64-bit pattern)
+    return int(np.random.SeedSequence([seed % 2**64, shard_index]).generate_state(1)[0])
 
 
 def mix(datasets: list[tf.data.Dataset], rates: list[float], seed: int) -> tf.data.Dataset:
