@@ -1,7 +1,7 @@
 """List a run's checkpoints: step, time, size, metrics, and which is latest and best (by
 checkpoint.best_metric of that run). Incomplete step directories (a save cut short) are listed
-apart; they are never resumed from. ``--verify`` reads every array of every step back and
-compares it with the checksum saved with it."""
+apart; they are never resumed from. ``--verify`` reads every array of every step (or of the
+one step given) back and compares it with the checksum saved with it."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checkpoint in it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--verify", action="store_true",
-                        help="read every array of every step and compare it with the checksum "
-                        "saved with it (exit 1 when a step is damaged)")
+                        help="read every array of every step (or of the one step given) and "
+                        "compare it with the checksum saved with it (exit 1 when a step is "
+                        "damaged)")
 
 
 def run(args: argparse.Namespace) -> int:
