@@ -17,6 +17,17 @@ from mtjax.checkpoint.layout import (
 from mtjax.checkpoint.read import _recorded_config
 
 
+def given_step(path: str | pathlib.Path) -> int | None:
+    """The step of a path given as one checkpoint (``<run>/checkpoints/<step>`` or its
+    ``state`` item); None for a run directory or its checkpoints/ folder."""
+    step_dir = pathlib.Path(path).absolute()
+    if is_state_item(step_dir):
+        step_dir = step_dir.parent
+    if step_dir.name.isdigit() and step_dir.parent.name == "checkpoints":
+        return int(step_dir.name)
+    return None
+
+
 def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     """Every checkpoint of a run: step, commit time, bytes, metrics; which is latest and best.
 
@@ -28,7 +39,7 @@ def list_checkpoints(run_dir: str | pathlib.Path) -> dict[str, Any]:
     # step's state item.
     if is_state_item(run_dir):
         run_dir = run_dir.parent
-    if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
+    if given_step(run_dir) is not None:
         run_dir = run_dir.parent.parent
     elif run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
         run_dir = run_dir.parent

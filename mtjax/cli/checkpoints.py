@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 import sys
 
 from mtjax import outputs
@@ -28,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtjax.checkpoint import list_checkpoints
+    from mtjax.checkpoint.listing import given_step
 
     listing = list_checkpoints(args.run_dir)
-    damaged = _verify(listing, _given_step(args.run_dir)) if args.verify else []
+    # Given one step (or its state item), --verify reads that step alone.
+    damaged = _verify(listing, given_step(args.run_dir)) if args.verify else []
     status = 1 if damaged else 0
     if args.json:
         print(outputs.dumps(listing, indent=2))
@@ -68,19 +69,6 @@ def _say_damaged(listing: dict, damaged: list[int]) -> None:
         print(f"damaged: step {', '.join(map(str, damaged))} (a resume sets a damaged step aside "
               f"and takes the newest good one; eval and infer refuse it"
               + (f": give step {good[-1]}" if good else "") + ")", file=sys.stderr)
-
-
-def _given_step(path: str) -> int | None:
-    """The step of a RUN_DIR given as one checkpoint (``<run>/checkpoints/<step>`` or its
-    ``state`` item): --verify reads that step alone. None for a run or its checkpoints/."""
-    from mtjax.checkpoint.layout import is_state_item
-
-    step_dir = pathlib.Path(path).absolute()
-    if is_state_item(step_dir):
-        step_dir = step_dir.parent
-    if step_dir.name.isdigit() and step_dir.parent.name == "checkpoints":
-        return int(step_dir.name)
-    return None
 
 
 def _verify(listing: dict, only: int | None = None) -> list[int]:
