@@ -123,9 +123,7 @@ def verify_step(step_dir: str | pathlib.Path, group_bytes: int = GROUP_BYTES) ->
                 differ.append(name)
         arrays = array = None  # (the last one too) freed before the next group is read
     if differ:
-        more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
-        return done("damaged", f"the array data of {differ[0]}{more} no longer matches the "
-                    f"checksum saved with it")
+        return done("damaged", digest.DigestMismatch(step_dir, differ).reason)
     # Every array saved has a checksum: one whose array was not read is missing from the tree
     # metadata (a changed byte there can make Orbax skip an array, or name it otherwise).
     lost = [name for name in saved or {} if name not in read]
