@@ -23,6 +23,8 @@ import seqio
 from mtjax.errors import UserError
 
 EXTRA_IDS = 100  # T5's sentinels <extra_id_0> .. <extra_id_99>, the top ids of the vocabulary
+# T5's special ids (no BOS): seqio pads with 0, and mtjax's decoder stops at 1.
+T5_SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
 
 
 class VocabularyError(UserError, ValueError):
@@ -71,12 +73,14 @@ def _check_t5_ids(name: str, tokenizer) -> None:
     seqio pads with 0 and mtjax's decoder stops at 1 whatever the model says: with
     SentencePiece's defaults (UNK 0, BOS 1, EOS 2, no PAD) every unknown piece would be taken
     for padding (out of the loss) and decoding would never stop at the model's EOS."""
-    ids = {"PAD": tokenizer.pad_id(), "EOS": tokenizer.eos_id(), "UNK": tokenizer.unk_id()}
-    if ids != {"PAD": 0, "EOS": 1, "UNK": 2}:
-        found = ", ".join(f"{k} {'none' if v < 0 else v}" for k, v in ids.items())
-        raise VocabularyError(
-            f"Vocabulary {name} has {found}; T5 models need PAD 0, EOS 1, UNK 2: train it "
-            f"with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 (as `mtjax vocab train` does)")
+    ids = {key: getattr(tokenizer, key)() for key in ("pad_id", "eos_id", "unk_id")}
+    if any(ids[key] != T5_SPECIAL_IDS[key] for key in ids):
+        found = ", ".join(f"{key[:-3].upper()} {'none' if v < 0 else v}"
+                          for key, v in ids.items())
+        need = ", ".join(f"{key[:-3].upper()} {T5_SPECIAL_IDS[key]}" for key in ids)
+        flags = " ".join(f"{key}={v}" for key, v in T5_SPECIAL_IDS.items())
+        raise VocabularyError(f"Vocabulary {name} has {found}; T5 models need {need}: train "
+                              f"it with {flags} (as `mtjax vocab train` does)")
 
 
 # The vocabulary that task helpers use when a task does not name one: config data.vocabulary,
@@ -215,7 +219,7 @@ def _train_into(spm, prefix: pathlib.Path, inputs: Sequence[str], size: int, mod
         spm.SentencePieceTrainer.train(
             input=",".join(inputs), model_prefix=str(prefix), vocab_size=size,
             model_type=model_type, character_coverage=character_coverage,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids; seqio relies on them
+            **T5_SPECIAL_IDS,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=1 << 16, minloglevel=2 if quiet else 0,
             **(LOSSLESS_OPTIONS if lossless else {}),
